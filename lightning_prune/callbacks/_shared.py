@@ -1,0 +1,43 @@
+"""What the callbacks' hooks share: argument checks and the example input used for tracing."""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Mapping, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+
+def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
+
+
+def check_fraction(name: str, value: Union[float, Mapping[str, float]], low: float = 0.0, high: float = 1.0) -> None:
+    """``value`` (or every value of a mapping) must lie in [low, high)."""
+    values = value.values() if isinstance(value, Mapping) else [value]
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not low <= item < high:
+            raise ValueError(f"`{name}` must be in [{low}, {high}), got {value!r}.")
+
+
+def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) -> None:
+    """Every key of a per-layer mapping must name a selected layer."""
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(known)}.")
+
+
+def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+    """An input batch for tracing: ``pl_module.example_input_array`` or ``datamodule.example_input()``."""
+    candidate: Optional[Any] = pl_module.example_input_array
+    datamodule = trainer.datamodule
+    if candidate is None and datamodule is not None and hasattr(datamodule, "example_input"):
+        candidate = datamodule.example_input()
+    if not isinstance(candidate, torch.Tensor):
+        raise MisconfigurationException(
+            "Channel pruning traces the model and needs an example input: set `example_input_array` on the "
+            "LightningModule (a tensor of one input batch), or give the DataModule an `example_input()` method."
+        )
+    return candidate.to(pl_module.device)
