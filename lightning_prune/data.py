@@ -12,7 +12,7 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -38,6 +38,29 @@ def load_digits_tensors(image_size: int = 8, channels: int = 1) -> tuple[torch.T
     return images.contiguous(), torch.tensor(bunch.target, dtype=torch.long)
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``), so a
+    run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):  # noqa: ANN204 - Sampler protocol
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """Train/val/test splits of the bundled digits data set, deterministic from ``seed``.
 
@@ -50,7 +73,7 @@ class DigitsDataModule(pl.LightningDataModule):
         aux_fraction: fraction of the *training* images held out for auxiliary learning
             (AutoPrune's bi-level split; the paper uses 0.5). 0 means no auxiliary split:
             ``aux_dataloader()`` then returns ``None``.
-        seed: seed of the split permutation and of the training shuffle.
+        seed: seed of the split permutation and of the training shuffle (reseeded every epoch).
         num_workers: DataLoader workers.
     """
 
@@ -101,10 +124,8 @@ class DigitsDataModule(pl.LightningDataModule):
         self.aux_set = TensorDataset(images[aux_idx], labels[aux_idx]) if n_aux else None
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers
-        )
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

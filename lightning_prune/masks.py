@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -41,6 +43,15 @@ class MaskSet:
             grad = self.parameter(name).grad
             if grad is not None:
                 grad.masked_fill_(~mask.to(grad.device), 0.0)
+
+    @torch.no_grad()
+    def apply_to_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Zero every per-weight optimizer state (momentum, Adam moments) at masked positions."""
+        for optimizer in optimizers:
+            for name, mask in self.masks.items():
+                for value in optimizer.state.get(self.parameter(name), {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        value.masked_fill_(~mask.to(value.device), 0.0)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: self.parameter(name).detach() for name in self.masks}

@@ -85,15 +85,15 @@ class IterativeMagnitude(pl.Callback):
         check_choice("granularity", granularity, ("element", "channel"))
         check_choice("channel_norm", channel_norm, ("l1", "l2"))
         if isinstance(sparsity, Mapping) and scope != "layer":
-            raise ValueError("A per-layer `sparsity` mapping needs `scope='layer'`.")
+            raise ValueError(f"A per-layer `sparsity` mapping needs `scope`='layer', got {scope!r}.")
         if criterion == "sensitivity":
             if sensitivity is None:
-                raise ValueError("`criterion='sensitivity'` needs `sensitivity` (s of the threshold λ = s·σ).")
+                raise ValueError("`criterion`='sensitivity' needs `sensitivity` (s of the threshold λ = s·σ), got None.")
             check_fraction("sensitivity", sensitivity, 0.0, float("inf"))
             if granularity != "element":
-                raise ValueError("`criterion='sensitivity'` thresholds single weights: use `granularity='element'`.")
+                raise ValueError(f"`criterion`='sensitivity' thresholds single weights: `granularity` must be 'element', got {granularity!r}.")
         elif sensitivity is not None:
-            raise ValueError("`sensitivity` is only used with `criterion='sensitivity'`.")
+            raise ValueError(f"`sensitivity` is only used with `criterion`='sensitivity', got `criterion`={criterion!r}.")
         if end_epoch is not None:
             PruningSchedule(schedule, start_epoch, end_epoch, frequency)  # validates the combination
         elif start_epoch < 0 or frequency < 1:
@@ -101,9 +101,9 @@ class IterativeMagnitude(pl.Callback):
         if rewind is not None and rewind != "init" and (isinstance(rewind, bool) or not isinstance(rewind, int) or not 0 <= rewind <= start_epoch):
             raise ValueError(f"`rewind` must be None, 'init' or an epoch in [0, start_epoch={start_epoch}], got {rewind!r}.")
         if physical and granularity != "channel":
-            raise ValueError("`physical=True` removes channels: it needs `granularity='channel'`.")
+            raise ValueError(f"`physical`=True removes channels: it needs `granularity`='channel', got {granularity!r}.")
         if physical and not make_permanent:
-            raise ValueError("`physical=True` needs `make_permanent=True`.")
+            raise ValueError("`physical`=True needs `make_permanent`=True.")
         self.sparsity = sparsity
         self.schedule_kind = schedule
         self.start_epoch = start_epoch
@@ -189,6 +189,7 @@ class IterativeMagnitude(pl.Callback):
             self.dense_score = float(trainer.callback_metrics[self.monitor])
         masks = trainer.strategy.broadcast(self._compute_masks(pl_module, fraction), src=0)
         self.masks.update(masks)
+        self.masks.apply_to_optimizer_state(trainer.optimizers)
         if self.rewind_state is not None:
             _restore(pl_module, self.rewind_state)
             self.masks.apply_to_weights()

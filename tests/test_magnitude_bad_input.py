@@ -1,0 +1,79 @@
+"""Every bad argument of `IterativeMagnitude` fails before any weight changes, naming the argument."""
+
+import pytest
+import torch
+from torch import nn
+import pytorch_lightning as pl
+
+from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude
+
+from conftest import make_trainer
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=-0.1), "sparsity"),
+        (dict(sparsity={"network.fc1": 1.5}, scope="layer"), "sparsity"),
+        (dict(sparsity={"network.fc1": 0.5}), "scope"),
+        (dict(schedule="cubic"), "schedule"),
+        (dict(scope="network"), "scope"),
+        (dict(criterion="taylor"), "criterion"),
+        (dict(criterion="sensitivity"), "sensitivity"),
+        (dict(criterion="sensitivity", sensitivity=-1.0), "sensitivity"),
+        (dict(sensitivity=1.0), "sensitivity"),
+        (dict(granularity="kernel"), "granularity"),
+        (dict(channel_norm="l3"), "channel_norm"),
+        (dict(start_epoch=5, end_epoch=2), "start_epoch"),
+        (dict(start_epoch=-1), "start_epoch"),
+        (dict(frequency=0), "frequency"),
+        (dict(start_epoch=0, end_epoch=3, frequency=2, schedule="iterative"), "frequency"),
+        (dict(rewind="final"), "rewind"),
+        (dict(rewind=4, start_epoch=2, end_epoch=3), "rewind"),
+        (dict(physical=True), "physical"),
+        (dict(granularity="channel", physical=True, make_permanent=False), "physical"),
+    ],
+)
+def test_bad_arguments_raise_at_construction_naming_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        IterativeMagnitude(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, max_epochs, argument",
+    [
+        (dict(parameters=["network.conv*"]), 3, "parameters"),
+        (dict(exclude=["*.missing"]), 3, "exclude"),
+        (dict(parameters=["network.fc1"], exclude=["network.fc1"]), 3, "parameters"),
+        (dict(schedule="agp", start_epoch=1, end_epoch=5), 3, "end_epoch"),
+        (dict(scope="layer", sparsity={"network.fc9": 0.5}), 3, "sparsity"),
+        (dict(criterion="sensitivity", sensitivity={"fc1": 1.0}), 3, "sensitivity"),
+    ],
+)
+def test_bad_setup_fails_before_any_training_step_or_weight_change(tmp_path, kwargs, max_epochs, argument):
+    model = ImageClassifier("lenet300100")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = make_trainer(tmp_path, [IterativeMagnitude(**kwargs)], max_epochs=max_epochs)
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        trainer.fit(model, DigitsDataModule())
+    assert trainer.global_step == 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+class NoWeights(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.scale * batch[0]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_model_without_prunable_weights_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no prunable weight"):
+        make_trainer(tmp_path, [IterativeMagnitude()], max_epochs=1).fit(NoWeights(), DigitsDataModule())
