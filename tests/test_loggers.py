@@ -117,6 +117,8 @@ def test_iterative_magnitude_events_read_back_from_wandb(tmp_path, trainer_facto
     assert run.values("prune/sparsity") == pytest.approx([0.4, 0.8], abs=1e-4)
     assert run.values("prune/target_sparsity") == pytest.approx([0.4, 0.8])
     assert [row["trainer/global_step"] for row in run.rows_with("prune/sparsity")] == [0, 4]
+    for row in run.rows_with("prune/sparsity"):
+        assert run.file(row["prune/sparsity_chart"]).read_bytes()[:4] == b"\x89PNG"
     final = sparsity_report(model)
     for layer in final.layers:
         assert run.values(f"prune/sparsity/{layer.layer}")[-1] == pytest.approx(layer.sparsity)

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_prune import criteria
 from lightning_prune.callbacks._shared import check_choice, check_fraction, check_keys, example_input
-from lightning_prune.loggers import log_metrics
+from lightning_prune.loggers import log_pruning_event
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
@@ -194,9 +194,9 @@ class IterativeMagnitude(pl.Callback):
             _restore(pl_module, self.rewind_state)
             self.masks.apply_to_weights()
         self.last_event_epoch = epoch
-        metrics = sparsity_report(pl_module, self.layers).as_metrics()
-        metrics["prune/target_sparsity"] = self._target_sparsity(fraction)
-        log_metrics(trainer, metrics)
+        log_pruning_event(
+            trainer, report=sparsity_report(pl_module, self.layers), extra={"target_sparsity": self._target_sparsity(fraction)}
+        )
 
     def _target_sparsity(self, fraction: float) -> float:
         if self.criterion == "sensitivity":
