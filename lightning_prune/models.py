@@ -220,3 +220,64 @@ def build_network(arch: str, num_classes: int = 10, in_channels: int = 1, image_
     if width <= 0:
         raise ValueError(f"`width` must be positive, got {width!r}.")
     return ARCHITECTURES[arch](num_classes, in_channels, image_size, width)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand (x4), shortcut (1x1 conv + bn on a shape change)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu3 = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu3(out + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet-shaped ResNet-50 (He et al. 2016): 7x7/2 stem, 3x3/2 max pool, bottleneck stages of
+    3, 4, 6, 3 blocks with widths 64, 128, 256, 512 (times ``width``, outputs x4), global average pool,
+    linear classifier. Made for 224x224 inputs; any side >= 32 runs."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        current = _scaled(64, width)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, current, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(current),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        layers: list[nn.Module] = []
+        for stage, (channels, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+            for index in range(blocks):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(Bottleneck(current, _scaled(channels, width), stride))
+                current = _scaled(channels, width) * Bottleneck.expansion
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(current, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+ARCHITECTURES["resnet50"] = lambda num_classes, in_channels, image_size, width: ResNet50(num_classes, in_channels, width)
