@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.models import ARCHITECTURES, build_network
+from lightning_prune.structure import restore_structure_from_checkpoint
 
-Architecture = Literal["lenet300100", "lenet5", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "mobilenetv2"]
+Architecture = Literal[
+    "lenet300100", "lenet5", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "mobilenetv2", "resnet50"
+]
 
 
 class ImageClassifier(pl.LightningModule):
@@ -68,6 +71,10 @@ class ImageClassifier(pl.LightningModule):
         hp = self.hparams
         self.width = width
         self.network = build_network(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, width).to(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reshape a channel-pruned network to its saved structure before the state dict loads."""
+        restore_structure_from_checkpoint(self, checkpoint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)

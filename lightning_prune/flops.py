@@ -1,0 +1,246 @@
+"""FLOPs: fvcore counts, exact FLOPs of a channel plan without re-tracing, FLOPs-constrained threshold search.
+
+Unit: fvcore's, where one multiply-add is one FLOP (what papers call MACs; torch's
+``FlopCounterMode`` counts two). fvcore counts convolutions, matrix products, normalisation
+(BatchNorm in eval mode: 2 per element), adaptive average pooling and upsampling; elementwise adds,
+activations, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
+still count in full, only a physically smaller model (or :class:`FlopsPredictor`) shows the saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from lightning_prune.structure import (
+    ChannelGroup,
+    ChannelPlan,
+    ExampleInput,
+    GroupMember,
+    eval_mode,
+    plan_from_scores,
+)
+
+log = logging.getLogger(__name__)
+_reported_operators: set[str] = set()
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """fvcore's count (one multiply-add = one FLOP).
+
+    Attributes:
+        total: FLOPs of one forward pass on the example input.
+        by_module: module name -> FLOPs inside it (``""`` is the whole model).
+        unsupported: operator -> number of calls fvcore had no formula for (counted as 0).
+    """
+
+    total: int
+    by_module: dict[str, int]
+    unsupported: dict[str, int]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP/DataParallel wrapper or a ``torch.compile`` result."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_rank_zero() -> bool:
+    distributed = torch.distributed
+    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+
+
+def _report_unsupported(unsupported: dict[str, int]) -> None:
+    """Log operators fvcore does not count, each once per process (on rank 0)."""
+    new = sorted(set(unsupported) - _reported_operators)
+    _reported_operators.update(new)
+    if new and _is_rank_zero():
+        listed = ", ".join(f"{op} ({unsupported[op]} calls)" for op in new)
+        log.warning("fvcore has no FLOP formula for %s; they count as 0 FLOPs.", listed)
+
+
+def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
+    """Count ``model``'s FLOPs on ``example_input`` with fvcore's ``FlopCountAnalysis``.
+
+    One multiply-add is one FLOP. The unwrapped module is traced in eval mode (each submodule's mode is
+    restored afterwards); fvcore's per-call warnings are silenced and operators it cannot count are
+    returned in ``unsupported`` and logged once.
+    """
+    module = _unwrap(model)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    with eval_mode(module), torch.no_grad():
+        analysis = (
+            FlopCountAnalysis(module, inputs)
+            .unsupported_ops_warnings(False)
+            .uncalled_modules_warnings(False)
+            .tracer_warnings("none")
+        )
+        count = FlopCount(
+            total=int(analysis.total()),
+            by_module={name: int(flops) for name, flops in analysis.by_module().items()},
+            unsupported=dict(analysis.unsupported_ops()),
+        )
+    _report_unsupported(count.unsupported)
+    return count
+
+
+def _is_bilinear(module: nn.Module) -> bool:
+    """Conv (``groups=1``) and Linear cost ``u * inputs * outputs``; other counted modules ``u * channels``."""
+    return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and module.groups == 1)
+
+
+class FlopsPredictor:
+    """Exact FLOPs of any channel plan from one fvcore trace of the dense model.
+
+    Let group ``g`` have ``n_g`` channels of which a plan keeps ``k_g``. Every FLOP-counting module
+    ``m`` that a group touches costs
+
+        F_m(k) = u_m * A_m(k) * B_m(k),   A_m = a_m - sum_g alpha_mg (n_g - k_g),   B_m = b_m - sum_g beta_mg (n_g - k_g)
+
+    For a Conv with ``groups=1`` or a Linear, ``a_m``/``b_m`` are its dense input/output widths; for a
+    per-channel module (BatchNorm, depthwise conv, pooling) ``a_m`` is its channel count and
+    ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
+    (1, or ``H*W`` behind a flatten), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
+    formulas are products of widths (conv: ``N*H_out*W_out*C_out*C_in*k_h*k_w``; BatchNorm in eval:
+    ``2*numel``). All other FLOPs do not depend on the plan. A prediction is two small integer
+    matrix-vector products, so it equals fvcore's recount of the physically pruned model.
+
+    Args:
+        model: the dense model the groups were found on.
+        example_input: the input FLOPs are counted for (its batch size scales every count).
+        groups: the model's channel groups (:func:`~lightning_prune.structure.find_channel_groups`).
+    """
+
+    def __init__(self, model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup]) -> None:
+        count = count_flops(model, example_input)
+        modules = dict(_unwrap(model).named_modules())
+        self.dense = count.total
+        self.sizes = np.array([group.size for group in groups], dtype=np.int64)
+        touching: dict[str, list[tuple[int, GroupMember]]] = {}
+        for group in groups:
+            for member in group.members:
+                touching.setdefault(member.module, []).append((group.index, member))
+        names = [name for name in touching if count.by_module.get(name, 0) > 0]
+        shape = (len(names), len(groups))
+        self._a, self._b = np.ones(len(names), dtype=np.int64), np.ones(len(names), dtype=np.int64)
+        self._alpha, self._beta = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+        self._unit = np.zeros(len(names), dtype=np.int64)
+        for row, name in enumerate(names):
+            module = modules[name]
+            for index, member in touching[name]:
+                counts = torch.bincount(member.channels, minlength=groups[index].size)
+                if not bool((counts == counts[0]).all()):
+                    raise ValueError(f"Channels of group {index} occupy unequal widths in {name!r}; cannot predict.")
+                if _is_bilinear(module) and member.kind == "out":
+                    self._b[row], self._beta[row, index] = member.dim, int(counts[0])
+                else:
+                    self._a[row], self._alpha[row, index] = member.dim, int(counts[0])
+            if _is_bilinear(module) and not self._alpha[row].any():
+                self._a[row] = module.in_channels if isinstance(module, _ConvNd) else module.in_features
+            if _is_bilinear(module) and not self._beta[row].any():
+                self._b[row] = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+            self._unit[row], remainder = divmod(count.by_module[name], int(self._a[row] * self._b[row]))
+            if remainder:
+                raise ValueError(f"fvcore's FLOPs of {name!r} are not proportional to its widths; cannot predict.")
+        self._constant = self.dense - sum(count.by_module[name] for name in names)
+
+    def predict_counts(self, kept: Sequence[int] | np.ndarray) -> int:
+        """FLOPs when group ``g`` keeps ``kept[g]`` channels (which ones does not matter)."""
+        removed = self.sizes - np.asarray(kept, dtype=np.int64)
+        widths_in = self._a - self._alpha @ removed
+        widths_out = self._b - self._beta @ removed
+        return int(self._constant + self._unit @ (widths_in * widths_out))
+
+    def predict(self, plan: ChannelPlan) -> int:
+        """FLOPs of the model after :func:`~lightning_prune.structure.apply_plan` with ``plan``."""
+        kept = self.sizes.copy()
+        for index, keep in plan.items():
+            if not 0 <= index < len(kept):
+                raise ValueError(f"`plan` has group index {index!r}; valid indices are 0..{len(kept) - 1}.")
+            kept[index] = len(keep)
+        return self.predict_counts(kept)
+
+    def min_flops(self, min_channels: int = 1) -> int:
+        """FLOPs of the smallest structure: every group down to ``min_channels`` channels."""
+        if min_channels < 1:
+            raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
+        return self.predict_counts(np.minimum(self.sizes, min_channels))
+
+
+@dataclass(frozen=True)
+class ThresholdSearch:
+    """Result of :func:`search_threshold`: the plan, its FLOPs, FLOPs / dense FLOPs, and the threshold."""
+
+    plan: ChannelPlan
+    flops: int
+    ratio: float
+    threshold: float
+
+
+def search_threshold(
+    scores: Sequence[torch.Tensor], flops_ratio: float, predictor: FlopsPredictor, min_channels: int = 1
+) -> ThresholdSearch:
+    """The lowest global threshold whose plan meets a FLOPs budget (Pruning from Scratch, Sec. 3.3).
+
+    Channel ``c`` of group ``g`` stays iff ``scores[g][c] >= t`` (plus each group's ``min_channels``
+    top-scored channels). FLOPs fall as ``t`` rises, so a binary search over the sorted distinct score
+    values finds the smallest ``t`` with ``FLOPs(t) <= flops_ratio * dense`` in ``log2(#channels)``
+    predictions: the plan lands at or below the target and as close as the global threshold allows
+    (only equal scores move together).
+
+    Raises:
+        ValueError: ``flops_ratio`` outside (0, 1]; scores that do not match the groups; or a target
+            below the smallest reachable structure (the message gives the smallest reachable ratio).
+    """
+    if not 0.0 < flops_ratio <= 1.0:
+        raise ValueError(f"`flops_ratio` must be in (0, 1], got {flops_ratio!r}.")
+    sizes = [int(size) for size in predictor.sizes]
+    if [len(score) for score in scores] != sizes:
+        raise ValueError(f"`scores` must hold one score per channel of each group (sizes {sizes}).")
+    flat = torch.cat([score.detach().float().cpu().flatten() for score in scores])
+    if torch.isnan(flat).any():
+        raise ValueError("`scores` contain NaN.")
+    budget = flops_ratio * predictor.dense
+    smallest = predictor.min_flops(min_channels)
+    if smallest > budget:
+        raise ValueError(
+            f"`flops_ratio`={flops_ratio} is below the smallest reachable ratio {smallest / predictor.dense:.6f} "
+            f"(every group at `min_channels`={min_channels})."
+        )
+    group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    protected = torch.zeros_like(flat, dtype=torch.bool)  # each group's min_channels top scores
+    offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
+    for offset, score in zip(offsets, flat.split(sizes)):
+        protected[offset + torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
+    candidates = torch.unique(flat)  # sorted; position len(candidates) stands for "above every score"
+
+    def flops_at(position: int) -> int:
+        keep = protected if position == len(candidates) else protected | (flat >= candidates[position])
+        return predictor.predict_counts(torch.bincount(group_of[keep], minlength=len(sizes)).numpy())
+
+    low, high = 0, len(candidates)  # invariant: flops_at(high) <= budget
+    while low < high:
+        middle = (low + high) // 2
+        if flops_at(middle) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    above_all = torch.nextafter(candidates[-1], torch.tensor(math.inf))
+    threshold = float(candidates[high] if high < len(candidates) else above_all)
+    plan = plan_from_scores(scores, threshold, min_channels)
+    flops = predictor.predict(plan)
+    return ThresholdSearch(plan=plan, flops=flops, ratio=flops / predictor.dense, threshold=threshold)

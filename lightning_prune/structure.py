@@ -1,0 +1,536 @@
+"""Coupled channel groups, channel plans and physical channel removal.
+
+Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
+BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`; the groups come
+from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group, which channels stay.
+:func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
+:func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the
+returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
+loads (:func:`restore_structure`, :func:`restore_structure_from_checkpoint`).
+
+Supported group members: ``Conv1d/2d/3d`` with ``groups=1`` or depthwise (``groups == in == out``),
+``Linear``, ``BatchNorm`` and parameter-free modules (activations, pooling, dropout). A group that
+touches any other parametrised module (a grouped or transposed conv, LayerNorm, GroupNorm, PReLU,
+attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the model's output:
+the last layer's output units and the model's input channels are never pruned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+ChannelPlan = dict[int, torch.Tensor]
+"""Group index -> sorted ``LongTensor`` of the channels that stay; a missing group keeps all."""
+
+StructureRecord = dict[str, dict[str, Any]]
+"""Module name -> its layer type and shape (JSON/pickle friendly), see :func:`structure_record`."""
+
+ExampleInput = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+STRUCTURE_KEY = "lightning_prune_structure"
+"""Checkpoint key under which the :data:`StructureRecord` of a pruned model is stored."""
+
+MemberKind = Literal["out", "in", "channel"]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupMember:
+    """One module touched by a channel group.
+
+    Attributes:
+        module: module name, relative to the model the groups were found on.
+        kind: ``"out"``: a Conv/Linear whose output channels (weight dim 0, bias) carry the group
+            (a depthwise conv is ``"out"``); ``"in"``: a Conv/Linear whose input channels (weight
+            dim 1) carry it; ``"channel"``: a per-channel module (BatchNorm; pooling, activations).
+        positions: ``LongTensor``, indices along that dimension of the module that belong to the group.
+        channels: ``LongTensor`` of the same length: the group channel behind each position (behind
+            a flatten, one channel occupies ``H*W`` positions of the following Linear).
+        dim: full size of that dimension in the dense module (all groups together).
+        order: the module's position in ``model.named_modules()``.
+    """
+
+    module: str
+    kind: MemberKind
+    positions: torch.Tensor
+    channels: torch.Tensor
+    dim: int
+    order: int
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that can only be removed together.
+
+    Holds names and small index tensors only (no modules, no graph), so it pickles cheaply and stays
+    valid for the model's *current* shapes: after :func:`apply_plan`, find the groups again.
+
+    Attributes:
+        index: position in the list returned by :func:`find_channel_groups` (the key in a plan).
+        size: number of channels; channel ``c`` is output channel ``c`` of ``layers[0]``.
+        layers: names of the Conv/Linear modules whose output channels these are, in model order.
+        members: every named module the group touches, in model order.
+    """
+
+    index: int
+    size: int
+    layers: tuple[str, ...]
+    members: tuple[GroupMember, ...]
+
+    @property
+    def root(self) -> str:
+        """The first out-layer; the group's channel indices are its output channel indices."""
+        return self.layers[0]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own ``training`` flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _as_tuple(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+def _member_kind(module: nn.Module, is_out: bool) -> Optional[MemberKind]:
+    """How a module carries a group's channels, or ``None`` if such a group is not supported."""
+    if isinstance(module, _ConvNd):
+        depthwise = module.groups == module.in_channels == module.out_channels
+        if module.transposed or not (module.groups == 1 or depthwise):
+            return None
+        return "out" if is_out or depthwise else "in"
+    if isinstance(module, nn.Linear):
+        return "out" if is_out else "in"
+    if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
+        return "channel"
+    return None
+
+
+def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) -> int:
+    if isinstance(module, _ConvNd):
+        return module.in_channels if kind == "in" else module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features if kind == "in" else module.out_features
+    if isinstance(module, _BatchNorm):
+        return module.num_features
+    assert channels is not None, "a traced per-channel module has a recorded output width"
+    return channels
+
+
+class _Graph:
+    """A torch-pruning ``DependencyGraph`` of a model plus the model names of its nodes."""
+
+    def __init__(self, model: nn.Module, example_input: ExampleInput) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.names = {module: name for name, module in self.modules.items()}
+        self.order = {name: position for position, name in enumerate(self.modules)}
+        self.leaf_by_grad_fn: dict[Any, str] = {}
+        self.channels: dict[str, int] = {}
+        handles = [
+            module.register_forward_hook(self._recorder(name))
+            for name, module in self.modules.items()
+            if _is_leaf(module)
+        ]
+        try:
+            with eval_mode(model), torch.enable_grad():
+                self.graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=_as_tuple(example_input), verbose=False
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _recorder(self, name: str):  # noqa: ANN202 - a forward hook
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                # The first leaf producing a tensor names it (an empty shortcut passes its input on).
+                self.leaf_by_grad_fn.setdefault(output.grad_fn, name)
+                if output.dim() >= 2:
+                    self.channels.setdefault(name, output.shape[1])
+
+        return hook
+
+    def node_name(self, node: Any) -> Optional[str]:
+        if node.type == tp.ops.OPTYPE.ELEMENTWISE:
+            return self.leaf_by_grad_fn.get(node.grad_fn)
+        if node.type == tp.ops.OPTYPE.PARAMETER:
+            return None
+        return self.names.get(node.module)
+
+    def pruning_group(self, root: nn.Module, idxs: Sequence[int]) -> Any:
+        pruner = self.graph.get_pruner_of_module(root)
+        return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
+
+    def members(self, tp_group: Any) -> Optional[list[GroupMember]]:
+        """The named members of a torch-pruning group; ``None`` if the group is not prunable here."""
+        members = []
+        for item in tp_group.items:
+            node, handler = item.dep.target, item.dep.handler
+            is_out = self.graph.is_out_channel_pruning_fn(handler)
+            if node.type in (tp.ops.OPTYPE.OUTPUT, tp.ops.OPTYPE.PARAMETER) or (is_out and not node.outputs):
+                return None  # coupled to the model's output, or to a loose parameter
+            name = self.node_name(node)
+            if name is None:
+                continue  # an unnamed functional op (add, cat, flatten, ...): no weights, no FLOPs
+            module = self.modules[name]
+            kind = _member_kind(module, is_out)
+            if kind is None:
+                return None
+            members.append(
+                GroupMember(
+                    module=name,
+                    kind=kind,
+                    positions=torch.tensor(item.idxs, dtype=torch.long),
+                    channels=torch.tensor(item.root_idxs, dtype=torch.long),
+                    dim=_member_dim(module, kind, self.channels.get(name)),
+                    order=self.order[name],
+                )
+            )
+        return sorted(members, key=lambda member: (member.order, member.kind))
+
+
+def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(f"`{argument}` names modules that are not in the model: {unknown}.")
+    return [modules[name] for name in names]
+
+
+def find_channel_groups(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+) -> list[ChannelGroup]:
+    """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
+
+    Args:
+        model: the network (or a LightningModule around it; names are relative to ``model``).
+        example_input: one input batch for tracing (the model is traced in eval mode, then restored).
+        ignored_layers: names of modules whose output channels must stay; groups producing them
+            are left out (their input channels may still shrink).
+    """
+    ignored = _resolve(model, ignored_layers or [], "ignored_layers")
+    traced = _Graph(model, example_input)
+    found = []
+    for tp_group in traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]):
+        producers = [
+            item.dep.target.module
+            for item in tp_group.items
+            if isinstance(item.dep.target.module, (_ConvNd, nn.Linear))
+            and traced.graph.is_out_channel_pruning_fn(item.dep.handler)
+        ]
+        root = min(producers, key=lambda module: traced.order[traced.names[module]])
+        size = traced.graph.get_out_channels(root)
+        members = traced.members(traced.pruning_group(root, range(size)))
+        if members is not None:
+            found.append((size, members))
+    found.sort(key=lambda entry: next(m.order for m in entry[1] if m.kind == "out"))
+    return [
+        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
+        for index, (size, members) in enumerate(found)
+    ]
+
+
+def _removed(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+    """Boolean vector over the group's channels: True where the channel is removed."""
+    removed = torch.ones(group.size, dtype=torch.bool)
+    removed[keep.cpu()] = False
+    return removed
+
+
+def check_plan(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> None:
+    """Raise ``ValueError`` unless every entry of ``plan`` names a group and keeps 1..size distinct channels."""
+    for index, keep in plan.items():
+        if not 0 <= index < len(groups):
+            raise ValueError(f"`plan` has group index {index!r}; valid indices are 0..{len(groups) - 1}.")
+        size = groups[index].size
+        if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.dtype != torch.long:
+            raise ValueError(f"`plan[{index}]` must be a 1-D LongTensor of kept channels, got {keep!r}.")
+        if keep.numel() == 0:
+            raise ValueError(f"`plan[{index}]` keeps no channel; a group keeps at least one.")
+        if int(keep.min()) < 0 or int(keep.max()) >= size or keep.unique().numel() != keep.numel():
+            raise ValueError(f"`plan[{index}]` must hold distinct channel indices in [0, {size}), got {keep.tolist()}.")
+
+
+def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    for group in groups:
+        root = modules.get(group.root)
+        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else root.out_features)
+        if width != group.size:
+            raise ValueError(
+                f"`groups` do not describe this model (group {group.index} expects {group.root!r} with "
+                f"{group.size} output channels); find the groups again on the model's current shape."
+            )
+    return modules
+
+
+def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str, int]]:
+    """(parameter name in the module, dimension) pairs that removing the member's positions slices."""
+    if member.kind == "in":
+        return [("weight", 1)]
+    if member.kind == "out":
+        return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+    return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
+
+
+def _qualified(module: str, parameter: str) -> str:
+    return f"{module}.{parameter}" if module else parameter
+
+
+def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, torch.Tensor]:
+    """0/1 masks (name as in ``model.named_parameters()`` -> mask of that parameter's shape and dtype)
+    that zero exactly what :func:`apply_plan` would remove: output slices of producing Conv/Linear
+    weights and biases, input slices of consuming ones, and BatchNorm weights and biases. The masked
+    model computes what the physically pruned one computes. Only affected parameters appear."""
+    check_plan(groups, plan)
+    modules = _check_groups_match(model, groups)
+    parameters = dict(model.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        if group.index not in plan:
+            continue
+        removed = _removed(group, plan[group.index])
+        if not removed.any():
+            continue
+        for member in group.members:
+            positions = member.positions[removed[member.channels]]
+            for attribute, dim in _sliced_parameters(member, modules[member.module]):
+                name = _qualified(member.module, attribute)
+                mask = masks.setdefault(name, torch.ones_like(parameters[name], requires_grad=False))
+                mask.index_fill_(dim, positions.to(mask.device), 0.0)
+    return masks
+
+
+def channel_norms(model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1") -> list[torch.Tensor]:
+    """Per group, each channel's importance ``s_c = sum over out-layers l of ||W_l[c]||_p`` (p = 1 or 2),
+    the norm of output channel ``c``'s weights (biases excluded). Float32 CPU tensors of length ``size``."""
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"`norm` must be 'l1' or 'l2', got {norm!r}.")
+    modules = _check_groups_match(model, groups)
+    scores = []
+    for group in groups:
+        score = torch.zeros(group.size)
+        for member in group.members:
+            if member.kind != "out":
+                continue
+            weight = modules[member.module].weight.detach()
+            rows = weight.flatten(1)[member.positions.to(weight.device)]
+            values = rows.abs().sum(1) if norm == "l1" else rows.norm(dim=1)
+            score.index_add_(0, member.channels, values.float().cpu())
+        scores.append(score)
+    return scores
+
+
+def plan_from_scores(scores: Sequence[torch.Tensor], threshold: float, min_channels: int = 1) -> ChannelPlan:
+    """Keep channel ``c`` of group ``g`` iff ``scores[g][c] >= threshold``, and always the ``min_channels``
+    top-scored channels of each group (ties go to the lower index). Every group appears in the plan."""
+    if min_channels < 1:
+        raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
+    plan: ChannelPlan = {}
+    for index, score in enumerate(scores):
+        score = score.detach().float().cpu()
+        keep = score >= threshold
+        keep[torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
+        plan[index] = keep.nonzero().flatten()
+    return plan
+
+
+def zeroed_channel_plan(model: nn.Module, groups: Sequence[ChannelGroup]) -> ChannelPlan:
+    """The plan that removes every channel whose slices :func:`channel_masks` would zero are all zero
+    already, so applying it changes no output (e.g. after channel-granular magnitude pruning). A
+    group whose channels are all zero keeps channel 0, so no layer is emptied."""
+    modules = _check_groups_match(model, groups)
+    plan: ChannelPlan = {}
+    for group in groups:
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for member in group.members:
+            module = modules[member.module]
+            for attribute, dim in _sliced_parameters(member, module):
+                values = getattr(module, attribute).detach()
+                nonzero = values.movedim(dim, 0).reshape(values.shape[dim], -1).ne(0).any(1).cpu()
+                alive[member.channels[nonzero[member.positions]]] = True
+        if not alive.any():
+            alive[0] = True
+        plan[group.index] = alive.nonzero().flatten()
+    return plan
+
+
+def layer_channel_ratios(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, float]:
+    """Layer name -> kept / original output channels, for every out-layer of every group, in model order."""
+    check_plan(groups, plan)
+    ratios = []
+    for group in groups:
+        ratio = len(plan[group.index]) / group.size if group.index in plan else 1.0
+        ratios += [(member.order, member.module, ratio) for member in group.members if member.kind == "out"]
+    return {name: ratio for _, name, ratio in sorted(ratios)}
+
+
+def channel_ratio_vector(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> list[float]:
+    """The channel-ratio vector (Pruning from Scratch's structure): kept / original channels per prunable
+    layer in model order; :func:`layer_channel_ratios` gives the layer names alongside."""
+    return list(layer_channel_ratios(groups, plan).values())
+
+
+_SHAPE_FIELDS = {
+    "conv": ("in_channels", "out_channels", "groups"),
+    "linear": ("in_features", "out_features"),
+    "batchnorm": ("num_features",),
+}
+
+
+def _layer_family(module: nn.Module) -> Optional[str]:
+    if isinstance(module, _ConvNd):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _BatchNorm):
+        return "batchnorm"
+    return None
+
+
+def structure_record(model: nn.Module) -> StructureRecord:
+    """Type and shape of every Conv, Linear and BatchNorm module of ``model``, e.g.
+    ``{"layers.0.conv1": {"type": "Conv2d", "in_channels": 16, "out_channels": 9, "groups": 1}}``.
+    It covers all of them (not only the changed ones), so the latest record alone restores a model
+    pruned several times."""
+    record: StructureRecord = {}
+    for name, module in model.named_modules():
+        family = _layer_family(module)
+        if family is not None:
+            record[name] = {"type": type(module).__name__, **{f: getattr(module, f) for f in _SHAPE_FIELDS[family]}}
+    return record
+
+
+def apply_plan(
+    model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan, example_input: ExampleInput
+) -> StructureRecord:
+    """Remove the channels ``plan`` drops, in place, with torch-pruning: every coupled Conv, BatchNorm and
+    Linear gets smaller parameters (and buffers), so ``model`` stays a plain ``nn.Module`` that runs and
+    trains without this package. ``requires_grad`` flags and training modes are kept. Parameters are new
+    tensors: re-create optimizers (:func:`rebuild_training_state` inside ``Trainer.fit``), and find the
+    groups again before the next plan. Returns :func:`structure_record` of the pruned model."""
+    check_plan(groups, plan)
+    modules = _check_groups_match(model, groups)
+    requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    traced = _Graph(model, example_input)
+    for group in groups:
+        if group.index in plan:
+            removed = _removed(group, plan[group.index]).nonzero().flatten().tolist()
+            if removed:
+                traced.pruning_group(modules[group.root], removed).prune()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad[name])
+    return structure_record(model)
+
+
+def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
+    """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place."""
+    family = _layer_family(module)
+    for field in _SHAPE_FIELDS[family]:
+        setattr(module, field, shape[field])
+    if family == "batchnorm":
+        width, weight_shape = module.num_features, (module.num_features,)
+        if module.track_running_stats:
+            module.running_mean = module.running_mean.new_zeros(width)
+            module.running_var = module.running_var.new_ones(width)
+    elif family == "conv":
+        width = module.out_channels
+        weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    else:
+        width, weight_shape = module.out_features, (module.out_features, module.in_features)
+    if module.weight is not None:
+        module.weight = nn.Parameter(module.weight.new_empty(weight_shape))
+    if module.bias is not None:
+        module.bias = nn.Parameter(module.bias.new_empty(width))
+    module.reset_parameters()
+
+
+def restore_structure(model: nn.Module, record: StructureRecord) -> None:
+    """Reshape a fresh dense ``model`` to the recorded shapes so that the pruned ``state_dict`` loads
+    strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
+    weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
+    already of the recorded shape are left untouched."""
+    modules = dict(model.named_modules())
+    for name, shape in record.items():
+        module = modules.get(name)
+        if module is None or type(module).__name__ != shape.get("type"):
+            found = "no such module" if module is None else type(module).__name__
+            raise ValueError(f"`record` expects a {shape.get('type')} at {name!r}, the model has {found}.")
+        family = _layer_family(module)
+        if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
+            _resize(module, shape)
+
+
+def restore_structure_from_checkpoint(
+    module: nn.Module, checkpoint: Union[dict, str, Path], prefix: str = ""
+) -> bool:
+    """Apply the :data:`StructureRecord` stored under :data:`STRUCTURE_KEY` in ``checkpoint`` (a loaded
+    dict, or a path loaded on CPU with ``weights_only=False``: trusted files only). Returns whether a
+    record was found. Record names are relative to the module the plan was applied to (for a
+    Lightning checkpoint, the LightningModule: ``network.fc``). ``prefix`` restricts the record to one
+    submodule and strips that prefix, so a bare network can be restored from a LightningModule's
+    checkpoint. Plain PyTorch::
+
+        net = build_network("resnet56", num_classes=10, in_channels=3, image_size=32)
+        restore_structure_from_checkpoint(net, ckpt, prefix="network.")
+        net.load_state_dict({k[len("network."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")})
+    """
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    record = checkpoint.get(STRUCTURE_KEY)
+    if record is None:
+        return False
+    restore_structure(module, {name[len(prefix) :]: shape for name, shape in record.items() if name.startswith(prefix)})
+    return True
+
+
+def rebuild_training_state(trainer: "pl.Trainer") -> None:
+    """After a plan was applied during ``trainer.fit``, train the new parameters: under DDP, re-wrap the
+    LightningModule (DDP's buckets and hooks hold the old parameters), then re-create optimizers and
+    LR schedulers with ``trainer.strategy.setup_optimizers``. Each param group's hyperparameters
+    (``lr``, ``momentum``, ...) and each scheduler's progress (its ``state_dict``) carry over when the
+    new configuration has the same layout; per-parameter optimizer state (momentum buffers, Adam
+    moments) starts afresh, as its tensors have the old shapes.
+
+    Under DDP every rank must apply the same plan and then call this (wrapping is a collective)."""
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = strategy.lightning_module
+        strategy.configure_ddp()
+    old_optimizers, old_schedulers = strategy.optimizers, strategy.lr_scheduler_configs
+    strategy.setup_optimizers(trainer)
+    strategy.setup_precision_plugin()
+    if len(old_optimizers) == len(strategy.optimizers):
+        for old, new in zip(old_optimizers, strategy.optimizers):
+            if len(old.param_groups) == len(new.param_groups):
+                for old_group, new_group in zip(old.param_groups, new.param_groups):
+                    new_group.update({key: value for key, value in old_group.items() if key != "params"})
+    if len(old_schedulers) == len(strategy.lr_scheduler_configs):
+        for old, new in zip(old_schedulers, strategy.lr_scheduler_configs):
+            new.scheduler.load_state_dict(old.scheduler.state_dict())

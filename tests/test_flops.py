@@ -1,0 +1,141 @@
+"""fvcore counting, the FLOPs predictor and the FLOPs-constrained threshold search."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import ImageClassifier, flops
+from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.models import build_network
+from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
+
+
+def resnet(depth: int = 56, size: int = 8) -> tuple[nn.Module, torch.Tensor]:
+    model = build_network(f"resnet{depth}", num_classes=10, in_channels=3, image_size=size)
+    return model, torch.randn(1, 3, size, size)
+
+
+def test_one_multiply_add_is_one_flop():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    count = count_flops(model, torch.zeros(2, 3, 8, 8))
+    assert count.by_module["0"] == 2 * 8 * 8 * 4 * 3 * 3 * 3  # N * H * W * C_out * C_in * k * k
+    assert count.by_module["2"] == 2 * 256 * 5
+    assert count.total == count.by_module[""] == count.by_module["0"] + count.by_module["2"]
+
+
+def test_count_flops_is_quiet_reports_unsupported_once_and_restores_modes(caplog, monkeypatch):
+    monkeypatch.setattr(flops, "_reported_operators", set())
+    model, x = resnet(20)
+    model.train()
+    model.stem[1].eval()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        first = count_flops(model, x)
+        second = count_flops(model, x)
+    assert caught == []
+    assert first == second and first.unsupported == {"aten::add": 9}
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) == 1 and records[0].name == "lightning_prune.flops" and "aten::add" in records[0].message
+    assert model.training and model.layers[0].bn1.training and not model.stem[1].training
+
+
+def test_count_flops_unwraps_and_sees_batchnorm_in_eval_mode():
+    model, x = resnet(20)
+    wrapped = nn.DataParallel(model)
+    count = count_flops(wrapped, x)
+    assert count.total == count_flops(model.train(), x).total
+    assert count.by_module["stem.1"] == 2 * 16 * 8 * 8  # eval-mode BatchNorm: 2 FLOPs per element
+
+
+def test_predictor_of_a_lightning_module_uses_its_names_and_is_exact():
+    module = ImageClassifier("resnet20", in_channels=3, image_size=8)
+    x = torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(module, x)
+    predictor = FlopsPredictor(module, x, groups)
+    plan = {g.index: torch.arange(1 + g.size // 3) for g in groups}
+    pruned = copy.deepcopy(module)
+    apply_plan(pruned, groups, plan, x)
+    assert groups[0].root == "network.stem.0"
+    assert predictor.predict(plan) == count_flops(pruned, x).total < predictor.dense
+
+
+def test_min_flops_keeps_min_channels_per_group():
+    model, x = resnet(20)
+    groups = find_channel_groups(model, x)
+    predictor = FlopsPredictor(model, x, groups)
+    plan = {g.index: torch.arange(2) for g in groups}
+    assert predictor.min_flops(2) == predictor.predict(plan)
+    assert predictor.min_flops(1) < predictor.min_flops(2) < predictor.dense
+    assert predictor.min_flops(10**6) == predictor.dense
+    with pytest.raises(ValueError, match="min_channels"):
+        predictor.min_flops(0)
+
+
+@pytest.fixture(scope="module")
+def resnet56_search():
+    torch.manual_seed(0)
+    model, x = resnet(56, size=32)
+    groups = find_channel_groups(model, x)
+    return model, x, groups, FlopsPredictor(model, x, groups)
+
+
+@pytest.mark.parametrize("flops_ratio", [0.25, 0.5, 0.75])
+def test_search_lands_at_or_below_the_target_within_two_percent(resnet56_search, flops_ratio):
+    model, x, groups, predictor = resnet56_search
+    scores = channel_norms(model, groups, "l1")
+    result = search_threshold(scores, flops_ratio, predictor)
+    assert flops_ratio - 0.02 <= result.ratio <= flops_ratio
+    assert result.flops == predictor.predict(result.plan) and result.ratio == result.flops / predictor.dense
+    for group, score in zip(groups, scores):
+        kept = result.plan[group.index]
+        assert len(kept) >= 1
+        assert bool((score[kept] >= result.threshold).all() or len(kept) == 1)
+    if flops_ratio == 0.5:
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, result.plan, x)
+        assert count_flops(pruned, x).total == result.flops
+        assert pruned(x).shape == model(x).shape
+
+
+def test_search_keeps_min_channels_and_everything_at_ratio_one(resnet56_search):
+    _, _, groups, predictor = resnet56_search
+    scores = [torch.rand(g.size) for g in groups]
+    result = search_threshold(scores, 0.3, predictor, min_channels=4)
+    assert all(len(result.plan[g.index]) >= min(4, g.size) for g in groups)
+    full = search_threshold(scores, 1.0, predictor)
+    assert full.flops == predictor.dense and full.threshold == min(float(s.min()) for s in scores)
+
+
+def test_search_with_equal_scores_removes_them_together(resnet56_search):
+    _, _, groups, predictor = resnet56_search
+    result = search_threshold([torch.ones(g.size) for g in groups], 0.5, predictor, min_channels=2)
+    assert result.flops == predictor.min_flops(2) and result.threshold > 1.0
+
+
+@pytest.mark.parametrize("flops_ratio", [0.0, -0.5, 1.01, math.nan])
+def test_search_rejects_ratios_outside_zero_one(resnet56_search, flops_ratio):
+    _, _, groups, predictor = resnet56_search
+    with pytest.raises(ValueError, match=r"`flops_ratio` must be in \(0, 1\]"):
+        search_threshold([torch.rand(g.size) for g in groups], flops_ratio, predictor)
+
+
+def test_search_rejects_an_unreachable_target_giving_the_smallest_ratio(resnet56_search):
+    _, _, groups, predictor = resnet56_search
+    smallest = predictor.min_flops(8) / predictor.dense
+    with pytest.raises(ValueError, match=f"smallest reachable ratio {smallest:.6f}"):
+        search_threshold([torch.rand(g.size) for g in groups], smallest * 0.9, predictor, min_channels=8)
+
+
+def test_search_rejects_scores_that_do_not_match_the_groups(resnet56_search):
+    _, _, groups, predictor = resnet56_search
+    with pytest.raises(ValueError, match="scores"):
+        search_threshold([torch.rand(g.size + 1) for g in groups], 0.5, predictor)
+    with pytest.raises(ValueError, match="NaN"):
+        search_threshold([torch.full((g.size,), math.nan) for g in groups], 0.5, predictor)
