@@ -2,6 +2,7 @@
 
 from lightning_prune.callbacks import IterativeMagnitude
 from lightning_prune.classifier import ImageClassifier
+from lightning_prune.correlation import structure_correlation
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.export import export_sparse, load_sparse
 from lightning_prune.masks import MaskSet
@@ -21,4 +22,5 @@ __all__ = [
     "export_sparse",
     "load_sparse",
     "sparsity_report",
+    "structure_correlation",
 ]
