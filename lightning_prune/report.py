@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from lightning_prune.flops import FlopCount
 from lightning_prune.targets import select_modules
 
 
@@ -75,3 +76,35 @@ def sparsity_report(
             for name, m in modules.items()
         ]
     )
+
+
+def nonzero_flops(count: FlopCount, report: SparsityReport) -> int:
+    """FLOPs left when multiplications by zero weights are skipped: F − Σ_l F_l · s_l.
+
+    ``F`` is the dense fvcore count (one multiply-add = one FLOP), ``F_l`` the count of layer ``l``
+    and ``s_l`` its sparsity; ``F / nonzero_flops`` is ShrinkBench's theoretical speed-up.
+    """
+    saved = sum(count.by_module.get(row.layer, 0) * (row.total - row.nonzero) / row.total for row in report.layers)
+    return int(round(count.total - saved))
+
+
+def pruning_summary(
+    title: str,
+    report: SparsityReport,
+    parameters: tuple[int, int],
+    flops: Optional[tuple[int, int]] = None,
+    monitor: Optional[str] = None,
+    scores: tuple[Optional[float], Optional[float]] = (None, None),
+) -> str:
+    """The table printed at the end of a pruning run: per-layer sparsity, then parameters
+    (dense → non-zero), FLOPs (fvcore, multiply-adds, dense → pruned) and the monitored metric."""
+
+    def fmt(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [title, str(report), f"parameters: {parameters[0]:,} -> {parameters[1]:,} non-zero"]
+    if flops is not None:
+        lines.append(f"FLOPs (multiply-adds, fvcore): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
+    if monitor:
+        lines.append(f"{monitor}: dense {fmt(scores[0])} -> pruned {fmt(scores[1])}")
+    return "\n".join(lines)

@@ -29,15 +29,21 @@ def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) ->
         raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(known)}.")
 
 
-def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+def find_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[torch.Tensor]:
     """An input batch for tracing: ``pl_module.example_input_array`` or ``datamodule.example_input()``."""
     candidate: Optional[Any] = pl_module.example_input_array
-    datamodule = trainer.datamodule
-    if candidate is None and datamodule is not None and hasattr(datamodule, "example_input"):
-        candidate = datamodule.example_input()
-    if not isinstance(candidate, torch.Tensor):
+    provider = getattr(trainer.datamodule, "example_input", None)
+    if candidate is None and callable(provider):
+        candidate = provider()
+    return candidate.to(pl_module.device) if isinstance(candidate, torch.Tensor) else None
+
+
+def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+    """Like :func:`find_example_input`, but an input is required (channel pruning traces the model)."""
+    candidate = find_example_input(trainer, pl_module)
+    if candidate is None:
         raise MisconfigurationException(
             "Channel pruning traces the model and needs an example input: set `example_input_array` on the "
             "LightningModule (a tensor of one input batch), or give the DataModule an `example_input()` method."
         )
-    return candidate.to(pl_module.device)
+    return candidate

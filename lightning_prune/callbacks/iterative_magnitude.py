@@ -10,10 +10,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_prune import criteria
-from lightning_prune.callbacks._shared import check_choice, check_fraction, check_keys, example_input
+from lightning_prune.callbacks._shared import check_choice, check_fraction, check_keys, example_input, find_example_input
+from lightning_prune.flops import FlopCount, count_flops
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.masks import MaskSet
-from lightning_prune.report import sparsity_report
+from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, restore_structure_from_checkpoint
 from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
 from lightning_prune.targets import select_modules, weight_names
 
@@ -130,6 +132,10 @@ class IterativeMagnitude(pl.Callback):
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
         self.dense_score: Optional[float] = None
         self.channels: Optional[Any] = None  # ChannelPruning state, set up for granularity="channel"
+        self.example: Optional[torch.Tensor] = None
+        self.dense_flops: Optional[FlopCount] = None
+        self.dense_parameters = 0
+        self.structure: Optional[StructureRecord] = None
 
     @property
     def state_key(self) -> str:
@@ -143,11 +149,14 @@ class IterativeMagnitude(pl.Callback):
         if stage != "fit":
             return
         self.schedule = PruningSchedule(self.schedule_kind, self.start_epoch, self._resolve_end_epoch(trainer), self.frequency)
+        if trainer.ckpt_path:
+            restore_structure_from_checkpoint(pl_module, trainer.ckpt_path)
         modules = select_modules(pl_module, self.parameters, self.exclude)
         self.layers = list(modules)
         for name, value in (("sparsity", self.sparsity), ("sensitivity", self.sensitivity)):
             if isinstance(value, Mapping):
                 check_keys(name, value, self.layers)
+        self.example = find_example_input(trainer, pl_module)
         if self.granularity == "channel":
             from lightning_prune.callbacks._channels import ChannelPruning
 
@@ -185,8 +194,8 @@ class IterativeMagnitude(pl.Callback):
         fraction = self.schedule.fraction(epoch)
         if fraction is None or epoch <= self.last_event_epoch:
             return
-        if self.last_event_epoch < 0 and self.monitor in trainer.callback_metrics:
-            self.dense_score = float(trainer.callback_metrics[self.monitor])
+        if self.last_event_epoch < 0:
+            self._record_dense(trainer, pl_module)
         masks = trainer.strategy.broadcast(self._compute_masks(pl_module, fraction), src=0)
         self.masks.update(masks)
         self.masks.apply_to_optimizer_state(trainer.optimizers)
@@ -194,9 +203,28 @@ class IterativeMagnitude(pl.Callback):
             _restore(pl_module, self.rewind_state)
             self.masks.apply_to_weights()
         self.last_event_epoch = epoch
+        report = sparsity_report(pl_module, self.layers)
         log_pruning_event(
-            trainer, report=sparsity_report(pl_module, self.layers), extra={"target_sparsity": self._target_sparsity(fraction)}
+            trainer,
+            report=report,
+            flops_ratio=None if self.dense_flops is None else self._pruned_flops(report) / self.dense_flops.total,
+            channel_ratios=None if self.channels is None else self.channels.channel_ratios(),
+            extra={"target_sparsity": self._target_sparsity(fraction)},
         )
+
+    def _record_dense(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The dense reference of the summary: monitored score, parameter count and FLOPs."""
+        if self.monitor in trainer.callback_metrics:
+            self.dense_score = float(trainer.callback_metrics[self.monitor])
+        self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
+        if self.example is not None:
+            self.dense_flops = count_flops(pl_module, self.example)
+
+    def _pruned_flops(self, report: SparsityReport) -> int:
+        """Physical FLOPs of the channel plan, or the FLOPs left when zero weights are skipped."""
+        if self.channels is not None:
+            return self.channels.flops()
+        return nonzero_flops(self.dense_flops, report)
 
     def _target_sparsity(self, fraction: float) -> float:
         if self.criterion == "sensitivity":
@@ -248,14 +276,30 @@ class IterativeMagnitude(pl.Callback):
         if not self.masks:
             return
         report = sparsity_report(pl_module, self.layers)
+        flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         if self.make_permanent:
             if self.physical:
-                self.channels.remove(pl_module)
+                self.structure = self.channels.remove(pl_module)
             self.masks = None
             self.last_event_epoch = -1
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-            rank_zero_info(_summary(report, self.monitor, self.dense_score, None if score is None else float(score)))
+            nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
+            rank_zero_info(
+                pruning_summary(
+                    "IterativeMagnitude summary",
+                    report,
+                    (self.dense_parameters, nonzero),
+                    flops,
+                    self.monitor,
+                    (self.dense_score, None if score is None else float(score)),
+                )
+            )
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.structure is not None:
+            checkpoint[STRUCTURE_KEY] = self.structure
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -286,13 +330,3 @@ def _snapshot(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
 def _restore(pl_module: pl.LightningModule, state: dict[str, torch.Tensor]) -> None:
     for name, parameter in pl_module.named_parameters():
         parameter.copy_(state[name])
-
-
-def _summary(report: Any, monitor: Optional[str], dense: Optional[float], pruned: Optional[float]) -> str:
-    def fmt(value: Optional[float]) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
-    lines = ["IterativeMagnitude summary", str(report)]
-    if monitor:
-        lines.append(f"{monitor}: dense {fmt(dense)} -> pruned {fmt(pruned)}")
-    return "\n".join(lines)

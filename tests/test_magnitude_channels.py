@@ -1,0 +1,110 @@
+"""`IterativeMagnitude(granularity="channel")`: coupled channel groups, exact masks, physical removal."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
+from lightning_prune.flops import count_flops
+from lightning_prune.structure import restore_structure_from_checkpoint
+
+from conftest import make_trainer
+
+SMALL = dict(limit_train_batches=6, limit_val_batches=2)
+
+
+def resnet() -> ImageClassifier:
+    return ImageClassifier("resnet20", in_channels=3, image_size=32, width=0.5)
+
+
+def data() -> DigitsDataModule:
+    return DigitsDataModule(image_size=32, channels=3, batch_size=32)
+
+
+class OutputAtFitEnd(pl.Callback):
+    def __init__(self) -> None:
+        self.logits = None
+
+    def on_fit_end(self, trainer, pl_module):
+        pl_module.eval()
+        with torch.no_grad():
+            self.logits = pl_module(torch.linspace(-1, 1, 2 * 3 * 32 * 32).view(2, 3, 32, 32))
+
+
+def test_physical_removal_keeps_the_function_and_meets_the_predicted_flops(tmp_path):
+    masked, physical = OutputAtFitEnd(), OutputAtFitEnd()
+    pruning = IterativeMagnitude(0.5, "iterative", start_epoch=1, end_epoch=2, granularity="channel", physical=True)
+    model = resnet()
+    dense_flops = count_flops(model, model.example_input_array).total
+    trainer = make_trainer(tmp_path, [masked, pruning, physical], max_epochs=3, **SMALL)
+    trainer.fit(model, data())
+    # the masked network (before removal) and the physically smaller one compute the same function
+    assert torch.allclose(masked.logits, physical.logits, atol=1e-5)
+    assert model.network.fc.out_features == 10
+    recount = count_flops(model, model.example_input_array).total
+    assert recount == pruning.channels.flops() < dense_flops
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in resnet().parameters())
+    assert sparsity_report(model).sparsity == 0.0  # every zeroed channel is gone, no zero left behind
+    # the pruned model is a plain module that keeps training
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_trainer(tmp_path, [], max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model, data())
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_global_channel_target_is_met_within_one_channel(tmp_path):
+    pruning = IterativeMagnitude(0.6, "one_shot", start_epoch=1, granularity="channel", make_permanent=False, verbose=False)
+    model = resnet()
+    make_trainer(tmp_path, [pruning], max_epochs=2, **SMALL).fit(model, data())
+    report = sparsity_report(model)
+    largest_channel = max(p.numel() // p.shape[0] + p.numel() // p.shape[1]
+                          for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    zeros = report.total.total - report.total.nonzero
+    assert round(0.6 * report.total.total) <= zeros <= round(0.6 * report.total.total) + 2 * largest_channel
+    ratios = pruning.channels.channel_ratios()
+    assert ratios and all(0 < r <= 1 for r in ratios.values()) and min(ratios.values()) < 1
+
+
+def test_layer_scope_removes_the_same_fraction_of_every_group(tmp_path):
+    pruning = IterativeMagnitude(0.5, "one_shot", start_epoch=1, scope="layer", granularity="channel", physical=True)
+    model = ImageClassifier("vgg_small", in_channels=3, image_size=32, width=0.25)
+    dense = ImageClassifier("vgg_small", in_channels=3, image_size=32, width=0.25)
+    make_trainer(tmp_path, [pruning], max_epochs=2, **SMALL).fit(model, data())
+    convs = [m for m in model.network.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    dense_convs = [m for m in dense.network.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    for pruned, original in zip(convs, dense_convs):
+        assert pruned.out_channels == original.out_channels - round(0.5 * original.out_channels)
+    assert model.network.classifier.out_features == 10
+
+
+def test_a_pruned_checkpoint_rebuilds_with_and_without_lightning(tmp_path):
+    pruning = IterativeMagnitude(0.5, "one_shot", start_epoch=1, granularity="channel", physical=True, verbose=False)
+    model = resnet()
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2, **SMALL)
+    trainer.fit(model, data())
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    x = torch.randn(3, 3, 32, 32)
+    model.eval()
+    expected = model(x)
+    loaded = ImageClassifier.load_from_checkpoint(path).eval()
+    assert torch.allclose(loaded(x), expected, atol=1e-6)
+    plain = resnet()
+    checkpoint = torch.load(path, weights_only=False)
+    assert restore_structure_from_checkpoint(plain, checkpoint)
+    plain.load_state_dict(checkpoint["state_dict"])
+    assert torch.allclose(plain.eval()(x), expected, atol=1e-6)
+
+
+def test_channel_pruning_needs_an_example_input(tmp_path):
+    class NoExample(ImageClassifier):
+        def __init__(self):
+            super().__init__("lenet5")
+            self.example_input_array = None
+
+    class Data(DigitsDataModule):
+        example_input = None
+
+    with pytest.raises(Exception, match="example_input_array"):
+        make_trainer(tmp_path, [IterativeMagnitude(granularity="channel")], max_epochs=1).fit(NoExample(), Data())
