@@ -222,10 +222,12 @@ def search_threshold(
             f"(every group at `min_channels`={min_channels})."
         )
     group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    protected = torch.zeros_like(flat, dtype=torch.bool)  # each group's min_channels top scores
-    offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
-    for offset, score in zip(offsets, flat.split(sizes)):
-        protected[offset + torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
+    # each group's min_channels top scores (ties to the lower index, as in plan_from_scores)
+    by_score = torch.argsort(flat, descending=True, stable=True)
+    by_group_then_score = by_score[torch.argsort(group_of[by_score], stable=True)]
+    rank = torch.arange(len(flat)) - torch.tensor([0] + sizes[:-1]).cumsum(0)[group_of]
+    protected = torch.zeros_like(flat, dtype=torch.bool)
+    protected[by_group_then_score[rank < min_channels]] = True
     candidates = torch.unique(flat)  # sorted; position len(candidates) stands for "above every score"
 
     def flops_at(position: int) -> int:

@@ -1,0 +1,130 @@
+"""FLOPs-constrained threshold search: fast predictor vs. fvcore per candidate; pruned vs. dense latency.
+
+Prints, in one run on one machine:
+  (a) the time of ``search_threshold`` on ResNet-56 (CIFAR shapes) with the ``FlopsPredictor`` vs. the
+      same search when every candidate plan is physically applied to a copy and re-counted by fvcore,
+      as a ratio (both searches must return the same plan), plus one prediction's time on ResNet-50;
+  (b) CPU inference latency of ResNet-56 pruned to 50% FLOPs vs. dense (batch 64, 32x32), as a
+      ratio next to the FLOPs ratio.
+
+FLOPs are fvcore's: one multiply-add = one FLOP. Channel scores are seeded i.i.d. uniform, a stand-in for
+learned gates (summed channel norms of an untrained net would keep every residual channel and strip
+the blocks' inner convs instead).
+
+    python benchmarks/flops_search.py [--repeats 30] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.models import build_network
+from lightning_prune.structure import ChannelGroup, apply_plan, find_channel_groups
+
+
+class RecountingPredictor(FlopsPredictor):
+    """The slow baseline: every prediction prunes a copy of the model and re-runs fvcore on it."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, groups: Sequence[ChannelGroup]) -> None:
+        super().__init__(model, example_input, groups)
+        self.model, self.example_input, self.groups = model, example_input, groups
+        self.evaluations = 0
+
+    def predict_counts(self, kept: Sequence[int] | np.ndarray) -> int:
+        self.evaluations += 1
+        pruned = copy.deepcopy(self.model)
+        plan = {group.index: torch.arange(int(k)) for group, k in zip(self.groups, kept)}
+        apply_plan(pruned, self.groups, plan, self.example_input)
+        return count_flops(pruned, self.example_input).total
+
+
+def seconds(function: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``function`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def uniform_scores(groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(group.size, generator=generator) for group in groups]
+
+
+def search_speed(repeats: int) -> None:
+    model = build_network("resnet56", num_classes=10, in_channels=3, image_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    groups = find_channel_groups(model, x)
+    scores = uniform_scores(groups)
+    start = time.perf_counter()
+    predictor = FlopsPredictor(model, x, groups)
+    trace = time.perf_counter() - start
+    fast_result = search_threshold(scores, 0.5, predictor)
+    fast = seconds(lambda: search_threshold(scores, 0.5, predictor), repeats)
+    slow_predictor = RecountingPredictor(model, x, groups)
+    start = time.perf_counter()
+    slow_result = search_threshold(scores, 0.5, slow_predictor)
+    slow = time.perf_counter() - start
+    assert slow_result.flops == fast_result.flops and slow_result.threshold == fast_result.threshold
+    print(f"(a) ResNet-56 32x32, search_threshold to 50% FLOPs, {len(groups)} groups, {int(predictor.sizes.sum())} channels")
+    print(f"    fvcore per candidate: {slow * 1e3:9.1f} ms ({slow_predictor.evaluations} prune + fvcore recounts)")
+    print(f"    fast predictor:       {fast * 1e3:9.3f} ms (median of {repeats}; one fvcore trace beforehand: {trace * 1e3:.0f} ms)")
+    print(f"    speed-up: x{slow / fast:,.0f} (x{slow / (fast + trace):,.1f} counting the one trace); same plan, ratio {fast_result.ratio:.4f}")
+
+    resnet50 = build_network("resnet50", num_classes=1000, in_channels=3, image_size=224).eval()
+    x50 = torch.randn(1, 3, 224, 224)
+    groups50 = find_channel_groups(resnet50, x50)
+    predictor50 = FlopsPredictor(resnet50, x50, groups50)
+    plan = {g.index: torch.arange(max(1, g.size // 2)) for g in groups50}
+    per_call = seconds(lambda: predictor50.predict(plan), 1000)
+    print(f"    ResNet-50 224x224 ({len(groups50)} groups): predict(plan) {per_call * 1e6:.1f} us per call")
+
+
+def latency(repeats: int) -> None:
+    x = torch.randn(64, 3, 32, 32)
+    dense = build_network("resnet56", num_classes=10, in_channels=3, image_size=32).eval()
+    groups = find_channel_groups(dense, x[:1])
+    predictor = FlopsPredictor(dense, x[:1], groups)
+    result = search_threshold(uniform_scores(groups), 0.5, predictor)
+    pruned = copy.deepcopy(dense)
+    apply_plan(pruned, groups, result.plan, x[:1])
+    flops_ratio = count_flops(pruned, x[:1]).total / count_flops(dense, x[:1]).total
+    timings: dict[str, list[float]] = {"dense": [], "pruned": []}
+    with torch.inference_mode():
+        for model in (dense, pruned, dense, pruned):  # warm-up
+            model(x)
+        for _ in range(repeats):  # interleaved, so that load from other processes hits both alike
+            for name, model in (("dense", dense), ("pruned", pruned)):
+                timings[name].append(seconds(lambda: model(x), 1))
+    dense_time, pruned_time = statistics.median(timings["dense"]), statistics.median(timings["pruned"])
+    print(f"(b) ResNet-56 CPU inference, batch 64, 32x32, {torch.get_num_threads()} threads, median of {repeats}")
+    print(f"    dense {dense_time * 1e3:.1f} ms, pruned {pruned_time * 1e3:.1f} ms")
+    print(f"    latency ratio {pruned_time / dense_time:.3f} at FLOPs ratio {flops_ratio:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, waiting threads distort timings)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    search_speed(args.repeats)
+    latency(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
