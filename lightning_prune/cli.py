@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.loggers import Logger
+
+from lightning_prune.sensitivity import DEFAULT_LEVELS, SensitivityTable, sensitivity_analysis
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
@@ -24,3 +28,86 @@ def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-prune`` console script (``fit``, ``validate``, ``test``, ``predict``)."""
     build_cli(args)
+
+
+def sensitivity_command(
+    model: pl.LightningModule,
+    data: pl.LightningDataModule,
+    ckpt_path: Optional[str] = None,
+    levels: list[float] = list(DEFAULT_LEVELS),
+    max_drop: Optional[float] = None,
+    split: Literal["val", "test", "train"] = "val",
+    parameters: Optional[list[str]] = None,
+    exclude: Optional[list[str]] = None,
+    limit_batches: Optional[int] = None,
+    output_dir: str = "sensitivity",
+    logger: Optional[Logger] = None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Sensitivity analysis of a trained model: each Conv/Linear layer pruned alone to each level.
+
+    Writes ``<output_dir>/sensitivity.csv`` and ``sensitivity.png``; with ``max_drop`` also
+    ``proposal.yaml`` (per-layer ``sparsity`` and ``sensitivity`` for ``IterativeMagnitude``).
+    With a ``logger``: scalars (baseline, proposals) to it; with a ``WandbLogger`` also the table
+    (``sensitivity/table``), the curves (``sensitivity/curves``) and the CSV file.
+
+    Args:
+        model: the LightningModule (``class_path`` and ``init_args``, as in the training config).
+        data: the LightningDataModule to evaluate on.
+        ckpt_path: checkpoint whose weights (and, if physically pruned, structure) are loaded.
+        levels: strictly increasing sparsities in (0, 1).
+        max_drop: allowed drop of the metric for the per-layer proposal (e.g. 0.01 = one point).
+        split: which of the data module's loaders to evaluate on.
+        parameters: glob patterns of module names to analyse (default: every Conv/Linear).
+        exclude: glob patterns of module names to skip.
+        limit_batches: evaluate on the first batches only.
+        output_dir: folder of the CSV, PNG and proposal.
+        logger: a Lightning logger (e.g. ``pytorch_lightning.loggers.WandbLogger``).
+        progress: show a progress bar.
+    """
+    import torch
+    import yaml
+
+    from lightning_prune.loggers import is_wandb_logger
+    from lightning_prune.structure import restore_structure_from_checkpoint
+
+    if ckpt_path is not None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        restore_structure_from_checkpoint(model, checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+    data.prepare_data()
+    data.setup("test" if split == "test" else "fit")
+    loader = getattr(data, f"{split}_dataloader")()
+    table = sensitivity_analysis(model, loader, levels, None, parameters, exclude, limit_batches, progress)
+
+    out = Path(output_dir)
+    csv_path, png_path = table.to_csv(out / "sensitivity.csv"), table.plot(out / "sensitivity.png")
+    print(f"dense {table.metric}: {table.baseline:.4f}; wrote {csv_path} and {png_path}")
+    scalars = {f"sensitivity/baseline_{table.metric}": table.baseline}
+    if max_drop is not None:
+        proposal = {"sparsity": table.propose_sparsity(max_drop), "sensitivity": table.propose_sensitivity(max_drop)}
+        (out / "proposal.yaml").write_text(yaml.safe_dump(proposal, sort_keys=False))
+        print(f"per-layer proposal for a drop of at most {max_drop} ({out / 'proposal.yaml'}):\n{yaml.safe_dump(proposal, sort_keys=False)}")
+        scalars.update({f"sensitivity/proposed_sparsity/{k}": v for k, v in proposal["sparsity"].items()})
+    if logger is not None:
+        logger.log_metrics(scalars, step=0)
+        if is_wandb_logger(logger):
+            import wandb
+
+            columns = list(table.rows()[0])
+            logger.experiment.log({
+                "sensitivity/table": wandb.Table(columns=columns, data=[list(row.values()) for row in table.rows()]),
+                "sensitivity/curves": wandb.Image(str(png_path)),
+            })
+            logger.experiment.save(str(csv_path), base_path=str(out), policy="now")
+            logger.experiment.finish()
+        else:
+            logger.finalize("success")
+    return table
+
+
+def sensitivity_main(args: Optional[list[str]] = None) -> None:
+    """Entry point of the ``lightning-prune-sensitivity`` console script (options: ``--help``)."""
+    from jsonargparse import CLI
+
+    CLI(sensitivity_command, args=args, as_positional=False)
