@@ -1,6 +1,6 @@
 """lightning_prune: pruning packaged as PyTorch Lightning callbacks."""
 
-from lightning_prune.callbacks import IterativeMagnitude
+from lightning_prune.callbacks import GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.correlation import structure_correlation
 from lightning_prune.data import DigitsDataModule
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DigitsDataModule",
+    "GatePruningFromScratch",
     "ImageClassifier",
     "IterativeMagnitude",
     "MaskSet",

@@ -1,5 +1,6 @@
 """The pruning callbacks."""
 
+from lightning_prune.callbacks.gate_pruning import GatePruningFromScratch
 from lightning_prune.callbacks.iterative_magnitude import IterativeMagnitude
 
-__all__ = ["IterativeMagnitude"]
+__all__ = ["GatePruningFromScratch", "IterativeMagnitude"]
