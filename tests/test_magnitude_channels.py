@@ -31,6 +31,7 @@ class OutputAtFitEnd(pl.Callback):
         pl_module.eval()
         with torch.no_grad():
             self.logits = pl_module(torch.linspace(-1, 1, 2 * 3 * 32 * 32).view(2, 3, 32, 32))
+        pl_module.train()
 
 
 def test_physical_removal_keeps_the_function_and_meets_the_predicted_flops(tmp_path):
