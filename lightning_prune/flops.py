@@ -134,6 +134,9 @@ class FlopsPredictor:
         for group in groups:
             for member in group.members:
                 touching.setdefault(member.module, []).append((group.index, member))
+        unknown = sorted(set(touching) - set(modules))
+        if unknown:
+            raise ValueError(f"`groups` were found on another module: {unknown[:3]} are not in `model`.")
         names = [name for name in touching if count.by_module.get(name, 0) > 0]
         shape = (len(names), len(groups))
         self._a, self._b = np.ones(len(names), dtype=np.int64), np.ones(len(names), dtype=np.int64)

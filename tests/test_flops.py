@@ -64,6 +64,8 @@ def test_predictor_of_a_lightning_module_uses_its_names_and_is_exact():
     apply_plan(pruned, groups, plan, x)
     assert groups[0].root == "network.stem.0"
     assert predictor.predict(plan) == count_flops(pruned, x).total < predictor.dense
+    with pytest.raises(ValueError, match="groups"):
+        FlopsPredictor(module.network, x, groups)
 
 
 def test_min_flops_keeps_min_channels_per_group():

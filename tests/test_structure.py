@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import pickle
 
@@ -340,3 +341,41 @@ def test_plan_applied_during_fit_trains_new_parameters_and_reloads(trainer_facto
     resumed = trainer_factory(max_epochs=4, limit_train_batches=2, limit_val_batches=1)
     resumed.fit(ImageClassifier("vgg_small", lr=0.05, lr_schedule="multistep"), datamodule=data, ckpt_path=path)
     assert resumed.lightning_module.network.features[0][0].out_channels == 16
+
+
+class PruneOnceAndCheckRanks(PruneOnce):
+    """On every rank: prune at epoch 1; at the end, DDP wraps the pruned module and ranks agree."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wrapper = trainer.strategy.model
+        assert isinstance(wrapper, nn.parallel.DistributedDataParallel) and wrapper.module is pl_module
+        assert pl_module.network.features[0][0].out_channels == 16
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        assert not torch.equal(flat, torch.cat([p.flatten() for p in self.after_pruning.values()]))
+        gathered = trainer.strategy.all_gather(flat)
+        assert torch.equal(gathered[0], gathered[1]), "ranks diverged: DDP did not reduce the new parameters"
+
+
+def restore_before_loading(record: dict, module: nn.Module, *hook_args) -> None:
+    """A load_state_dict pre-hook (a module-level function, so ddp_spawn can pickle it)."""
+    restore_structure(module, record)
+
+
+def test_plan_applied_under_ddp_rewraps_the_model(trainer_factory):
+    module = ImageClassifier("vgg_small", lr=0.05, lr_schedule="multistep")
+    # ddp_spawn copies the workers' weights back into this (dense) process's module with
+    # load_state_dict, so this process must know the pruned structure beforehand.
+    shadow, x = copy.deepcopy(module), module.example_input_array
+    groups = find_channel_groups(shadow, x)
+    record = apply_plan(shadow, groups, {g.index: torch.arange(g.size // 2) for g in groups}, x)
+    module.register_load_state_dict_pre_hook(functools.partial(restore_before_loading, record))
+    trainer = trainer_factory(
+        [PruneOnceAndCheckRanks(epoch=1)],
+        max_epochs=2,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    assert module.network.features[0][0].out_channels == 16
