@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False  # the log holds the run's exit record
 
     @classmethod
     def read(cls, directory: Union[str, Path]) -> "OfflineRun":
@@ -96,6 +98,8 @@ class OfflineRun:
             elif kind == "summary":
                 for item in record.summary.update:
                     _put(run.summary, item)
+            elif kind == "exit":
+                run.finished = True
             elif kind == "config":
                 for item in record.config.update:
                     _put(run.config, item)
@@ -135,9 +139,20 @@ class OfflineRun:
         return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
-def latest_run(save_dir: Union[str, Path]) -> OfflineRun:
-    """The single offline run under ``save_dir/wandb`` (as written by ``WandbLogger(save_dir=...)``)."""
+def latest_run(save_dir: Union[str, Path], timeout: float = 60.0) -> OfflineRun:
+    """The single offline run under ``save_dir/wandb`` (as written by ``WandbLogger(save_dir=...)``),
+    read once its log holds the exit record (wandb's service may still be writing after ``finish``)."""
     runs = sorted(Path(save_dir).glob("wandb/offline-run-*"))
     if len(runs) != 1:
         raise AssertionError(f"expected one offline run under {save_dir}, found {runs}")
-    return OfflineRun.read(runs[0])
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = OfflineRun.read(runs[0])
+        except ValueError:  # a chunk still being written
+            run = None
+        if run is not None and run.finished:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{runs[0]} has no exit record after {timeout}s: was the run finished?")
+        time.sleep(0.2)
