@@ -1,6 +1,6 @@
 """lightning_prune: pruning packaged as PyTorch Lightning callbacks."""
 
-from lightning_prune.callbacks import GatePruningFromScratch, IterativeMagnitude
+from lightning_prune.callbacks import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.correlation import structure_correlation
 from lightning_prune.data import DigitsDataModule
@@ -21,6 +21,7 @@ from lightning_prune.structure import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPruneCallback",
     "DigitsDataModule",
     "FlopsPredictor",
     "GatePruningFromScratch",
