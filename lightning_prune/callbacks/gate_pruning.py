@@ -19,6 +19,7 @@ from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
 from lightning_prune.gates import (
     GATE_POSITIONS,
     ChannelGates,
+    GatePhaseResult,
     GatePosition,
     NonFiniteGateLoss,
     gate_scores,
@@ -307,7 +308,7 @@ class GatePruningFromScratch(pl.Callback):
         rebuild_training_state(trainer)
         self._log_structure(trainer, pl_module, result)
 
-    def _learn_gates(self, trainer: pl.Trainer, pl_module: pl.LightningModule):  # noqa: ANN202 - GatePhaseResult
+    def _learn_gates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GatePhaseResult:
         train_loader = trainer.train_dataloader
         val_loader = trainer.val_dataloaders
         if isinstance(val_loader, (list, tuple)):
@@ -354,7 +355,7 @@ class GatePruningFromScratch(pl.Callback):
             if bar is not None:
                 bar.close()
 
-    def _log_structure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Any) -> None:
+    def _log_structure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult) -> None:
         ratios = layer_channel_ratios(self._groups, self.plan)
         params = sum(p.numel() for p in pl_module.parameters())
         extra = {
@@ -454,7 +455,14 @@ def _reinitialise(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPla
             module.reset_parameters()
 
 
-def _structure_table(groups, plan, flops_ratio, params_ratio, result, budget_epochs) -> str:  # noqa: ANN001
+def _structure_table(
+    groups: list[ChannelGroup],
+    plan: ChannelPlan,
+    flops_ratio: float,
+    params_ratio: float,
+    result: GatePhaseResult,
+    budget_epochs: Optional[int],
+) -> str:
     rows = []
     for group in groups:
         kept = len(plan.get(group.index, range(group.size)))

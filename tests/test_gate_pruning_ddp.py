@@ -1,0 +1,77 @@
+"""Under DDP (2 CPU processes, gloo) every rank learns the same gates, prunes to the same structure,
+trains identical weights, and the structure is logged once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
+from lightning_prune.structure import restore_structure
+
+from conftest import make_trainer
+from test_magnitude_ddp import FileLogger
+
+
+def reshape_from_state_dict(module, state_dict, prefix, *args) -> None:
+    """ddp_spawn copies rank 0's final weights into the main process's model, which never saw the pruning
+    (hooks run in the workers only): reshape it from the incoming tensors' shapes first (no depthwise
+    or grouped convs in this net)."""
+    record = {}
+    for name, layer in module.named_modules():
+        weight = state_dict.get(f"{prefix}{name}.weight")
+        if weight is None:
+            continue
+        if isinstance(layer, torch.nn.Conv2d):
+            record[name] = {"type": "Conv2d", "in_channels": weight.shape[1], "out_channels": weight.shape[0], "groups": 1}
+        elif isinstance(layer, torch.nn.BatchNorm2d):
+            record[name] = {"type": "BatchNorm2d", "num_features": weight.shape[0]}
+        elif isinstance(layer, torch.nn.Linear):
+            record[name] = {"type": "Linear", "in_features": weight.shape[1], "out_features": weight.shape[0]}
+    restore_structure(module, record)
+
+
+class SaveState(pl.Callback):
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, GatePruningFromScratch))
+        state = {"gates": pruning.gates, "plan": pruning.plan, "weights": pl_module.state_dict()}
+        torch.save(state, Path(self.directory) / f"state_rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
+    trainer = make_trainer(
+        tmp_path,
+        [pruning, SaveState(str(tmp_path))],
+        max_epochs=1,
+        strategy="ddp_spawn",
+        devices=2,
+        logger=FileLogger(str(tmp_path)),
+        deterministic=False,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    model = ImageClassifier("vgg_small", in_channels=3, image_size=32, width=0.25)
+    model._register_load_state_dict_pre_hook(reshape_from_state_dict, with_module=True)
+    trainer.fit(model, DigitsDataModule(batch_size=32, image_size=32, channels=3))
+    rank0, rank1 = (torch.load(tmp_path / f"state_rank{r}.pt") for r in (0, 1))
+    for index in rank0["gates"]:
+        assert torch.equal(rank0["gates"][index], rank1["gates"][index])  # all-reduced gate gradients
+        assert torch.equal(rank0["plan"][index], rank1["plan"][index])
+    assert any((g < 1).any() for g in rank0["gates"].values())
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name  # DDP re-wrapped on the pruned parameters
+    for name, value in model.state_dict().items():  # the main process got rank 0's pruned network
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, rank0["weights"][name]), name
+    rows = [json.loads(line) for line in open(tmp_path / "log_rank0.jsonl")]
+    assert len([row for row in rows if "prune/flops_ratio" in row]) == 1
+    rank1_log = tmp_path / "log_rank1.jsonl"
+    assert not rank1_log.exists() or not any("prune/flops_ratio" in line for line in open(rank1_log))
