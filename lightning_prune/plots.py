@@ -4,7 +4,8 @@ the structure-correlation heat map.
 Every picture comes as a pair: ``<name>_figure(...)`` builds a :class:`matplotlib.figure.Figure`
 (for ``wandb.Image`` or further styling) and ``plot_<name>(..., path)`` writes it as a PNG and
 returns the path. Figures are drawn on matplotlib's Agg canvas without ``pyplot``, so no display and
-no global figure state are involved.
+no global figure state are involved; the constrained layout keeps long layer names inside the image
+(also when ``wandb.Image`` saves the figure itself).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ChannelRatios = Union[Mapping[str, float], Mapping[str, Mapping[str, float]]]
 
 
 def _figure(n_items: int, height: float = 3.6) -> Figure:
-    figure = Figure(figsize=(min(18.0, max(5.0, 0.32 * n_items + 2.0)), height), dpi=110)
+    figure = Figure(figsize=(min(18.0, max(5.0, 0.32 * n_items + 2.0)), height), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
 
@@ -116,7 +117,7 @@ def sensitivity_figure(
     title: str = "Sensitivity: each layer pruned alone",
 ) -> Figure:
     """One curve per layer: the metric when only that layer is pruned to each sparsity level."""
-    figure = Figure(figsize=(7.0, 4.4), dpi=110)
+    figure = Figure(figsize=(7.0, 4.4), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for layer, row in table.items():
@@ -150,7 +151,7 @@ def structure_correlation_figure(
     if values.ndim != 2 or values.shape[0] != values.shape[1] or values.shape[0] != len(labels):
         raise ValueError(f"`matrix` must be square with one row per label ({len(labels)}), got shape {values.shape}.")
     side = min(12.0, max(4.0, 0.55 * len(labels) + 2.0))
-    figure = Figure(figsize=(side + 1.0, side), dpi=110)
+    figure = Figure(figsize=(side + 1.0, side), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1)

@@ -158,3 +158,48 @@ def test_only_global_rank_zero_logs(tmp_path) -> None:
         trainer = SimpleNamespace(is_global_zero=rank_zero, loggers=[logger], global_step=5, current_epoch=0)
         log_pruning_event(trainer, report=sparsity_report(model), channel_ratios={"": 1.0}, flops_ratio=1.0)
         assert len(logger.experiment.metrics) == expected
+
+
+def test_gate_pruning_structure_read_back_from_wandb(tmp_path, trainer_factory) -> None:
+    from lightning_prune import GatePruningFromScratch
+    from lightning_prune.structure import layer_channel_ratios
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
+    callback = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
+    model = ImageClassifier("vgg_small", in_channels=1, image_size=8)
+    trainer = trainer_factory([callback], logger=wandb_logger, max_epochs=1, limit_train_batches=3, limit_val_batches=1)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    wandb_logger.experiment.finish()
+    run = latest_run(tmp_path)
+    (row,) = run.rows_with("prune/channel_ratios")
+    assert row["prune/flops_ratio"] == pytest.approx(callback.reached_flops_ratio) and row["prune/flops_ratio"] <= 0.5
+    expected = layer_channel_ratios(callback._groups, callback.plan)
+    table = run.table_rows("prune/channel_ratios")
+    assert [r["layer"] for r in table] == list(expected)
+    assert [r["channel_ratio"] for r in table] == pytest.approx(list(expected.values()))
+    kept = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    dense = {name: m.out_channels for name, m in ImageClassifier("vgg_small", in_channels=1, image_size=8).named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {r["layer"]: r["channel_ratio"] for r in table} == pytest.approx({name: kept[name] / dense[name] for name in expected})
+    assert sum(row["prune/hist/gates"]["values"]) == sum(dense[name] for name in expected)
+    assert run.file(row["prune/structure_chart"]).read_bytes()[:4] == b"\x89PNG"
+    assert run.chart("prune/structure")["fieldSettings"]["stroke"] == "label"
+
+
+def test_autoprune_events_read_back_from_wandb(tmp_path, trainer_factory) -> None:
+    from lightning_prune import AutoPruneCallback
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
+    callback = AutoPruneCallback(verbose=False)
+    model = ImageClassifier("lenet300100")
+    trainer = trainer_factory([callback], logger=wandb_logger, max_epochs=2, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(model, DigitsDataModule(batch_size=32, aux_fraction=0.5))
+    wandb_logger.experiment.finish()
+    run = latest_run(tmp_path)
+    rows = run.rows_with("prune/sparsity")
+    assert rows and all("prune/flops_ratio" in row for row in rows)
+    final = sparsity_report(model)
+    assert rows[-1]["prune/sparsity"] == pytest.approx(final.sparsity)
+    for layer in final.layers:
+        assert rows[-1][f"prune/sparsity/{layer.layer}"] == pytest.approx(layer.sparsity)
+        assert sum(rows[-1][f"prune/hist/aux/{layer.layer}"]["values"]) == layer.total
+    assert run.file(rows[-1]["prune/sparsity_chart"]).read_bytes()[:4] == b"\x89PNG"
