@@ -109,7 +109,8 @@ class FlopsPredictor:
     Let group ``g`` have ``n_g`` channels of which a plan keeps ``k_g``. Every FLOP-counting module
     ``m`` that a group touches costs
 
-        F_m(k) = u_m * A_m(k) * B_m(k),   A_m = a_m - sum_g alpha_mg (n_g - k_g),   B_m = b_m - sum_g beta_mg (n_g - k_g)
+        F_m(k) = u_m * A_m(k) * B_m(k),
+        A_m = a_m - sum_g alpha_mg (n_g - k_g),   B_m = b_m - sum_g beta_mg (n_g - k_g)
 
     For a Conv with ``groups=1`` or a Linear, ``a_m``/``b_m`` are its dense input/output widths; for a
     per-channel module (BatchNorm, depthwise conv, pooling) ``a_m`` is its channel count and

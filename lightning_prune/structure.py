@@ -143,7 +143,6 @@ class _Graph:
     """A torch-pruning ``DependencyGraph`` of a model plus the model names of its nodes."""
 
     def __init__(self, model: nn.Module, example_input: ExampleInput) -> None:
-        self.model = model
         self.modules = dict(model.named_modules())
         self.names = {module: name for name, module in self.modules.items()}
         self.order = {name: position for position, name in enumerate(self.modules)}
@@ -324,7 +323,9 @@ def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: Channe
     return masks
 
 
-def channel_norms(model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1") -> list[torch.Tensor]:
+def channel_norms(
+    model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1"
+) -> list[torch.Tensor]:
     """Per group, each channel's importance ``s_c = sum over out-layers l of ||W_l[c]||_p`` (p = 1 or 2),
     the norm of output channel ``c``'s weights (biases excluded). Float32 CPU tensors of length ``size``."""
     if norm not in ("l1", "l2"):
