@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch_pruning as tp
@@ -483,6 +483,38 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
         family = _layer_family(module)
         if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
             _resize(module, shape)
+
+
+def structure_from_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> StructureRecord:
+    """The :data:`StructureRecord` that a (pruned) ``state_dict`` implies for ``model``, read from the
+    weight (or running-mean) shapes; a depthwise conv stays depthwise. For state dicts that travel
+    without a record, e.g. Lightning's ``ddp_spawn`` copying the workers' weights back into the main
+    process's dense module. As a ``load_state_dict`` pre-hook (module-level, so that spawning pickles it)::
+
+        def reshape(module, state_dict, prefix, *_):
+            restore_structure(module, structure_from_state_dict(module, state_dict, prefix))
+
+        model.register_load_state_dict_pre_hook(reshape)
+    """
+    record = structure_record(model)
+    modules = dict(model.named_modules())
+    for name, shape in record.items():
+        module, key = modules[name], prefix + _qualified(name, "weight")
+        weight = state_dict.get(key, state_dict.get(prefix + _qualified(name, "running_mean")))
+        if weight is None:
+            continue
+        family = _layer_family(module)
+        if family == "conv":
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            groups = weight.shape[0] if depthwise else module.groups
+            shape.update(out_channels=weight.shape[0], in_channels=weight.shape[1] * groups, groups=groups)
+        elif family == "linear":
+            shape.update(out_features=weight.shape[0], in_features=weight.shape[1])
+        else:
+            shape.update(num_features=weight.shape[0])
+    return record
 
 
 def restore_structure_from_checkpoint(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import pickle
 
@@ -28,6 +27,7 @@ from lightning_prune.structure import (
     rebuild_training_state,
     restore_structure,
     restore_structure_from_checkpoint,
+    structure_from_state_dict,
     zeroed_channel_plan,
 )
 
@@ -275,6 +275,17 @@ def test_restore_structure_lets_the_pruned_state_dict_load_strictly():
         restore_structure(nn.Sequential(nn.Linear(2, 2)), record)
 
 
+@pytest.mark.parametrize("arch", ["mobilenetv2", "densenet"])
+def test_structure_from_state_dict_reads_the_record_off_the_weights(arch):
+    model, x = make(arch)
+    groups = find_channel_groups(model, x)
+    record = apply_plan(model, groups, random_plan(groups, seed=4), x)
+    fresh = make(arch)[0]
+    assert structure_from_state_dict(fresh, model.state_dict()) == record
+    prefixed = {f"net.{key}": value for key, value in model.state_dict().items()}
+    assert structure_from_state_dict(fresh, prefixed, prefix="net.") == record
+
+
 def test_restore_structure_from_checkpoint_with_a_prefix_for_a_bare_network(tmp_path):
     module = ImageClassifier("vgg_small", in_channels=3, image_size=8).eval()
     x = torch.randn(2, 3, 8, 8)
@@ -356,19 +367,15 @@ class PruneOnceAndCheckRanks(PruneOnce):
         assert torch.equal(gathered[0], gathered[1]), "ranks diverged: DDP did not reduce the new parameters"
 
 
-def restore_before_loading(record: dict, module: nn.Module, *hook_args) -> None:
+def restore_before_loading(module: nn.Module, state_dict: dict, prefix: str, *hook_args) -> None:
     """A load_state_dict pre-hook (a module-level function, so ddp_spawn can pickle it)."""
-    restore_structure(module, record)
+    restore_structure(module, structure_from_state_dict(module, state_dict, prefix))
 
 
 def test_plan_applied_under_ddp_rewraps_the_model(trainer_factory):
     module = ImageClassifier("vgg_small", lr=0.05, lr_schedule="multistep")
-    # ddp_spawn copies the workers' weights back into this (dense) process's module with
-    # load_state_dict, so this process must know the pruned structure beforehand.
-    shadow, x = copy.deepcopy(module), module.example_input_array
-    groups = find_channel_groups(shadow, x)
-    record = apply_plan(shadow, groups, {g.index: torch.arange(g.size // 2) for g in groups}, x)
-    module.register_load_state_dict_pre_hook(functools.partial(restore_before_loading, record))
+    # ddp_spawn copies the workers' weights back into this process's dense module with load_state_dict
+    module.register_load_state_dict_pre_hook(restore_before_loading)
     trainer = trainer_factory(
         [PruneOnceAndCheckRanks(epoch=1)],
         max_epochs=2,
