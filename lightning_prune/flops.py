@@ -117,9 +117,10 @@ class FlopsPredictor:
     ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
     (1, or ``H*W`` behind a flatten), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
     formulas are products of widths (conv: ``N*H_out*W_out*C_out*C_in*k_h*k_w``; BatchNorm in eval:
-    ``2*numel``). FLOPs outside those modules are taken as constant (true for models built of modules;
-    a functional call such as ``F.adaptive_avg_pool2d`` in a parent's ``forward`` would not scale). A prediction is two small integer
-    matrix-vector products, so it equals fvcore's recount of the physically pruned model.
+    ``2*numel``). FLOPs outside those modules are taken as constant (true for models built of
+    modules; a functional ``F.adaptive_avg_pool2d`` in a parent's ``forward`` would not scale). A
+    prediction is two small integer matrix-vector products, equal to fvcore's recount of the
+    physically pruned model.
 
     Args:
         model: the dense model the groups were found on.
