@@ -23,6 +23,10 @@ TINY = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--t
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs write to relative outputs/ folders
+    yield
+    import wandb
+
+    wandb.finish()  # a CLI run leaves its wandb run open (the process would end); a later WandbLogger would join it
 
 
 def printed_config(args: list[str], capsys, entry=main) -> str:
@@ -93,11 +97,12 @@ def test_out_of_range_sparsity_fails_at_parse_time(tmp_path, capsys) -> None:
 
 
 def test_sensitivity_cli_writes_csv_png_proposal_and_logs_to_wandb(tmp_path, capsys) -> None:
+    # an absolute save_dir: wandb's service process keeps the working directory of the first run in this process
     main(["fit", "--config", str(CONFIGS / "digits_dense.yaml"), "--trainer.max_epochs=3", "--trainer.enable_model_summary=false"])
     assert Path("outputs/digits_dense/checkpoints/last.ckpt").exists()
     args = [
         "--config", str(CONFIGS / "digits_sensitivity.yaml"), "--levels=[0.5, 0.9]", "--progress=false",
-        "--logger=pytorch_lightning.loggers.WandbLogger", "--logger.offline=true", "--logger.save_dir=wandb_out",
+        "--logger=pytorch_lightning.loggers.WandbLogger", "--logger.offline=true", f"--logger.save_dir={tmp_path / 'wandb_out'}",
         "--logger.project=lp-test",
     ]
     printed = printed_config(args, capsys, sensitivity_main)
@@ -114,7 +119,7 @@ def test_sensitivity_cli_writes_csv_png_proposal_and_logs_to_wandb(tmp_path, cap
     assert set(proposal["sparsity"]) == {"network.fc1", "network.fc2", "network.fc3"}
     assert set(proposal["sparsity"].values()) <= {0.0, 0.5, 0.9}
 
-    run = latest_run("wandb_out")
+    run = latest_run(tmp_path / "wandb_out")
     table = run.table_rows("sensitivity/table")
     assert [(r["layer"], r["sparsity"]) for r in table] == [(r["layer"], float(r["sparsity"])) for r in rows[1:]]
     assert [r["accuracy"] for r in table] == pytest.approx([float(r["accuracy"]) for r in rows[1:]])
