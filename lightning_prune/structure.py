@@ -549,11 +549,11 @@ def rebuild_training_state(trainer: "pl.Trainer") -> None:
     moments) starts afresh, as its tensors have the old shapes.
 
     Under DDP every rank must apply the same plan and then call this (wrapping is a collective)."""
-    from pytorch_lightning.strategies import DDPStrategy
     from torch.nn.parallel import DistributedDataParallel
 
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+    # duck-typed, so that the DDP strategies of both `pytorch_lightning` and `lightning.pytorch` match
+    if hasattr(strategy, "configure_ddp") and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = strategy.lightning_module
         strategy.configure_ddp()
     old_optimizers, old_schedulers = strategy.optimizers, strategy.lr_scheduler_configs

@@ -89,7 +89,6 @@ def test_bad_yaml_values_fail_at_parse_time_naming_the_key(tmp_path, capsys, ini
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="needs a restricted [0, 1) type hint on IterativeMagnitude.sparsity (see README)")
 def test_out_of_range_sparsity_fails_at_parse_time(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         build_cli(["--config", bad_config(tmp_path, sparsity=1.5)], run=False)

@@ -6,7 +6,11 @@ from typing import Any, Collection, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import restricted_number_type
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)], join="and")
+"""A float in [0, 1): as a type hint, LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
 def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:

@@ -6,20 +6,29 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import NonNegativeFloat
 from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_prune import criteria
-from lightning_prune.callbacks._shared import check_choice, check_fraction, check_keys, example_input, find_example_input
+from lightning_prune.callbacks._shared import (
+    Fraction,
+    check_choice,
+    check_fraction,
+    check_keys,
+    example_input,
+    find_example_input,
+)
 from lightning_prune.flops import FlopCount, count_flops
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, restore_structure_from_checkpoint
 from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, restore_structure_from_checkpoint
 from lightning_prune.targets import select_modules, weight_names
 
-PerLayer = Union[float, dict[str, float]]
+PerLayer = Union[Fraction, dict[str, Fraction]]
+Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
 
 
 class IterativeMagnitude(pl.Callback):
@@ -68,7 +77,7 @@ class IterativeMagnitude(pl.Callback):
         frequency: int = 1,
         scope: Literal["global", "layer"] = "global",
         criterion: Literal["magnitude", "sensitivity"] = "magnitude",
-        sensitivity: Optional[PerLayer] = None,
+        sensitivity: Optional[Sensitivity] = None,
         granularity: Literal["element", "channel"] = "element",
         channel_norm: Literal["l1", "l2"] = "l1",
         parameters: Optional[list[str]] = None,
