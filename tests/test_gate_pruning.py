@@ -279,6 +279,15 @@ def test_unreachable_target_raises_at_setup_before_any_change(trainer_factory) -
     _fit_raises(trainer_factory, GatePruningFromScratch(flops_ratio=1e-4, expansion=2.0), classifier(), "`flops_ratio`.*unreachable")
 
 
+def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
+    model = classifier()
+    before = snapshot(model)
+    trainer = trainer_factory([GatePruningFromScratch(budget_training=True)], max_epochs=-1, max_steps=3, **LIMITS)
+    with pytest.raises(ValueError, match="`budget_training=True`.*`max_epochs`"):
+        trainer.fit(model, digits())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_model_without_a_gateable_channel_raises(trainer_factory) -> None:
     model = ImageClassifier("lenet300100", in_channels=3, image_size=32, width=0.25)  # no BatchNorm anywhere
     _fit_raises(trainer_factory, GatePruningFromScratch(), model, "no prunable channel .*`gate_position`")

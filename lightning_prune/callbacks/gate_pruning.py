@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_prune.callbacks._shared import check_choice, example_input
@@ -221,7 +222,11 @@ class GatePruningFromScratch(pl.Callback):
             self._restore_width(pl_module)
             raise
         if self.gate_position == "conv":
-            normalised = [g.root for g in self._groups if any(m.kind == "channel" and "BatchNorm" in type(pl_module.get_submodule(m.module)).__name__ for m in g.members)]
+            normalised = [
+                group.root
+                for group in self._groups
+                if any(isinstance(pl_module.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
+            ]
             if normalised:
                 rank_zero_warn(
                     f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
@@ -276,7 +281,6 @@ class GatePruningFromScratch(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned:
             return
-        device = pl_module.device
         x = example_input(trainer, pl_module)
         started = time.perf_counter()
         try:
@@ -290,7 +294,6 @@ class GatePruningFromScratch(pl.Callback):
         apply_plan(pl_module, self._groups, found.plan, x)
         if self.init == "random":
             _reinitialise(pl_module, self._groups, found.plan)
-        pl_module.to(device)
         self._original = None
         self.pruned = True
         self.plan = {index: keep.cpu() for index, keep in found.plan.items()}
