@@ -72,6 +72,23 @@ def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.1) ->
     return _Indicator.apply(aux, ste, slope)
 
 
+def loss_signal(gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: bool = True) -> torch.Tensor:
+    r"""The loss part ``C`` of the auxiliary update, before normalisation.
+
+    ``gate_grad`` is ``∂L/∂h = Σ ∂L/∂T ⊙ W`` (summed over the weights an entry of ``M`` gates);
+    ``magnitude`` is ``‖w‖`` of those weights (``|w|``, or a channel's L2 norm). Correlation
+    consistency: ``C = ∂L/∂h / ‖w‖ = Σ ∂L/∂T ⊙ ∂‖w‖/∂w``, the rate at which the weights' own
+    loss-descent update would grow (−) or shrink (+) their magnitude, so ``m`` moves the way the
+    weights' magnitude would, whatever its size. Off: ``C = ∂L/∂h``, the literal chain rule (the
+    first-order loss change of switching the weights off, scaled by ``‖w‖``).
+    """
+    signal = gate_grad.float()
+    if not correlation:
+        return signal
+    magnitude = magnitude.float()
+    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), torch.zeros_like(signal))
+
+
 def auxiliary_gradient(
     gate_grad: torch.Tensor,
     aux: torch.Tensor,
@@ -82,35 +99,33 @@ def auxiliary_gradient(
     sensitivity: bool = True,
     correlation: bool = True,
     direction: bool = True,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
     r"""The update direction of one auxiliary tensor ``M`` (what its optimizer steps along).
 
-        ∂M = h̃'(M) ⊙ N(C) + reg · S(‖w‖) ⊙ D(M)
+        ∂M = h̃'(M) ⊙ C / s + reg · S(‖w‖) ⊙ D(M)
 
-    - ``gate_grad`` is ``∂L/∂h = Σ ∂L/∂T ⊙ W`` on a held-out batch (summed over the weights an
-      entry of ``M`` gates); the literal chain rule gives ``∂L/∂M = ∂L/∂h ⊙ h̃'(M)``.
-      ``magnitude`` is ``‖w‖`` of those weights (``|w|`` for one weight, a channel's L2 norm).
-    - Correlation consistency (``correlation``): ``C = ∂L/∂h / ‖w‖ = Σ ∂L/∂T ⊙ ∂‖w‖/∂w``, the rate
-      at which the weights' own loss-descent update would grow (−) or shrink (+) their magnitude,
-      so ``m`` moves the way the weights' magnitude would, whatever its size. Off: ``C = ∂L/∂h``
-      (the literal chain rule, scaled by ``‖w‖``).
-    - ``N(x) = x / mean|x|`` over the tensor: per-layer normalisation of the loss signal, taken
-      before the STE factor so that it does not grow as weights switch off; ``reg`` is relative
-      to it (without it the paper's ``reg`` switches every weight off on the digits data).
-    - The regulariser is R(M) = Σ h(M), the number of weights kept (‖T‖₀ of the pruned tensor).
+    - ``C``: the loss signal of :func:`loss_signal` (correlation consistency switches it); the
+      literal chain rule is ``∂L/∂M = ∂L/∂h ⊙ h̃'(M)``.
+    - ``s = scale``: the mean of |C| over *all* auxiliary tensors (one scale for the network, so
+      layers whose weights matter more keep more of them); ``None``: the mean over this tensor.
+      ``reg`` is relative to it: without normalising, the paper's ``reg`` switches every weight
+      off on the digits data. It is taken before the STE factor, so it does not drift as weights
+      switch off.
+    - The regulariser is R(M) = Σ h(M), the number of weights kept (‖T‖₀ of the pruned tensors).
       Direction consistency (``direction``): its gradient goes through the same STE as the loss,
       ``D(M) = h̃'(M)``, so below zero the pull is as weak as the loss's push back (a switched-off
       weight can return; with the linear STE this term changes nothing). Off: ``D = 1``
       (R = Σ m, a constant pull that drives switched-off entries ever lower).
-    - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)``, so an important,
-      large-magnitude weight is harder to switch off. Off: ``S = 1/2`` (its value at the mean).
+    - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)`` (mean over the
+      tensor), so an important, large-magnitude weight is harder to switch off. Off: ``S = 1/2``
+      (its value at the mean).
     """
-    signal = gate_grad.float()
-    magnitude = magnitude.float()
-    if correlation:
-        signal = torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), torch.zeros_like(signal))
-    signal = signal / signal.abs().mean().clamp_min(_EPS)
+    signal = loss_signal(gate_grad, magnitude, correlation)
+    scale = float(signal.abs().mean()) if scale is None else scale
+    signal = signal / max(scale, _EPS)
     derivative = ste_derivative(aux.float(), ste, slope)
+    magnitude = magnitude.float()
     pull = torch.full_like(signal, 0.5)
     if sensitivity:
         pull = 1.0 / (1.0 + magnitude / magnitude.mean().clamp_min(_EPS))
@@ -168,7 +183,7 @@ class AuxiliaryParameters:
         groups: Sequence[ChannelGroup] = (),
         ste: Ste = "leaky_relu",
         slope: float = 0.1,
-        init: float = 0.1,
+        init: float = 1.0,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
@@ -180,25 +195,24 @@ class AuxiliaryParameters:
         self._backward_ste: Ste = ste
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
         self.values: dict[str, torch.Tensor] = {}
-        self.magnitude_index: dict[str, list[tuple[str, str]]] = defaultdict(list)
         if granularity == "element":
             for name in modules:
                 weight = model.get_submodule(name).weight
                 self.values[name] = torch.full_like(weight.detach(), init)
                 self.targets[(name, "weight")].append(_Slice(name))
-                self.magnitude_index[name].append((name, "weight"))
         else:
             for group in groups:
                 key = group.root
-                self.values[key] = torch.full((group.size,), float(init), device=model.get_submodule(key).weight.device)
+                device = model.get_submodule(key).weight.device
+                self.values[key] = torch.full((group.size,), float(init), device=device)
                 for member in group.members:
                     module = model.get_submodule(member.module)
                     if member.kind == "in" or next(module.parameters(recurse=False), None) is None:
                         continue
                     for parameter, tensor in module.named_parameters(recurse=False):
                         if tensor is not None:
-                            self.targets[(member.module, parameter)].append(_Slice(key, member.positions, member.channels))
-                            self.magnitude_index[key].append((member.module, parameter))
+                            piece = _Slice(key, member.positions, member.channels)
+                            self.targets[(member.module, parameter)].append(piece)
         if not self.values:
             raise ValueError("Nothing to prune: no module (element) or channel group (channel) was given.")
         self._handles: list[Any] = []
@@ -236,9 +250,9 @@ class AuxiliaryParameters:
         for module_name, parameter in self.targets:
             module = self.model.get_submodule(module_name)
             parametrize.register_parametrization(module, parameter, _Gate(self, (module_name, parameter)))
-        for module_name in {module for module, _ in self.targets}:
+        for module_name in dict.fromkeys(name for name, _ in self.targets):
             module = self.model.get_submodule(module_name)
-            names = [parameter for module, parameter in self.targets if module == module_name]
+            names = [parameter for owner, parameter in self.targets if owner == module_name]
             self._handles.append(module.register_state_dict_post_hook(_plain_keys(self, module_name, names)))
             self._handles.append(module.register_load_state_dict_pre_hook(_parametrized_keys(names)))
 
@@ -314,9 +328,12 @@ class AuxiliaryParameters:
             raise RuntimeError("AuxiliaryParameters.step needs build_optimizer() first.")
         before = self.keep_masks()
         magnitudes = self.magnitudes()
+        correlation = consistency.get("correlation", True)
+        signals = [loss_signal(gate_grads[key], magnitudes[key], correlation).flatten() for key in self.values]
+        scale = float(torch.cat(signals).abs().mean())
         for key, value in self.values.items():
             value.grad = auxiliary_gradient(
-                gate_grads[key], value, magnitudes[key], reg, self.ste, self.slope, **consistency
+                gate_grads[key], value, magnitudes[key], reg, self.ste, self.slope, **consistency, scale=scale
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -350,7 +367,10 @@ class AuxiliaryParameters:
             raise ValueError(f"The checkpoint's auxiliary parameters do not match this model: {missing}.")
         for key, value in state["values"].items():
             if value.shape != self.values[key].shape:
-                raise ValueError(f"Auxiliary tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, {tuple(self.values[key].shape)} here.")
+                raise ValueError(
+                    f"Auxiliary tensor {key!r} has shape {tuple(value.shape)} in the checkpoint, "
+                    f"{tuple(self.values[key].shape)} here."
+                )
             self.values[key].copy_(value)
         for target, values in state["switched_off"].items():
             weight = self.original(tuple(target))

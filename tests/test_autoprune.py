@@ -19,6 +19,7 @@ from lightning_prune.models import LeNet5, LeNet300100
 from lightning_prune.structure import find_channel_groups
 
 FALLBACK = "learn from the training batches"
+FAST = dict(init=0.1, aux_lr=0.05, reg=2.0, verbose=False)  # prunes within the two or three epochs of a test
 
 
 # ---------------------------------------------------------------------- core: indicator and STEs
@@ -52,6 +53,9 @@ def test_auxiliary_gradient_terms():
     corr = auxiliary_gradient(gate_grad, aux, magnitude, 0.0, "linear", **{**plain, "correlation": True})
     expected = torch.tensor([1.0, -1.0, 4.0, -0.75])
     assert corr.tolist() == pytest.approx((expected / expected.abs().mean()).tolist())
+    # one normaliser for all tensors (the core passes the mean over the network)
+    shared = auxiliary_gradient(gate_grad, aux, magnitude, 0.0, "linear", scale=4.0, **plain)
+    assert shared.tolist() == pytest.approx((gate_grad / 4.0).tolist())
     # the pull alone: constant 1/2, weighted by 1 / (1 + |w|/mean|w|) with sensitivity, by h̃'(m) with direction
     zero = torch.zeros(4)
     assert auxiliary_gradient(zero, aux, magnitude, 1.0, **plain).tolist() == pytest.approx([0.5] * 4)
@@ -193,7 +197,7 @@ def _fit(trainer_factory, callback, data, arch="lenet300100", **kwargs):
 
 @pytest.mark.parametrize("ste", ["linear", "leaky_relu", "softplus"])
 def test_each_ste_prunes_and_makes_masks_permanent(trainer_factory, ste):
-    callback = AutoPruneCallback(ste=ste, reg=2.0, aux_lr=0.05, verbose=False)
+    callback = AutoPruneCallback(ste=ste, **FAST)
     model, trainer = _fit(trainer_factory, callback, DigitsDataModule(aux_fraction=0.5), max_epochs=3)
     report = sparsity_report(model)
     assert 0.3 < report.sparsity < 1.0
@@ -212,7 +216,8 @@ def test_bilevel_uses_the_held_out_split_and_the_fallback_warns(trainer_factory)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        _fit(trainer_factory, AutoPruneCallback(aux_dataloader=loader, verbose=False), data, max_epochs=2, limit_val_batches=0)
+        callback = AutoPruneCallback(aux_dataloader=loader, end_epoch=1, verbose=False)
+        _fit(trainer_factory, callback, data, max_epochs=2, limit_val_batches=0)
     assert loader.batches == 2 * len(data.train_dataloader())  # one held-out batch per optimizer step
 
     callback = AutoPruneCallback(verbose=False)
@@ -226,7 +231,7 @@ def test_bilevel_uses_the_held_out_split_and_the_fallback_warns(trainer_factory)
 
 
 def test_channel_granularity_removes_channels_physically(trainer_factory):
-    callback = AutoPruneCallback(granularity="channel", physical=True, reg=3.0, aux_lr=0.1, verbose=False)
+    callback = AutoPruneCallback(granularity="channel", physical=True, **{**FAST, "reg": 3.0, "aux_lr": 0.1})
     model, _ = _fit(trainer_factory, callback, DigitsDataModule(aux_fraction=0.5), arch="lenet5", max_epochs=3)
     convs = [m for m in model.network.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.network.classifier if isinstance(m, nn.Linear)]
@@ -238,7 +243,7 @@ def test_channel_granularity_removes_channels_physically(trainer_factory):
 
 def test_logs_sparsity_flops_revivals_per_epoch(tmp_path, trainer_factory):
     logger = CSVLogger(str(tmp_path), name="log")
-    _fit(trainer_factory, AutoPruneCallback(reg=2.0, verbose=False), DigitsDataModule(aux_fraction=0.5), max_epochs=2, logger=logger)
+    _fit(trainer_factory, AutoPruneCallback(**FAST), DigitsDataModule(aux_fraction=0.5), max_epochs=2, logger=logger)
     with open(logger.log_dir + "/metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("prune/sparsity")]
     assert len(rows) == 3  # two epochs and the end of fit
@@ -264,7 +269,7 @@ def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_fa
         pl.seed_everything(0)
         model = ImageClassifier("lenet300100")
         trainer = trainer_factory(
-            [AutoPruneCallback(reg=2.0, verbose=False), *callbacks],
+            [AutoPruneCallback(**FAST), *callbacks],
             max_epochs=3, reload_dataloaders_every_n_epochs=1, enable_checkpointing=bool(callbacks),
         )
         trainer.fit(model, DigitsDataModule(aux_fraction=0.5), ckpt_path=ckpt_path)
