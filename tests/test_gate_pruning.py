@@ -324,3 +324,25 @@ def test_resume_reshapes_any_lightning_module(tmp_path, trainer_factory) -> None
     trainer.fit(resumed, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert {k: v.shape for k, v in resumed.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert trainer.global_step == 12 and "on_load_checkpoint" not in vars(resumed)
+
+
+def test_wandb_gets_gate_metrics_and_the_structure_table(tmp_path, trainer_factory) -> None:
+    from pytorch_lightning.loggers import WandbLogger
+    from wandb_reader import latest_run
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, verbose=False)
+    trainer = trainer_factory([pruning], max_epochs=1, logger=wandb_logger, log_every_n_steps=3, **LIMITS)
+    trainer.fit(classifier(), digits())
+    wandb_logger.experiment.finish()
+    run = latest_run(tmp_path)
+    assert run.values("gate/step") == [3, 6, 6, 9, 12, 12]  # every 3rd step, plus one validation per gate epoch
+    assert len(run.values("gate/val_acc")) == 2 and len(run.values("gate/loss")) == 4
+    (row,) = run.rows_with("prune/channel_ratios")
+    assert row["prune/flops_ratio"] == pytest.approx(pruning.reached_flops_ratio)
+    assert row["prune/params_ratio"] < 1 and row["prune/threshold"] == pytest.approx(pruning.threshold)
+    assert sum(row["prune/hist/gates"]["values"]) == sum(len(g) for g in pruning.gates.values())
+    table = run.table_rows("prune/channel_ratios")
+    expected = {r["layer"]: r["channel_ratio"] for r in table}
+    for group in pruning._groups:
+        assert expected[group.root] == pytest.approx(len(pruning.plan[group.index]) / group.size)
