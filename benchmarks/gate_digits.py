@@ -162,10 +162,11 @@ def main() -> None:
 
     print(f"\n{args.arch} width {args.width}, digits 32x32, {args.epochs} training epochs, gate phase "
           f"{args.gate_epochs} epochs, {args.seeds} seeds (mean ± std)")
-    print(f"{'method':<16} {'test acc (%)':>14} {'FLOPs (MACs) ratio':>20}")
+    print(f"{'method':<16} {'test acc (%)':>14} {'FLOPs (MACs) ratio':>20}   per-seed acc (%)")
     names = ["dense"] + [f"{m}@{r}" for r in args.ratios for m in ("gates", "uniform", "l1-norm")]
     for name in names:
-        print(f"{name:<16} {fmt(results[f'{name} acc'], 100):>14} {fmt(results[f'{name} flops'], 1, 3):>20}")
+        seeds = " ".join(f"{100 * v:.2f}" for v in results[f"{name} acc"])
+        print(f"{name:<16} {fmt(results[f'{name} acc'], 100):>14} {fmt(results[f'{name} flops'], 1, 3):>20}   {seeds}")
     slimming = results["slimming pre-train s"]
     for ratio in args.ratios:
         gate = results[f"gates@{ratio} gate phase s"]
