@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.models import ARCHITECTURES, build_network
-from lightning_prune.structure import restore_structure_from_checkpoint
+from lightning_prune.structure import restore_structure, structure_from_state_dict
 
 Architecture = Literal[
     "lenet300100", "lenet5", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "mobilenetv2", "resnet50"
@@ -65,16 +65,13 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.register_load_state_dict_pre_hook(_reshape_to_state_dict)
 
     def set_width(self, width: float) -> None:
         """Rebuild the network at another channel multiplier (the channel-expansion hook)."""
         hp = self.hparams
         self.width = width
         self.network = build_network(hp.arch, hp.num_classes, hp.in_channels, hp.image_size, width).to(self.device)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Reshape a channel-pruned network to its saved structure before the state dict loads."""
-        restore_structure_from_checkpoint(self, checkpoint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -115,3 +112,13 @@ class ImageClassifier(pl.LightningModule):
             milestones = [max(1, epochs // 2), max(1, (3 * epochs) // 4)]
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _reshape_to_state_dict(module: "ImageClassifier", state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook: give a channel-pruned network the shapes of the incoming tensors first.
+
+    So a pruned ``state_dict`` loads into a fresh ``ImageClassifier`` everywhere it is loaded:
+    ``load_from_checkpoint``, a resumed ``fit``, and ``ddp_spawn`` copying rank 0's weights back into
+    the main process (which never saw the pruning). Module-level, so that spawning pickles it.
+    """
+    restore_structure(module, structure_from_state_dict(module, state_dict, prefix))

@@ -10,28 +10,9 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
-from lightning_prune.structure import restore_structure
 
 from conftest import make_trainer
 from test_magnitude_ddp import FileLogger
-
-
-def reshape_from_state_dict(module, state_dict, prefix, *args) -> None:
-    """ddp_spawn copies rank 0's final weights into the main process's model, which never saw the pruning
-    (hooks run in the workers only): reshape it from the incoming tensors' shapes first (no depthwise
-    or grouped convs in this net)."""
-    record = {}
-    for name, layer in module.named_modules():
-        weight = state_dict.get(f"{prefix}{name}.weight")
-        if weight is None:
-            continue
-        if isinstance(layer, torch.nn.Conv2d):
-            record[name] = {"type": "Conv2d", "in_channels": weight.shape[1], "out_channels": weight.shape[0], "groups": 1}
-        elif isinstance(layer, torch.nn.BatchNorm2d):
-            record[name] = {"type": "BatchNorm2d", "num_features": weight.shape[0]}
-        elif isinstance(layer, torch.nn.Linear):
-            record[name] = {"type": "Linear", "in_features": weight.shape[1], "out_features": weight.shape[0]}
-    restore_structure(module, record)
 
 
 class SaveState(pl.Callback):
@@ -59,7 +40,6 @@ def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
         num_sanity_val_steps=0,
     )
     model = ImageClassifier("vgg_small", in_channels=3, image_size=32, width=0.25)
-    model._register_load_state_dict_pre_hook(reshape_from_state_dict, with_module=True)
     trainer.fit(model, DigitsDataModule(batch_size=32, image_size=32, channels=3))
     rank0, rank1 = (torch.load(tmp_path / f"state_rank{r}.pt") for r in (0, 1))
     for index in rank0["gates"]:
@@ -68,7 +48,8 @@ def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
     assert any((g < 1).any() for g in rank0["gates"].values())
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name  # DDP re-wrapped on the pruned parameters
-    for name, value in model.state_dict().items():  # the main process got rank 0's pruned network
+    # ImageClassifier reshapes itself to the incoming tensors, so the main process gets rank 0's pruned network
+    for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, rank0["weights"][name]), name
     rows = [json.loads(line) for line in open(tmp_path / "log_rank0.jsonl")]

@@ -91,6 +91,9 @@ def test_a_pruned_checkpoint_rebuilds_with_and_without_lightning(tmp_path):
     expected = model(x)
     loaded = ImageClassifier.load_from_checkpoint(path).eval()
     assert torch.allclose(loaded(x), expected, atol=1e-6)
+    direct = resnet()
+    direct.load_state_dict(model.state_dict())  # ImageClassifier reshapes itself to a pruned state dict
+    assert torch.allclose(direct.eval()(x), expected, atol=1e-6)
     plain = resnet()
     checkpoint = torch.load(path, weights_only=False)
     assert restore_structure_from_checkpoint(plain, checkpoint)

@@ -24,7 +24,7 @@ from lightning_prune.loggers import log_pruning_event
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, restore_structure_from_checkpoint
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules, weight_names
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
@@ -158,8 +158,6 @@ class IterativeMagnitude(pl.Callback):
         if stage != "fit":
             return
         self.schedule = PruningSchedule(self.schedule_kind, self.start_epoch, self._resolve_end_epoch(trainer), self.frequency)
-        if trainer.ckpt_path:
-            restore_structure_from_checkpoint(pl_module, trainer.ckpt_path)
         modules = select_modules(pl_module, self.parameters, self.exclude)
         self.layers = list(modules)
         for name, value in (("sparsity", self.sparsity), ("sensitivity", self.sensitivity)):
