@@ -1,0 +1,52 @@
+"""Under DDP (2 CPU processes, gloo) every rank holds identical auxiliary parameters `M`, and logs once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier
+
+from conftest import make_trainer
+from test_magnitude_ddp import FileLogger
+
+
+class SaveAuxiliary(pl.Callback):
+    """Before the masks are made permanent: each rank's `M` and weights."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module):
+        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, AutoPruneCallback))
+        state = {"aux": pruning.aux.state_dict()["values"], "weights": pl_module.state_dict()}
+        torch.save(state, Path(self.directory) / f"aux_rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_hold_identical_auxiliary_parameters_and_log_once(tmp_path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        [AutoPruneCallback(verbose=False), SaveAuxiliary(str(tmp_path))],
+        max_epochs=2,
+        strategy="ddp_spawn",
+        devices=2,
+        logger=FileLogger(str(tmp_path)),
+        deterministic=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule(aux_fraction=0.5))
+    rank0, rank1 = (torch.load(tmp_path / f"aux_rank{r}.pt") for r in (0, 1))
+    assert rank0["aux"].keys() == rank1["aux"].keys() and rank0["aux"]
+    for name, value in rank0["aux"].items():
+        assert torch.equal(value, rank1["aux"][name]), name  # M's gradients are averaged over ranks
+    assert any((value <= 0).any() for value in rank0["aux"].values())  # something was switched off
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name
+    rows = [json.loads(line) for line in open(tmp_path / "log_rank0.jsonl")]
+    assert any("prune/sparsity" in row for row in rows)
+    rank1_log = tmp_path / "log_rank1.jsonl"
+    assert not rank1_log.exists() or not any("prune/sparsity" in line for line in open(rank1_log))
