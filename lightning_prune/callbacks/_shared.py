@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Collection, Mapping, Optional, Union
 
 import pytorch_lightning as pl
@@ -18,12 +19,23 @@ def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
 
 
-def check_fraction(name: str, value: Union[float, Mapping[str, float]], low: float = 0.0, high: float = 1.0) -> None:
-    """``value`` (or every value of a mapping) must lie in [low, high)."""
+def check_range(
+    name: str,
+    value: Union[float, Mapping[str, float]],
+    low: float = 0.0,
+    high: float = 1.0,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> None:
+    """``value`` (or every value of a mapping) must be a number in the interval from ``low`` to ``high``
+    (default [0, 1)); ``low_open``/``high_open`` exclude an end. The error names the argument."""
     values = value.values() if isinstance(value, Mapping) else [value]
     for item in values:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not low <= item < high:
-            raise ValueError(f"`{name}` must be in [{low}, {high}), got {value!r}.")
+        number = not isinstance(item, bool) and isinstance(item, (int, float)) and not math.isnan(item)
+        if not (number and (item > low if low_open else item >= low) and (item < high if high_open else item <= high)):
+            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
 
 
 def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) -> None:

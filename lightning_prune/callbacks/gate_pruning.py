@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
-from lightning_prune.callbacks._shared import check_choice, example_input
+from lightning_prune.callbacks._shared import check_choice, check_range, example_input
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
 from lightning_prune.gates import (
     GATE_POSITIONS,
@@ -39,17 +39,6 @@ from lightning_prune.structure import (
     restore_structure_from_checkpoint,
     structure_record,
 )
-
-
-def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    """``value`` must be a number in the interval (``low_open``/``high_open`` exclude the ends)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        ok = False
-    else:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
 
 
 class GatePruningFromScratch(pl.Callback):
@@ -134,12 +123,12 @@ class GatePruningFromScratch(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        _check_range("flops_ratio", flops_ratio, 0.0, 1.0, low_open=True, high_open=False)
-        _check_range("gate_ratio", gate_ratio, 0.0, 1.0, low_open=True, high_open=True)
-        _check_range("gamma", gamma, 0.0, math.inf, low_open=False, high_open=True)
-        _check_range("l1", l1, 0.0, math.inf, low_open=False, high_open=True)
-        _check_range("gate_lr", gate_lr, 0.0, math.inf, low_open=True, high_open=True)
-        _check_range("expansion", expansion, 1.0, math.inf, low_open=False, high_open=True)
+        check_range("flops_ratio", flops_ratio, 0.0, 1.0, low_open=True, high_open=False)
+        check_range("gate_ratio", gate_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        check_range("gamma", gamma, 0.0, math.inf, low_open=False, high_open=True)
+        check_range("l1", l1, 0.0, math.inf, low_open=False, high_open=True)
+        check_range("gate_lr", gate_lr, 0.0, math.inf, low_open=True, high_open=True)
+        check_range("expansion", expansion, 1.0, math.inf, low_open=False, high_open=True)
         if isinstance(gate_epochs, bool) or not isinstance(gate_epochs, int) or gate_epochs < 0:
             raise ValueError(f"`gate_epochs` must be a non-negative integer, got {gate_epochs!r}.")
         if gate_val_every is not None and (isinstance(gate_val_every, bool) or not isinstance(gate_val_every, int) or gate_val_every < 1):

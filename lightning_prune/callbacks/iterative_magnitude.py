@@ -14,7 +14,7 @@ from lightning_prune import criteria
 from lightning_prune.callbacks._shared import (
     Fraction,
     check_choice,
-    check_fraction,
+    check_range,
     check_keys,
     example_input,
     find_example_input,
@@ -89,7 +89,7 @@ class IterativeMagnitude(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        check_fraction("sparsity", sparsity)
+        check_range("sparsity", sparsity)
         check_choice("schedule", schedule, SCHEDULES)
         check_choice("scope", scope, ("global", "layer"))
         check_choice("criterion", criterion, ("magnitude", "sensitivity"))
@@ -100,7 +100,7 @@ class IterativeMagnitude(pl.Callback):
         if criterion == "sensitivity":
             if sensitivity is None:
                 raise ValueError("`criterion`='sensitivity' needs `sensitivity` (s of the threshold λ = s·σ), got None.")
-            check_fraction("sensitivity", sensitivity, 0.0, float("inf"))
+            check_range("sensitivity", sensitivity, 0.0, float("inf"))
             if granularity != "element":
                 raise ValueError(f"`criterion`='sensitivity' thresholds single weights: `granularity` must be 'element', got {granularity!r}.")
         elif sensitivity is not None:
