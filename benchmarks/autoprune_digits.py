@@ -5,14 +5,18 @@
 For each network and seed, with the same epoch budget:
 
 - dense: plain training on the whole training split;
+- dense (W's half): plain training on the half of the training split that W sees in the bi-level
+  runs (``DigitsDataModule(aux_fraction=0.5)`` without the callback), which separates the cost of
+  the split from the cost of pruning: "Δ vs half" compares with it;
 - AutoPrune (bi-level): ``AutoPruneCallback()`` with default arguments on ``DigitsDataModule(aux_fraction=0.5)``
   (the paper's 1:1 split: W learns on one half, M on the other);
 - AutoPrune (train batches): the same callback without an auxiliary split, so W learns on all
   training data and M on the same batches (the callback warns about it);
 - AGP: ``IterativeMagnitude(schedule="agp")`` on the whole training split, at the sparsity the
-  bi-level AutoPrune run of that seed reached;
-- ablations of the bi-level run: each consistency term off, the other two STEs, and the paper's
-  literal ``reg=5e-2``.
+  bi-level AutoPrune run of that seed reached; "half": the same on W's half of the split (the
+  data the bi-level AutoPrune run trains W on);
+- ablations of the bi-level run: each consistency term off, the leaky-ReLU STE's former default
+  slope 0.1, the other two STEs, and the paper's literal ``reg=5e-2``.
 
 Compression = total / non-zero weights of the Conv/Linear layers; FLOPs kept = non-zero
 multiply-adds / dense (fvcore's per-layer counts, one multiply-add = one FLOP, times each layer's
@@ -40,6 +44,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "- sensitivity": {"sensitivity": False},
     "- correlation": {"correlation": False},
     "- direction": {"direction": False},
+    "ste_slope=0.1": {"ste_slope": 0.1},
     "ste=linear": {"ste": "linear"},
     "ste=softplus": {"ste": "softplus"},
     "paper reg=5e-2": {"reg": 5e-2},
@@ -84,25 +89,34 @@ def main() -> None:
         rows: dict[str, list[dict[str, float]]] = {}
         for seed in range(args.seeds):
             rows.setdefault("dense", []).append(run(arch, seed, args.epochs, None))
+            rows.setdefault("dense (W's half)", []).append(run(arch, seed, args.epochs, None, aux_fraction=0.5))
             bilevel = run(arch, seed, args.epochs, AutoPruneCallback(verbose=False), aux_fraction=0.5)
             rows.setdefault("AutoPrune (bi-level)", []).append(bilevel)
             rows.setdefault("AutoPrune (train batches)", []).append(run(arch, seed, args.epochs, AutoPruneCallback(verbose=False)))
-            agp = IterativeMagnitude(sparsity=round(bilevel["sparsity"], 4), schedule="agp", verbose=False)
-            rows.setdefault("AGP, same sparsity", []).append(run(arch, seed, args.epochs, agp))
+            for name, fraction in (("AGP, same sparsity", 0.0), ("AGP, same sparsity, half", 0.5)):
+                agp = IterativeMagnitude(sparsity=round(bilevel["sparsity"], 4), schedule="agp", verbose=False)
+                rows.setdefault(name, []).append(run(arch, seed, args.epochs, agp, aux_fraction=fraction))
             if not args.no_ablation:
                 for name, kwargs in ABLATIONS.items():
                     callback = AutoPruneCallback(verbose=False, **kwargs)
                     rows.setdefault(f"AutoPrune {name}", []).append(run(arch, seed, args.epochs, callback, aux_fraction=0.5))
         dense = statistics.mean(r["accuracy"] for r in rows["dense"])
+        half = statistics.mean(r["accuracy"] for r in rows["dense (W's half)"])
         print(f"\n{arch} on digits, {args.epochs} epochs, {args.seeds} seeds (mean ± std)")
-        print(f"| {'run':<28} | {'test accuracy %':>15} | {'Δ vs dense':>10} | {'compression':>14} | {'FLOPs kept %':>13} |")
-        print(f"|{'-' * 30}|{'-' * 17}:|{'-' * 11}:|{'-' * 15}:|{'-' * 14}:|")
+        print(
+            f"| {'run':<28} | {'test accuracy %':>15} | {'Δ vs dense':>10} | {'Δ vs half':>9} | {'compression':>14} "
+            f"| {'FLOPs kept %':>13} |"
+        )
+        print(f"|{'-' * 30}|{'-' * 16}:|{'-' * 11}:|{'-' * 10}:|{'-' * 15}:|{'-' * 14}:|")
         for name, results in rows.items():
             accuracy = [r["accuracy"] for r in results]
             compression = mean_std([r["compression"] for r in results], 1) + "x"
             flops = mean_std([r["flops"] for r in results], 1)
-            delta = statistics.mean(accuracy) - dense
-            print(f"| {name:<28} | {mean_std(accuracy):>15} | {delta:>+10.2f} | {compression:>14} | {flops:>13} |")
+            delta, delta_half = statistics.mean(accuracy) - dense, statistics.mean(accuracy) - half
+            print(
+                f"| {name:<28} | {mean_std(accuracy):>15} | {delta:>+10.2f} | {delta_half:>+9.2f} | {compression:>14} "
+                f"| {flops:>13} |"
+            )
 
 
 if __name__ == "__main__":
