@@ -39,7 +39,7 @@ AUX_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 _EPS = 1e-12
 
 
-def ste_derivative(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.1) -> torch.Tensor:
+def ste_derivative(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) -> torch.Tensor:
     r"""The straight-through estimate h̃'(m) of the indicator's derivative.
 
     ``"linear"``: 1 (identity STE); ``"leaky_relu"``: 1 for m > 0, ``slope`` for m ≤ 0;
@@ -67,7 +67,7 @@ class _Indicator(torch.autograd.Function):
         return grad * ste_derivative(aux, ctx.ste, ctx.slope), None, None
 
 
-def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.1) -> torch.Tensor:
+def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) -> torch.Tensor:
     r"""h(m) = 1[m > 0] in the forward pass; the straight-through estimate h̃'(m) in the backward pass."""
     return _Indicator.apply(aux, ste, slope)
 
@@ -95,7 +95,7 @@ def auxiliary_gradient(
     magnitude: torch.Tensor,
     reg: float,
     ste: Ste = "leaky_relu",
-    slope: float = 0.1,
+    slope: float = 0.5,
     sensitivity: bool = True,
     correlation: bool = True,
     direction: bool = True,
@@ -182,7 +182,7 @@ class AuxiliaryParameters:
         granularity: Granularity = "element",
         groups: Sequence[ChannelGroup] = (),
         ste: Ste = "leaky_relu",
-        slope: float = 0.1,
+        slope: float = 0.5,
         init: float = 1.0,
     ) -> None:
         if granularity not in GRANULARITIES:
