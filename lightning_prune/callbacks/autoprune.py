@@ -13,7 +13,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AUX_OPTIMIZERS, GRANULARITIES, STES, AuxiliaryParameters, AuxOptimizer, Granularity, Ste
-from lightning_prune.callbacks._shared import check_choice, example_input
+from lightning_prune.callbacks._shared import check_choice, check_range, example_input
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import SparsityReport, sparsity_report
 from lightning_prune.targets import select_modules
@@ -98,11 +98,9 @@ class AutoPruneCallback(pl.Callback):
     ) -> None:
         super().__init__()
         for name, value in (("aux_lr", aux_lr), ("init", init)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+            check_range(name, value, 0.0, math.inf, low_open=True)
         for name, value in (("reg", reg), ("ste_slope", ste_slope)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+            check_range(name, value, 0.0, math.inf)
         check_choice("ste", ste, STES)
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("aux_optimizer", aux_optimizer, AUX_OPTIMIZERS)
