@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -10,8 +9,7 @@ import torch
 
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier
 
-from conftest import make_trainer
-from test_magnitude_ddp import FileLogger
+from ddp_support import ddp_trainer, logged_rows
 
 
 class SaveAuxiliary(pl.Callback):
@@ -27,14 +25,10 @@ class SaveAuxiliary(pl.Callback):
 
 
 def test_ddp_ranks_hold_identical_auxiliary_parameters_and_log_once(tmp_path) -> None:
-    trainer = make_trainer(
+    trainer = ddp_trainer(
         tmp_path,
         [AutoPruneCallback(verbose=False), SaveAuxiliary(str(tmp_path))],
         max_epochs=2,
-        strategy="ddp_spawn",
-        devices=2,
-        logger=FileLogger(str(tmp_path)),
-        deterministic=False,
         limit_val_batches=2,
         num_sanity_val_steps=0,
     )
@@ -46,7 +40,5 @@ def test_ddp_ranks_hold_identical_auxiliary_parameters_and_log_once(tmp_path) ->
     assert any((value <= 0).any() for value in rank0["aux"].values())  # something was switched off
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name
-    rows = [json.loads(line) for line in open(tmp_path / "log_rank0.jsonl")]
-    assert any("prune/sparsity" in row for row in rows)
-    rank1_log = tmp_path / "log_rank1.jsonl"
-    assert not rank1_log.exists() or not any("prune/sparsity" in line for line in open(rank1_log))
+    assert any("prune/sparsity" in row for row in logged_rows(tmp_path, 0))
+    assert not any("prune/sparsity" in row for row in logged_rows(tmp_path, 1))

@@ -3,7 +3,6 @@ trains identical weights, and the structure is logged once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -11,8 +10,7 @@ import torch
 
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 
-from conftest import make_trainer
-from test_magnitude_ddp import FileLogger
+from ddp_support import ddp_trainer, logged_rows
 
 
 class SaveState(pl.Callback):
@@ -27,14 +25,10 @@ class SaveState(pl.Callback):
 
 def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
-    trainer = make_trainer(
+    trainer = ddp_trainer(
         tmp_path,
         [pruning, SaveState(str(tmp_path))],
         max_epochs=1,
-        strategy="ddp_spawn",
-        devices=2,
-        logger=FileLogger(str(tmp_path)),
-        deterministic=False,
         limit_train_batches=4,
         limit_val_batches=2,
         num_sanity_val_steps=0,
@@ -52,7 +46,5 @@ def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
     for name, value in model.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, rank0["weights"][name]), name
-    rows = [json.loads(line) for line in open(tmp_path / "log_rank0.jsonl")]
-    assert len([row for row in rows if "prune/flops_ratio" in row]) == 1
-    rank1_log = tmp_path / "log_rank1.jsonl"
-    assert not rank1_log.exists() or not any("prune/flops_ratio" in line for line in open(rank1_log))
+    assert len([row for row in logged_rows(tmp_path, 0) if "prune/flops_ratio" in row]) == 1
+    assert not any("prune/flops_ratio" in row for row in logged_rows(tmp_path, 1))
