@@ -9,13 +9,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AUX_OPTIMIZERS, GRANULARITIES, STES, AuxiliaryParameters, AuxOptimizer, Granularity, Ste
-from lightning_prune.callbacks._shared import check_choice, check_range, example_input
+from lightning_prune.callbacks._shared import check_choice, check_range, example_input, find_example_input
+from lightning_prune.flops import FlopCount, FlopsPredictor, count_flops
 from lightning_prune.loggers import log_pruning_event
-from lightning_prune.report import SparsityReport, sparsity_report
+from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
+from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
 from lightning_prune.targets import select_modules
 
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
@@ -133,7 +134,7 @@ class AutoPruneCallback(pl.Callback):
         self.revived = 0
         self.switched_off = 0
         self.dense_flops: Optional[int] = None
-        self.layer_flops: dict[str, int] = {}
+        self.flop_count: Optional[FlopCount] = None
         self.flops_predictor: Optional[Any] = None
         self.groups: list[Any] = []
         self.structure: Optional[dict[str, Any]] = None
@@ -154,11 +155,9 @@ class AutoPruneCallback(pl.Callback):
         modules = select_modules(pl_module, self.parameters, self.exclude)
         self.layers = list(modules)
         self.source = self._resolve_source(trainer, pl_module)
-        inputs = self._example_input(trainer, pl_module)
+        # element granularity works without an example input (FLOPs are then not logged); channels need one
+        inputs = example_input(trainer, pl_module) if self.granularity == "channel" else find_example_input(trainer, pl_module)
         if self.granularity == "channel":
-            from lightning_prune.flops import FlopsPredictor
-            from lightning_prune.structure import find_channel_groups
-
             found = find_channel_groups(pl_module, inputs)
             self.groups = [group for group in found if any(layer in modules for layer in group.layers)]
             if not self.groups:
@@ -169,11 +168,8 @@ class AutoPruneCallback(pl.Callback):
             self.flops_predictor = FlopsPredictor(pl_module, inputs, found)
             self.dense_flops = self.flops_predictor.dense
         elif inputs is not None:
-            from lightning_prune.flops import count_flops
-
-            count = count_flops(pl_module, inputs)
-            self.dense_flops = count.total
-            self.layer_flops = {name: count.by_module.get(name, 0) for name in self.layers}
+            self.flop_count = count_flops(pl_module, inputs)
+            self.dense_flops = self.flop_count.total
         self.aux = AuxiliaryParameters(
             pl_module, self.layers, self.granularity, self.groups, self.ste, self.ste_slope, self.init
         )
@@ -192,14 +188,6 @@ class AutoPruneCallback(pl.Callback):
             "the DataModule a held-out split (e.g. `DigitsDataModule(aux_fraction=0.5)`)."
         )
         return "train"
-
-    def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[torch.Tensor]:
-        try:
-            return example_input(trainer, pl_module)
-        except MisconfigurationException:
-            if self.granularity == "channel":
-                raise
-            return None  # element granularity works without one; FLOPs are then not logged
 
     # ------------------------------------------------------------------ fit start
     @override
@@ -309,9 +297,7 @@ class AutoPruneCallback(pl.Callback):
             return None
         if self.granularity == "channel":
             return self.flops_predictor.predict(self._plan()) / self.dense_flops
-        density = {row.layer: row.nonzero / row.total for row in report.layers if row.total}
-        removed = sum(flops * (1.0 - density.get(name, 1.0)) for name, flops in self.layer_flops.items())
-        return (self.dense_flops - removed) / self.dense_flops
+        return nonzero_flops(self.flop_count, report) / self.dense_flops
 
     def _plan(self) -> dict[int, torch.Tensor]:
         """Kept channels of every gated group (at least the channel with the largest ``m``)."""
@@ -351,8 +337,6 @@ class AutoPruneCallback(pl.Callback):
         plan = self._plan() if self.physical else None
         self._finish()
         if plan is not None:
-            from lightning_prune.structure import apply_plan
-
             self.structure = apply_plan(pl_module, self.groups, plan, example_input(trainer, pl_module))
         if self.verbose:
             lines = ["AutoPrune summary", str(report)]
@@ -377,8 +361,6 @@ class AutoPruneCallback(pl.Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.structure is not None:
-            from lightning_prune.structure import STRUCTURE_KEY
-
             checkpoint[STRUCTURE_KEY] = self.structure
 
     @override

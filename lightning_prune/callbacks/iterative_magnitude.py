@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_prune import criteria
+from lightning_prune.callbacks._channels import ChannelPruning
 from lightning_prune.callbacks._shared import (
     Fraction,
     check_choice,
@@ -165,8 +166,6 @@ class IterativeMagnitude(pl.Callback):
                 check_keys(name, value, self.layers)
         self.example = find_example_input(trainer, pl_module)
         if self.granularity == "channel":
-            from lightning_prune.callbacks._channels import ChannelPruning
-
             self.channels = ChannelPruning(pl_module, example_input(trainer, pl_module), modules, self.channel_norm)
         if self.masks is None or self.masks.model is not pl_module:
             self.masks = MaskSet(pl_module)
