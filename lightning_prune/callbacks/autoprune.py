@@ -338,7 +338,7 @@ class AutoPruneCallback(pl.Callback):
         self._finish()
         if plan is not None:
             self.structure = apply_plan(pl_module, self.groups, plan, example_input(trainer, pl_module))
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             lines = ["AutoPrune summary", str(report)]
             if report.total.nonzero:
                 lines.append(f"compression (total / non-zero): {report.total.total / report.total.nonzero:.2f}x")

@@ -367,7 +367,7 @@ class GatePruningFromScratch(pl.Callback):
             histograms={"gates": torch.cat(list(result.gates.values()))},
             extra=extra,
         )
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             rank_zero_info(_structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
 
     # ------------------------------------------------------------------ checkpoints
