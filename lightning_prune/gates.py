@@ -211,11 +211,6 @@ class ChannelGates:
         """Detached CPU copies of the gates, group index -> gate (a snapshot)."""
         return {group: gate.detach().cpu().clone() for group, gate in self.gates.items()}
 
-    @torch.no_grad()
-    def load_values(self, values: Mapping[int, torch.Tensor]) -> None:
-        for group, gate in self.gates.items():
-            gate.copy_(values[group].to(gate.device))
-
 
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):

@@ -53,9 +53,6 @@ class MaskSet:
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
                         value.masked_fill_(~mask.to(value.device), 0.0)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {name: self.parameter(name).detach() for name in self.masks}
-
     def __bool__(self) -> bool:
         return bool(self.masks)
 
