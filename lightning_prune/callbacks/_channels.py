@@ -11,7 +11,6 @@ from lightning_prune.criteria import count_to_prune
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.structure import (
     ChannelPlan,
-    ExampleInput,
     StructureRecord,
     apply_plan,
     channel_masks,
@@ -32,7 +31,7 @@ class ChannelPruning:
     """
 
     def __init__(
-        self, model: nn.Module, example_input: ExampleInput, modules: Mapping[str, nn.Module], norm: Literal["l1", "l2"]
+        self, model: nn.Module, example_input: torch.Tensor, modules: Mapping[str, nn.Module], norm: Literal["l1", "l2"]
     ) -> None:
         unselected = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and name not in modules]
         self.model = model
@@ -114,4 +113,5 @@ class ChannelPruning:
 
     def remove(self, model: nn.Module) -> StructureRecord:
         """Physically remove every channel whose slices are all zero; returns the new structure."""
-        return apply_plan(model, self.groups, zeroed_channel_plan(model, self.groups), self.example_input)
+        device = next(model.parameters()).device
+        return apply_plan(model, self.groups, zeroed_channel_plan(model, self.groups), self.example_input.to(device))

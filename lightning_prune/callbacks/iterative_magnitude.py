@@ -165,6 +165,9 @@ class IterativeMagnitude(pl.Callback):
             if isinstance(value, Mapping):
                 check_keys(name, value, self.layers)
         self.example = find_example_input(trainer, pl_module)
+        # shapes are dense until the end of fit, so these are the dense reference even when resuming
+        self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
+        self.dense_flops = None if self.example is None else count_flops(pl_module, self.example)
         if self.granularity == "channel":
             self.channels = ChannelPruning(pl_module, example_input(trainer, pl_module), modules, self.channel_norm)
         if self.masks is None or self.masks.model is not pl_module:
@@ -200,8 +203,8 @@ class IterativeMagnitude(pl.Callback):
         fraction = self.schedule.fraction(epoch)
         if fraction is None or epoch <= self.last_event_epoch:
             return
-        if self.last_event_epoch < 0:
-            self._record_dense(trainer, pl_module)
+        if self.last_event_epoch < 0 and self.monitor in trainer.callback_metrics:
+            self.dense_score = float(trainer.callback_metrics[self.monitor])
         masks = trainer.strategy.broadcast(self._compute_masks(pl_module, fraction), src=0)
         self.masks.update(masks)
         self.masks.apply_to_optimizer_state(trainer.optimizers)
@@ -217,14 +220,6 @@ class IterativeMagnitude(pl.Callback):
             channel_ratios=None if self.channels is None else self.channels.channel_ratios(),
             extra={"target_sparsity": self._target_sparsity(fraction)},
         )
-
-    def _record_dense(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The dense reference of the summary: monitored score, parameter count and FLOPs."""
-        if self.monitor in trainer.callback_metrics:
-            self.dense_score = float(trainer.callback_metrics[self.monitor])
-        self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
-        if self.example is not None:
-            self.dense_flops = count_flops(pl_module, self.example)
 
     def _pruned_flops(self, report: SparsityReport) -> int:
         """Physical FLOPs of the channel plan, or the FLOPs left when zero weights are skipped."""
@@ -316,6 +311,7 @@ class IterativeMagnitude(pl.Callback):
             "sigmas": dict(self.sigmas),
             "rewind_state": self.rewind_state,
             "dense_score": self.dense_score,
+            "plan": self.channels.plan if self.channels is not None else {},
         }
 
     @override
@@ -324,6 +320,8 @@ class IterativeMagnitude(pl.Callback):
         self.sigmas = dict(state_dict["sigmas"])
         self.rewind_state = state_dict["rewind_state"]
         self.dense_score = state_dict["dense_score"]
+        if self.channels is not None:
+            self.channels.plan = dict(state_dict["plan"])
         if self.masks is not None:
             self.masks.load_state_dict(state_dict["masks"])
 
