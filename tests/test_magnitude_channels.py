@@ -112,3 +112,26 @@ def test_channel_pruning_needs_an_example_input(tmp_path):
 
     with pytest.raises(Exception, match="example_input_array"):
         make_trainer(tmp_path, [IterativeMagnitude(granularity="channel")], max_epochs=1).fit(NoExample(), Data())
+
+
+def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def run(directory, ckpt_path=None):
+        pl.seed_everything(0)
+        pruning = IterativeMagnitude(0.5, "iterative", start_epoch=1, end_epoch=2, granularity="channel",
+                                     make_permanent=False, verbose=False)
+        checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        model = resnet()
+        make_trainer(directory, [pruning, checkpoint], max_epochs=4, enable_checkpointing=True, **SMALL).fit(
+            model, data(), ckpt_path=ckpt_path
+        )
+        return model, pruning
+
+    (whole, whole_pruning), (resumed, resumed_pruning) = run(tmp_path / "a"), run(tmp_path / "b", tmp_path / "a" / "epoch=2.ckpt")  # after the last event
+    assert whole_pruning.channels.plan.keys() == resumed_pruning.channels.plan.keys()
+    for index, keep in whole_pruning.channels.plan.items():
+        assert torch.equal(keep, resumed_pruning.channels.plan[index])
+    assert resumed_pruning.channels.flops() == whole_pruning.channels.flops() < resumed_pruning.dense_flops.total
+    for name, mask in whole_pruning.masks.masks.items():
+        assert torch.equal(mask, resumed_pruning.masks.masks[name]), name
