@@ -205,3 +205,18 @@ def test_resume_mid_schedule_ends_with_the_masks_of_an_uninterrupted_run(tmp_pat
         if name.endswith("weight"):
             assert torch.equal(a == 0, b == 0), name
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_a_model_fvcore_cannot_trace_still_prunes_without_flops(tmp_path):
+    class Untraceable(ImageClassifier):
+        def __init__(self):
+            super().__init__("lenet300100")
+            self.example_input_array = torch.zeros(1, 1, 4, 4)  # wrong shape: tracing fails, training does not
+
+    pruning = IterativeMagnitude(0.5, "one_shot", start_epoch=1)
+    model = Untraceable()
+    with pytest.warns(UserWarning, match="FLOPs are not reported"):
+        make_trainer(tmp_path, [pruning], max_epochs=2).fit(model, DigitsDataModule())
+    assert pruning.dense_flops is None
+    report = sparsity_report(model)
+    assert report.total.total - report.total.nonzero == round(0.5 * report.total.total)

@@ -8,7 +8,10 @@ from typing import Any, Collection, Mapping, Optional, Union
 import pytorch_lightning as pl
 import torch
 from jsonargparse.typing import restricted_number_type
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from lightning_prune.flops import FlopCount, count_flops
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)], join="and")
 """A float in [0, 1): as a type hint, LightningCLI rejects an out-of-range YAML value at parse time."""
@@ -63,3 +66,15 @@ def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.T
             "LightningModule (a tensor of one input batch), or give the DataModule an `example_input()` method."
         )
     return candidate
+
+
+def optional_flop_count(pl_module: pl.LightningModule, example: Optional[torch.Tensor]) -> Optional[FlopCount]:
+    """fvcore's count for reports, or ``None`` when there is no example input or fvcore cannot trace the
+    model: element pruning does not need FLOPs, so a tracing failure warns instead of stopping the run."""
+    if example is None:
+        return None
+    try:
+        return count_flops(pl_module, example)
+    except Exception as error:  # noqa: BLE001 - any tracing failure only costs the FLOPs figures
+        rank_zero_warn(f"FLOPs are not reported: fvcore could not trace the model on its example input ({error}).")
+        return None

@@ -12,8 +12,14 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AUX_OPTIMIZERS, GRANULARITIES, STES, AuxiliaryParameters, AuxOptimizer, Granularity, Ste
-from lightning_prune.callbacks._shared import check_choice, check_range, example_input, find_example_input
-from lightning_prune.flops import FlopCount, FlopsPredictor, count_flops
+from lightning_prune.callbacks._shared import (
+    check_choice,
+    check_range,
+    example_input,
+    find_example_input,
+    optional_flop_count,
+)
+from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
@@ -167,9 +173,9 @@ class AutoPruneCallback(pl.Callback):
                 )
             self.flops_predictor = FlopsPredictor(pl_module, inputs, found)
             self.dense_flops = self.flops_predictor.dense
-        elif inputs is not None:
-            self.flop_count = count_flops(pl_module, inputs)
-            self.dense_flops = self.flop_count.total
+        else:
+            self.flop_count = optional_flop_count(pl_module, inputs)
+            self.dense_flops = None if self.flop_count is None else self.flop_count.total
         self.aux = AuxiliaryParameters(
             pl_module, self.layers, self.granularity, self.groups, self.ste, self.ste_slope, self.init
         )

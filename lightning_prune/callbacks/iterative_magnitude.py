@@ -19,8 +19,9 @@ from lightning_prune.callbacks._shared import (
     check_keys,
     example_input,
     find_example_input,
+    optional_flop_count,
 )
-from lightning_prune.flops import FlopCount, count_flops
+from lightning_prune.flops import FlopCount
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
@@ -167,7 +168,7 @@ class IterativeMagnitude(pl.Callback):
         self.example = find_example_input(trainer, pl_module)
         # shapes are dense until the end of fit, so these are the dense reference even when resuming
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
-        self.dense_flops = None if self.example is None else count_flops(pl_module, self.example)
+        self.dense_flops = optional_flop_count(pl_module, self.example)
         if self.granularity == "channel":
             self.channels = ChannelPruning(pl_module, example_input(trainer, pl_module), modules, self.channel_norm)
         if self.masks is None or self.masks.model is not pl_module:
