@@ -270,7 +270,7 @@ def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_fa
         model = ImageClassifier("lenet300100")
         trainer = trainer_factory(
             [AutoPruneCallback(**FAST), *callbacks],
-            max_epochs=3, reload_dataloaders_every_n_epochs=1, enable_checkpointing=bool(callbacks),
+            max_epochs=3, enable_checkpointing=bool(callbacks),
         )
         trainer.fit(model, DigitsDataModule(aux_fraction=0.5), ckpt_path=ckpt_path)
         return model

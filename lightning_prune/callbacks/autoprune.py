@@ -40,9 +40,10 @@ class AutoPruneCallback(pl.Callback):
     ``aux_dataloader`` argument, else from ``aux_dataloader()`` of the LightningModule or the
     DataModule (``DigitsDataModule(aux_fraction=0.5)`` is the paper's 1:1 split), else — with a
     warning — from the training batch itself. The validation data is never used unless passed.
-    The auxiliary loader is iterated afresh each epoch and re-requested from its source whenever
-    Lightning reloads the training loader (``reload_dataloaders_every_n_epochs``), so with
-    ``reload_dataloaders_every_n_epochs=1`` a resumed run repeats an uninterrupted one exactly.
+    The auxiliary loader is iterated afresh each epoch (its sampler's ``set_epoch`` is called) and
+    re-requested from its source whenever Lightning reloads the training loader, so with samplers
+    whose order is a function of the epoch (``DigitsDataModule``'s, ``DistributedSampler``) a run
+    resumed from an end-of-epoch checkpoint repeats an uninterrupted one exactly.
 
     Under DDP the gradient of ``M`` is averaged over ranks before the step, so every rank holds the
     same ``M``. At the end of fit the masks are made permanent (plain weights with zeros, the same
