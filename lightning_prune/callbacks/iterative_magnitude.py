@@ -142,7 +142,7 @@ class IterativeMagnitude(pl.Callback):
         self.sigmas: dict[str, float] = {}
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
         self.dense_score: Optional[float] = None
-        self.channels: Optional[Any] = None  # ChannelPruning state, set up for granularity="channel"
+        self.channels: Optional[ChannelPruning] = None  # set up for granularity="channel"
         self.example: Optional[torch.Tensor] = None
         self.dense_flops: Optional[FlopCount] = None
         self.dense_parameters = 0
@@ -165,12 +165,13 @@ class IterativeMagnitude(pl.Callback):
         for name, value in (("sparsity", self.sparsity), ("sensitivity", self.sensitivity)):
             if isinstance(value, Mapping):
                 check_keys(name, value, self.layers)
-        self.example = find_example_input(trainer, pl_module)
+        # channel pruning traces the model (an example input is required); element pruning only reports FLOPs
+        self.example = (example_input if self.granularity == "channel" else find_example_input)(trainer, pl_module)
         # shapes are dense until the end of fit, so these are the dense reference even when resuming
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         self.dense_flops = optional_flop_count(pl_module, self.example)
         if self.granularity == "channel":
-            self.channels = ChannelPruning(pl_module, example_input(trainer, pl_module), modules, self.channel_norm)
+            self.channels = ChannelPruning(pl_module, self.example, modules, self.channel_norm)
         if self.masks is None or self.masks.model is not pl_module:
             self.masks = MaskSet(pl_module)
 
