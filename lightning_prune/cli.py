@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import ArgsType, LightningCLI
@@ -12,11 +13,16 @@ from pytorch_lightning.loggers import Logger
 from lightning_prune.sensitivity import DEFAULT_LEVELS, SensitivityTable, sensitivity_analysis
 
 
-def build_cli(args: ArgsType = None, run: bool = True) -> LightningCLI:
-    """LightningCLI where the model, the data and every callback are chosen by ``class_path`` in YAML."""
-    return LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
+def build_cli(args: ArgsType = None, run: bool = True, namespace: Any = pl) -> LightningCLI:
+    """LightningCLI where the model, the data and every callback are chosen by ``class_path`` in YAML.
+
+    ``namespace`` is ``pytorch_lightning`` or the unified package's ``lightning.pytorch``: its own
+    LightningCLI, LightningModule and LightningDataModule are used.
+    """
+    cli_class = import_module(f"{namespace.__name__}.cli").LightningCLI
+    return cli_class(
+        namespace.LightningModule,
+        namespace.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

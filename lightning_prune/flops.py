@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -126,10 +126,18 @@ class FlopsPredictor:
         model: the dense model the groups were found on.
         example_input: the input FLOPs are counted for (its batch size scales every count).
         groups: the model's channel groups (:func:`~lightning_prune.structure.find_channel_groups`).
+        count: :func:`count_flops` of ``model`` on ``example_input`` when the caller already has it
+            (saves a second trace).
     """
 
-    def __init__(self, model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup]) -> None:
-        count = count_flops(model, example_input)
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: ExampleInput,
+        groups: Sequence[ChannelGroup],
+        count: Optional[FlopCount] = None,
+    ) -> None:
+        count = count if count is not None else count_flops(model, example_input)
         modules = dict(_unwrap(model).named_modules())
         self.dense = count.total
         self.sizes = np.array([group.size for group in groups], dtype=np.int64)

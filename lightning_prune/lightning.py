@@ -64,16 +64,9 @@ __all__ = [*_callbacks.__all__, "for_lightning"]
 
 def main(args: Optional[list[str]] = None) -> "LightningCLI":
     """``lightning.pytorch``'s LightningCLI over any model, data and callbacks (``fit``, ``validate``, ...)."""
-    from lightning.pytorch.cli import LightningCLI
+    from lightning_prune.cli import build_cli
 
-    return LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return build_cli(args, namespace=L)
 
 
 if __name__ == "__main__":

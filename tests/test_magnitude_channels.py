@@ -128,7 +128,7 @@ def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp
         )
         return model, pruning
 
-    (whole, whole_pruning), (resumed, resumed_pruning) = run(tmp_path / "a"), run(tmp_path / "b", tmp_path / "a" / "epoch=2.ckpt")  # after the last event
+    (_, whole_pruning), (_, resumed_pruning) = run(tmp_path / "a"), run(tmp_path / "b", tmp_path / "a" / "epoch=2.ckpt")  # after the last event
     assert whole_pruning.channels.plan.keys() == resumed_pruning.channels.plan.keys()
     for index, keep in whole_pruning.channels.plan.items():
         assert torch.equal(keep, resumed_pruning.channels.plan[index])

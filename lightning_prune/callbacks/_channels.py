@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Union
+from typing import Literal, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_prune.criteria import count_to_prune
-from lightning_prune.flops import FlopsPredictor
+from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.structure import (
     ChannelPlan,
     StructureRecord,
@@ -31,7 +31,12 @@ class ChannelPruning:
     """
 
     def __init__(
-        self, model: nn.Module, example_input: torch.Tensor, modules: Mapping[str, nn.Module], norm: Literal["l1", "l2"]
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        modules: Mapping[str, nn.Module],
+        norm: Literal["l1", "l2"],
+        count: Optional[FlopCount] = None,
     ) -> None:
         unselected = [name for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and name not in modules]
         self.model = model
@@ -44,7 +49,7 @@ class ChannelPruning:
                 f"{sorted(modules)} (the output layer and layers coupled to it are never pruned)."
             )
         self.weights = weight_names(modules)
-        self.predictor = FlopsPredictor(model, example_input, self.groups)
+        self.predictor = FlopsPredictor(model, example_input, self.groups, count)
         self.plan: ChannelPlan = {}
 
     def _plan(self, drop: list[torch.Tensor]) -> ChannelPlan:

@@ -248,7 +248,8 @@ class AutoPruneCallback(pl.Callback):
     # ------------------------------------------------------------------ training steps
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.aux is not None:
+        # switched-off weights keep their values only while they can still come back (M is learning)
+        if self._active(trainer):
             self.aux.freeze()
             self._stepped = True
 
@@ -256,11 +257,9 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.aux is None or not self._stepped:
-            return
-        self._stepped = False
-        self.aux.restore_frozen()
-        if self._active(trainer):
+        if self._stepped:
+            self._stepped = False
+            self.aux.restore_frozen()
             self._auxiliary_step(trainer, pl_module, batch if self.source == "train" else self._next_aux_batch())
 
     def _auxiliary_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:

@@ -188,7 +188,8 @@ class GatePruningFromScratch(pl.Callback):
                 f"attribute and `set_width(width: float)` (as `ImageClassifier` does); {type(pl_module).__name__} has not."
             )
         x = example_input(trainer, pl_module)
-        self._dense_flops = count_flops(pl_module, x).total
+        dense_count = count_flops(pl_module, x)
+        self._dense_flops = dense_count.total
         self._dense_params = sum(p.numel() for p in pl_module.parameters())
         if self.expansion != 1:
             self._original = (pl_module.width, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
@@ -200,7 +201,7 @@ class GatePruningFromScratch(pl.Callback):
                     f"The model has no prunable channel to gate at `gate_position`={self.gate_position!r}"
                     + (" (no BatchNorm in a prunable channel group; try 'conv')." if self.gate_position != "conv" else ".")
                 )
-            self._predictor = FlopsPredictor(pl_module, x, self._groups)
+            self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
             smallest = self._predictor.min_flops() / self._dense_flops
             if smallest > self.flops_ratio:
                 raise ValueError(

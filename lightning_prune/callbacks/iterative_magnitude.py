@@ -147,6 +147,7 @@ class IterativeMagnitude(pl.Callback):
         self.dense_flops: Optional[FlopCount] = None
         self.dense_parameters = 0
         self.structure: Optional[StructureRecord] = None
+        self._stepped = False  # an optimizer step ran since the zeros were last written
 
     @property
     def state_key(self) -> str:
@@ -171,7 +172,7 @@ class IterativeMagnitude(pl.Callback):
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         self.dense_flops = optional_flop_count(pl_module, self.example)
         if self.granularity == "channel":
-            self.channels = ChannelPruning(pl_module, self.example, modules, self.channel_norm)
+            self.channels = ChannelPruning(pl_module, self.example, modules, self.channel_norm, self.dense_flops)
         if self.masks is None or self.masks.model is not pl_module:
             self.masks = MaskSet(pl_module)
 
@@ -267,10 +268,12 @@ class IterativeMagnitude(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.masks:
             self.masks.apply_to_grads()
+            self._stepped = True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.masks:
+        if self._stepped:
+            self._stepped = False
             self.masks.apply_to_weights()
 
     # ------------------------------------------------------------------ end of fit
