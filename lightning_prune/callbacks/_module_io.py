@@ -1,0 +1,215 @@
+"""How the callbacks talk to the user's LightningModule: example inputs and losses through its own hooks.
+
+Nothing here assumes classification, ``(x, y)`` batches or an ``example_input_array``:
+
+- :func:`example_input` finds the positional arguments of one forward pass: the module's
+  ``example_input_array``, the DataModule's ``example_input()``, else the first training batch
+  (its first tensor, or the whole batch when the model's forward takes the whole structure), or
+  what ``example_input_fn(batch)`` returns. FLOPs are counted on it cut to one sample
+  (:func:`one_sample`), so every FLOPs figure is per sample.
+- :func:`module_loss` computes a batch's loss through the module's own ``training_step`` (its
+  returned loss, or ``loss`` of a returned dict), or ``loss_fn(pl_module, batch)`` when given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+from lightning_prune.structure import eval_mode
+
+ExampleInputFn = Callable[[Any], Any]
+"""``example_input_fn(batch)`` -> the model's input for that batch (a tensor, or a tuple of positional arguments)."""
+
+LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
+"""``loss_fn(pl_module, batch)`` -> the scalar loss of ``batch``."""
+
+ModelArgs = tuple[Any, ...]
+"""Positional arguments of one ``model(*args)`` call."""
+
+
+def check_function(name: str, value: Optional[Callable[..., Any]], arity: int, usage: str) -> None:
+    """``value`` must be ``None`` or a callable accepting ``arity`` positional arguments; the error names
+    the argument, the value and the expected call (``usage``), before anything runs."""
+    if value is None:
+        return
+    if not callable(value):
+        raise ValueError(f"`{name}` must be None or a function called as {usage}, got {value!r}.")
+    try:
+        inspect.signature(value).bind(*range(arity))
+    except TypeError as error:
+        raise ValueError(f"`{name}` must be callable as {usage}; {value!r} is not ({error}).") from None
+    except ValueError:  # builtins without a signature: accept, they fail loudly when called
+        pass
+
+
+def as_model_args(value: Any) -> ModelArgs:
+    """A tensor or any single object -> ``(value,)``; a tuple or list -> its items as positional arguments."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    """The first tensor in a (nested) batch: tuples, lists and dicts in order, dataclass-like objects skipped."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def one_sample(args: ModelArgs) -> ModelArgs:
+    """The arguments cut to their first sample: every tensor whose leading dimension is the batch size
+    (that of the first tensor) keeps ``[:1]``; other values and tensors are left as they are."""
+    leading = first_tensor(args)
+    if leading is None or leading.dim() == 0:
+        return args
+    size = leading.shape[0]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[:1] if value.dim() > 0 and value.shape[0] == size else value
+        if isinstance(value, Mapping):
+            return type(value)({key: cut(item) for key, item in value.items()})
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(item) for item in value)
+        return value
+
+    return tuple(cut(value) for value in args)
+
+
+def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ModelArgs]:
+    """``pl_module.example_input_array`` or ``datamodule.example_input()`` on the module's device, if either
+    exists (both usable in ``setup``, before the training data is loaded); else ``None``."""
+    candidate: Any = pl_module.example_input_array
+    provider = getattr(trainer.datamodule, "example_input", None)
+    if candidate is None and callable(provider):
+        candidate = provider()
+    if candidate is None:
+        return None
+    if isinstance(candidate, Mapping):
+        raise MisconfigurationException(
+            "`example_input_array` is a dict, which Lightning passes as keyword arguments; the pruning callbacks "
+            "trace `model(*args)`. Give a tensor or a tuple of positional arguments, or pass `example_input_fn`."
+        )
+    return as_model_args(trainer.strategy.batch_to_device(candidate))
+
+
+def first_training_batch(trainer: pl.Trainer) -> Any:
+    """The first batch of the training data, through the strategy's device transfer and the module's
+    batch-transfer hooks. Available from ``on_train_start`` on (Lightning loads the data then)."""
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        raise MisconfigurationException(
+            "No training data is loaded yet: an example input from the first training batch is available from "
+            "`on_train_start` on. Set `example_input_array` on the LightningModule to use it earlier."
+        )
+    if isinstance(loaders, (Mapping, list, tuple)):
+        from pytorch_lightning.utilities import CombinedLoader
+
+        iterator = iter(CombinedLoader(loaders, "max_size_cycle"))
+        batch = next(iterator)[0]
+    else:
+        iterator = iter(loaders)
+        batch = next(iterator, None)
+    if batch is None:
+        raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
+    return trainer.strategy.batch_to_device(batch)
+
+
+def _runs(pl_module: pl.LightningModule, args: ModelArgs) -> Optional[BaseException]:
+    """``None`` if ``pl_module(*args)`` runs (eval mode, no grad), else the error it raised."""
+    try:
+        with torch.no_grad(), eval_mode(pl_module), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl_module(*args)
+    except Exception as error:  # noqa: BLE001 - any failure rules this candidate out
+        return error
+    return None
+
+
+def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_fn: Optional[ExampleInputFn] = None) -> ModelArgs:
+    """The model's input in ``batch``: ``example_input_fn(batch)`` if given; else the batch's first tensor
+    if ``pl_module`` runs on it, else the whole batch if it runs on that (e.g. a dict of tokens)."""
+    if example_input_fn is not None:
+        return as_model_args(example_input_fn(batch))
+    candidates = []
+    tensor = first_tensor(batch)
+    if tensor is not None and tensor is not batch:
+        candidates.append((tensor,))
+    candidates.append((batch,))
+    errors = []
+    for args in candidates:
+        error = _runs(pl_module, one_sample(args))
+        if error is None:
+            return args
+        errors.append(f"{type(error).__name__}: {error}")
+    tried = " and ".join(["the batch's first tensor", "the whole batch"][-len(candidates) :])
+    raise MisconfigurationException(
+        f"No example input found for {type(pl_module).__name__}: its forward fails on {tried} of the first training batch "
+        f"({'; '.join(errors)}). Set `example_input_array` on the LightningModule, or pass `example_input_fn=` (batch -> model input) to the callback."
+    )
+
+
+def example_input(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, example_input_fn: Optional[ExampleInputFn] = None
+) -> ModelArgs:
+    """Positional arguments of one forward pass of ``pl_module``, on its device: ``example_input_array``,
+    else ``datamodule.example_input()``, else taken from the first training batch by
+    :func:`example_from_batch` (``example_input_fn`` decides when given, and then comes first)."""
+    if example_input_fn is None:
+        explicit = explicit_example_input(trainer, pl_module)
+        if explicit is not None:
+            return explicit
+    return example_from_batch(pl_module, first_training_batch(trainer), example_input_fn)
+
+
+@contextlib.contextmanager
+def _silenced_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log``/``self.log_dict`` do nothing inside: a training step run for the callback's own loss
+    (e.g. on a held-out batch, or in a hook where Lightning refuses logging) logs nothing."""
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+
+
+def training_step_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> torch.Tensor:
+    """The loss the module's own ``training_step`` returns for ``batch`` (a tensor, or ``loss`` of a dict),
+    with its logging silenced. Metrics it updates see the batch too; pass a ``loss_fn`` where that matters."""
+    if not pl_module.automatic_optimization:
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__} uses manual optimization, so its `training_step` steps its own optimizers and "
+            "returns no loss to differentiate: pass `loss_fn=` (pl_module, batch) -> loss to the pruning callback."
+        )
+    takes_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    with _silenced_logging(pl_module):
+        output = pl_module.training_step(batch, batch_idx) if takes_index else pl_module.training_step(batch)
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__}.training_step returned {type(output).__name__}, not a scalar loss tensor or a dict "
+            "with one under 'loss': the pruning callback differentiates that loss. Pass `loss_fn=` (pl_module, batch) -> loss."
+        )
+    return loss.reshape(())
+
+
+def module_loss(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, loss_fn: Optional[LossFn] = None, batch_idx: int = 0
+) -> torch.Tensor:
+    """Loss of ``batch`` (already on the device) under the Trainer's precision context (autocast):
+    ``loss_fn(pl_module, batch)`` if given, else :func:`training_step_loss`."""
+    with trainer.precision_plugin.forward_context():
+        if loss_fn is not None:
+            return loss_fn(pl_module, batch)
+        return training_step_loss(pl_module, batch, batch_idx)
