@@ -15,7 +15,19 @@ def test_splits_are_disjoint_deterministic_and_cover_the_data():
     assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])
     rows = torch.cat([s.tensors[0].flatten(1) for s in (a.train_set, a.val_set, a.test_set, a.aux_set)])
     assert torch.unique(rows, dim=0).shape[0] >= 1797 - 30  # the data set holds a few duplicate images
-    assert DigitsDataModule(aux_fraction=0.0).aux_dataloader is not None
+
+
+def test_aux_dataloader_serves_the_held_out_split_only_when_asked_for():
+    without = DigitsDataModule(aux_fraction=0.0)
+    without.setup()
+    assert without.aux_dataloader() is None
+    data = DigitsDataModule(aux_fraction=0.5, batch_size=2000)
+    data.setup()
+    (aux_images, _), (train_images, _) = next(iter(data.aux_dataloader())), next(iter(data.train_dataloader()))
+    assert abs(len(aux_images) - len(train_images)) <= 1  # the paper's 1:1 split of the training images
+    train_rows = {tuple(row.tolist()) for row in train_images.flatten(1)}
+    shared = sum(tuple(row.tolist()) in train_rows for row in aux_images.flatten(1))
+    assert shared <= 15  # disjoint indices; only the data set's few duplicate images may coincide
 
 
 def test_training_order_is_a_function_of_seed_and_epoch():
