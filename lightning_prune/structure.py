@@ -65,6 +65,8 @@ class GroupMember:
             a flatten, one channel occupies ``H*W`` positions of the following Linear).
         dim: full size of that dimension in the dense module (all groups together).
         order: the module's position in ``model.named_modules()``.
+        has_parameters: whether the module holds parameters of its own (parameter-free members, such
+            as an activation module called several times, are not checked for consistency).
     """
 
     module: str
@@ -73,6 +75,7 @@ class GroupMember:
     channels: torch.Tensor
     dim: int
     order: int
+    has_parameters: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +209,11 @@ class _Graph:
                 return "coupled to the model's output"
             if node.type == tp.ops.OPTYPE.PARAMETER:
                 return "coupled to a loose nn.Parameter"
+            if _is_attention(node):
+                return (
+                    f"its channels flow through attention ({node.name}): heads are not pruned, and "
+                    "removing single q/k/v channels would break the head reshape"
+                )
             name = self.node_name(node)
             if name is None:
                 continue  # an unnamed functional op (add, cat, flatten, ...): no weights, no FLOPs
@@ -221,6 +229,7 @@ class _Graph:
                     channels=torch.tensor(item.root_idxs, dtype=torch.long),
                     dim=_member_dim(module, kind, self.channels.get(name)),
                     order=self.order[name],
+                    has_parameters=next(module.parameters(recurse=False), None) is not None,
                 )
             )
         members.sort(key=lambda member: (member.order, member.kind))
@@ -233,6 +242,8 @@ def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
     many positions as channels, and each channel occupying equally many positions of the member."""
     claimed: dict[tuple[str, str], list[torch.Tensor]] = {}
     for member in members:
+        if member.kind == "channel" and not member.has_parameters:
+            continue  # nothing to slice (an activation may well be called several times)
         where = f"{member.module!r} ({member.kind} channels)"
         if member.positions.numel() != member.channels.numel():
             return f"{where}: {member.positions.numel()} positions for {member.channels.numel()} channels"
@@ -248,6 +259,18 @@ def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
         if every.unique().numel() != every.numel():
             return f"{module!r} ({kind} channels): a position is claimed twice (a module used more than once in forward?)"
     return None
+
+
+_ATTENTION_OPS = ("Attention", "Bmm", "Baddbmm")
+
+
+def _is_attention(node: Any) -> bool:
+    """A torch-pruning node that splits q/k/v (``unbind``) or mixes channels of two activations
+    (``scaled_dot_product_attention``, a batched matmul): its index mapping is not channel-wise."""
+    if node.type == tp.ops.OPTYPE.UNBIND:
+        return True
+    grad_fn = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
+    return node.type == tp.ops.OPTYPE.ELEMENTWISE and any(op in grad_fn for op in _ATTENTION_OPS)
 
 
 def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
@@ -292,6 +315,8 @@ def _discover(
     clashing: set[int] = set()
     for number, (_, _, members) in enumerate(found):
         for member in members:
+            if member.kind == "channel" and not member.has_parameters:
+                continue
             for position in member.positions.unique().tolist():
                 other = owners.setdefault((member.module, member.kind, position), number)
                 if other != number:

@@ -15,15 +15,19 @@ _TORCHVISION_OPS: list = []
 def import_torchvision():  # noqa: ANN201 - the module
     """``import torchvision`` beside a CPU torch: PyPI's torchvision 0.28 is a CUDA build whose compiled
     ops do not load here, so its meta registrations fail unless ``torchvision::nms``/``qnms`` exist.
-    Defining the two schemas first lets the pure-Python model zoo load."""
-    if not _TORCHVISION_OPS:
+    Defining the two schemas first lets the pure-Python model zoo load. CI's environment installs a
+    finder that does this at import (``_torchvision_cpu_schemas``); without it, this defines them."""
+    import sys
+
+    shim = any(type(f).__name__ == "_DefineSchemasBeforeTorchvision" or getattr(f, "__name__", "") == "_DefineSchemasBeforeTorchvision" for f in sys.meta_path)
+    if not shim and "torchvision" not in sys.modules and not _TORCHVISION_OPS:
+        library = torch.library.Library("torchvision", "DEF")
         try:
-            library = torch.library.Library("torchvision", "DEF")
             library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             library.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            _TORCHVISION_OPS.append(library)  # keep the library (and its schemas) alive
-        except RuntimeError:  # already defined (e.g. by the compiled ops): nothing to add
-            _TORCHVISION_OPS.append(None)
+        except RuntimeError:  # a torchvision whose compiled operators load defines them itself
+            pass
+        _TORCHVISION_OPS.append(library)  # keep the library (and its schemas) alive
     import torchvision
 
     return torchvision
