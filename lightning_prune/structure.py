@@ -174,6 +174,13 @@ class _Graph:
                 self.graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=_as_tuple(example_input), verbose=False
                 )
+        except (ZeroDivisionError, IndexError, KeyError) as error:  # torch-pruning's index mapping failed
+            node = _failing_node(error.__traceback__)
+            raise ValueError(
+                f"torch-pruning cannot map channels through {node} ({type(error).__name__}: {error}); "
+                "e.g. a reshape that splits the channel dimension (a channel shuffle). This model's channel "
+                "groups are not supported."
+            ) from error
         finally:
             for handle in handles:
                 handle.remove()
@@ -273,6 +280,47 @@ def _is_attention(node: Any) -> bool:
     return node.type == tp.ops.OPTYPE.ELEMENTWISE and any(op in grad_fn for op in _ATTENTION_OPS)
 
 
+def _failing_node(traceback: Any) -> str:
+    """The torch-pruning graph node being processed where an exception was raised (for the message)."""
+    found = "an operation"
+    while traceback is not None:
+        node = traceback.tb_frame.f_locals.get("node")
+        if node is not None and hasattr(node, "name"):
+            inputs = ", ".join(str(getattr(item, "name", item)) for item in getattr(node, "inputs", [])[:2])
+            found = f"{node.name} (after {inputs})" if inputs else str(node.name)
+        traceback = traceback.tb_next
+    return found
+
+
+MAX_GROUP_ITEMS = 1_000_000
+"""A torch-pruning group with more channel indices (over all its entries) than this is taken as a runaway expansion (Swin's window
+attention grows one past 5 GB): discovery stops with a ``ValueError`` instead of exhausting memory."""
+
+
+@contextlib.contextmanager
+def _bounded_groups(names: Mapping[nn.Module, str]) -> Iterator[None]:
+    """Make torch-pruning's group expansion raise ``ValueError`` past :data:`MAX_GROUP_ITEMS` indices."""
+    group_class = tp.dependency.Group
+    add_dep = group_class.add_dep
+
+    def bounded(group: Any, dep: Any, idxs: Any) -> None:
+        group.lightning_prune_size = getattr(group, "lightning_prune_size", 0) + len(idxs)
+        if group.lightning_prune_size > MAX_GROUP_ITEMS:
+            root = group._group[0].dep.target
+            raise ValueError(
+                f"torch-pruning's channel group rooted at {names.get(root.module, root.name)!r} grows past "
+                f"{MAX_GROUP_ITEMS} channel indices (e.g. shifted-window attention); this model's channel groups "
+                "are not supported."
+            )
+        add_dep(group, dep, idxs)
+
+    group_class.add_dep = bounded
+    try:
+        yield
+    finally:
+        group_class.add_dep = add_dep
+
+
 def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules]
@@ -296,7 +344,9 @@ def _discover(
     ignored = _resolve(model, ignored_layers or [], "ignored_layers")
     traced = _Graph(model, example_input)
     found, refused = [], []
-    for tp_group in traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]):
+    with _bounded_groups(traced.names):
+        tp_groups = list(traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]))
+    for tp_group in tp_groups:
         producers = [
             item.dep.target.module
             for item in tp_group.items

@@ -1,0 +1,147 @@
+"""Structure discovery, the FLOPs predictor, masks, physical removal, gates and the three callbacks on real
+model zoos (torchvision, timm, Torch-Pruning-style test models): random weights, CPU, small inputs.
+Each model is one row of the README's "Model zoo support" table."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from zoo_models import ZOO, build
+
+from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
+from lightning_prune.flops import FlopsPredictor, count_flops
+from lightning_prune.gates import ChannelGates, gate_sites
+from lightning_prune.structure import apply_plan, channel_masks, find_channel_groups, refused_channel_groups
+
+pytestmark = pytest.mark.zoo
+
+UNSUPPORTED = {
+    # model -> the ValueError discovery raises (early, with bounded memory)
+    "tv_swin_t": "grows past .* channel indices",
+    "tv_shufflenet_v2_x1_0": "cannot map channels through .*channel shuffle",
+}
+NO_GROUPS = {
+    # model -> why every group is refused (the reason refused_channel_groups gives for all of them)
+    "tv_convnext_tiny": "nn.Parameter|not supported|output",
+}
+SUPPORTED = [name for name in ZOO if name not in UNSUPPORTED]
+PRUNABLE = [name for name in SUPPORTED if name not in NO_GROUPS]
+
+
+@functools.lru_cache(maxsize=None)
+def discovered(name: str):  # noqa: ANN201 - (model, input, groups), shared by the cells of one row
+    model, x = build(name)
+    return model, x, find_channel_groups(model, x)
+
+
+def random_plans(groups, count: int, seed: int = 0) -> list[dict[int, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for _ in range(count):
+        plan = {}
+        for group in groups:
+            keep = int(torch.randint(1, group.size + 1, (1,), generator=generator))
+            plan[group.index] = torch.randperm(group.size, generator=generator)[:keep].sort().values
+        plans.append(plan)
+    return plans
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_models_fail_early_with_a_clear_message(name):
+    model, x = build(name)
+    with pytest.raises(ValueError, match=UNSUPPORTED[name]):
+        find_channel_groups(model, x)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_groups_found(name):
+    model, x, groups = discovered(name)
+    if name in NO_GROUPS:
+        refused = refused_channel_groups(model, x)
+        assert not groups and refused and all(r.reason for r in refused)
+    else:
+        assert len(groups) > 0
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_predicted_flops_equal_fvcore_recount(name):
+    model, x, groups = discovered(name)
+    predictor = FlopsPredictor(model, x, groups)
+    assert predictor.dense == count_flops(model, x).total
+    for plan in random_plans(groups, 2):
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, plan, x)
+        assert predictor.predict(plan) == count_flops(pruned, x).total
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_masked_output_equals_physically_pruned_output(name):
+    model, x, groups = discovered(name)
+    (plan,) = random_plans(groups, 1, seed=1)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    masks = channel_masks(masked, groups, plan)
+    with torch.no_grad():
+        for parameter_name, parameter in masked.named_parameters():
+            if parameter_name in masks:
+                parameter.mul_(masks[parameter_name])
+    apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_gate_phase_gives_finite_nonzero_gate_gradients(name):
+    model, x, groups = discovered(name)
+    position = "bn" if gate_sites(model, groups, "bn") else "conv"
+    gates = ChannelGates.for_groups(model, groups, position)
+    assert gates.num_gates > 0
+    with gates.inserted():
+        model(x).square().sum().backward()
+    grads = [gate.grad for gate in gates.parameters()]
+    model.zero_grad(set_to_none=True)
+    assert all(grad is not None and torch.isfinite(grad).all() for grad in grads)
+    assert any(grad.abs().sum() > 0 for grad in grads)
+
+
+class ZooClassifier(pl.LightningModule):
+    """A zoo network as a 10-class image classifier (cross-entropy), with an example input."""
+
+    def __init__(self, network: nn.Module, side: int) -> None:
+        super().__init__()
+        self.network = network
+        self.example_input_array = torch.zeros(1, 3, side, side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def training_step(self, batch, batch_index):  # noqa: ANN001, ANN201
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+CALLBACKS = {
+    "IterativeMagnitude": lambda: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
+    "GatePruningFromScratch": lambda: GatePruningFromScratch(flops_ratio=0.6, gate_epochs=1),
+    "AutoPruneCallback": lambda: AutoPruneCallback(),
+}
+
+
+@pytest.mark.parametrize("callback", sorted(CALLBACKS))
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_callback_fits_one_epoch(name, callback, trainer_factory):
+    network, x = build(name)
+    side = x.shape[-1]
+    data = TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 10, (8,)))
+    trainer = trainer_factory([CALLBACKS[callback]()], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
+    assert trainer.state.finished
