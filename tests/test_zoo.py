@@ -27,12 +27,8 @@ UNSUPPORTED = {
     "tv_swin_t": "grows past .* channel indices",
     "tv_shufflenet_v2_x1_0": "cannot map channels through .*channel shuffle",
 }
-NO_GROUPS = {
-    # model -> why every group is refused (the reason refused_channel_groups gives for all of them)
-    "tv_convnext_tiny": "nn.Parameter|not supported|output",
-}
 SUPPORTED = [name for name in ZOO if name not in UNSUPPORTED]
-PRUNABLE = [name for name in SUPPORTED if name not in NO_GROUPS]
+PRUNABLE = SUPPORTED
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,11 +59,8 @@ def test_unsupported_models_fail_early_with_a_clear_message(name):
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_groups_found(name):
     model, x, groups = discovered(name)
-    if name in NO_GROUPS:
-        refused = refused_channel_groups(model, x)
-        assert not groups and refused and all(r.reason for r in refused)
-    else:
-        assert len(groups) > 0
+    assert len(groups) > 0
+    assert all(refused.reason for refused in refused_channel_groups(model, x))
 
 
 @pytest.mark.parametrize("name", PRUNABLE)
