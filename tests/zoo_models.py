@@ -113,8 +113,12 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A fresh model (seeded) and its example input."""
+    """A fresh model (seeded) and its example input. A zero-initialised classifier (torchvision's ViT)
+    gets random weights, else every gradient before it would be zero."""
     builder, side = ZOO[name]
     torch.manual_seed(0)
     model = builder().eval()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02)
     return model, torch.randn(1, 3, side, side)
