@@ -129,8 +129,14 @@ CALLBACKS = {
 }
 
 
+HEAVY = {"tv_resnet50", "tv_resnext50_32x4d", "tv_wide_resnet50_2", "tv_densenet121", "tv_convnext_tiny", "tv_vit_b_16"}
+"""Rows whose callback fits take tens of seconds each on CPU: also marked ``slow``."""
+
+
 @pytest.mark.parametrize("callback", sorted(CALLBACKS))
-@pytest.mark.parametrize("name", PRUNABLE)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name for name in PRUNABLE]
+)
 def test_callback_fits_one_epoch(name, callback, trainer_factory):
     network, x = build(name)
     side = x.shape[-1]
