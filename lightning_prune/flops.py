@@ -159,8 +159,9 @@ class FlopsPredictor:
     S_o} k_g`` (``S_o``: one or two groups), found by counting two physically pruned copies with random
     widths (probes) and matching the exact ratios ``F_o(probe) / F_o(dense)``. Where an operator fits
     no such product (a pooling over a concatenation of many groups, as in DenseNet), every prediction
-    is an exact recount of a physically pruned copy (slow, cached per kept-width vector). A prediction is two small integer matrix-vector products (plus those
-    few products), equal to fvcore's recount of the physically pruned model.
+    is an exact recount of a physically pruned copy (slow, cached per kept-width vector). Otherwise a
+    prediction is two small integer matrix-vector products (plus those few products), equal to
+    fvcore's recount of the physically pruned model.
 
     Args:
         model: the dense model the groups were found on.
@@ -217,7 +218,8 @@ class FlopsPredictor:
             self._terms = _functional_terms(model, example_input, groups, set(touching))
             self._recount_on = (model, example_input, list(groups))
         if self._terms:
-            self._constant -= int(sum(unit * math.prod(int(self.sizes[g]) for g in term) for unit, term in self._terms))
+            dense_terms = sum(unit * math.prod(int(self.sizes[g]) for g in term) for unit, term in self._terms)
+            self._constant -= int(dense_terms)
 
     def predict_counts(self, kept: Sequence[int] | np.ndarray) -> int:
         """FLOPs when group ``g`` keeps ``kept[g]`` channels (which ones does not matter)."""

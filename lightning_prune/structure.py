@@ -264,7 +264,7 @@ def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
     for (module, kind), positions in claimed.items():
         every = torch.cat(positions)
         if every.unique().numel() != every.numel():
-            return f"{module!r} ({kind} channels): a position is claimed twice (a module used more than once in forward?)"
+            return f"{module!r} ({kind} channels): a position is claimed twice (a module used twice in forward?)"
     return None
 
 
@@ -293,8 +293,9 @@ def _failing_node(traceback: Any) -> str:
 
 
 MAX_GROUP_ITEMS = 1_000_000
-"""A torch-pruning group with more channel indices (over all its entries) than this is taken as a runaway expansion (Swin's window
-attention grows one past 5 GB): discovery stops with a ``ValueError`` instead of exhausting memory."""
+"""A torch-pruning group with more channel indices (over all its entries) than this is taken as a runaway
+expansion (Swin's window attention grows one past 5 GB): discovery stops with a ``ValueError`` instead of
+exhausting memory."""
 
 
 @contextlib.contextmanager

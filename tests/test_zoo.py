@@ -92,7 +92,7 @@ def test_masked_output_equals_physically_pruned_output(name):
 @pytest.mark.parametrize("name", PRUNABLE)
 def test_gate_phase_gives_finite_nonzero_gate_gradients(name):
     model, x, groups = discovered(name)
-    position = "bn" if gate_sites(model, groups, "bn") else "conv"
+    position = "bn" if gate_sites(model, groups, "bn") else "conv"  # ViT, ConvNeXt: no BatchNorm
     gates = ChannelGates.for_groups(model, groups, position)
     assert gates.num_gates > 0
     with gates.inserted():
@@ -123,9 +123,12 @@ class ZooClassifier(pl.LightningModule):
 
 
 CALLBACKS = {
-    "IterativeMagnitude": lambda: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
-    "GatePruningFromScratch": lambda: GatePruningFromScratch(flops_ratio=0.6, gate_epochs=1),
-    "AutoPruneCallback": lambda: AutoPruneCallback(),
+    "IterativeMagnitude": lambda _: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
+    # gates on BatchNorms where the groups have them, else (ViT, ConvNeXt) on the layers' outputs
+    "GatePruningFromScratch": lambda position: GatePruningFromScratch(
+        flops_ratio=0.6, gate_epochs=1, gate_position=position
+    ),
+    "AutoPruneCallback": lambda _: AutoPruneCallback(),
 }
 
 
@@ -141,6 +144,8 @@ def test_callback_fits_one_epoch(name, callback, trainer_factory):
     network, x = build(name)
     side = x.shape[-1]
     data = TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 10, (8,)))
-    trainer = trainer_factory([CALLBACKS[callback]()], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    dense, _, groups = discovered(name)
+    position = "bn" if gate_sites(dense, groups, "bn") else "conv"
+    trainer = trainer_factory([CALLBACKS[callback](position)], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
     assert trainer.state.finished

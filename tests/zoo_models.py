@@ -19,7 +19,7 @@ def import_torchvision():  # noqa: ANN201 - the module
     finder that does this at import (``_torchvision_cpu_schemas``); without it, this defines them."""
     import sys
 
-    shim = any(type(f).__name__ == "_DefineSchemasBeforeTorchvision" or getattr(f, "__name__", "") == "_DefineSchemasBeforeTorchvision" for f in sys.meta_path)
+    shim = any(getattr(finder, "__name__", "") == "_DefineSchemasBeforeTorchvision" for finder in sys.meta_path)
     if not shim and "torchvision" not in sys.modules and not _TORCHVISION_OPS:
         library = torch.library.Library("torchvision", "DEF")
         try:
