@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -149,3 +153,27 @@ def test_callback_fits_one_epoch(name, callback, trainer_factory):
     trainer = trainer_factory([CALLBACKS[callback](position)], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
     assert trainer.state.finished
+
+
+def test_swin_discovery_fails_early_in_bounded_memory():
+    """Torch-Pruning's group expansion on swin_t grows past 5 GB; ours stops early. Run in a subprocess
+    capped at 4 GB of address space, and check its peak resident memory."""
+    script = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+sys.path.insert(0, sys.argv[1])
+from zoo_models import build
+from lightning_prune.structure import find_channel_groups
+model, x = build("tv_swin_t")
+try:
+    find_channel_groups(model, x)
+except ValueError as error:
+    print("ValueError", error)
+print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script, tests], capture_output=True, text=True, env=env, timeout=300)
+    assert "ValueError" in result.stdout and "features.7.1.mlp.3" in result.stdout, result.stderr[-2000:]
+    peak = int(result.stdout.split("peak_mb")[1])
+    assert peak < 2048
