@@ -2,21 +2,25 @@
 
 Unit: fvcore's, where one multiply-add is one FLOP (what papers call MACs; torch's
 ``FlopCounterMode`` counts two). fvcore counts convolutions, matrix products, normalisation
-(BatchNorm in eval mode: 2 per element), adaptive average pooling and upsampling; elementwise adds,
-activations, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
+(BatchNorm in eval mode: 2 per element), adaptive average pooling and upsampling, and here also
+``scaled_dot_product_attention`` (its two matrix products, see :func:`sdpa_flop_jit`); elementwise adds,
+activations, softmax, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
 still count in full, only a physically smaller model (or :class:`FlopsPredictor`) shows the saving.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from fractions import Fraction
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -25,6 +29,7 @@ from lightning_prune.structure import (
     ChannelPlan,
     ExampleInput,
     GroupMember,
+    apply_plan,
     eval_mode,
     plan_from_scores,
 )
@@ -73,13 +78,17 @@ def _report_unsupported(unsupported: dict[str, int]) -> None:
         log.warning("fvcore has no FLOP formula for %s; they count as 0 FLOPs.", listed)
 
 
-def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
-    """Count ``model``'s FLOPs on ``example_input`` with fvcore's ``FlopCountAnalysis``.
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: ``q @ k^T`` and ``attn @ v`` cost
+    ``batch * L * S * (E + E_v)`` multiply-adds for query ``(..., L, E)``, key ``(..., S, E)`` and value
+    ``(..., S, E_v)``; the softmax and scaling count 0, as fvcore counts no elementwise op."""
+    query, key, value = (get_shape(value) for value in inputs[:3])
+    batch = math.prod(query[:-2])
+    return batch * query[-2] * key[-2] * (query[-1] + value[-1])
 
-    One multiply-add is one FLOP. The unwrapped module is traced in eval mode (each submodule's mode is
-    restored afterwards); fvcore's per-call warnings are silenced and operators it cannot count are
-    returned in ``unsupported`` and logged once.
-    """
+
+def _trace(model: nn.Module, example_input: ExampleInput, ops: Optional[list] = None) -> FlopCount:
+    """fvcore's count; with ``ops``, also append ``(scope, FLOPs)`` of every counted call in graph order."""
     module = _unwrap(model)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     with eval_mode(module), torch.no_grad():
@@ -88,7 +97,12 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
             .unsupported_ops_warnings(False)
             .uncalled_modules_warnings(False)
             .tracer_warnings("none")
+            .set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
         )
+        if ops is not None:
+            for name, handle in list(analysis._op_handles.items()):
+                if handle is not None:
+                    analysis.set_op_handle(name, _recording(handle, ops))
         count = FlopCount(
             total=int(analysis.total()),
             by_module={name: int(flops) for name, flops in analysis.by_module().items()},
@@ -96,6 +110,27 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
         )
     _report_unsupported(count.unsupported)
     return count
+
+
+def _recording(handle: Any, ops: list):  # noqa: ANN202 - an fvcore handle
+    def record(inputs: list[Any], outputs: list[Any]) -> Any:
+        flops = handle(inputs, outputs)
+        total = sum(flops.values()) if hasattr(flops, "values") else flops
+        ops.append((outputs[0].node().scopeName().rsplit("/", 1)[-1], Fraction(total)))
+        return flops
+
+    return record
+
+
+def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
+    """Count ``model``'s FLOPs on ``example_input`` with fvcore's ``FlopCountAnalysis``.
+
+    One multiply-add is one FLOP. The unwrapped module is traced in eval mode (each submodule's mode is
+    restored afterwards); fvcore's per-call warnings are silenced and operators it cannot count are
+    returned in ``unsupported`` and logged once. ``scaled_dot_product_attention`` is counted
+    (:func:`sdpa_flop_jit`; fvcore alone counts it as 0).
+    """
+    return _trace(model, example_input)
 
 
 def _is_bilinear(module: nn.Module) -> bool:
@@ -117,10 +152,16 @@ class FlopsPredictor:
     ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
     (1, or ``H*W`` behind a flatten), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
     formulas are products of widths (conv: ``N*H_out*W_out*C_out*C_in*k_h*k_w``; BatchNorm in eval:
-    ``2*numel``). FLOPs outside those modules are taken as constant (true for models built of
-    modules; a functional ``F.adaptive_avg_pool2d`` in a parent's ``forward`` would not scale). A
-    prediction is two small integer matrix-vector products, equal to fvcore's recount of the
-    physically pruned model.
+    ``2*numel``). FLOPs of other modules are constant: a leaf module whose widths a group changes is
+    one of its members. What remains are operators called functionally in a parent's ``forward``
+    (``F.adaptive_avg_pool2d`` at the end of MobileNetV2 or DenseNet, attention matrix products): when
+    there are any, each is attributed to the group widths it scales with, ``F_o(k) = u_o * prod_{g in
+    S_o} k_g`` (``S_o``: one or two groups), found by counting two physically pruned copies with random
+    widths (probes) and matching the exact ratios ``F_o(probe) / F_o(dense)``. Where an operator fits
+    no such product (a pooling over a concatenation of many groups, as in DenseNet), every prediction
+    is an exact recount of a physically pruned copy (slow, cached per kept-width vector). Otherwise a
+    prediction is two small integer matrix-vector products (plus those few products), equal to
+    fvcore's recount of the physically pruned model.
 
     Args:
         model: the dense model the groups were found on.
@@ -171,13 +212,36 @@ class FlopsPredictor:
             if remainder:
                 raise ValueError(f"fvcore's FLOPs of {name!r} are not proportional to its widths; cannot predict.")
         self._constant = self.dense - sum(count.by_module[name] for name in names)
+        self._terms: Optional[list[tuple[Fraction, tuple[int, ...]]]] = []
+        self._recounts: dict[tuple[int, ...], int] = {}
+        if _has_functional_flops(modules, count.by_module, set(touching)):
+            self._terms = _functional_terms(model, example_input, groups, set(touching))
+            self._recount_on = (model, example_input, list(groups))
+        if self._terms:
+            dense_terms = sum(unit * math.prod(int(self.sizes[g]) for g in term) for unit, term in self._terms)
+            self._constant -= int(dense_terms)
 
     def predict_counts(self, kept: Sequence[int] | np.ndarray) -> int:
         """FLOPs when group ``g`` keeps ``kept[g]`` channels (which ones does not matter)."""
         removed = self.sizes - np.asarray(kept, dtype=np.int64)
+        if self._terms is None:
+            return self._recount(tuple(int(k) for k in self.sizes - removed))
         widths_in = self._a - self._alpha @ removed
         widths_out = self._b - self._beta @ removed
-        return int(self._constant + self._unit @ (widths_in * widths_out))
+        modules = int(self._constant + self._unit @ (widths_in * widths_out))
+        if not self._terms:
+            return modules
+        kept = self.sizes - removed
+        return modules + int(sum(unit * math.prod(int(kept[g]) for g in term) for unit, term in self._terms))
+
+    def _recount(self, kept: tuple[int, ...]) -> int:
+        """fvcore's count of a physically pruned copy keeping ``kept[g]`` channels of group ``g`` (cached)."""
+        if kept not in self._recounts:
+            model, example_input, groups = self._recount_on
+            probe = copy.deepcopy(_unwrap(model))
+            apply_plan(probe, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
+            self._recounts[kept] = count_flops(probe, example_input).total
+        return self._recounts[kept]
 
     def predict(self, plan: ChannelPlan) -> int:
         """FLOPs of the model after :func:`~lightning_prune.structure.apply_plan` with ``plan``."""
@@ -193,6 +257,66 @@ class FlopsPredictor:
         if min_channels < 1:
             raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
         return self.predict_counts(np.minimum(self.sizes, min_channels))
+
+
+def _has_functional_flops(modules: dict[str, nn.Module], by_module: dict[str, int], touched: set[str]) -> bool:
+    """Whether some module that is not a group member counts FLOPs in its own ``forward`` beyond its
+    children's (a functional op whose widths a group may change)."""
+    children: dict[str, int] = {}
+    for name in modules:
+        if name:
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            children[parent] = children.get(parent, 0) + by_module.get(name, 0)
+    return any(
+        by_module.get(name, 0) > children.get(name, 0)
+        for name, module in modules.items()
+        if name not in touched and next(module.children(), None) is not None
+    )
+
+
+def _functional_terms(
+    model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup], touched: set[str]
+) -> Optional[list[tuple[Fraction, tuple[int, ...]]]]:
+    """``(u_o, S_o)`` for every counted operator outside the group members whose FLOPs change with a
+    plan: ``F_o(k) = u_o * prod_{g in S_o} k_g``, from two probes (see :class:`FlopsPredictor`);
+    ``None`` if some operator fits no such product."""
+    dense_ops: list = []
+    _trace(model, example_input, dense_ops)
+    sizes = [group.size for group in groups]
+    probes = []
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(seed)
+        kept = [int(torch.randint(1, size, (1,), generator=generator)) if size > 1 else 1 for size in sizes]
+        probe = copy.deepcopy(_unwrap(model))
+        apply_plan(probe, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
+        ops: list = []
+        _trace(probe, example_input, ops)
+        del probe
+        if [scope for scope, _ in ops] != [scope for scope, _ in dense_ops]:
+            raise ValueError("The pruned model's operators differ from the dense model's; cannot predict FLOPs.")
+        probes.append((kept, ops))
+    ratios: dict[tuple[Fraction, ...], list[int]] = {}
+    for index, size in enumerate(sizes):
+        if size > 1:
+            ratios.setdefault(tuple(Fraction(kept[index], size) for kept, _ in probes), []).append(index)
+    terms = []
+    for position, (scope, dense) in enumerate(dense_ops):
+        if scope in touched or dense == 0:
+            continue
+        ratio = tuple(ops[position][1] / dense for _, ops in probes)
+        if all(value == 1 for value in ratio):
+            continue
+        matches = [(index,) for index in ratios.get(ratio, [])]
+        for first, size in enumerate(sizes):
+            if size > 1:
+                rest = tuple(value / Fraction(kept[first], size) for value, (kept, _) in zip(ratio, probes))
+                matches += [(first, second) for second in ratios.get(rest, []) if second >= first]
+        if len(matches) != 1:
+            where = f"module {scope!r}" if scope else "the model's own forward"
+            log.info("FLOPs of an operator in %s fit no single product of group widths; predictions recount.", where)
+            return None
+        terms.append((dense / math.prod(sizes[index] for index in matches[0]), matches[0]))
+    return terms
 
 
 @dataclass(frozen=True)

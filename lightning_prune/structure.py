@@ -8,11 +8,17 @@ from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group,
 returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
 loads (:func:`restore_structure`, :func:`restore_structure_from_checkpoint`).
 
-Supported group members: ``Conv1d/2d/3d`` with ``groups=1`` or depthwise (``groups == in == out``),
-``Linear``, ``BatchNorm`` and parameter-free modules (activations, pooling, dropout). A group that
-touches any other parametrised module (a grouped or transposed conv, LayerNorm, GroupNorm, PReLU,
-attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the model's output:
-the last layer's output units and the model's input channels are never pruned.
+Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups=1``, depthwise
+convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
+pooling, dropout). A group that touches any other parametrised module (a grouped conv, LayerNorm,
+GroupNorm, PReLU, attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the
+model's output: the last layer's output units and the model's input channels are never pruned.
+
+Every group torch-pruning proposes is checked before it is accepted: each member's positions lie
+inside the module's dimension, no position is claimed twice (within a group or by two groups), and each
+channel occupies equally many positions of a member. A group that fails (e.g. behind a module called
+twice on two slices of one tensor, where torch-pruning's index mapping is wrong) is refused;
+:func:`refused_channel_groups` gives each refused group's root layer and the reason.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ class GroupMember:
             a flatten, one channel occupies ``H*W`` positions of the following Linear).
         dim: full size of that dimension in the dense module (all groups together).
         order: the module's position in ``model.named_modules()``.
+        has_parameters: whether the module holds parameters of its own (parameter-free members, such
+            as an activation module called several times, are not checked for consistency).
     """
 
     module: str
@@ -67,6 +75,7 @@ class GroupMember:
     channels: torch.Tensor
     dim: int
     order: int
+    has_parameters: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,18 +123,25 @@ def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
 
-def _member_kind(module: nn.Module, is_out: bool) -> Optional[MemberKind]:
-    """How a module carries a group's channels, or ``None`` if such a group is not supported."""
+def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
+    """How a module carries a group's channels, or why such a group is not supported (a sentence)."""
     if isinstance(module, _ConvNd):
-        depthwise = module.groups == module.in_channels == module.out_channels
-        if module.transposed or not (module.groups == 1 or depthwise):
-            return None
+        depthwise = module.groups == module.in_channels == module.out_channels and not module.transposed
+        if not (module.groups == 1 or depthwise):
+            return f"a grouped {type(module).__name__} (groups={module.groups}) is not supported"
         return "out" if is_out or depthwise else "in"
     if isinstance(module, nn.Linear):
         return "out" if is_out else "in"
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
-    return None
+    return f"a {type(module).__name__} (a parametrised module of unsupported type) is not supported"
+
+
+def _weight_dim(module: nn.Module, kind: MemberKind) -> int:
+    """The weight dimension holding a Conv/Linear's ``kind`` channels (a transposed conv's weight is
+    ``(in, out / groups, *kernel)``)."""
+    out_dim = 1 if isinstance(module, _ConvNd) and module.transposed else 0
+    return out_dim if kind == "out" else 1 - out_dim
 
 
 def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) -> int:
@@ -158,6 +174,13 @@ class _Graph:
                 self.graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=_as_tuple(example_input), verbose=False
                 )
+        except (ZeroDivisionError, IndexError, KeyError) as error:  # torch-pruning's index mapping failed
+            node = _failing_node(error.__traceback__)
+            raise ValueError(
+                f"torch-pruning cannot map channels through {node} ({type(error).__name__}: {error}); "
+                "e.g. a reshape that splits the channel dimension (a channel shuffle). This model's channel "
+                "groups are not supported."
+            ) from error
         finally:
             for handle in handles:
                 handle.remove()
@@ -183,21 +206,28 @@ class _Graph:
         pruner = self.graph.get_pruner_of_module(root)
         return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
 
-    def members(self, tp_group: Any) -> Optional[list[GroupMember]]:
-        """The named members of a torch-pruning group; ``None`` if the group is not prunable here."""
+    def members(self, tp_group: Any) -> Union[list[GroupMember], str]:
+        """The named members of a torch-pruning group, or why the group is not prunable here."""
         members = []
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
             is_out = self.graph.is_out_channel_pruning_fn(handler)
-            if node.type in (tp.ops.OPTYPE.OUTPUT, tp.ops.OPTYPE.PARAMETER) or (is_out and not node.outputs):
-                return None  # coupled to the model's output, or to a loose parameter
+            if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
+                return "coupled to the model's output"
+            if node.type == tp.ops.OPTYPE.PARAMETER:
+                return "coupled to a loose nn.Parameter"
+            if _is_attention(node):
+                return (
+                    f"its channels flow through attention ({node.name}): heads are not pruned, and "
+                    "removing single q/k/v channels would break the head reshape"
+                )
             name = self.node_name(node)
             if name is None:
                 continue  # an unnamed functional op (add, cat, flatten, ...): no weights, no FLOPs
             module = self.modules[name]
             kind = _member_kind(module, is_out)
-            if kind is None:
-                return None
+            if kind not in ("out", "in", "channel"):
+                return f"{name!r}: {kind}"
             members.append(
                 GroupMember(
                     module=name,
@@ -206,9 +236,90 @@ class _Graph:
                     channels=torch.tensor(item.root_idxs, dtype=torch.long),
                     dim=_member_dim(module, kind, self.channels.get(name)),
                     order=self.order[name],
+                    has_parameters=next(module.parameters(recurse=False), None) is not None,
                 )
             )
-        return sorted(members, key=lambda member: (member.order, member.kind))
+        members.sort(key=lambda member: (member.order, member.kind))
+        return _inconsistency(members) or members
+
+
+def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
+    """Why a group's members do not describe a consistent channel removal, or ``None`` if they do:
+    every position inside its module's dimension, no position of a (module, kind) claimed twice, as
+    many positions as channels, and each channel occupying equally many positions of the member."""
+    claimed: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for member in members:
+        if member.kind == "channel" and not member.has_parameters:
+            continue  # nothing to slice (an activation may well be called several times)
+        where = f"{member.module!r} ({member.kind} channels)"
+        if member.positions.numel() != member.channels.numel():
+            return f"{where}: {member.positions.numel()} positions for {member.channels.numel()} channels"
+        if member.positions.numel() and (int(member.positions.min()) < 0 or int(member.positions.max()) >= member.dim):
+            return f"{where}: positions outside [0, {member.dim}) (a module used more than once in forward?)"
+        counts = torch.bincount(member.channels)
+        counts = counts[counts > 0]
+        if counts.numel() and not bool((counts == counts[0]).all()):
+            return f"{where}: channels occupy unequal numbers of positions"
+        claimed.setdefault((member.module, member.kind), []).append(member.positions)
+    for (module, kind), positions in claimed.items():
+        every = torch.cat(positions)
+        if every.unique().numel() != every.numel():
+            return f"{module!r} ({kind} channels): a position is claimed twice (a module used twice in forward?)"
+    return None
+
+
+_ATTENTION_OPS = ("Attention", "Bmm", "Baddbmm")
+
+
+def _is_attention(node: Any) -> bool:
+    """A torch-pruning node that splits q/k/v (``unbind``) or mixes channels of two activations
+    (``scaled_dot_product_attention``, a batched matmul): its index mapping is not channel-wise."""
+    if node.type == tp.ops.OPTYPE.UNBIND:
+        return True
+    grad_fn = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
+    return node.type == tp.ops.OPTYPE.ELEMENTWISE and any(op in grad_fn for op in _ATTENTION_OPS)
+
+
+def _failing_node(traceback: Any) -> str:
+    """The torch-pruning graph node being processed where an exception was raised (for the message)."""
+    found = "an operation"
+    while traceback is not None:
+        node = traceback.tb_frame.f_locals.get("node")
+        if node is not None and hasattr(node, "name"):
+            inputs = ", ".join(str(getattr(item, "name", item)) for item in getattr(node, "inputs", [])[:2])
+            found = f"{node.name} (after {inputs})" if inputs else str(node.name)
+        traceback = traceback.tb_next
+    return found
+
+
+MAX_GROUP_ITEMS = 1_000_000
+"""A torch-pruning group with more channel indices (over all its entries) than this is taken as a runaway
+expansion (Swin's window attention grows one past 5 GB): discovery stops with a ``ValueError`` instead of
+exhausting memory."""
+
+
+@contextlib.contextmanager
+def _bounded_groups(names: Mapping[nn.Module, str]) -> Iterator[None]:
+    """Make torch-pruning's group expansion raise ``ValueError`` past :data:`MAX_GROUP_ITEMS` indices."""
+    group_class = tp.dependency.Group
+    add_dep = group_class.add_dep
+
+    def bounded(group: Any, dep: Any, idxs: Any) -> None:
+        group.lightning_prune_size = getattr(group, "lightning_prune_size", 0) + len(idxs)
+        if group.lightning_prune_size > MAX_GROUP_ITEMS:
+            root = group._group[0].dep.target
+            raise ValueError(
+                f"torch-pruning's channel group rooted at {names.get(root.module, root.name)!r} grows past "
+                f"{MAX_GROUP_ITEMS} channel indices (e.g. shifted-window attention); this model's channel groups "
+                "are not supported."
+            )
+        add_dep(group, dep, idxs)
+
+    group_class.add_dep = bounded
+    try:
+        yield
+    finally:
+        group_class.add_dep = add_dep
 
 
 def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
@@ -217,6 +328,60 @@ def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.M
     if unknown:
         raise ValueError(f"`{argument}` names modules that are not in the model: {unknown}.")
     return [modules[name] for name in names]
+
+
+@dataclass(frozen=True)
+class RefusedGroup:
+    """A coupled channel group torch-pruning found that is not pruned: its root layer, its size and why."""
+
+    root: str
+    size: int
+    reason: str
+
+
+def _discover(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
+) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    ignored = _resolve(model, ignored_layers or [], "ignored_layers")
+    traced = _Graph(model, example_input)
+    found, refused = [], []
+    with _bounded_groups(traced.names):
+        tp_groups = list(traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]))
+    for tp_group in tp_groups:
+        producers = [
+            item.dep.target.module
+            for item in tp_group.items
+            if isinstance(item.dep.target.module, (_ConvNd, nn.Linear))
+            and traced.graph.is_out_channel_pruning_fn(item.dep.handler)
+        ]
+        root = min(producers, key=lambda module: traced.order[traced.names[module]])
+        size = traced.graph.get_out_channels(root)
+        members = traced.members(traced.pruning_group(root, range(size)))
+        if isinstance(members, str):
+            refused.append(RefusedGroup(traced.names[root], size, members))
+        else:
+            found.append((traced.names[root], size, members))
+    # a position claimed by two groups would be removed by either: refuse both
+    owners: dict[tuple[str, str, int], int] = {}
+    clashing: set[int] = set()
+    for number, (_, _, members) in enumerate(found):
+        for member in members:
+            if member.kind == "channel" and not member.has_parameters:
+                continue
+            for position in member.positions.unique().tolist():
+                other = owners.setdefault((member.module, member.kind, position), number)
+                if other != number:
+                    clashing |= {number, other}
+    for number in sorted(clashing):
+        root, size, _ = found[number]
+        refused.append(RefusedGroup(root, size, "shares channel positions with another group"))
+    found = [entry for number, entry in enumerate(found) if number not in clashing]
+    found.sort(key=lambda entry: next(m.order for m in entry[2] if m.kind == "out"))
+    groups = [
+        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
+        for index, (_, size, members) in enumerate(found)
+    ]
+    return groups, refused
 
 
 def find_channel_groups(
@@ -230,26 +395,15 @@ def find_channel_groups(
         ignored_layers: names of modules whose output channels must stay; groups producing them
             are left out (their input channels may still shrink).
     """
-    ignored = _resolve(model, ignored_layers or [], "ignored_layers")
-    traced = _Graph(model, example_input)
-    found = []
-    for tp_group in traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]):
-        producers = [
-            item.dep.target.module
-            for item in tp_group.items
-            if isinstance(item.dep.target.module, (_ConvNd, nn.Linear))
-            and traced.graph.is_out_channel_pruning_fn(item.dep.handler)
-        ]
-        root = min(producers, key=lambda module: traced.order[traced.names[module]])
-        size = traced.graph.get_out_channels(root)
-        members = traced.members(traced.pruning_group(root, range(size)))
-        if members is not None:
-            found.append((size, members))
-    found.sort(key=lambda entry: next(m.order for m in entry[1] if m.kind == "out"))
-    return [
-        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
-        for index, (size, members) in enumerate(found)
-    ]
+    return _discover(model, example_input, ignored_layers)[0]
+
+
+def refused_channel_groups(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+) -> list[RefusedGroup]:
+    """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
+    (coupled to the output, an unsupported member type, an inconsistent channel mapping)."""
+    return _discover(model, example_input, ignored_layers)[1]
 
 
 def _removed(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
@@ -289,9 +443,9 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
 def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str, int]]:
     """(parameter name in the module, dimension) pairs that removing the member's positions slices."""
     if member.kind == "in":
-        return [("weight", 1)]
+        return [("weight", _weight_dim(module, "in"))]
     if member.kind == "out":
-        return [("weight", 0)] + ([("bias", 0)] if module.bias is not None else [])
+        return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if module.bias is not None else [])
     return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
 
 
@@ -337,7 +491,8 @@ def channel_norms(
         for member in group.members:
             if member.kind != "out":
                 continue
-            weight = modules[member.module].weight.detach()
+            module = modules[member.module]
+            weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)
             rows = weight.flatten(1)[member.positions.to(weight.device)]
             values = rows.abs().sum(1) if norm == "l1" else rows.norm(dim=1)
             score.index_add_(0, member.channels, values.float().cpu())
@@ -460,6 +615,8 @@ def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
     elif family == "conv":
         width = module.out_channels
         weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        if module.transposed:
+            weight_shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
     else:
         width, weight_shape = module.out_features, (module.out_features, module.in_features)
     if module.weight is not None:
@@ -506,7 +663,9 @@ def structure_from_state_dict(
         if weight is None:
             continue
         family = _layer_family(module)
-        if family == "conv":
+        if family == "conv" and module.transposed:  # weight (in, out / groups, *kernel)
+            shape.update(in_channels=weight.shape[0], out_channels=weight.shape[1] * module.groups)
+        elif family == "conv":
             depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
             groups = weight.shape[0] if depthwise else module.groups
             shape.update(out_channels=weight.shape[0], in_channels=weight.shape[1] * groups, groups=groups)

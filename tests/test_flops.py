@@ -141,3 +141,44 @@ def test_search_rejects_scores_that_do_not_match_the_groups(resnet56_search):
         search_threshold([torch.rand(g.size + 1) for g in groups], 0.5, predictor)
     with pytest.raises(ValueError, match="NaN"):
         search_threshold([torch.full((g.size,), math.nan) for g in groups], 0.5, predictor)
+
+
+class FunctionalPooling(nn.Module):
+    """Pooling called functionally in ``forward`` (as in MobileNetV2), over one group's channels or,
+    with ``concatenate``, over a concatenation of two groups (as in DenseNet)."""
+
+    def __init__(self, concatenate: bool) -> None:
+        super().__init__()
+        self.concatenate = concatenate
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.fc = nn.Linear(14 if concatenate else 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        x = torch.cat([x, self.b(x)], 1) if self.concatenate else self.b(x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("concatenate", [False, True])
+@pytest.mark.parametrize("seed", range(2))
+def test_predictor_is_exact_with_functional_ops_in_forward(concatenate, seed):
+    model, x = FunctionalPooling(concatenate).eval(), torch.randn(1, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    assert len(groups) == 2
+    predictor = FlopsPredictor(model, x, groups)
+    generator = torch.Generator().manual_seed(seed)
+    plan = {g.index: torch.randperm(g.size, generator=generator)[: 1 + seed].sort().values for g in groups}
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, groups, plan, x)
+    assert predictor.predict(plan) == count_flops(pruned, x).total
+
+
+def test_scaled_dot_product_attention_is_counted():
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    # q @ k^T: 2*3 * 5*7*4 multiply-adds; attn @ v: 2*3 * 5*7*6
+    assert count_flops(Attention(), (q, k, v)).total == 2 * 3 * 5 * 7 * (4 + 6)

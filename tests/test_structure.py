@@ -24,6 +24,7 @@ from lightning_prune.structure import (
     find_channel_groups,
     layer_channel_ratios,
     plan_from_scores,
+    refused_channel_groups,
     rebuild_training_state,
     restore_structure,
     restore_structure_from_checkpoint,
@@ -386,3 +387,48 @@ def test_plan_applied_under_ddp_rewraps_the_model(trainer_factory):
     )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
     assert module.network.features[0][0].out_channels == 16
+
+
+def _masked_and_pruned(model: nn.Module, x: torch.Tensor, groups, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    masked, pruned = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    masks = channel_masks(masked, groups, plan)
+    with torch.no_grad():
+        for name, parameter in masked.named_parameters():
+            if name in masks:
+                parameter.mul_(masks[name])
+    apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        return masked(x), pruned(x)
+
+
+def test_group_behind_a_module_used_twice_is_refused_and_the_rest_prunes_exactly():
+    from zoo_models import SplitModel
+
+    model, x = SplitModel().eval(), torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    refused = {group.root: group.reason for group in refused_channel_groups(model, x)}
+    # torch-pruning maps block1's 32 channels onto block2_1's 8 inputs twice: refused, with the reason
+    assert "block1.3" in refused and "positions outside" in refused["block1.3"]
+    assert "block1.3" not in [group.root for group in groups] and len(groups) == 4
+    generator = torch.Generator().manual_seed(0)
+    plan = {g.index: torch.randperm(g.size, generator=generator)[: g.size // 2].sort().values for g in groups}
+    masked, pruned = _masked_and_pruned(model, x, groups, plan)
+    torch.testing.assert_close(pruned, masked)
+
+
+def test_transposed_conv_channels_prune_and_restore_from_a_state_dict():
+    from zoo_models import TransposedConvModel
+
+    model, x = TransposedConvModel().eval(), torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    assert "up" in [group.root for group in groups]
+    plan = {g.index: torch.arange(0, g.size, 2) for g in groups}
+    masked, pruned = _masked_and_pruned(model, x, groups, plan)
+    torch.testing.assert_close(pruned, masked)
+    apply_plan(model, groups, plan, x)
+    assert (model.up.in_channels, model.up.out_channels) == (12, 6)
+    fresh = TransposedConvModel().eval()
+    restore_structure(fresh, structure_from_state_dict(fresh, model.state_dict()))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

@@ -1,0 +1,179 @@
+"""Structure discovery, the FLOPs predictor, masks, physical removal, gates and the three callbacks on real
+model zoos (torchvision, timm, Torch-Pruning-style test models): random weights, CPU, small inputs.
+Each model is one row of the README's "Model zoo support" table."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from zoo_models import ZOO, build
+
+from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
+from lightning_prune.flops import FlopsPredictor, count_flops
+from lightning_prune.gates import ChannelGates, gate_sites
+from lightning_prune.structure import apply_plan, channel_masks, find_channel_groups, refused_channel_groups
+
+pytestmark = pytest.mark.zoo
+
+UNSUPPORTED = {
+    # model -> the ValueError discovery raises (early, with bounded memory)
+    "tv_swin_t": "grows past .* channel indices",
+    "tv_shufflenet_v2_x1_0": "cannot map channels through .*channel shuffle",
+}
+SUPPORTED = [name for name in ZOO if name not in UNSUPPORTED]
+PRUNABLE = SUPPORTED
+
+
+@functools.lru_cache(maxsize=None)
+def discovered(name: str):  # noqa: ANN201 - (model, input, groups), shared by the cells of one row
+    model, x = build(name)
+    return model, x, find_channel_groups(model, x)
+
+
+def random_plans(groups, count: int, seed: int = 0) -> list[dict[int, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    plans = []
+    for _ in range(count):
+        plan = {}
+        for group in groups:
+            keep = int(torch.randint(1, group.size + 1, (1,), generator=generator))
+            plan[group.index] = torch.randperm(group.size, generator=generator)[:keep].sort().values
+        plans.append(plan)
+    return plans
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_models_fail_early_with_a_clear_message(name):
+    model, x = build(name)
+    with pytest.raises(ValueError, match=UNSUPPORTED[name]):
+        find_channel_groups(model, x)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_groups_found(name):
+    model, x, groups = discovered(name)
+    assert len(groups) > 0
+    assert all(refused.reason for refused in refused_channel_groups(model, x))
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_predicted_flops_equal_fvcore_recount(name):
+    model, x, groups = discovered(name)
+    predictor = FlopsPredictor(model, x, groups)
+    assert predictor.dense == count_flops(model, x).total
+    for plan in random_plans(groups, 2):
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, plan, x)
+        assert predictor.predict(plan) == count_flops(pruned, x).total
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_masked_output_equals_physically_pruned_output(name):
+    model, x, groups = discovered(name)
+    (plan,) = random_plans(groups, 1, seed=1)
+    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
+    masks = channel_masks(masked, groups, plan)
+    with torch.no_grad():
+        for parameter_name, parameter in masked.named_parameters():
+            if parameter_name in masks:
+                parameter.mul_(masks[parameter_name])
+    apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRUNABLE)
+def test_gate_phase_gives_finite_nonzero_gate_gradients(name):
+    model, x, groups = discovered(name)
+    position = "bn" if gate_sites(model, groups, "bn") else "conv"  # ViT, ConvNeXt: no BatchNorm
+    gates = ChannelGates.for_groups(model, groups, position)
+    assert gates.num_gates > 0
+    with gates.inserted():
+        model(x).square().sum().backward()
+    grads = [gate.grad for gate in gates.parameters()]
+    model.zero_grad(set_to_none=True)
+    assert all(grad is not None and torch.isfinite(grad).all() for grad in grads)
+    assert any(grad.abs().sum() > 0 for grad in grads)
+
+
+class ZooClassifier(pl.LightningModule):
+    """A zoo network as a 10-class image classifier (cross-entropy), with an example input."""
+
+    def __init__(self, network: nn.Module, side: int) -> None:
+        super().__init__()
+        self.network = network
+        self.example_input_array = torch.zeros(1, 3, side, side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def training_step(self, batch, batch_index):  # noqa: ANN001, ANN201
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+CALLBACKS = {
+    "IterativeMagnitude": lambda _: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
+    # gates on BatchNorms where the groups have them, else (ViT, ConvNeXt) on the layers' outputs
+    "GatePruningFromScratch": lambda position: GatePruningFromScratch(
+        flops_ratio=0.6, gate_epochs=1, gate_position=position
+    ),
+    "AutoPruneCallback": lambda _: AutoPruneCallback(),
+}
+
+
+HEAVY = {"tv_resnet50", "tv_resnext50_32x4d", "tv_wide_resnet50_2", "tv_densenet121", "tv_convnext_tiny", "tv_vit_b_16"}
+"""Rows whose callback fits take tens of seconds each on CPU: also marked ``slow``."""
+
+
+@pytest.mark.parametrize("callback", sorted(CALLBACKS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name for name in PRUNABLE]
+)
+def test_callback_fits_one_epoch(name, callback, trainer_factory):
+    network, x = build(name)
+    side = x.shape[-1]
+    data = TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 10, (8,)))
+    dense, _, groups = discovered(name)
+    position = "bn" if gate_sites(dense, groups, "bn") else "conv"
+    trainer = trainer_factory([CALLBACKS[callback](position)], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
+    assert trainer.state.finished
+
+
+def test_swin_discovery_fails_early_in_bounded_memory():
+    """Torch-Pruning's group expansion on swin_t grows past 5 GB; ours stops early. Run in a subprocess
+    capped at 4 GB of address space, and check its peak resident memory."""
+    script = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+sys.path.insert(0, sys.argv[1])
+from zoo_models import build
+from lightning_prune.structure import find_channel_groups
+model, x = build("tv_swin_t")
+try:
+    find_channel_groups(model, x)
+except ValueError as error:
+    print("ValueError", error)
+print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tests).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script, tests], capture_output=True, text=True, env=env, timeout=300)
+    assert "ValueError" in result.stdout and "features.7.1.mlp.3" in result.stdout, result.stderr[-2000:]
+    peak = int(result.stdout.split("peak_mb")[1])
+    assert peak < 2048
