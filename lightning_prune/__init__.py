@@ -10,13 +10,8 @@ from lightning_prune.masks import MaskSet
 from lightning_prune.models import build_network
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import PruningSchedule
-from lightning_prune.structure import (
-    apply_plan,
-    channel_ratio_vector,
-    find_channel_groups,
-    rebuild_training_state,
-    restore_structure_from_checkpoint,
-)
+from lightning_prune.structure import apply_plan, channel_ratio_vector, find_channel_groups
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load, restore_structure_from_checkpoint
 
 __version__ = "0.1.0"
 
@@ -37,6 +32,7 @@ __all__ = [
     "find_channel_groups",
     "load_sparse",
     "rebuild_training_state",
+    "reshape_on_load",
     "restore_structure_from_checkpoint",
     "search_threshold",
     "sparsity_report",

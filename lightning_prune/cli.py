@@ -75,7 +75,7 @@ def sensitivity_command(
     import yaml
 
     from lightning_prune.loggers import is_wandb_logger
-    from lightning_prune.structure import restore_structure_from_checkpoint
+    from lightning_prune.training_state import restore_structure_from_checkpoint
 
     if ckpt_path is not None:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
