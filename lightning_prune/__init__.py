@@ -4,6 +4,7 @@ from lightning_prune.callbacks import AutoPruneCallback, GatePruningFromScratch,
 from lightning_prune.classifier import ImageClassifier
 from lightning_prune.correlation import structure_correlation
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.diagnostics import count_ops
 from lightning_prune.export import export_sparse, load_sparse
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
 from lightning_prune.masks import MaskSet
@@ -28,6 +29,7 @@ __all__ = [
     "build_network",
     "channel_ratio_vector",
     "count_flops",
+    "count_ops",
     "export_sparse",
     "find_channel_groups",
     "load_sparse",
