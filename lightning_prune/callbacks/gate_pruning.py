@@ -410,9 +410,9 @@ def _length(loader: Any) -> Optional[int]:
 def _progress_bar(trainer: pl.Trainer, total: Optional[int]) -> Optional[Any]:
     if trainer.progress_bar_callback is None or not trainer.is_global_zero:
         return None
-    from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+    from tqdm.auto import tqdm  # not Lightning's private Tqdm: the same under both Lightning namespaces
 
-    return Tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()
