@@ -21,6 +21,7 @@ import argparse
 import logging
 import statistics
 import time
+from collections import Counter
 import warnings
 from typing import Any, Callable, Optional
 
@@ -157,7 +158,10 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[lis
         steps_run = timing["steps"]
         count = timing["count"]
         per_step = OpCount(
-            ops=round(count.ops / steps_run), syncs=round(count.syncs / steps_run), transfers=round(count.transfers / steps_run)
+            ops=round(count.ops / steps_run),
+            syncs=round(count.syncs / steps_run),
+            transfers=round(count.transfers / steps_run),
+            sync_ops=Counter({reason: round(n / steps_run, 1) for reason, n in count.sync_ops.items()}),
         )
         return [timing["seconds"] / steps_run], per_step
     trainer.fit(model, train)
@@ -182,6 +186,7 @@ def main() -> None:
     print()
     print("| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    sources: dict[tuple[str, str], Counter] = {}
     for arch in args.models:
         times: dict[str, list[float]] = {name: [] for name in names}
         ratios: dict[str, list[float]] = {name: [] for name in names}
@@ -200,6 +205,11 @@ def main() -> None:
                 f"| {arch} | {name} | {1000 * statistics.median(times[name]):.1f} | {statistics.median(ratios[name]):.3f} "
                 f"| {count.ops} | {count.syncs} | {count.transfers} |"
             )
+        sources.update({(arch, name): counts[name].sync_ops for name in names if counts[name].sync_ops})
+    print()
+    print("Host syncs per step by source (see lightning_prune.diagnostics):")
+    for (arch, name), reasons in sources.items():
+        print(f"- {arch}, {name}: " + ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common()))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ CPU as on a GPU and can be taken in a test or a CPU benchmark. What counts as a 
   ``aten.unique`` family, ``aten.bincount``, ``aten.repeat_interleave`` with tensor repeats, and
   indexing with a boolean mask (``t[mask]``, ``t[mask] = v``: ``aten.index``/``aten.index_put_``
   with a ``bool``/``uint8`` index);
-- copying tensor data to the host: ``t.tolist()``, ``t.numpy()``, ``t.cpu()``, ``t.to("cpu")``
-  (blocking), and ``aten.copy_`` into a CPU tensor from another device. The first four are counted
-  for *every* tensor, including one that is on the CPU in this run: device-independently, the
-  counter assumes the data would live on the accelerator.
+- copying tensor data to the host: ``t.tolist()``, ``t.numpy()`` and ``t.cpu()``, counted for
+  *every* tensor, including one that is on the CPU in this run (device-independently, the counter
+  assumes the data would live on the accelerator); a blocking ``t.to("cpu")`` of a tensor on another
+  device, and ``aten.copy_`` into a CPU tensor from another device.
 
 Not counted as synchronisations, but reported as ``transfers``: tensors made from host data
-(``torch.tensor(...)``/``torch.as_tensor(...)`` of Python values, ``aten.lift_fresh``) and
-``t.to(device)`` copies between two different devices (host-to-device copies from pageable memory
-block the host too). Allocation-free views, in-place ops and kernels are only counted as ops.
+(``torch.tensor(...)``/``torch.as_tensor(...)`` of Python values, ``aten.lift_fresh``) and every
+``t.to(<device>)`` call that names a device, even one the tensor is already on (a no-op here; on an
+accelerator, a host-to-device copy whenever the source lives on the host, e.g. an index tensor kept on
+the CPU, and such a copy from pageable memory blocks the host too). Kernels, views and in-place ops
+are only counted as ops.
 """
 
 from __future__ import annotations
@@ -119,9 +121,11 @@ class _Function(TorchFunctionMode):
                 self.count._sync(f"Tensor.{name}")
             elif func is torch.Tensor.to:
                 target = _target_device(args, kwargs)
-                if target is not None and target.type == "cpu" and not kwargs.get("non_blocking", False):
+                if target is None:
+                    pass  # a dtype change only
+                elif target.type == "cpu" and args[0].device.type != "cpu" and not kwargs.get("non_blocking", False):
                     self.count._sync("Tensor.to (host)")
-                elif target is not None and target.type != args[0].device.type:
+                else:
                     self.count.transfers += 1
         return func(*args, **kwargs)
 
