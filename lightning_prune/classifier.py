@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.models import ARCHITECTURES, build_network
-from lightning_prune.structure import restore_structure, structure_from_state_dict
+from lightning_prune.training_state import reshape_on_load
 
 Architecture = Literal[
     "lenet300100", "lenet5", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "mobilenetv2", "resnet50"
@@ -65,7 +65,7 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.register_load_state_dict_pre_hook(_reshape_to_state_dict)
+        reshape_on_load(self)  # a pruned state_dict loads into a fresh module (also under ddp_spawn)
 
     def set_width(self, width: float) -> None:
         """Rebuild the network at another channel multiplier (the channel-expansion hook)."""
@@ -113,12 +113,3 @@ class ImageClassifier(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-
-def _reshape_to_state_dict(module: "ImageClassifier", state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: give a channel-pruned network the shapes of the incoming tensors first.
-
-    So a pruned ``state_dict`` loads into a fresh ``ImageClassifier`` everywhere it is loaded:
-    ``load_from_checkpoint``, a resumed ``fit``, and ``ddp_spawn`` copying rank 0's weights back into
-    the main process (which never saw the pruning). Module-level, so that spawning pickles it.
-    """
-    restore_structure(module, structure_from_state_dict(module, state_dict, prefix))

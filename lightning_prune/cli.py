@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -13,13 +15,62 @@ from pytorch_lightning.loggers import Logger
 from lightning_prune.sensitivity import DEFAULT_LEVELS, SensitivityTable, sensitivity_analysis
 
 
+ENTRY_POINTS = {
+    "pytorch_lightning": "the `lightning-prune` command (or `python -m lightning_prune.cli`)",
+    "lightning.pytorch": "`python -m lightning_prune.lightning` (callbacks: `lightning_prune.lightning.IterativeMagnitude`, ...)",
+}
+
+
+def _class_paths(args: ArgsType) -> list[str]:
+    """Every ``class_path`` named on the command line or in a ``--config`` file given there."""
+    items = [str(item) for item in (sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else [])]
+    texts = list(items)
+    for flag, value in zip(items, items[1:]):
+        if flag in ("--config", "-c") and Path(value).is_file():
+            texts.append(Path(value).read_text())
+    return re.findall(r"class_path[:=]\s*['\"]?([A-Za-z_][\w.]*)", "\n".join(texts))
+
+
+def other_namespace_hint(args: ArgsType, namespace: Any) -> Optional[str]:
+    """A message naming the right entry point when ``args`` choose a class of the other Lightning namespace."""
+    other = "lightning.pytorch" if namespace.__name__ == "pytorch_lightning" else "pytorch_lightning"
+    try:
+        other_module = import_module(other)
+    except ImportError:
+        return None
+    bases = tuple(getattr(other_module, name) for name in ("Callback", "LightningModule", "LightningDataModule"))
+    for path in _class_paths(args):
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, bases) and not issubclass(cls, (namespace.Callback, namespace.LightningModule, namespace.LightningDataModule)):
+            return (
+                f"`{path}` is a `{other}` class, and this is the `{namespace.__name__}` CLI: run {ENTRY_POINTS[other]}, "
+                f"or choose the `{namespace.__name__}` classes for {ENTRY_POINTS[namespace.__name__]}."
+            )
+    return None
+
+
 def build_cli(args: ArgsType = None, run: bool = True, namespace: Any = pl) -> LightningCLI:
     """LightningCLI where the model, the data and every callback are chosen by ``class_path`` in YAML.
 
     ``namespace`` is ``pytorch_lightning`` or the unified package's ``lightning.pytorch``: its own
-    LightningCLI, LightningModule and LightningDataModule are used.
+    LightningCLI, LightningModule and LightningDataModule are used. A class of the other namespace
+    is refused with a message naming the entry point that takes it.
     """
     cli_class = import_module(f"{namespace.__name__}.cli").LightningCLI
+    try:
+        return _build(cli_class, namespace, args, run)
+    except SystemExit as error:
+        hint = other_namespace_hint(args, namespace) if error.code else None
+        if hint is not None:
+            print(f"lightning_prune: {hint}", file=sys.stderr)
+        raise
+
+
+def _build(cli_class: Any, namespace: Any, args: ArgsType, run: bool) -> LightningCLI:
     return cli_class(
         namespace.LightningModule,
         namespace.LightningDataModule,
@@ -75,7 +126,7 @@ def sensitivity_command(
     import yaml
 
     from lightning_prune.loggers import is_wandb_logger
-    from lightning_prune.structure import restore_structure_from_checkpoint
+    from lightning_prune.training_state import restore_structure_from_checkpoint
 
     if ckpt_path is not None:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)

@@ -3,8 +3,9 @@
 A callback that subclasses ``pytorch_lightning.Callback`` is not a ``lightning.pytorch.Callback``
 (and the other way round), although both namespaces ship the same code: the unified package's
 LightningCLI refuses it in YAML, and ``isinstance`` checks against the other namespace fail.
-The classes here are the package's own classes with the ``lightning.pytorch`` base class mixed in
-(:func:`for_lightning`): no logic is copied, only the base-class check of the other Trainer is met.
+The classes here are the package's own classes with the ``lightning.pytorch`` base class mixed in,
+written out so that readers and type checkers see them: no logic is copied, only the base-class check
+of the other Trainer is met (:func:`for_lightning` does the same for a callback of your own).
 Needs the optional extra: ``pip install "lightning-prune[lightning]"``.
 
     import lightning as L
@@ -55,11 +56,19 @@ def for_lightning(cls: T) -> T:
     return type(cls.__name__, (cls, L.Callback), {"__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
 
 
-# IterativeMagnitude, GatePruningFromScratch, AutoPruneCallback: every callback the package exports.
-for _name in _callbacks.__all__:
-    globals()[_name] = for_lightning(getattr(_callbacks, _name))
+class IterativeMagnitude(_callbacks.IterativeMagnitude, L.Callback):
+    __doc__ = _callbacks.IterativeMagnitude.__doc__
 
-__all__ = [*_callbacks.__all__, "for_lightning"]
+
+class GatePruningFromScratch(_callbacks.GatePruningFromScratch, L.Callback):
+    __doc__ = _callbacks.GatePruningFromScratch.__doc__
+
+
+class AutoPruneCallback(_callbacks.AutoPruneCallback, L.Callback):
+    __doc__ = _callbacks.AutoPruneCallback.__doc__
+
+
+__all__ = ["AutoPruneCallback", "GatePruningFromScratch", "IterativeMagnitude", "for_lightning"]
 
 
 def main(args: Optional[list[str]] = None) -> "LightningCLI":

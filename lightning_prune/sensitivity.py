@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_prune.criteria import count_to_prune, layer_magnitude_masks
+from lightning_prune.structure import eval_mode
 from lightning_prune.targets import select_modules
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -190,13 +191,11 @@ def sensitivity_analysis(
     """
     levels = _check_levels(levels)
     modules = select_modules(model, parameters, exclude)
-    was_training = model.training
-    model.eval()
     if metric is None:
         metric = MulticlassAccuracy(num_classes=_num_outputs(model, dataloader), average="micro")
     name = type(metric).__name__.replace("Multiclass", "").replace("Binary", "").lower()
     higher_is_better = metric.higher_is_better is not False
-    try:
+    with eval_mode(model):  # every submodule gets its own train/eval flag back
         baseline = evaluate(model, dataloader, metric, limit_batches)
         scores: dict[str, dict[float, float]] = {}
         thresholds: dict[str, dict[float, float]] = {}
@@ -217,6 +216,4 @@ def sensitivity_analysis(
                 finally:
                     with torch.no_grad():
                         weight.copy_(original)
-    finally:
-        model.train(was_training)
     return SensitivityTable(levels, baseline, scores, thresholds, name, higher_is_better)

@@ -6,7 +6,7 @@ from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group,
 :func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
 :func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the
 returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
-loads (:func:`restore_structure`, :func:`restore_structure_from_checkpoint`).
+loads (:func:`restore_structure`; the Lightning layer's checkpoint helpers are in ``training_state.py``).
 
 Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups=1``, depthwise
 convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-
-if TYPE_CHECKING:
-    import pytorch_lightning as pl
 
 ChannelPlan = dict[int, torch.Tensor]
 """Group index -> sorted ``LongTensor`` of the channels that stay; a missing group keeps all."""
@@ -586,7 +582,7 @@ def apply_plan(
     """Remove the channels ``plan`` drops, in place, with torch-pruning: every coupled Conv, BatchNorm and
     Linear gets smaller parameters (and buffers), so ``model`` stays a plain ``nn.Module`` that runs and
     trains without this package. ``requires_grad`` flags and training modes are kept. Parameters are new
-    tensors: re-create optimizers (:func:`rebuild_training_state` inside ``Trainer.fit``), and find the
+    tensors: re-create optimizers (``training_state.rebuild_training_state`` inside ``Trainer.fit``), and find the
     groups again before the next plan. Returns :func:`structure_record` of the pruned model."""
     check_plan(groups, plan)
     modules = _check_groups_match(model, groups)
@@ -674,55 +670,3 @@ def structure_from_state_dict(
         else:
             shape.update(num_features=weight.shape[0])
     return record
-
-
-def restore_structure_from_checkpoint(
-    module: nn.Module, checkpoint: Union[dict, str, Path], prefix: str = ""
-) -> bool:
-    """Apply the :data:`StructureRecord` stored under :data:`STRUCTURE_KEY` in ``checkpoint`` (a loaded
-    dict, or a path loaded on CPU with ``weights_only=False``: trusted files only). Returns whether a
-    record was found. Record names are relative to the module the plan was applied to (for a
-    Lightning checkpoint, the LightningModule: ``network.fc``). ``prefix`` restricts the record to one
-    submodule and strips that prefix, so a bare network can be restored from a LightningModule's
-    checkpoint. Plain PyTorch::
-
-        net = build_network("resnet56", num_classes=10, in_channels=3, image_size=32)
-        restore_structure_from_checkpoint(net, ckpt, prefix="network.")
-        net.load_state_dict({k[len("network."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")})
-    """
-    if isinstance(checkpoint, (str, Path)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    record = checkpoint.get(STRUCTURE_KEY)
-    if record is None:
-        return False
-    restore_structure(module, {name[len(prefix) :]: shape for name, shape in record.items() if name.startswith(prefix)})
-    return True
-
-
-def rebuild_training_state(trainer: "pl.Trainer") -> None:
-    """After a plan was applied during ``trainer.fit``, train the new parameters: under DDP, re-wrap the
-    LightningModule (DDP's buckets and hooks hold the old parameters), then re-create optimizers and
-    LR schedulers with ``trainer.strategy.setup_optimizers``. Each param group's hyperparameters
-    (``lr``, ``momentum``, ...) and each scheduler's progress (its ``state_dict``) carry over when the
-    new configuration has the same layout; per-parameter optimizer state (momentum buffers, Adam
-    moments) starts afresh, as its tensors have the old shapes.
-
-    Under DDP every rank must apply the same plan and then call this (wrapping is a collective)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    strategy = trainer.strategy
-    # duck-typed, so that the DDP strategies of both `pytorch_lightning` and `lightning.pytorch` match
-    if hasattr(strategy, "configure_ddp") and isinstance(strategy.model, DistributedDataParallel):
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()
-    old_optimizers, old_schedulers = strategy.optimizers, strategy.lr_scheduler_configs
-    strategy.setup_optimizers(trainer)
-    strategy.setup_precision_plugin()
-    if len(old_optimizers) == len(strategy.optimizers):
-        for old, new in zip(old_optimizers, strategy.optimizers):
-            if len(old.param_groups) == len(new.param_groups):
-                for old_group, new_group in zip(old.param_groups, new.param_groups):
-                    new_group.update({key: value for key, value in old_group.items() if key != "params"})
-    if len(old_schedulers) == len(strategy.lr_scheduler_configs):
-        for old, new in zip(old_schedulers, strategy.lr_scheduler_configs):
-            new.scheduler.load_state_dict(old.scheduler.state_dict())

@@ -67,7 +67,48 @@ def test_every_callback_is_offered_for_both_trainers_without_a_copy(name) -> Non
     assert lit.__name__ == original.__name__ and lit.__doc__ == original.__doc__
     assert inspect.signature(lit) == inspect.signature(original)
     # every method is the original's own function object: no logic lives in the subclass
-    assert set(vars(lit)) <= {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__"}
+    assert set(vars(lit)) <= {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__", "__firstlineno__", "__static_attributes__"}
+    source = inspect.getsource(lp_lightning)
+    assert f"class {name}(_callbacks.{name}, L.Callback):" in source and "globals()" not in source  # statically visible
+
+
+def test_the_pytorch_lightning_cli_names_the_entry_point_of_a_lightning_class(tmp_path, capsys) -> None:
+    from lightning_prune.cli import build_cli
+
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", cli_config(tmp_path, "lightning_prune.lightning.IterativeMagnitude")])
+    error = capsys.readouterr().err
+    assert "`test_lightning_namespace.LitNet` is a `lightning.pytorch` class" in error or (
+        "`lightning_prune.lightning.IterativeMagnitude` is a `lightning.pytorch` class" in error
+    )
+    assert "`python -m lightning_prune.lightning`" in error
+
+
+CALLBACK_ARGS = {
+    "IterativeMagnitude": dict(sparsity=0.5, granularity="channel", schedule="one_shot", start_epoch=0, verbose=False),
+    "GatePruningFromScratch": dict(flops_ratio=0.5, gate_epochs=1, verbose=False),
+    "AutoPruneCallback": dict(granularity="channel", physical=True, init=0.1, aux_lr=0.1, reg=3.0, verbose=False),
+}
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning"])
+@pytest.mark.parametrize("name", callbacks.__all__)
+def test_every_callback_prunes_in_a_real_fit_under_both_trainers(name, namespace, tmp_path) -> None:
+    L.seed_everything(0)
+    model = LitNet("vgg_small")
+    dense = sum(p.numel() for p in model.parameters())
+    if namespace == "lightning":
+        callback = getattr(lp_lightning, name)(**CALLBACK_ARGS[name])
+        lit_trainer(tmp_path, callback).fit(model, *loaders())
+    else:
+        callback = getattr(callbacks, name)(**CALLBACK_ARGS[name])
+        wrapped = PlWrapper(model.network)
+        wrapped.example_input_array = model.example_input_array
+        pl.Trainer(max_epochs=3, logger=False, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_train_batches=4, limit_val_batches=0,
+                   default_root_dir=str(tmp_path)).fit(wrapped, loaders()[0])
+    kept = sum(int(p.count_nonzero()) for p in model.parameters())
+    assert kept < 0.9 * dense, f"{name} under {namespace} pruned nothing"
 
 
 def test_for_lightning_rejects_non_callbacks() -> None:
@@ -115,7 +156,10 @@ data:
 def test_lightning_cli_takes_the_lightning_callbacks_and_refuses_the_others(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         lp_lightning.main(["fit", "--config", cli_config(tmp_path, "lightning_prune.IterativeMagnitude")])
-    assert "does not correspond to a subclass of Callback" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "does not correspond to a subclass of Callback" in error
+    assert "`lightning_prune.IterativeMagnitude` is a `pytorch_lightning` class" in error
+    assert "run the `lightning-prune` command" in error and "`python -m lightning_prune.lightning`" in error
     cli = lp_lightning.main(["fit", "--config", cli_config(tmp_path, "lightning_prune.lightning.IterativeMagnitude")])
     assert sparsity_report(cli.model).sparsity == pytest.approx(0.5, abs=1e-4)
 
@@ -161,6 +205,9 @@ class PlWrapper(pl.LightningModule):
     def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

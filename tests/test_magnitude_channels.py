@@ -8,7 +8,7 @@ import torch
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
 from lightning_prune.flops import count_flops
-from lightning_prune.structure import restore_structure_from_checkpoint
+from lightning_prune.training_state import restore_structure_from_checkpoint
 
 from conftest import make_trainer
 

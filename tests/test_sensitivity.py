@@ -51,6 +51,20 @@ def test_each_layer_pruned_alone_and_restored_bit_exactly(trained) -> None:
     assert table.drop("network.fc3", 0.9) > table.drop("network.fc1", 0.3)  # the output layer is the fragile one
 
 
+
+def test_each_submodule_keeps_its_own_train_eval_flag(trained) -> None:
+    model, data = trained
+    model.train()
+    model.network.fc2.eval()  # e.g. a frozen part of the network the user keeps in eval mode
+    flags = {name: module.training for name, module in model.named_modules()}
+    sensitivity_analysis(model, data.val_dataloader(), levels=(0.5,), progress=False)
+    assert {name: module.training for name, module in model.named_modules()} == flags
+    model.eval()
+    model.network.fc1.train()
+    flags = {name: module.training for name, module in model.named_modules()}
+    sensitivity_analysis(model, data.val_dataloader(), levels=(0.5,), progress=False)
+    assert {name: module.training for name, module in model.named_modules()} == flags
+
 def test_proposals_feed_iterative_magnitude_per_layer_and_sensitivity(trained, trainer_factory) -> None:
     model, data = trained
     table = sensitivity_analysis(model, data.val_dataloader(), levels=LEVELS, progress=False)

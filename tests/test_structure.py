@@ -25,12 +25,11 @@ from lightning_prune.structure import (
     layer_channel_ratios,
     plan_from_scores,
     refused_channel_groups,
-    rebuild_training_state,
     restore_structure,
-    restore_structure_from_checkpoint,
     structure_from_state_dict,
     zeroed_channel_plan,
 )
+from lightning_prune.training_state import rebuild_training_state, restore_structure_from_checkpoint
 
 
 class TinyDenseNet(nn.Module):

@@ -19,11 +19,13 @@ from lightning_prune.callbacks._shared import (
     find_example_input,
     optional_flop_count,
 )
+from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
 from lightning_prune.targets import select_modules
+from lightning_prune.training_state import rebuild_training_state
 
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 
@@ -159,6 +161,7 @@ class AutoPruneCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or (self.aux is not None and self.aux.model is pl_module):
             return
+        prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
         modules = select_modules(pl_module, self.parameters, self.exclude)
         self.layers = list(modules)
         self.source = self._resolve_source(trainer, pl_module)
@@ -344,6 +347,7 @@ class AutoPruneCallback(pl.Callback):
         self._finish()
         if plan is not None:
             self.structure = apply_plan(pl_module, self.groups, plan, example_input(trainer, pl_module))
+            rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
         if self.verbose and trainer.is_global_zero:
             lines = ["AutoPrune summary", str(report)]
             if report.total.nonzero:

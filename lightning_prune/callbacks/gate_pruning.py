@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_prune.callbacks._shared import check_choice, check_range, example_input
+from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
 from lightning_prune.gates import (
     GATE_POSITIONS,
@@ -35,10 +36,9 @@ from lightning_prune.structure import (
     apply_plan,
     find_channel_groups,
     layer_channel_ratios,
-    rebuild_training_state,
-    restore_structure_from_checkpoint,
     structure_record,
 )
+from lightning_prune.training_state import rebuild_training_state
 
 
 class GatePruningFromScratch(pl.Callback):
@@ -158,7 +158,6 @@ class GatePruningFromScratch(pl.Callback):
         self._dense_flops = 0
         self._dense_params = 0
         self._original: Optional[tuple[float, dict[str, torch.Tensor]]] = None  # (width, state) before expansion
-        self._release: Optional[Any] = None  # undoes the on_load_checkpoint wrapper
         # Survives checkpoints.
         self.pruned = False
         self.plan: ChannelPlan = {}
@@ -178,6 +177,7 @@ class GatePruningFromScratch(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.pruned:
             return
+        prepare_module(trainer, pl_module, "GatePruningFromScratch", physical=True)
         if self.budget_training and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError(
                 f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
@@ -222,41 +222,19 @@ class GatePruningFromScratch(pl.Callback):
                     f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
                     "away; those gates learn from the ratio term only. 'bn' is the authors' position."
                 )
-        self._intercept_checkpoint_restore(trainer, pl_module)
 
-    def _intercept_checkpoint_restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resuming (``fit(ckpt_path=...)``): Lightning loads the model's state dict strictly right after the
-        LightningModule's ``on_load_checkpoint`` and before any callback hook, and the checkpoint path is not
-        known in ``setup``. So until ``on_fit_start`` the module's ``on_load_checkpoint`` is wrapped: a
-        checkpoint holding a structure first reshapes the model (every Conv/BatchNorm/Linear to its recorded
-        shape, expansion included), marks the structure as chosen (no gate phase) and restores the budget epochs."""
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            if restore_structure_from_checkpoint(pl_module, checkpoint):
-                state = checkpoint.get("callbacks", {}).get(self.state_key)
-                if state is not None:
-                    self.load_state_dict(state)
-                self.pruned, self._original = True, None
-                if self.budget_epochs is not None:
-                    trainer.fit_loop.max_epochs = self.budget_epochs
-            original(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint
-        self._release = lambda: pl_module.__dict__.pop("on_load_checkpoint", None)
-
-    def _release_checkpoint_restore(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``fit(ckpt_path=...)``): the model was already reshaped while loading (the pre-hook
+        :func:`~lightning_prune.training_state.reshape_on_load` installed in ``setup``); a checkpoint that
+        holds a structure means it was chosen: no gate phase, no expansion to undo."""
+        if STRUCTURE_KEY in checkpoint:
+            self.pruned, self._original = True, None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._release_checkpoint_restore()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release_checkpoint_restore()
+        if self.pruned and self.budget_epochs is not None:  # resumed with budget training: its epoch count
+            trainer.fit_loop.max_epochs = self.budget_epochs
 
     def _restore_width(self, pl_module: pl.LightningModule) -> None:
         """Undo the expansion: the user's model back at its width with its own weights."""
@@ -295,10 +273,9 @@ class GatePruningFromScratch(pl.Callback):
         if self.budget_training:
             self.budget_epochs = max(1, round(trainer.max_epochs / self.flops_ratio))
             trainer.fit_loop.max_epochs = self.budget_epochs
-        # No optimizer step has run yet: drop the dense optimizers and schedulers so that
-        # configure_optimizers builds fresh ones (for the possibly longer budget) on the new parameters.
-        trainer.strategy.optimizers, trainer.strategy.lr_scheduler_configs = [], []
-        rebuild_training_state(trainer)
+        # No optimizer step has run yet: configure_optimizers builds fresh optimizers and schedulers
+        # (for the possibly longer budget) on the new parameters.
+        rebuild_training_state(trainer, fresh=True)
         self._log_structure(trainer, pl_module, result)
 
     def _learn_gates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GatePhaseResult:
@@ -433,9 +410,9 @@ def _length(loader: Any) -> Optional[int]:
 def _progress_bar(trainer: pl.Trainer, total: Optional[int]) -> Optional[Any]:
     if trainer.progress_bar_callback is None or not trainer.is_global_zero:
         return None
-    from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
+    from tqdm.auto import tqdm  # not Lightning's private Tqdm: the same under both Lightning namespaces
 
-    return Tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_prune import criteria
 from lightning_prune.callbacks._channels import ChannelPruning
+from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.callbacks._shared import (
     Fraction,
     check_choice,
@@ -28,6 +29,7 @@ from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summar
 from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules, weight_names
+from lightning_prune.training_state import rebuild_training_state
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
@@ -160,6 +162,7 @@ class IterativeMagnitude(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
         self.schedule = PruningSchedule(self.schedule_kind, self.start_epoch, self._resolve_end_epoch(trainer), self.frequency)
         modules = select_modules(pl_module, self.parameters, self.exclude)
         self.layers = list(modules)
@@ -286,6 +289,7 @@ class IterativeMagnitude(pl.Callback):
         if self.make_permanent:
             if self.physical:
                 self.structure = self.channels.remove(pl_module)
+                rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.masks = None
             self.last_event_epoch = -1
         if self.verbose and trainer.is_global_zero:
