@@ -19,7 +19,7 @@ from lightning_prune import (
     build_network,
     reshape_on_load,
 )
-from lightning_prune.training_state import reshapes_on_load
+from lightning_prune.training_state import rebuild_training_state, reshapes_on_load
 
 LIMITS = dict(limit_train_batches=4, limit_val_batches=0, num_sanity_val_steps=0)
 
@@ -151,3 +151,31 @@ def test_ddp_spawn_physical_pruning_of_a_custom_module(name, tmp_path) -> None:
     x = torch.randn(4, 1, 8, 8)
     model.eval()
     assert torch.isfinite(model(x)).all()
+
+
+class Scheduled(Custom):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)}
+
+
+class Rebuild(pl.Callback):
+    """Rebuilds the training state at the start of epoch 2 and records the learning rate it gives."""
+
+    def __init__(self, fresh: bool) -> None:
+        self.fresh = fresh
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 2:
+            old = trainer.optimizers[0]
+            rebuild_training_state(trainer, fresh=self.fresh)
+            assert trainer.optimizers[0] is not old
+            self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+            self.scheduler_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_rebuild_carries_over_or_starts_fresh(fresh, tmp_path) -> None:
+    rebuild = Rebuild(fresh)
+    make_trainer(tmp_path, [rebuild], max_epochs=3, **LIMITS).fit(Scheduled(), DigitsDataModule(batch_size=32))
+    assert (rebuild.lr, rebuild.scheduler_epoch) == ((0.1, 0) if fresh else (0.025, 2))
