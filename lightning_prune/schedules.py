@@ -11,7 +11,10 @@ SCHEDULES = ("one_shot", "iterative", "agp")
 
 @dataclass(frozen=True)
 class PruningSchedule:
-    """Pruning events at epochs ``start_epoch, start_epoch + frequency, ..., end_epoch``.
+    """Pruning events at ``start_epoch, start_epoch + frequency, ..., end_epoch``.
+
+    The unit is the caller's: epochs, or optimizer steps (``IterativeMagnitude(interval="step")``,
+    Zhu & Gupta's Δt steps).
 
     At the k-th of n events (k = 1..n) the fraction of the final target that is pruned is
     - ``one_shot``: one event at ``start_epoch``, fraction 1;
@@ -49,6 +52,15 @@ class PruningSchedule:
         if self.kind == "one_shot":
             return [self.start_epoch]
         return list(range(self.start_epoch, self.end_epoch + 1, self.frequency))
+
+    @property
+    def last_event(self) -> int:
+        """When the final target is reached."""
+        return self.events[-1]
+
+    def state_dict(self) -> dict[str, object]:
+        """The schedule's arguments (it holds no other state); ``PruningSchedule(**state)`` rebuilds it."""
+        return {"kind": self.kind, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "frequency": self.frequency}
 
     def fraction(self, epoch: int) -> Optional[float]:
         """Fraction of the final target to reach at ``epoch``, or ``None`` if it is no event."""
