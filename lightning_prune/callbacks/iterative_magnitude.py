@@ -123,9 +123,6 @@ class IterativeMagnitude(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        keys = [cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)]
-        if keys.count(self.state_key) > 1:
-            raise MisconfigurationException(f"Two IterativeMagnitude callbacks share the state key {self.state_key!r}: give each its own `name`.")
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         for argument in ("sparsity", "sensitivity"):
             if isinstance(getattr(self, argument), Mapping):
