@@ -11,7 +11,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse.typing import NonNegativeFloat
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -29,6 +29,8 @@ from lightning_prune.targets import PRUNABLE_TYPES, select_modules
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
+LayerCap = restricted_number_type("LayerCap", float, [(">", 0.0), ("<=", 1.0)], join="and")
+"""A float in (0, 1]: LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
 class IterativeMagnitude(pl.Callback):
@@ -73,9 +75,9 @@ class IterativeMagnitude(pl.Callback):
         self,
         sparsity: PerLayer = 0.5,
         schedule: ScheduleKind = "agp",
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        frequency: int = 1,
+        start_epoch: NonNegativeInt = 0,
+        end_epoch: Optional[NonNegativeInt] = None,
+        frequency: PositiveInt = 1,
         interval: Literal["epoch", "step"] = "epoch",
         scope: Literal["global", "layer"] = "global",
         criterion: Literal["magnitude", "sensitivity"] = "magnitude",
@@ -84,7 +86,7 @@ class IterativeMagnitude(pl.Callback):
         channel_norm: Literal["l1", "l2"] = "l1",
         parameters: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
-        max_layer_sparsity: float = 0.99,
+        max_layer_sparsity: LayerCap = 0.99,
         rewind: Union[Literal["init"], int, None] = None,
         make_permanent: bool = True,
         physical: bool = False,
