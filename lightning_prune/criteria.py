@@ -32,9 +32,9 @@ def magnitude_keys(weight: torch.Tensor) -> torch.Tensor:
     return values.contiguous().view(torch.int32) & 0x7FFFFFFF
 
 
-def kth_smallest_key(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
-    """``(t, below)``: the key of the k-th smallest |w| (1-based) over all ``weights`` and how many keys
-    are strictly below it; two histogram passes over the weights, one layer at a time."""
+def kth_smallest_key(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int, int]:
+    """``(t, below, equal)``: the key of the k-th smallest |w| (1-based) over all ``weights``, how many keys
+    are strictly below it and how many equal it; two histogram passes over the weights, one layer at a time."""
     total = sum(w.numel() for w in weights)
     if not 1 <= k <= total:
         raise ValueError(f"`k` must be in [1, {total}], got {k}.")
@@ -53,7 +53,7 @@ def kth_smallest_key(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int]
     cumulative_low = low.cumsum(0)
     bin_low = int(torch.searchsorted(cumulative_low, torch.tensor(k - below, device=device)))
     below += int(cumulative_low[bin_low - 1]) if bin_low > 0 else 0
-    return (bin_high << 16) | bin_low, below
+    return (bin_high << 16) | bin_low, below, int(low[bin_low])
 
 
 def lowest_k_masks(
@@ -70,12 +70,14 @@ def lowest_k_masks(
     if k <= 0:
         masks = {name: torch.ones_like(weights[name], dtype=torch.bool) for name in names}
     else:
-        threshold, below = kth_smallest_key(tensors, min(k, sum(t.numel() for t in tensors)))
+        threshold, below, equal = kth_smallest_key(tensors, min(k, sum(t.numel() for t in tensors)))
         ties = min(k, sum(t.numel() for t in tensors)) - below
-        masks = {}
-        for name, weight in zip(names, tensors):
-            masks[name] = magnitude_keys(weight) >= threshold
-        if threshold == 0 and keep is not None:  # the previously masked zeros go first
+        if ties == equal:  # no tie to break (the usual case): one comparison per layer
+            masks = {name: magnitude_keys(weight) > threshold for name, weight in zip(names, tensors)}
+            ties = 0
+        else:
+            masks = {name: magnitude_keys(weight) >= threshold for name, weight in zip(names, tensors)}
+        if ties and threshold == 0 and keep is not None:  # the previously masked zeros go first
             ties -= sum(int((~keep[name]).sum()) for name in names if name in keep)
             for name in names:
                 if name in keep:
@@ -121,11 +123,11 @@ def global_magnitude_masks(
     fixed: dict[str, torch.Tensor] = {}
     while True:
         free = {name: w for name, w in weights.items() if name not in fixed}
-        dropped = sum(int((~mask).sum()) for mask in fixed.values())
+        dropped = sum(mask.numel() - int(mask.sum()) for mask in fixed.values())
         masks = lowest_k_masks(free, wanted - dropped, keep)
         if max_drop is None:
             break
-        over = [name for name, mask in masks.items() if int((~mask).sum()) > max_drop[name]]
+        over = [name for name, mask in masks.items() if mask.numel() - int(mask.sum()) > max_drop[name]]
         if not over:
             break
         for name in over:

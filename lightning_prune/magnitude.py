@@ -136,8 +136,9 @@ class ChannelMagnitude:
             for group, order, flags in zip(self.groups, orders, drop):
                 flags[order[: min(count_to_prune(group.size, target.get(group.root, 0.0)), self._cap(group))]] = True
             return drop
+        values = [score.tolist() for score in scores]  # host lists: the sweep below touches no tensor
         candidates = sorted(
-            (float(scores[g][c]), g, rank, c) for g, order in enumerate(orders) for rank, c in enumerate(order[: self._cap(self.groups[g])])
+            (values[g][c], g, rank, c) for g, order in enumerate(orders) for rank, c in enumerate(order[: self._cap(self.groups[g])])
         )
         wanted = count_to_prune(sum(R * C * K for R, C, K in self.shapes.values()), target)
         removed = {name: [0, 0] for name in self.shapes}

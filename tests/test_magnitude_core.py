@@ -55,10 +55,10 @@ def test_previously_masked_weights_go_first_and_the_count_stays_exact(first, mor
 def test_radix_select_finds_the_kth_smallest_magnitude():
     values = torch.randn(10_000) * torch.logspace(-20, 20, 10_000)
     for k in (1, 17, 5_000, 10_000):
-        key, below = kth_smallest_key([values[:3000], values[3000:]], k)
+        key, below, equal = kth_smallest_key([values[:3000], values[3000:]], k)
         expected = values.abs().sort().values[k - 1]
         assert torch.tensor(key, dtype=torch.int32).view(torch.float32) == expected
-        assert below == int((values.abs() < expected).sum())
+        assert below == int((values.abs() < expected).sum()) and equal == int((values.abs() == expected).sum())
 
 
 def test_the_per_layer_floor_keeps_every_layer_alive_and_the_total_exact():
