@@ -28,7 +28,8 @@ from torch import nn
 
 from lightning_prune.criteria import count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.masks import MaskSet
-from lightning_prune.structure import ChannelGroup, ChannelPlan, channel_masks, layer_channel_ratios
+from lightning_prune.structure import ChannelGroup, ChannelPlan, channel_masks, find_channel_groups, layer_channel_ratios
+from lightning_prune.targets import PRUNABLE_TYPES
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
 """Sends rank 0's uint8 tensor to every rank and returns it (identity without distribution)."""
@@ -105,6 +106,21 @@ class ChannelMagnitude:
                     counts = torch.bincount(member.channels, minlength=group.size).tolist()
                     effects.append((name, 0 if member.kind == "out" else 1, counts))
             self.effects.append(effects)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, example_input: tuple, layers: Sequence[str], norm: Literal["l1", "l2"], max_layer_sparsity: float
+    ) -> "ChannelMagnitude":
+        """Find the coupled channel groups whose out-layers are all among ``layers`` (tracing ``model(*example_input)``)."""
+        unselected = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in layers]
+        groups = find_channel_groups(model, example_input, ignored_layers=unselected)
+        if not groups:
+            raise ValueError(
+                f"`granularity`='channel' found no prunable channel group among the selected layers {list(layers)} "
+                "(the output layer and layers coupled to it are never pruned)."
+            )
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        return cls(groups, list(unique_weights(model, layers)), shapes, norm, max_layer_sparsity)
 
     @torch.no_grad()
     def scores(self, model: nn.Module) -> list[torch.Tensor]:

@@ -17,15 +17,16 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, check_function, example_input, one_sample
+from lightning_prune.callbacks._magnitude_args import check_arguments
 from lightning_prune.callbacks._shared import Fraction, check_keys, optional_flop_count
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner
+from lightning_prune.masks import MaskSet
 from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.schedules import PruningSchedule, ScheduleKind
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, find_channel_groups, zeroed_channel_plan
-from lightning_prune.callbacks._magnitude_args import check_arguments
-from lightning_prune.targets import PRUNABLE_TYPES, select_modules
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, zeroed_channel_plan
+from lightning_prune.targets import select_modules
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
@@ -111,6 +112,7 @@ class IterativeMagnitude(pl.Callback):
         self.example: Optional[ModelArgs] = None
         self.dense_parameters = 0
         self.structure: Optional[StructureRecord] = None
+        self.unit = interval  # the schedule's unit in this fit ("epoch" under fast_dev_run)
         self._stepped = False
 
     @property
@@ -118,7 +120,8 @@ class IterativeMagnitude(pl.Callback):
         return self._generate_state_key(name=self.name) if self.name else type(self).__qualname__
 
     @property
-    def masks(self) -> Any:
+    def masks(self) -> Optional[MaskSet]:
+        """The masks being enforced (``None`` before the first event and once made permanent)."""
         return self.pruner.masks if self.pruner is not None and self.pruner.masks else None
 
     @override
@@ -134,13 +137,14 @@ class IterativeMagnitude(pl.Callback):
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
         if any(c.__name__ == "EarlyStopping" for cb in trainer.callbacks for c in type(cb).__mro__):
-            rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({self.interval} {self.schedule.last_event}); the summary says if it did.")
+            rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({self.unit} {self.schedule.last_event}); the summary says if it did.")
 
     def _resolve_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
         if trainer.fast_dev_run:
             rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the first epoch.")
-            self.interval = "epoch"
+            self.unit = "epoch"
             return PruningSchedule("one_shot", 0, 0)
+        self.unit = self.interval
         limit_name = "max_epochs" if self.interval == "epoch" else "max_steps"
         limit = getattr(trainer, limit_name)
         limit = limit if limit is not None and limit >= 0 else None
@@ -173,13 +177,8 @@ class IterativeMagnitude(pl.Callback):
             rank_zero_warn(f"FLOPs are not reported: no example input ({error}).")
         self.dense_flops = optional_flop_count(pl_module, self.example)
         if self.granularity == "channel" and self.pruner.channels is None:
-            unselected = [n for n, m in pl_module.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in self.layers]
-            groups = find_channel_groups(pl_module, self.example, ignored_layers=unselected)
-            if not groups:
-                raise ValueError(f"`granularity`='channel' found no prunable channel group among the selected layers {self.layers} (the output layer and layers coupled to it are never pruned).")
-            shapes = {name: p.shape for name, p in pl_module.named_parameters()}
-            self.pruner.channels = ChannelMagnitude(groups, list(self.pruner.weights), shapes, self.channel_norm, self.max_layer_sparsity)
-            self.predictor = FlopsPredictor(pl_module, self.example, groups, self.dense_flops)
+            self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, self.channel_norm, self.max_layer_sparsity)
+            self.predictor = FlopsPredictor(pl_module, self.example, self.pruner.channels.groups, self.dense_flops)
         self._warn_if_too_short(trainer)
 
     def _warn_if_too_short(self, trainer: pl.Trainer) -> None:
@@ -187,11 +186,11 @@ class IterativeMagnitude(pl.Callback):
         if math.isinf(trainer.num_training_batches):
             return
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        last = self.schedule.last_event * (per_epoch if self.interval == "epoch" else 1)
+        last = self.schedule.last_event * (per_epoch if self.unit == "epoch" else 1)
         limits = {"max_steps": trainer.max_steps, "max_epochs": (trainer.max_epochs or -1) * per_epoch}
         for limit, steps in limits.items():
             if 0 <= steps <= last:
-                rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({self.interval} {self.schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
+                rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({self.unit} {self.schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         if self.rewind == time and self.pruner.rewind_state is None:
@@ -217,12 +216,12 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.interval == "epoch":
+        if self.unit == "epoch":
             self._event(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.interval == "step":
+        if self.unit == "step":
             self._event(trainer, pl_module, trainer.global_step)
 
     @override
@@ -245,7 +244,7 @@ class IterativeMagnitude(pl.Callback):
         flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         notes = []
         if self.last_event < self.schedule.last_event:
-            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.interval} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
+            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.unit} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if self.make_permanent:
             if self.physical:
