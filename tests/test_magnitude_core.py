@@ -156,3 +156,18 @@ def test_the_per_step_mask_path_has_no_host_sync_and_only_in_place_fused_ops():
     assert "_local_scalar_dense" not in counter.ops
     assert sorted(set(counter.ops)) == ["_foreach_add_", "_foreach_mul_"] and len(counter.ops) == 3
     assert all(not p.grad[~m].any() for p, m in ((model.get_parameter(n), m) for n, m in pruner.masks.masks.items()))
+
+
+@pytest.mark.zoo
+def test_torchvision_mobilenet_v2_at_80_percent_keeps_every_layer_alive():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=1000)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    pruner = MagnitudePruner(model, layers, 0.8)  # default max_layer_sparsity=0.99
+    pruner.prune(1.0)
+    sizes = {n: model.get_parameter(n).numel() for n in pruner.weights}
+    zeros_per_layer = {n: int((model.get_parameter(n) == 0).sum()) for n in sizes}
+    assert sum(zeros_per_layer.values()) == round(0.8 * sum(sizes.values()))
+    assert all(zeros_per_layer[n] <= int(0.99 * sizes[n]) for n in sizes)
+    assert not pruner.emptied_layers()
