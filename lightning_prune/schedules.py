@@ -63,11 +63,13 @@ class PruningSchedule:
         return {"kind": self.kind, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "frequency": self.frequency}
 
     def fraction(self, epoch: int) -> Optional[float]:
-        """Fraction of the final target to reach at ``epoch``, or ``None`` if it is no event."""
-        events = self.events
-        if epoch not in events:
+        """Fraction of the final target to reach at ``epoch``, or ``None`` if it is no event (O(1): called every step)."""
+        if self.kind == "one_shot":
+            return 1.0 if epoch == self.start_epoch else None
+        offset = epoch - self.start_epoch
+        if offset < 0 or epoch > self.end_epoch or offset % self.frequency:
             return None
-        k, n = events.index(epoch) + 1, len(events)
+        k, n = offset // self.frequency + 1, (self.end_epoch - self.start_epoch) // self.frequency + 1
         if self.kind == "agp":
             return 1.0 - (1.0 - k / n) ** 3
         return k / n
