@@ -46,10 +46,13 @@ def kth_smallest_key(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int,
     bin_high = int(torch.searchsorted(cumulative, torch.tensor(k, device=device)))
     below = int(cumulative[bin_high - 1]) if bin_high > 0 else 0
     low = torch.zeros(_LOW_BINS, dtype=torch.long, device=device)
-    for weight in weights:
+    inside: list[torch.Tensor] = []  # keys in the k-th value's high bin, counted in batches of at most 2^22
+    for index, weight in enumerate(weights):
         keys = magnitude_keys(weight).flatten()
-        inside = keys[(keys >> 16) == bin_high]
-        low += torch.bincount(inside & 0xFFFF, minlength=_LOW_BINS).to(device)
+        inside.append((keys[(keys >> 16) == bin_high] & 0xFFFF).to(device))
+        if index == len(weights) - 1 or sum(part.numel() for part in inside) > 1 << 22:
+            low += torch.bincount(torch.cat(inside), minlength=_LOW_BINS)
+            inside = []
     cumulative_low = low.cumsum(0)
     bin_low = int(torch.searchsorted(cumulative_low, torch.tensor(k - below, device=device)))
     below += int(cumulative_low[bin_low - 1]) if bin_low > 0 else 0
