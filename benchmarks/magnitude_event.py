@@ -1,7 +1,7 @@
 """IterativeMagnitude's hot paths: pruning-event time vs number of weights, host syncs in one channel
 event, and the ops of the per-step mask path.
 
-    PYTHONPATH=. python benchmarks/magnitude_event.py [--sizes 1e6 1e7 1e8] [--device cpu] [--threads 0]
+    PYTHONPATH=. python benchmarks/magnitude_event.py [--sizes 1e6 1e7 1e8] [--device cpu] [--threads 1]
 
 Event: one global magnitude decision (``global_magnitude_masks``, two-pass radix select on the
 weights' device) over ``N`` weights in 100 layers, with the previous masks and the per-layer floor,
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+X
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

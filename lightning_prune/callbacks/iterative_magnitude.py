@@ -280,17 +280,30 @@ class IterativeMagnitude(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = self.pruner.state_dict() if self.pruner is not None else {}
-        return {**state, "last_event": self.last_event, "dense_score": self.dense_score, "arguments": {k: v for k, v in self.arguments.items() if k != "example_input_fn"}}
+        arguments = {k: _plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
+        return {**state, "last_event": self.last_event, "dense_score": self.dense_score, "arguments": arguments}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_event = state_dict.get("last_event", state_dict.get("last_event_epoch", -1))
         self.dense_score = state_dict["dense_score"]
-        changed = sorted(k for k, v in state_dict.get("arguments", {}).items() if self.arguments.get(k) != v)
+        changed = sorted(k for k, v in state_dict.get("arguments", {}).items() if _plain(self.arguments.get(k)) != v)
         if changed:
             rank_zero_warn(f"IterativeMagnitude: resumed with changed arguments {changed}; the saved masks are kept and the new settings apply from the next pruning event.")
         if self.pruner is not None and "masks" in state_dict:
             self.pruner.load_state_dict(state_dict)
+
+
+def _plain(value: Any) -> Any:
+    """Built-in types only (parse-time types such as ``NonNegativeInt`` are subclasses), so checkpoints load anywhere."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _broadcast_from_rank_zero(packed: torch.Tensor) -> torch.Tensor:
