@@ -55,6 +55,9 @@ def test_training_that_stops_before_the_schedule_ends_is_warned_about_at_the_sta
     assert any("`max_steps`=12 ends training" in m for m in messages)
     assert any("schedule incomplete" in m for m in messages)
     assert "WARNING: schedule incomplete" in caplog.text
+    with pytest.warns(UserWarning, match="schedule incomplete"):  # also when training ends before the first event
+        make_trainer(tmp_path, [IterativeMagnitude(0.9, "agp", 2, 4)], max_epochs=6, max_steps=4, **SMALL).fit(
+            ImageClassifier("lenet300100"), DigitsDataModule())
     with pytest.warns(UserWarning, match="EarlyStopping may end training"):
         make_trainer(tmp_path, [IterativeMagnitude(0.5, "agp", 1, 2), EarlyStopping("val/acc", patience=0, mode="max")],
                      max_epochs=3, **SMALL).fit(ImageClassifier("lenet300100"), DigitsDataModule())

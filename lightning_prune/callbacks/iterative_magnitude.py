@@ -238,14 +238,16 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.masks:
+        if self.pruner is None:
             return
         report = sparsity_report(pl_module, self.layers)
-        flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         notes = []
         if self.last_event < self.schedule.last_event:
             notes.append(f"schedule incomplete: training ended before the last pruning event ({self.unit} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
+        if not self.masks:
+            return
+        flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         if self.make_permanent:
             if self.physical:
                 device = next(pl_module.parameters()).device
