@@ -57,6 +57,21 @@ def broadcast_flags(flags: Sequence[torch.Tensor], broadcast: Optional[Broadcast
     return [part.view_as(f) for part, f in zip(received.split([f.numel() for f in flags]), flags)]
 
 
+def distributed_broadcast() -> Optional[Broadcast]:
+    """Rank 0's bytes to every rank through the default process group (on its backend's device), or
+    ``None`` outside ``torch.distributed``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+
+    def broadcast(packed: torch.Tensor) -> torch.Tensor:
+        device = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else packed.device
+        buffer = packed.to(device)
+        torch.distributed.broadcast(buffer, src=0)
+        return buffer.to(packed.device)
+
+    return broadcast
+
+
 def unique_weights(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
     """``{weight name: layer}`` for the layers' weights, each shared (tied) parameter once (its first layer)."""
     seen: set[int] = set()

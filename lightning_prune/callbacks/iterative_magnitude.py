@@ -21,7 +21,7 @@ from lightning_prune.callbacks._magnitude_args import check_arguments
 from lightning_prune.callbacks._shared import Fraction, check_keys, optional_flop_count
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
-from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner
+from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.schedules import PruningSchedule, ScheduleKind
@@ -200,8 +200,7 @@ class IterativeMagnitude(pl.Callback):
             return
         if self.last_event < 0 and self.monitor in trainer.callback_metrics:
             self.dense_score = float(trainer.callback_metrics[self.monitor])
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.pruner.prune(fraction, _broadcast_from_rank_zero if distributed else None)
+        self.pruner.prune(fraction, distributed_broadcast())
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
         self.last_event = time
         for layer in self.pruner.emptied_layers():
@@ -306,12 +305,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _broadcast_from_rank_zero(packed: torch.Tensor) -> torch.Tensor:
-    """Rank 0's decision (packed bits) to every rank, through the process group's own backend device."""
-    backend = torch.distributed.get_backend()
-    device = packed.device if backend != "gloo" else torch.device("cpu")
-    buffer = packed.to(device)
-    torch.distributed.broadcast(buffer, src=0)
-    return buffer.to(packed.device)
