@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_prune.criteria import count_to_prune, global_magnitude_masks, kth_smallest_key, lowest_k_masks
+from lightning_prune.criteria import count_to_prune, global_magnitude_masks, kth_smallest_key, layer_magnitude_masks
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, pack_bits, unpack_bits
 from lightning_prune.models import build_network
 from lightning_prune.structure import channel_masks, find_channel_groups
@@ -34,6 +34,8 @@ def test_any_target_sparsity_is_reached_exactly_with_one_threshold(sparsity, siz
         weights = {k: (w * levels).round() / levels for k, w in weights.items()}
     masks = global_magnitude_masks(weights, sparsity)
     assert zeros(masks) == count_to_prune(sum(sizes), sparsity)
+    per_layer = layer_magnitude_masks(weights, {k: sparsity for k in weights})
+    assert all(zeros({k: m}) == count_to_prune(weights[k].numel(), sparsity) for k, m in per_layer.items())
     dropped = torch.cat([weights[k][~m].abs() for k, m in masks.items()])
     kept = torch.cat([weights[k][m].abs() for k, m in masks.items()])
     if dropped.numel() and kept.numel():
