@@ -11,47 +11,70 @@ from torch import nn
 class MaskSet:
     """Boolean keep-masks (``True`` = kept) for named parameters of one model.
 
-    Parameters are looked up by name on every call, so the set stays valid when a module is
-    moved to another device. Masked entries are written as ``+0.0`` (``masked_fill_``), which
-    keeps sparse exports bit-exact.
+    The per-step work (:meth:`apply_to_grads`, :meth:`apply_to_weights`) is a fused multi-tensor
+    multiply by 0/1 factors held in each parameter's dtype and device (``torch._foreach_mul_``): no
+    allocation, no host synchronisation. Masked weights are then written as ``+0.0`` (adding ``+0.0``
+    turns the ``-0.0`` of a negative weight times 0 into ``+0.0``), which keeps sparse exports
+    bit-exact. The factors follow the parameters when the module moves to another device.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.masks: dict[str, torch.Tensor] = {}
+        self._parameters: list[nn.Parameter] = []
+        self._factors: list[torch.Tensor] = []
 
     def parameter(self, name: str) -> nn.Parameter:
         return self.model.get_parameter(name)
+
+    def _refresh(self) -> None:
+        """Rebuild the 0/1 factors when a parameter was replaced or moved (cheap checks, no sync)."""
+        names = list(self.masks)
+        stale = len(self._parameters) != len(names) or any(
+            p is not self.parameter(n) or f.device != p.device or f.dtype != p.dtype
+            for p, f, n in zip(self._parameters, self._factors, names)
+        )
+        if stale:
+            self._parameters = [self.parameter(name) for name in names]
+            self._factors = [
+                mask.to(device=p.device, dtype=p.dtype) for mask, p in zip(self.masks.values(), self._parameters)
+            ]
 
     def update(self, masks: dict[str, torch.Tensor]) -> None:
         """Replace masks (by name) and zero the newly masked weights at once."""
         for name, mask in masks.items():
             self.masks[name] = mask.to(device=self.parameter(name).device, dtype=torch.bool)
+        self._parameters = []
         self.apply_to_weights()
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        """Write zeros into every masked weight."""
-        for name, mask in self.masks.items():
-            parameter = self.parameter(name)
-            parameter.masked_fill_(~mask.to(parameter.device), 0.0)
+        """Write +0.0 into every masked weight."""
+        if not self.masks:
+            return
+        self._refresh()
+        torch._foreach_mul_(self._parameters, self._factors)
+        torch._foreach_add_(self._parameters, 0.0)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         """Zero the gradients of masked weights, so no optimizer state (momentum, Adam moments) builds up there."""
-        for name, mask in self.masks.items():
-            grad = self.parameter(name).grad
-            if grad is not None:
-                grad.masked_fill_(~mask.to(grad.device), 0.0)
+        if not self.masks:
+            return
+        self._refresh()
+        pairs = [(p.grad, f) for p, f in zip(self._parameters, self._factors) if p.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [f for _, f in pairs])
 
     @torch.no_grad()
     def apply_to_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Zero every per-weight optimizer state (momentum, Adam moments) at masked positions."""
+        self._refresh()
         for optimizer in optimizers:
-            for name, mask in self.masks.items():
-                for value in optimizer.state.get(self.parameter(name), {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.masked_fill_(~mask.to(value.device), 0.0)
+            for parameter, factor in zip(self._parameters, self._factors):
+                for value in optimizer.state.get(parameter, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == factor.shape:
+                        value.mul_(factor.to(value.dtype))
 
     def __bool__(self) -> bool:
         return bool(self.masks)

@@ -70,12 +70,12 @@ def sparsity_report(
 ) -> SparsityReport:
     """Sparsity of the Conv/Linear weights of ``module`` (optionally filtered by module-name globs)."""
     modules = select_modules(module, parameters, exclude)
-    return SparsityReport(
-        [
-            LayerSparsity(name, m.weight.numel(), int(m.weight.detach().count_nonzero()))
-            for name, m in modules.items()
-        ]
-    )
+    rows, seen = [], set()
+    for name, m in modules.items():
+        if id(m.weight) not in seen:  # a shared (tied) weight is counted once, under its first layer
+            seen.add(id(m.weight))
+            rows.append(LayerSparsity(name, m.weight.numel(), int(m.weight.detach().count_nonzero())))
+    return SparsityReport(rows)
 
 
 def nonzero_flops(count: FlopCount, report: SparsityReport) -> int:
@@ -95,16 +95,19 @@ def pruning_summary(
     flops: Optional[tuple[int, int]] = None,
     monitor: Optional[str] = None,
     scores: tuple[Optional[float], Optional[float]] = (None, None),
+    notes: Sequence[str] = (),
 ) -> str:
     """The table printed at the end of a pruning run: per-layer sparsity, then parameters
-    (dense → non-zero), FLOPs (fvcore, multiply-adds, dense → pruned) and the monitored metric."""
+    (dense → non-zero), FLOPs (fvcore, multiply-adds of one sample, dense → pruned), the monitored metric
+    and ``notes`` (e.g. a schedule that did not complete)."""
 
     def fmt(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = [title, str(report), f"parameters: {parameters[0]:,} -> {parameters[1]:,} non-zero"]
     if flops is not None:
-        lines.append(f"FLOPs (multiply-adds, fvcore): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
+        lines.append(f"MACs per sample (fvcore): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
     if monitor:
         lines.append(f"{monitor}: dense {fmt(scores[0])} -> pruned {fmt(scores[1])}")
+    lines += [f"WARNING: {note}" for note in notes]
     return "\n".join(lines)

@@ -11,7 +11,10 @@ SCHEDULES = ("one_shot", "iterative", "agp")
 
 @dataclass(frozen=True)
 class PruningSchedule:
-    """Pruning events at epochs ``start_epoch, start_epoch + frequency, ..., end_epoch``.
+    """Pruning events at ``start_epoch, start_epoch + frequency, ..., end_epoch``.
+
+    The unit is the caller's: epochs, or optimizer steps (``IterativeMagnitude(interval="step")``,
+    Zhu & Gupta's Δt steps).
 
     At the k-th of n events (k = 1..n) the fraction of the final target that is pruned is
     - ``one_shot``: one event at ``start_epoch``, fraction 1;
@@ -50,12 +53,23 @@ class PruningSchedule:
             return [self.start_epoch]
         return list(range(self.start_epoch, self.end_epoch + 1, self.frequency))
 
+    @property
+    def last_event(self) -> int:
+        """When the final target is reached."""
+        return self.events[-1]
+
+    def state_dict(self) -> dict[str, object]:
+        """The schedule's arguments (it holds no other state); ``PruningSchedule(**state)`` rebuilds it."""
+        return {"kind": self.kind, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "frequency": self.frequency}
+
     def fraction(self, epoch: int) -> Optional[float]:
-        """Fraction of the final target to reach at ``epoch``, or ``None`` if it is no event."""
-        events = self.events
-        if epoch not in events:
+        """Fraction of the final target to reach at ``epoch``, or ``None`` if it is no event (O(1): called every step)."""
+        if self.kind == "one_shot":
+            return 1.0 if epoch == self.start_epoch else None
+        offset = epoch - self.start_epoch
+        if offset < 0 or epoch > self.end_epoch or offset % self.frequency:
             return None
-        k, n = events.index(epoch) + 1, len(events)
+        k, n = offset // self.frequency + 1, (self.end_epoch - self.start_epoch) // self.frequency + 1
         if self.kind == "agp":
             return 1.0 - (1.0 - k / n) ** 3
         return k / n

@@ -37,3 +37,30 @@ def test_round_trip_is_bit_equal_and_smaller(tmp_path, fmt):
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="`format`"):
         export_sparse(pruned_model(), tmp_path / "m.pt", format="bsr")
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sparsity=st.floats(0.0, 1.0, exclude_max=True),
+    widths=st.lists(st.integers(1, 12), min_size=2, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    fmt=st.sampled_from(["csr", "csc", "coo"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_pruned_model_round_trips_bit_equal(tmp_path_factory, sparsity, widths, dtype, fmt, seed):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(widths[0], widths[1], 3)] + [nn.Linear(a, b) for a, b in zip(widths[1:], widths[2:])]
+    model = nn.Sequential(*layers).to(dtype)
+    masks = MaskSet(model)
+    weights = {f"{i}.weight": layer.weight for i, layer in enumerate(layers)}
+    masks.update(global_magnitude_masks(weights, sparsity))
+    assert not any(torch.signbit(w[w == 0]).any() for w in weights.values())  # masked weights are +0.0
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    state = load_sparse(export_sparse(model, path, format=fmt).path)
+    for name, tensor in model.state_dict().items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name].view(torch.uint8), tensor.view(torch.uint8)), name

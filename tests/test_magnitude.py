@@ -76,14 +76,14 @@ class WeightsBeforePruning(pl.Callback):
 
 def test_sensitivity_criterion_drops_weights_below_s_sigma_of_the_dense_layer(tmp_path):
     before = WeightsBeforePruning(epoch=2)
-    callback = IterativeMagnitude(criterion="sensitivity", sensitivity={"network.fc1": 1.0, "network.fc2": 0.5, "network.fc3": 0.25}, schedule="one_shot", start_epoch=2)
+    callback = IterativeMagnitude(criterion="sensitivity", sensitivity={"network.fc1": 1.0, "network.fc2": 0.5, "network.fc3": 0.25}, schedule="one_shot", start_epoch=2, make_permanent=False)
     model = ImageClassifier("lenet300100")
     make_trainer(tmp_path, [before, callback], max_epochs=4).fit(model, DigitsDataModule())
     for layer, s in {"network.fc1": 1.0, "network.fc2": 0.5, "network.fc3": 0.25}.items():
         dense = before.weights[f"{layer}.weight"]
         expected_zero = dense.abs() < s * dense.std()
         assert torch.equal(model.get_parameter(f"{layer}.weight") == 0, expected_zero)
-        assert callback.sigmas[f"{layer}.weight"] == pytest.approx(float(dense.std()))
+        assert callback.pruner.sigmas[f"{layer}.weight"] == pytest.approx(float(dense.std()))
 
 
 class ZeroWatcher(pl.Callback):

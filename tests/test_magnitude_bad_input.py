@@ -33,11 +33,51 @@ from conftest import make_trainer
         (dict(rewind=4, start_epoch=2, end_epoch=3), "rewind"),
         (dict(physical=True), "physical"),
         (dict(granularity="channel", physical=True, make_permanent=False), "physical"),
+        # wrong types: a bool is not a number, a string is not a list of patterns
+        (dict(sparsity=True), "sparsity"),
+        (dict(sparsity="0.5"), "sparsity"),
+        (dict(sparsity={1: 0.5}, scope="layer"), "sparsity"),
+        (dict(start_epoch=1.5), "start_epoch"),
+        (dict(start_epoch=True), "start_epoch"),
+        (dict(end_epoch=2.0), "end_epoch"),
+        (dict(frequency="1"), "frequency"),
+        (dict(interval="batch"), "interval"),
+        (dict(parameters="fc1"), "parameters"),
+        (dict(parameters=[None]), "parameters"),
+        (dict(exclude="network.fc3"), "exclude"),
+        (dict(max_layer_sparsity=0.0), "max_layer_sparsity"),
+        (dict(max_layer_sparsity=1.5), "max_layer_sparsity"),
+        (dict(max_layer_sparsity=True), "max_layer_sparsity"),
+        (dict(sparsity=0.995), "max_layer_sparsity"),
+        (dict(sparsity={"network.fc1": 0.995}, scope="layer"), "max_layer_sparsity"),
+        (dict(criterion="sensitivity", sensitivity="1"), "sensitivity"),
+        (dict(rewind=1.5), "rewind"),
+        (dict(rewind=True), "rewind"),
+        (dict(make_permanent=1), "make_permanent"),
+        (dict(physical="yes"), "physical"),
+        (dict(verbose=None), "verbose"),
+        (dict(monitor=3), "monitor"),
+        (dict(name=""), "name"),
+        (dict(example_input_fn="first"), "example_input_fn"),
+        (dict(example_input_fn=lambda: None), "example_input_fn"),
     ],
 )
 def test_bad_arguments_raise_at_construction_naming_the_argument(kwargs, argument):
-    with pytest.raises(ValueError, match=f"`{argument}`"):
+    with pytest.raises(ValueError, match=f"`{argument}`") as error:
         IterativeMagnitude(**kwargs)
+    if argument in kwargs and not callable(kwargs[argument]) and f"`{argument}` must be" in str(error.value):
+        assert repr(kwargs[argument]) in str(error.value)  # the message names the value too
+
+
+def test_yaml_values_are_type_checked_at_parse_time():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(IterativeMagnitude, "pruning")
+    assert parser.parse_args(["--pruning.start_epoch", "2", "--pruning.max_layer_sparsity", "0.9"]).pruning.start_epoch == 2
+    for argument, value in [("start_epoch", "1.5"), ("frequency", "0"), ("max_layer_sparsity", "1.5"), ("sparsity", "1.0"), ("interval", "batch")]:
+        with pytest.raises(Exception):
+            parser.parse_args([f"--pruning.{argument}", value])
 
 
 @pytest.mark.parametrize(

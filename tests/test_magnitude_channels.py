@@ -39,13 +39,19 @@ def test_physical_removal_keeps_the_function_and_meets_the_predicted_flops(tmp_p
     pruning = IterativeMagnitude(0.5, "iterative", start_epoch=1, end_epoch=2, granularity="channel", physical=True)
     model = resnet()
     dense_flops = count_flops(model, model.example_input_array).total
-    trainer = make_trainer(tmp_path, [masked, pruning, physical], max_epochs=3, **SMALL)
+    class Plan(pl.Callback):
+        def on_fit_end(self, trainer, pl_module):
+            self.plan = dict(pruning.pruner.plan)
+
+    keep = Plan()
+    trainer = make_trainer(tmp_path, [masked, keep, pruning, physical], max_epochs=3, **SMALL)
     trainer.fit(model, data())
+    plan = keep.plan
     # the masked network (before removal) and the physically smaller one compute the same function
     assert torch.allclose(masked.logits, physical.logits, atol=1e-5)
     assert model.network.fc.out_features == 10
     recount = count_flops(model, model.example_input_array).total
-    assert recount == pruning.channels.flops() < dense_flops
+    assert recount == pruning.predictor.predict(plan) < dense_flops
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in resnet().parameters())
     assert sparsity_report(model).sparsity == 0.0  # every zeroed channel is gone, no zero left behind
     # the pruned model is a plain module that keeps training
@@ -63,7 +69,7 @@ def test_global_channel_target_is_met_within_one_channel(tmp_path):
                           for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
     zeros = report.total.total - report.total.nonzero
     assert round(0.6 * report.total.total) <= zeros <= round(0.6 * report.total.total) + 2 * largest_channel
-    ratios = pruning.channels.channel_ratios()
+    ratios = pruning.pruner.channel_ratios()
     assert ratios and all(0 < r <= 1 for r in ratios.values()) and min(ratios.values()) < 1
 
 
@@ -101,19 +107,6 @@ def test_a_pruned_checkpoint_rebuilds_with_and_without_lightning(tmp_path):
     assert torch.allclose(plain.eval()(x), expected, atol=1e-6)
 
 
-def test_channel_pruning_needs_an_example_input(tmp_path):
-    class NoExample(ImageClassifier):
-        def __init__(self):
-            super().__init__("lenet5")
-            self.example_input_array = None
-
-    class Data(DigitsDataModule):
-        example_input = None
-
-    with pytest.raises(Exception, match="example_input_array"):
-        make_trainer(tmp_path, [IterativeMagnitude(granularity="channel")], max_epochs=1).fit(NoExample(), Data())
-
-
 def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -129,9 +122,10 @@ def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp
         return model, pruning
 
     (_, whole_pruning), (_, resumed_pruning) = run(tmp_path / "a"), run(tmp_path / "b", tmp_path / "a" / "epoch=2.ckpt")  # after the last event
-    assert whole_pruning.channels.plan.keys() == resumed_pruning.channels.plan.keys()
-    for index, keep in whole_pruning.channels.plan.items():
-        assert torch.equal(keep, resumed_pruning.channels.plan[index])
-    assert resumed_pruning.channels.flops() == whole_pruning.channels.flops() < resumed_pruning.dense_flops.total
+    whole_plan, resumed_plan = whole_pruning.pruner.plan, resumed_pruning.pruner.plan
+    assert whole_plan.keys() == resumed_plan.keys()
+    for index, keep in whole_plan.items():
+        assert torch.equal(keep, resumed_plan[index])
+    assert resumed_pruning.predictor.predict(resumed_plan) == whole_pruning.predictor.predict(whole_plan) < resumed_pruning.dense_flops.total
     for name, mask in whole_pruning.masks.masks.items():
         assert torch.equal(mask, resumed_pruning.masks.masks[name]), name

@@ -66,3 +66,10 @@ def test_sensitivity_masks_threshold_at_s_sigma():
     w = torch.tensor([-3.0, -0.5, 0.2, 1.0, 2.5])
     masks = sensitivity_masks({"w": w}, {"w": 2.0}, {"w": 0.5})  # λ = 1.0
     assert masks["w"].tolist() == [True, False, False, True, True]
+
+
+def test_a_schedule_rebuilds_from_its_state_and_answers_per_step_in_constant_time():
+    schedule = PruningSchedule("agp", start_epoch=100, end_epoch=100_000, frequency=100)
+    assert PruningSchedule(**schedule.state_dict()) == schedule
+    assert schedule.fraction(150) is None and schedule.fraction(100_000) == 1.0 and schedule.last_event == 100_000
+    assert schedule.fraction(200) == pytest.approx(1 - (1 - 2 / 1000) ** 3)

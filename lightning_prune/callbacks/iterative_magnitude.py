@@ -1,74 +1,76 @@
-"""``IterativeMagnitude``: magnitude pruning on a schedule (Han et al. 2015; Distiller; Zhu & Gupta's AGP)."""
+"""``IterativeMagnitude``: magnitude pruning on a schedule (Han et al. 2015; Distiller; Zhu & Gupta's AGP).
+
+Hook wiring only: the decisions are :class:`~lightning_prune.magnitude.MagnitudePruner`'s, the timing is
+:class:`~lightning_prune.schedules.PruningSchedule`'s.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse.typing import NonNegativeFloat
-from pytorch_lightning.utilities import rank_zero_info
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune import criteria
-from lightning_prune.callbacks._channels import ChannelPruning
+from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, check_function, example_input, one_sample
+from lightning_prune.callbacks._magnitude_args import check_arguments
+from lightning_prune.callbacks._shared import Fraction, check_keys, optional_flop_count
 from lightning_prune.callbacks._strategy import prepare_module
-from lightning_prune.callbacks._shared import (
-    Fraction,
-    check_choice,
-    check_range,
-    check_keys,
-    example_input,
-    find_example_input,
-    optional_flop_count,
-)
-from lightning_prune.flops import FlopCount
+from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
+from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
-from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
-from lightning_prune.schedules import SCHEDULES, PruningSchedule, ScheduleKind
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
-from lightning_prune.targets import select_modules, weight_names
+from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
+from lightning_prune.schedules import PruningSchedule, ScheduleKind
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, zeroed_channel_plan
+from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
+LayerCap = restricted_number_type("LayerCap", float, [(">", 0.0), ("<=", 1.0)], join="and")
+"""A float in (0, 1]: LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
 class IterativeMagnitude(pl.Callback):
     r"""Prune Conv/Linear weights by magnitude on a one-shot, iterative or AGP schedule.
 
-    At each pruning event (the start of an epoch of the schedule) the weights with the lowest
-    importance are masked so that the pruned fraction equals ``fraction(epoch) · sparsity``
-    *exactly* (absolute targets, never compounded). Masked weights are written as zeros, their
-    gradients are zeroed before every optimizer step and the zeros are re-written after it, so
-    they stay exactly zero through momentum, weight decay, AMP and gradient accumulation.
+    At each pruning event the weights with the lowest importance are masked so that the pruned
+    fraction equals ``fraction(t) · sparsity`` *exactly* (absolute targets, never compounded; see
+    :mod:`lightning_prune.magnitude`). Masked weights are written as zeros, their gradients are zeroed
+    before every optimizer step and the zeros are re-written after it.
 
     Args:
-        sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1);
-            with ``scope="layer"`` also a mapping ``{module name: sparsity}`` (unnamed layers: 0).
-        schedule: ``"one_shot"`` (prune once at ``start_epoch``, then fine-tune), ``"iterative"``
-            (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
-        start_epoch: first pruning epoch (pruning happens at the start of the epoch).
-        end_epoch: last pruning epoch; ``None`` = halfway between ``start_epoch`` and the end of
-            training (one-shot: ``start_epoch``). Must be before ``max_epochs``.
-        frequency: epochs between pruning events; ``end_epoch - start_epoch`` must be a multiple.
-        scope: ``"global"`` (one threshold over all pruned weights) or ``"layer"`` (each layer to
-            the same sparsity, Distiller's Level pruner).
-        criterion: ``"magnitude"`` (|w|) or ``"sensitivity"`` (Distiller's Sensitivity pruner:
-            drop |w| < λ_l = s_l·σ_l with σ_l the std of the dense layer; the schedule scales s).
+        sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1); with
+            ``scope="layer"`` also a mapping ``{module name: sparsity}`` (unnamed layers: 0).
+        schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
+        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step).
+        end_epoch: last event; ``None`` = halfway between ``start_epoch`` and the Trainer's end
+            (``max_epochs``, or ``max_steps`` with ``interval="step"``). Must come before that end.
+        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple.
+        interval: ``"epoch"`` or ``"step"``: the unit of ``start_epoch``/``end_epoch``/``frequency``
+            (optimizer steps, ``trainer.global_step``; Zhu & Gupta prune every Δt steps).
+        scope: ``"global"`` (one threshold) or ``"layer"`` (each layer to the same sparsity).
+        criterion: ``"magnitude"`` (|w|) or ``"sensitivity"`` (drop |w| < s·σ of the dense layer).
         sensitivity: ``s`` of the sensitivity criterion: one number or ``{module name: s}``.
-        granularity: ``"element"`` (single weights) or ``"channel"`` (whole output channels of
-            coupled channel groups ranked by ``channel_norm``; the network's outputs never go).
-        channel_norm: ``"l1"`` or ``"l2"`` norm of a channel's weights.
+        granularity: ``"element"`` or ``"channel"`` (whole channels of coupled groups by ``channel_norm``).
+        channel_norm: ``"l1"`` or ``"l2"``.
         parameters: glob patterns of module names to prune (default: every Conv/Linear).
         exclude: glob patterns of module names never to prune.
-        rewind: ``None``; ``"init"`` (lottery ticket: surviving weights back to their initial
-            values after each pruning event) or an epoch ``k <= start_epoch`` (rewind to epoch k).
-        make_permanent: at the end of fit drop the masks (the weights keep their zeros); ``False``
-            keeps enforcing the masks in a further ``fit``.
+        max_layer_sparsity: per-layer floor: no layer (channel group) holds more zeros than this
+            fraction, and below 1 each keeps at least one weight (channel). 1.0 lifts it; a layer
+            emptied then is warned about.
+        rewind: ``None``, ``"init"`` (lottery ticket) or an epoch ``k <= start_epoch``.
+        make_permanent: at the end of fit drop the masks (the zeros stay).
         physical: with ``granularity="channel"``, remove the zeroed channels at the end of fit.
         monitor: metric compared dense vs pruned in the final summary.
+        example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
+            ``example_input_array`` nor the batch's first tensor / the whole batch is (FLOPs, channels).
+        name: tells two instances in one Trainer apart (their checkpoint state key).
         verbose: print the summary table at the end of fit.
     """
 
@@ -76,9 +78,10 @@ class IterativeMagnitude(pl.Callback):
         self,
         sparsity: PerLayer = 0.5,
         schedule: ScheduleKind = "agp",
-        start_epoch: int = 0,
-        end_epoch: Optional[int] = None,
-        frequency: int = 1,
+        start_epoch: NonNegativeInt = 0,
+        end_epoch: Optional[NonNegativeInt] = None,
+        frequency: PositiveInt = 1,
+        interval: Literal["epoch", "step"] = "epoch",
         scope: Literal["global", "layer"] = "global",
         criterion: Literal["magnitude", "sensitivity"] = "magnitude",
         sensitivity: Optional[Sensitivity] = None,
@@ -86,260 +89,223 @@ class IterativeMagnitude(pl.Callback):
         channel_norm: Literal["l1", "l2"] = "l1",
         parameters: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
+        max_layer_sparsity: LayerCap = 0.99,
         rewind: Union[Literal["init"], int, None] = None,
         make_permanent: bool = True,
         physical: bool = False,
         monitor: Optional[str] = "val/acc",
+        example_input_fn: Optional[ExampleInputFn] = None,
+        name: Optional[str] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        check_range("sparsity", sparsity)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_choice("scope", scope, ("global", "layer"))
-        check_choice("criterion", criterion, ("magnitude", "sensitivity"))
-        check_choice("granularity", granularity, ("element", "channel"))
-        check_choice("channel_norm", channel_norm, ("l1", "l2"))
-        if isinstance(sparsity, Mapping) and scope != "layer":
-            raise ValueError(f"A per-layer `sparsity` mapping needs `scope`='layer', got {scope!r}.")
-        if criterion == "sensitivity":
-            if sensitivity is None:
-                raise ValueError("`criterion`='sensitivity' needs `sensitivity` (s of the threshold λ = s·σ), got None.")
-            check_range("sensitivity", sensitivity, 0.0, float("inf"))
-            if granularity != "element":
-                raise ValueError(f"`criterion`='sensitivity' thresholds single weights: `granularity` must be 'element', got {granularity!r}.")
-        elif sensitivity is not None:
-            raise ValueError(f"`sensitivity` is only used with `criterion`='sensitivity', got `criterion`={criterion!r}.")
-        if end_epoch is not None:
-            PruningSchedule(schedule, start_epoch, end_epoch, frequency)  # validates the combination
-        elif start_epoch < 0 or frequency < 1:
-            PruningSchedule(schedule, start_epoch, max(start_epoch, 0), frequency)
-        if rewind is not None and rewind != "init" and (isinstance(rewind, bool) or not isinstance(rewind, int) or not 0 <= rewind <= start_epoch):
-            raise ValueError(f"`rewind` must be None, 'init' or an epoch in [0, start_epoch={start_epoch}], got {rewind!r}.")
-        if physical and granularity != "channel":
-            raise ValueError(f"`physical`=True removes channels: it needs `granularity`='channel', got {granularity!r}.")
-        if physical and not make_permanent:
-            raise ValueError("`physical`=True needs `make_permanent`=True.")
-        self.sparsity = sparsity
+        self.arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_arguments(self.arguments)
+        check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch)")
+        self.__dict__.update(self.arguments)
         self.schedule_kind = schedule
-        self.start_epoch = start_epoch
-        self.end_epoch = end_epoch
-        self.frequency = frequency
-        self.scope = scope
-        self.criterion = criterion
-        self.sensitivity = sensitivity
-        self.granularity = granularity
-        self.channel_norm = channel_norm
-        self.parameters = parameters
-        self.exclude = exclude
-        self.rewind = rewind
-        self.make_permanent = make_permanent
-        self.physical = physical
-        self.monitor = monitor
-        self.verbose = verbose
-
         self.schedule: Optional[PruningSchedule] = None
-        self.masks: Optional[MaskSet] = None
+        self.pruner: Optional[MagnitudePruner] = None
         self.layers: list[str] = []
-        self.last_event_epoch = -1
-        self.sigmas: dict[str, float] = {}
-        self.rewind_state: Optional[dict[str, torch.Tensor]] = None
+        self.last_event = -1
         self.dense_score: Optional[float] = None
-        self.channels: Optional[ChannelPruning] = None  # set up for granularity="channel"
-        self.example: Optional[torch.Tensor] = None
-        self.dense_flops: Optional[FlopCount] = None
+        self.dense_flops: Optional[FlopCount] = None  # fvcore, MACs per sample
+        self.predictor: Optional[FlopsPredictor] = None
+        self.example: Optional[ModelArgs] = None
         self.dense_parameters = 0
         self.structure: Optional[StructureRecord] = None
-        self._stepped = False  # an optimizer step ran since the zeros were last written
+        self.unit = interval  # the schedule's unit in this fit ("epoch" under fast_dev_run)
+        self._stepped = False
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsity=self.sparsity, schedule=self.schedule_kind, granularity=self.granularity, parameters=self.parameters
-        )
+        return self._generate_state_key(name=self.name) if self.name else type(self).__qualname__
 
-    # ------------------------------------------------------------------ setup
+    @property
+    def masks(self) -> Optional[MaskSet]:
+        """The masks being enforced (``None`` before the first event and once made permanent)."""
+        return self.pruner.masks if self.pruner is not None and self.pruner.masks else None
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
-        self.schedule = PruningSchedule(self.schedule_kind, self.start_epoch, self._resolve_end_epoch(trainer), self.frequency)
-        modules = select_modules(pl_module, self.parameters, self.exclude)
-        self.layers = list(modules)
-        for name, value in (("sparsity", self.sparsity), ("sensitivity", self.sensitivity)):
-            if isinstance(value, Mapping):
-                check_keys(name, value, self.layers)
-        # channel pruning traces the model (an example input is required); element pruning only reports FLOPs
-        self.example = (example_input if self.granularity == "channel" else find_example_input)(trainer, pl_module)
-        # shapes are dense until the end of fit, so these are the dense reference even when resuming
+        self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
+        for argument in ("sparsity", "sensitivity"):
+            if isinstance(getattr(self, argument), Mapping):
+                check_keys(argument, getattr(self, argument), self.layers)
+        self.schedule = self._resolve_schedule(trainer)
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
-        self.dense_flops = optional_flop_count(pl_module, self.example)
-        if self.granularity == "channel":
-            self.channels = ChannelPruning(pl_module, self.example, modules, self.channel_norm, self.dense_flops)
-        if self.masks is None or self.masks.model is not pl_module:
-            self.masks = MaskSet(pl_module)
+        if self.pruner is None or self.pruner.model is not pl_module:
+            self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
+        if any(c.__name__ == "EarlyStopping" for cb in trainer.callbacks for c in type(cb).__mro__):
+            rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({self.unit} {self.schedule.last_event}); the summary says if it did.")
 
-    def _resolve_end_epoch(self, trainer: pl.Trainer) -> int:
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    def _resolve_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
+        if trainer.fast_dev_run:
+            rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the first epoch.")
+            self.unit = "epoch"
+            return PruningSchedule("one_shot", 0, 0)
+        self.unit = self.interval
+        limit_name = "max_epochs" if self.interval == "epoch" else "max_steps"
+        limit = getattr(trainer, limit_name)
+        limit = limit if limit is not None and limit >= 0 else None
         end = self.end_epoch
         if end is None:
-            if self.schedule_kind == "one_shot" or max_epochs is None:
+            if self.schedule_kind == "one_shot":
                 end = self.start_epoch
+            elif limit is None:
+                raise ValueError(f"`end_epoch`=None needs the Trainer's `{limit_name}` (the schedule ends halfway to it); give `end_epoch`.")
             else:
-                span = max(0, (max_epochs - self.start_epoch) // 2)
+                span = max(0, (limit - self.start_epoch) // 2)
                 end = self.start_epoch + span - span % self.frequency
-        if max_epochs is not None and end >= max_epochs:
-            raise ValueError(
-                f"`end_epoch` ({end}) must be before the Trainer's `max_epochs` ({max_epochs}), "
-                "or the final `sparsity` is never reached."
-            )
-        return end
+        if limit is not None and max(end, self.start_epoch) >= limit:
+            raise ValueError(f"`end_epoch` ({end}) must be before the Trainer's `{limit_name}` ({limit}), or the final `sparsity` is never reached.")
+        return PruningSchedule(self.schedule_kind, self.start_epoch, end, self.frequency)
 
-    # ------------------------------------------------------------------ schedule
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.rewind == "init" and self.rewind_state is None:
-            self.rewind_state = _snapshot(pl_module)
+        if self.rewind == "init" and self.pruner.rewind_state is None:
+            self.pruner.remember()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The example input (the first training batch is loaded now): dense FLOPs, channel groups."""
+        try:
+            self.example = one_sample(example_input(trainer, pl_module, self.example_input_fn))
+        except MisconfigurationException as error:
+            if self.granularity == "channel":
+                raise
+            rank_zero_warn(f"FLOPs are not reported: no example input ({error}).")
+        self.dense_flops = optional_flop_count(pl_module, self.example)
+        if self.granularity == "channel" and self.pruner.channels is None:
+            self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, self.channel_norm, self.max_layer_sparsity)
+            self.predictor = FlopsPredictor(pl_module, self.example, self.pruner.channels.groups, self.dense_flops)
+        self._warn_if_too_short(trainer)
+
+    def _warn_if_too_short(self, trainer: pl.Trainer) -> None:
+        """Warn when the Trainer's step or epoch limit ends training before the last pruning event."""
+        if math.isinf(trainer.num_training_batches):
+            return
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        last = self.schedule.last_event * (per_epoch if self.unit == "epoch" else 1)
+        limits = {"max_steps": trainer.max_steps, "max_epochs": (trainer.max_epochs or -1) * per_epoch}
+        for limit, steps in limits.items():
+            if 0 <= steps <= last:
+                rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({self.unit} {self.schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
+
+    def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
+        if self.rewind == time and self.pruner.rewind_state is None:
+            self.pruner.remember()
+        fraction = self.schedule.fraction(time)
+        if fraction is None or time <= self.last_event:
+            return
+        if self.last_event < 0 and self.monitor in trainer.callback_metrics:
+            self.dense_score = float(trainer.callback_metrics[self.monitor])
+        self.pruner.prune(fraction, distributed_broadcast())
+        self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
+        self.last_event = time
+        for layer in self.pruner.emptied_layers():
+            rank_zero_warn(f"IterativeMagnitude: every weight of {layer!r} is pruned (`max_layer_sparsity`={self.max_layer_sparsity}); the layer outputs only its bias.")
+        report = sparsity_report(pl_module, self.layers)
+        log_pruning_event(trainer, report=report, flops_ratio=None if self.dense_flops is None else self._pruned_flops(report) / self.dense_flops.total,
+                          channel_ratios=self.pruner.channel_ratios() or None, extra={"target_sparsity": self.pruner.target_sparsity(fraction)})
+
+    def _pruned_flops(self, report: Any) -> int:
+        """MACs per sample of the physically pruned channel plan, or those left when zero weights are skipped."""
+        return self.predictor.predict(self.pruner.plan) if self.predictor is not None else nonzero_flops(self.dense_flops, report)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.rewind == epoch and self.rewind_state is None:
-            self.rewind_state = _snapshot(pl_module)
-        fraction = self.schedule.fraction(epoch)
-        if fraction is None or epoch <= self.last_event_epoch:
-            return
-        if self.last_event_epoch < 0 and self.monitor in trainer.callback_metrics:
-            self.dense_score = float(trainer.callback_metrics[self.monitor])
-        masks = trainer.strategy.broadcast(self._compute_masks(pl_module, fraction), src=0)
-        self.masks.update(masks)
-        self.masks.apply_to_optimizer_state(trainer.optimizers)
-        if self.rewind_state is not None:
-            _restore(pl_module, self.rewind_state)
-            self.masks.apply_to_weights()
-        self.last_event_epoch = epoch
-        report = sparsity_report(pl_module, self.layers)
-        log_pruning_event(
-            trainer,
-            report=report,
-            flops_ratio=None if self.dense_flops is None else self._pruned_flops(report) / self.dense_flops.total,
-            channel_ratios=None if self.channels is None else self.channels.channel_ratios(),
-            extra={"target_sparsity": self._target_sparsity(fraction)},
-        )
+        if self.unit == "epoch":
+            self._event(trainer, pl_module, trainer.current_epoch)
 
-    def _pruned_flops(self, report: SparsityReport) -> int:
-        """Physical FLOPs of the channel plan, or the FLOPs left when zero weights are skipped."""
-        if self.channels is not None:
-            return self.channels.flops()
-        return nonzero_flops(self.dense_flops, report)
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.unit == "step":
+            self._event(trainer, pl_module, trainer.global_step)
 
-    def _target_sparsity(self, fraction: float) -> float:
-        if self.criterion == "sensitivity":
-            return float("nan")
-        if isinstance(self.sparsity, Mapping):
-            total = {name: self.masks.model.get_submodule(name).weight.numel() for name in self.layers}
-            zeros = sum(self.sparsity.get(name, 0.0) * n for name, n in total.items())
-            return fraction * zeros / sum(total.values())
-        return fraction * self.sparsity
-
-    def _layer_targets(self, value: PerLayer, fraction: float) -> dict[str, float]:
-        if isinstance(value, Mapping):
-            return {name: fraction * value.get(name, 0.0) for name in self.layers}
-        return {name: fraction * value for name in self.layers}
-
-    def _compute_masks(self, pl_module: pl.LightningModule, fraction: float) -> dict[str, torch.Tensor]:
-        if self.granularity == "channel":
-            targets = self._layer_targets(self.sparsity, fraction) if self.scope == "layer" else fraction * self.sparsity
-            return self.channels.masks(targets)
-        names = weight_names(self.layers)
-        weights = {name: pl_module.get_parameter(name) for name in names}
-        if self.criterion == "sensitivity":
-            if not self.sigmas:
-                self.sigmas = {name: float(w.detach().float().std()) for name, w in weights.items()}
-            s = self._layer_targets(self.sensitivity, fraction)
-            masks = criteria.sensitivity_masks(weights, self.sigmas, {f"{k}.weight": v for k, v in s.items()})
-        elif self.scope == "global":
-            masks = criteria.global_magnitude_masks(weights, fraction * self.sparsity)
-        else:
-            s = self._layer_targets(self.sparsity, fraction)
-            masks = criteria.layer_magnitude_masks(weights, {f"{k}.weight": v for k, v in s.items()})
-        previous = self.masks.masks
-        return {name: mask & previous[name].cpu() if name in previous else mask for name, mask in masks.items()}
-
-    # ------------------------------------------------------------------ keeping zeros
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.masks:
-            self.masks.apply_to_grads()
+        if self.pruner is not None and self.pruner.masks:
+            self.pruner.masks.apply_to_grads()
             self._stepped = True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._stepped:
             self._stepped = False
-            self.masks.apply_to_weights()
+            self.pruner.masks.apply_to_weights()
 
-    # ------------------------------------------------------------------ end of fit
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.masks:
+        if self.pruner is None:
             return
         report = sparsity_report(pl_module, self.layers)
+        notes = []
+        if self.last_event < self.schedule.last_event:
+            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.unit} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
+            rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
+        if not self.masks:
+            return
         flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         if self.make_permanent:
             if self.physical:
-                self.structure = self.channels.remove(pl_module)
+                device = next(pl_module.parameters()).device
+                groups = self.pruner.channels.groups
+                self.structure = apply_plan(pl_module, groups, zeroed_channel_plan(pl_module, groups), tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in self.example))
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
-            self.masks = None
-            self.last_event_epoch = -1
+            self.pruner = None
+            self.last_event = -1
         if self.verbose and trainer.is_global_zero:
             score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
             nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
-            rank_zero_info(
-                pruning_summary(
-                    "IterativeMagnitude summary",
-                    report,
-                    (self.dense_parameters, nonzero),
-                    flops,
-                    self.monitor,
-                    (self.dense_score, None if score is None else float(score)),
-                )
-            )
+            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, (self.dense_parameters, nonzero), flops, self.monitor,
+                                           (self.dense_score, None if score is None else float(score)), notes))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.structure is not None:
             checkpoint[STRUCTURE_KEY] = self.structure
 
-    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holding IterativeMagnitude state under another key (arguments of an older version's
+        key changed, or another `name`) is adopted when it is the only one, else the resume is refused."""
+        states = checkpoint.get("callbacks", {})
+        others = [key for key in states if isinstance(key, str) and key.startswith("IterativeMagnitude") and key not in {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)}]
+        if self.state_key in states or not others:
+            return
+        if len(others) > 1:
+            raise MisconfigurationException(f"The checkpoint holds IterativeMagnitude state under {others}, none under this callback's key {self.state_key!r}: pass the `name` it was saved with.")
+        rank_zero_warn(f"IterativeMagnitude: resuming the state saved under {others[0]!r} (masks and schedule progress kept).")
+        self.load_state_dict(states[others[0]])
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "masks": self.masks.state_dict() if self.masks else {},
-            "last_event_epoch": self.last_event_epoch,
-            "sigmas": dict(self.sigmas),
-            "rewind_state": self.rewind_state,
-            "dense_score": self.dense_score,
-            "plan": self.channels.plan if self.channels is not None else {},
-        }
+        state = self.pruner.state_dict() if self.pruner is not None else {}
+        arguments = {k: _plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
+        return {**state, "last_event": self.last_event, "dense_score": self.dense_score, "arguments": arguments}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_event_epoch = state_dict["last_event_epoch"]
-        self.sigmas = dict(state_dict["sigmas"])
-        self.rewind_state = state_dict["rewind_state"]
+        self.last_event = state_dict.get("last_event", state_dict.get("last_event_epoch", -1))
         self.dense_score = state_dict["dense_score"]
-        if self.channels is not None:
-            self.channels.plan = dict(state_dict["plan"])
-        if self.masks is not None:
-            self.masks.load_state_dict(state_dict["masks"])
+        changed = sorted(k for k, v in state_dict.get("arguments", {}).items() if _plain(self.arguments.get(k)) != v)
+        if changed:
+            rank_zero_warn(f"IterativeMagnitude: resumed with changed arguments {changed}; the saved masks are kept and the new settings apply from the next pruning event.")
+        if self.pruner is not None and "masks" in state_dict:
+            self.pruner.load_state_dict(state_dict)
 
 
-def _snapshot(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
-
-
-@torch.no_grad()
-def _restore(pl_module: pl.LightningModule, state: dict[str, torch.Tensor]) -> None:
-    for name, parameter in pl_module.named_parameters():
-        parameter.copy_(state[name])
+def _plain(value: Any) -> Any:
+    """Built-in types only (parse-time types such as ``NonNegativeInt`` are subclasses), so checkpoints load anywhere."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
