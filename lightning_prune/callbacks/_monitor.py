@@ -66,7 +66,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, loade
     try:
         with eval_mode(pl_module), trainer.precision_plugin.forward_context():
             for index, raw in enumerate(itertools.islice(loader, limit)):
-                batch = trainer.strategy.batch_to_device(raw)
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(raw))
                 pl_module.validation_step(batch, index) if takes_index else pl_module.validation_step(batch)
     finally:
         del pl_module.log, pl_module.log_dict

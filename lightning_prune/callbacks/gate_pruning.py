@@ -200,6 +200,11 @@ class GatePruningFromScratch(pl.Callback):
             raise ValueError(
                 f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
             )
+        if self.budget_training and _averaging_callbacks(trainer):
+            raise MisconfigurationException(
+                "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
+                "set the Trainer's `max_epochs` to the budget yourself, or drop one of the two."
+            )
         if self.expansion != 1 and not (callable(getattr(pl_module, "set_width", None)) and hasattr(pl_module, "width")):
             raise ValueError(
                 f"`expansion`={self.expansion} needs a LightningModule that can rebuild itself wider: define a `width` "
@@ -340,7 +345,7 @@ class GatePruningFromScratch(pl.Callback):
             with search.running():
                 for _ in range(epochs):
                     for index, batch in enumerate(itertools.islice(trainer.train_dataloader, limit)):
-                        batch = trainer.strategy.batch_to_device(batch)
+                        batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
                         search.step(module_loss(trainer, pl_module, batch, self.loss_fn, index))
                         if bar is not None:
                             bar.update(1)
@@ -370,6 +375,8 @@ class GatePruningFromScratch(pl.Callback):
         if self.init == "random":
             _reinitialise(pl_module, self._groups, found.plan)
         self.pruned, self._model = True, weakref.ref(pl_module)
+        for callback in _averaging_callbacks(trainer):
+            callback.setup(trainer, pl_module, "fit")  # its average starts from the pruned model, as it would have from the dense one
         self.plan = {index: keep.cpu() for index, keep in found.plan.items()}
         self.gates = result.gates
         self.snapshot.update(selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
@@ -436,6 +443,10 @@ class GatePruningFromScratch(pl.Callback):
         self.reached_flops_ratio = state_dict["reached_flops_ratio"]
         self.budget_epochs = state_dict["budget_epochs"]
         self.gate_seconds = state_dict["gate_seconds"]
+
+
+def _averaging_callbacks(trainer: pl.Trainer) -> list[pl.callbacks.StochasticWeightAveraging]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, pl.callbacks.StochasticWeightAveraging)]
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
