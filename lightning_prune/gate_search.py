@@ -30,10 +30,11 @@ processes in one collective (``reduce``), Adam and the clamp touch one tensor.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.flops import FlopsPredictor, ThresholdSearch, search_threshold
 from lightning_prune.gates import (
@@ -43,8 +44,9 @@ from lightning_prune.gates import (
     NonFiniteGateLoss,
     frozen_network,
     gate_scores,
+    gate_sites,
 )
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure import ChannelGroup, ChannelPlan
 
 Mode = Literal["min", "max"]
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
@@ -163,6 +165,50 @@ class GateSearch:
             metrics.update({"gate/loss": loss / count, "gate/task_loss": task / count})
         return metrics
 
+    def run(
+        self,
+        batches: Callable[[], Iterable[Any]],
+        task_loss: Callable[[Any, int], torch.Tensor],
+        *,
+        epochs: int,
+        log_every: int = 50,
+        validate: Optional[Callable[[], tuple[str, float]]] = None,
+        val_every: Optional[int] = None,
+        log: Optional[Callable[[dict[str, float]], None]] = None,
+        on_step: Optional[Callable[[], None]] = None,
+    ) -> GatePhaseResult:
+        """The whole gate phase: ``epochs`` passes over ``batches()``, a :meth:`step` on
+        ``task_loss(batch, index)`` each, metrics read (one host sync) every ``log_every`` steps and at each
+        epoch's end and passed to ``log``; ``validate()`` -> ``(name, value)`` after each epoch (or every
+        ``val_every`` steps) feeds :meth:`validated` and is logged as ``gate/<name>``. Returns :meth:`result`.
+
+        Raises:
+            NonFiniteGateLoss: at the first read after a non-finite loss; the model is restored.
+        """
+        log = log or (lambda metrics: None)
+
+        def validation() -> None:
+            metrics = self.read_metrics()  # raises first if a loss was not finite
+            name, value = validate()
+            self.validated(value)
+            log({**metrics, f"gate/{name}": value})
+
+        with self.running():
+            for _ in range(epochs):
+                for index, batch in enumerate(batches()):
+                    self.step(task_loss(batch, index))
+                    if on_step is not None:
+                        on_step()
+                    if validate is not None and val_every and self.steps % val_every == 0:
+                        validation()
+                    elif self.steps % log_every == 0:
+                        log(self.read_metrics())
+                if validate is not None and not val_every:
+                    validation()
+                else:
+                    log(self.read_metrics())  # the epoch's end: metrics and the finiteness check
+        return self.result()
+
     # ------------------------------------------------------------------ selection
     def validated(self, value: float) -> bool:
         """Report the monitored validation value of the current gates (identical on every process);
@@ -213,3 +259,74 @@ class GateSearch:
         self.optimizer.load_state_dict(state["optimizer"])
         self.best, self.last_metric = state["best"], state["last_metric"]
         self.chosen = None if state["chosen"] is None else GatePhaseResult(**state["chosen"])
+
+
+def check_target(
+    model: nn.Module, groups: Sequence[ChannelGroup], position: GatePosition, predictor: FlopsPredictor, dense_flops: int, flops_ratio: float
+) -> Optional[str]:
+    """Refuse, before any weight changes, a model with no channel to gate at ``position`` and a FLOPs target
+    below the smallest structure (one channel per group; ``dense_flops`` of the unexpanded model). Returns a
+    warning when ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
+    if not gate_sites(model, groups, position):
+        raise ValueError(
+            f"The model has no prunable channel to gate at `gate_position`={position!r}"
+            + (" (no BatchNorm in a prunable channel group; try 'conv')." if position != "conv" else ".")
+        )
+    smallest = predictor.min_flops() / dense_flops
+    if smallest > flops_ratio:
+        raise ValueError(
+            f"`flops_ratio`={flops_ratio} is unreachable: the smallest structure of the gated network (one channel "
+            f"per group) has {smallest:.4f} of the dense FLOPs."
+        )
+    if position != "conv":
+        return None
+    normalised = [
+        group.root
+        for group in groups
+        if any(isinstance(model.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
+    ]
+    if not normalised:
+        return None
+    return (
+        f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
+        "away; those gates learn from the ratio term only. 'bn' is the authors' position."
+    )
+
+
+@torch.no_grad()
+def reinitialise_changed(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
+    """PyTorch's default initialisation for every module whose shape the plan changed."""
+    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
+    for name in sorted(changed):
+        module = model.get_submodule(name)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def structure_table(
+    groups: list[ChannelGroup],
+    plan: ChannelPlan,
+    flops_ratio: float,
+    params_ratio: float,
+    result: GatePhaseResult,
+    budget_epochs: Optional[int],
+) -> str:
+    """The printed summary: kept channels per layer, FLOPs (MACs per sample) and params ratios, the snapshot."""
+    rows = []
+    for group in groups:
+        kept = len(plan.get(group.index, range(group.size)))
+        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
+    rows.sort()
+    width = max(len(name) for _, name, _, _ in rows)
+    lines = [
+        "GatePruningFromScratch structure",
+        f"{'layer':<{width}}  {'channels':>8}  {'kept':>6}  {'ratio':>6}",
+    ]
+    lines += [f"{name:<{width}}  {size:>8}  {kept:>6}  {kept / size:>6.2f}" for _, name, size, kept in rows]
+    lines.append(
+        f"FLOPs ratio {flops_ratio:.4f} (MACs per sample), params ratio {params_ratio:.4f}; gate snapshot: {result.selected} "
+        f"at gate step {result.step}/{result.steps}" + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")
+    )
+    if budget_epochs is not None:
+        lines.append(f"budget training: max_epochs -> {budget_epochs}")
+    return "\n".join(lines)

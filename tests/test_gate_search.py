@@ -162,3 +162,20 @@ def test_search_meets_the_flops_target_by_an_fvcore_recount() -> None:
     apply_plan(net, search.groups, found.plan, X[:1])
     recount = count_flops(net, X[:1]).total
     assert recount == found.flops and recount <= 0.5 * predictor.dense
+
+
+def test_run_reads_metrics_at_the_logging_cadence_and_validates_per_epoch() -> None:
+    net, search = _search(gate_ratio=0.9)
+    logged: list[dict] = []
+    values = iter([2.0, 1.0])
+    result = search.run(
+        lambda: _batches(5),
+        lambda batch, index: F.cross_entropy(net(batch[0]), batch[1]),
+        epochs=2,
+        log_every=2,
+        validate=lambda: ("val/loss", next(values)),
+        log=lambda metrics: logged.append(dict(metrics, steps=search.steps)),
+    )
+    assert [row["steps"] for row in logged] == [2, 4, 5, 6, 8, 10, 10]  # every 2nd step, plus each epoch's validation
+    assert [row.get("gate/val/loss") for row in logged if "gate/val/loss" in row] == [2.0, 1.0]
+    assert "gate/loss" in logged[0] and result.steps == 10 and not search.gates.attached

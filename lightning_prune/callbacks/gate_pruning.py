@@ -17,23 +17,21 @@ import itertools
 import math
 import time
 import weakref
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.model_helpers import is_overridden
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, example_input, module_loss, one_sample
 from lightning_prune.callbacks._monitor import monitored_value, validation_metrics
 from lightning_prune.callbacks._shared import check_choice, check_range
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.gate_search import GateSearch, Mode
-from lightning_prune.gates import GATE_POSITIONS, GatePhaseResult, GatePosition, gate_scores, gate_sites
+from lightning_prune.gate_search import GateSearch, Mode, check_target, reinitialise_changed, structure_table
+from lightning_prune.gates import GATE_POSITIONS, GatePhaseResult, GatePosition, gate_scores
 from lightning_prune.loggers import log_metrics, log_pruning_event
 from lightning_prune.structure import (
     STRUCTURE_KEY,
@@ -284,29 +282,10 @@ class GatePruningFromScratch(pl.Callback):
             self._original = (pl_module.width, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
             pl_module.set_width(pl_module.width * self.expansion)
         self._groups = find_channel_groups(pl_module, x)
-        if not gate_sites(pl_module, self._groups, self.gate_position):
-            raise ValueError(
-                f"The model has no prunable channel to gate at `gate_position`={self.gate_position!r}"
-                + (" (no BatchNorm in a prunable channel group; try 'conv')." if self.gate_position != "conv" else ".")
-            )
         self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
-        smallest = self._predictor.min_flops() / self._dense_flops
-        if smallest > self.flops_ratio:
-            raise ValueError(
-                f"`flops_ratio`={self.flops_ratio} is unreachable: the smallest structure (one channel per group"
-                f"{f', expansion {self.expansion}' if self.expansion != 1 else ''}) has {smallest:.4f} of the dense FLOPs."
-            )
-        if self.gate_position == "conv":
-            normalised = [
-                group.root
-                for group in self._groups
-                if any(isinstance(pl_module.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
-            ]
-            if normalised:
-                rank_zero_warn(
-                    f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
-                    "away; those gates learn from the ratio term only. 'bn' is the authors' position."
-                )
+        warning = check_target(pl_module, self._groups, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio)
+        if warning:
+            rank_zero_warn(warning)
         return x
 
     def _gate_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GatePhaseResult:
@@ -325,38 +304,29 @@ class GatePruningFromScratch(pl.Callback):
             pl_module, self._groups, position=self.gate_position, lr=self.gate_lr, gamma=self.gamma,
             gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode, reduce=reduce,
         )
-        epochs = 1 if trainer.fast_dev_run else self.gate_epochs
         limit = _limit(trainer.num_training_batches)
-        every = max(1, trainer.log_every_n_steps)
-        bar = _progress_bar(trainer, None if limit is None else epochs * limit)
+        bar = _progress_bar(trainer, None if limit is None else (1 if trainer.fast_dev_run else self.gate_epochs) * limit)
 
         def log(metrics: dict[str, float]) -> None:
             log_metrics(trainer, {**metrics, "gate/step": float(search.steps)})
             if bar is not None and "gate/loss" in metrics:
                 bar.set_postfix(loss=f"{metrics['gate/loss']:.3f}", mean_gate=f"{metrics['gate/mean']:.3f}")
 
-        def validation() -> None:
-            metrics = search.read_metrics()  # raises first if a loss was not finite
-            key, value = monitored_value(validation_metrics(trainer, pl_module, val_loader, val_limit), self.monitor)
-            search.validated(value)
-            log({**metrics, f"gate/{key}": value})
+        def batches() -> Iterator[Any]:
+            for batch in itertools.islice(trainer.train_dataloader, limit):
+                yield trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
         try:
-            with search.running():
-                for _ in range(epochs):
-                    for index, batch in enumerate(itertools.islice(trainer.train_dataloader, limit)):
-                        batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
-                        search.step(module_loss(trainer, pl_module, batch, self.loss_fn, index))
-                        if bar is not None:
-                            bar.update(1)
-                        if validate and self.gate_val_every and search.steps % self.gate_val_every == 0:
-                            validation()
-                        elif search.steps % every == 0:
-                            log(search.read_metrics())
-                    if validate and not self.gate_val_every:
-                        validation()
-                    else:
-                        log(search.read_metrics())  # the epoch's end: metrics and the finiteness check
+            result = search.run(
+                batches,
+                lambda batch, index: module_loss(trainer, pl_module, batch, self.loss_fn, index),
+                epochs=1 if trainer.fast_dev_run else self.gate_epochs,
+                log_every=max(1, trainer.log_every_n_steps),
+                validate=(lambda: monitored_value(validation_metrics(trainer, pl_module, val_loader, val_limit), self.monitor)) if validate else None,
+                val_every=self.gate_val_every,
+                log=log,
+                on_step=None if bar is None else (lambda: bar.update(1)),
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -364,7 +334,7 @@ class GatePruningFromScratch(pl.Callback):
                 if module is not pl_module and all(callable(getattr(module, n, None)) for n in ("compute", "reset", "update")):
                     module.reset()
         self.snapshot = {"monitor": self.monitor}
-        return search.result()
+        return result
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult, x: tuple[Any, ...]) -> None:
         scores = trainer.strategy.broadcast(gate_scores(result, self._groups), src=0)
@@ -373,7 +343,7 @@ class GatePruningFromScratch(pl.Callback):
         apply_plan(pl_module, self._groups, found.plan, x)
         self._original = None  # the widened model is now the pruned one: nothing to restore
         if self.init == "random":
-            _reinitialise(pl_module, self._groups, found.plan)
+            reinitialise_changed(pl_module, self._groups, found.plan)
         self.pruned, self._model = True, weakref.ref(pl_module)
         for callback in _averaging_callbacks(trainer):
             callback.setup(trainer, pl_module, "fit")  # its average starts from the pruned model, as it would have from the dense one
@@ -412,7 +382,7 @@ class GatePruningFromScratch(pl.Callback):
             extra=extra,
         )
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(_structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
+            rank_zero_info(structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -465,41 +435,3 @@ def _progress_bar(trainer: pl.Trainer, total: Optional[int]) -> Optional[Any]:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
-
-
-@torch.no_grad()
-def _reinitialise(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
-    """PyTorch's default initialisation for every module whose shape the plan changed."""
-    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
-    for name in sorted(changed):
-        module = model.get_submodule(name)
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-
-
-def _structure_table(
-    groups: list[ChannelGroup],
-    plan: ChannelPlan,
-    flops_ratio: float,
-    params_ratio: float,
-    result: GatePhaseResult,
-    budget_epochs: Optional[int],
-) -> str:
-    rows = []
-    for group in groups:
-        kept = len(plan.get(group.index, range(group.size)))
-        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
-    rows.sort()
-    width = max(len(name) for _, name, _, _ in rows)
-    lines = [
-        "GatePruningFromScratch structure",
-        f"{'layer':<{width}}  {'channels':>8}  {'kept':>6}  {'ratio':>6}",
-    ]
-    lines += [f"{name:<{width}}  {size:>8}  {kept:>6}  {kept / size:>6.2f}" for _, name, size, kept in rows]
-    lines.append(
-        f"FLOPs ratio {flops_ratio:.4f} (MACs per sample), params ratio {params_ratio:.4f}; gate snapshot: {result.selected} "
-        f"at gate step {result.step}/{result.steps}" + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")
-    )
-    if budget_epochs is not None:
-        lines.append(f"budget training: max_epochs -> {budget_epochs}")
-    return "\n".join(lines)
