@@ -176,3 +176,17 @@ def test_budget_training_with_stochastic_weight_averaging_is_refused_at_setup(tr
     with pytest.raises(MisconfigurationException, match="`budget_training=True`.*StochasticWeightAveraging"):
         trainer_factory(callbacks, max_epochs=2, **LIMITS).fit(model, digits())
     assert_unchanged(model, before)
+
+
+def test_resume_with_changed_arguments_keeps_the_structure_and_budget_and_says_so(tmp_path, trainer_factory) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, budget_training=True, verbose=False)
+    model = classifier()
+    trainer_factory([pruning, checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS).fit(model, digits())
+    resumed = GatePruningFromScratch(flops_ratio=0.3, gate_position="bn_weight", gate_epochs=1, budget_training=True, verbose=False)
+    resumed_model = classifier()
+    trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
+    with pytest.warns(UserWarning, match=r"flops_ratio=0\.5.*gate_position='bn'.*flops_ratio=0\.3"):
+        trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.budget_epochs == 2 == trainer.max_epochs and resumed.plan.keys() == pruning.plan.keys()
+    assert {k: v.shape for k, v in resumed_model.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

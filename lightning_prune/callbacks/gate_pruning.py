@@ -177,7 +177,15 @@ class GatePruningFromScratch(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(flops_ratio=self.flops_ratio, gate_position=self.gate_position, expansion=self.expansion)
+        """The class name alone (one instance per Trainer): a resume with changed arguments still finds the
+        chosen structure's state; :meth:`load_state_dict` warns about the arguments that no longer apply."""
+        return type(self).__qualname__
+
+    def _arguments(self) -> dict[str, Any]:
+        """The arguments that decide the structure and its training budget."""
+        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "select",
+                 "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
+        return {name: getattr(self, name) for name in names}
 
     # ------------------------------------------------------------------ setup
     @override
@@ -401,6 +409,7 @@ class GatePruningFromScratch(pl.Callback):
             "reached_flops_ratio": self.reached_flops_ratio,
             "budget_epochs": self.budget_epochs,
             "gate_seconds": self.gate_seconds,
+            "arguments": self._arguments(),
         }
 
     @override
@@ -413,6 +422,15 @@ class GatePruningFromScratch(pl.Callback):
         self.reached_flops_ratio = state_dict["reached_flops_ratio"]
         self.budget_epochs = state_dict["budget_epochs"]
         self.gate_seconds = state_dict["gate_seconds"]
+        changed = {k: v for k, v in state_dict.get("arguments", {}).items() if self._arguments().get(k, v) != v}
+        if self.pruned and changed:
+            rank_zero_warn(
+                "GatePruningFromScratch: resuming the structure this checkpoint chose with "
+                + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+                + "; the gate phase is not run again, so the current "
+                + ", ".join(f"{k}={self._arguments()[k]!r}" for k in changed)
+                + " does not apply (the checkpoint's structure and training budget do). Start a new run to use them."
+            )
 
 
 def _averaging_callbacks(trainer: pl.Trainer) -> list[pl.callbacks.StochasticWeightAveraging]:
