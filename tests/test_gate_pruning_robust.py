@@ -190,3 +190,11 @@ def test_resume_with_changed_arguments_keeps_the_structure_and_budget_and_says_s
         trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.budget_epochs == 2 == trainer.max_epochs and resumed.plan.keys() == pruning.plan.keys()
     assert {k: v.shape for k, v in resumed_model.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_budget_training_warns_when_max_steps_may_end_it_first(trainer_factory) -> None:
+    pruning = GatePruningFromScratch(gate_epochs=1, budget_training=True, verbose=False)
+    trainer = trainer_factory([pruning], max_epochs=1, max_steps=3, **LIMITS)
+    with pytest.warns(UserWarning, match="`budget_training=True`.*`max_steps`=3"):
+        trainer.fit(classifier(), digits())
+    assert pruning.budget_epochs == 2 and trainer.global_step == 3

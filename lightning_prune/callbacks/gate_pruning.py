@@ -206,6 +206,11 @@ class GatePruningFromScratch(pl.Callback):
             raise ValueError(
                 f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
             )
+        if self.budget_training and trainer.max_steps not in (None, -1):
+            rank_zero_warn(
+                f"`budget_training=True` trains for round(max_epochs / flops_ratio) epochs, but `max_steps`={trainer.max_steps} "
+                "may end training first: the pruned network would get less than the dense model's training budget."
+            )
         if self.budget_training and _averaging_callbacks(trainer):
             raise MisconfigurationException(
                 "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
