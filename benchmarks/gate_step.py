@@ -102,12 +102,19 @@ def main() -> None:
             gate.append(timed(gate_step))
         search.read_metrics()
     ratios = [g / p for g, p in zip(gate, plain)]
+    # Host-to-device copies per gated forward: on "meta" (a stand-in accelerator) every copy is an aten._to_copy.
+    meta_model = build_network(args.arch, 10, 3, args.image, args.width).to("meta")
+    meta_x = x.to("meta")
+    meta_search = GateSearch(meta_model, groups, position=args.position)
+    with meta_search.running(), OpCounter() as counter:
+        meta_model(meta_x)
     print(
         f"{args.arch} width {args.width}, batch {args.batch}, {args.image}x{args.image}, {device}, threads {args.threads}, "
         f"gates at {args.position!r} ({search.gates.num_gates} gates, {len(groups)} groups); {args.rounds} rounds x {args.steps} steps"
     )
     print(f"plain step: median {statistics.median(plain) * 1e3:.1f} ms; aten ops {counts['plain'][0]}, host syncs {counts['plain'][1]}")
     print(f"gate step:  median {statistics.median(gate) * 1e3:.1f} ms; aten ops {counts['gate'][0]}, host syncs {counts['gate'][1]}")
+    print(f"host-to-device copies per gated forward: {counter.ops['_to_copy.default']}")
     print(f"gate / plain: median {statistics.median(ratios):.3f} (rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
