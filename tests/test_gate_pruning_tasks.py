@@ -104,3 +104,20 @@ def test_loss_fn_replaces_the_training_step(trainer_factory) -> None:
     pruning = GatePruningFromScratch(gate_epochs=1, select="last", loss_fn=loss_fn, verbose=False)
     trainer_factory([pruning], max_epochs=1, **LIMITS).fit(PixelRegressor(), pixel_loader())
     assert seen == [["image", "target"]] * 4 and pruning.pruned
+
+
+def test_the_monitored_value_is_aggregated_as_lightning_aggregates_it(trainer_factory) -> None:
+    from lightning_prune.callbacks._monitor import validation_metrics
+
+    model, loader = PixelRegressor(), pixel_loader(samples=20, batch_size=8, seed=3)  # batches of 8, 8, 4
+    trainer = trainer_factory([], max_epochs=1)
+    (lightning,) = trainer.validate(model, loader, verbose=False)
+    ours = validation_metrics(trainer, model, loader, None)
+    assert list(ours) == ["val/mse"]
+    assert ours["val/mse"] == pytest.approx(lightning["val/mse"], rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        per_batch = [float(torch.nn.functional.mse_loss(model(b), b["target"])) for b in loader]
+    assert sum(p * n for p, n in zip(per_batch, (8, 8, 4))) / 20 == pytest.approx(ours["val/mse"], rel=1e-5)
+    unweighted = sum(per_batch) / 3
+    assert ours["val/mse"] != pytest.approx(unweighted, rel=1e-6)  # the batch-size weighting matters here

@@ -41,7 +41,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, loade
     logging order. One host synchronisation per call, none per batch."""
     takes_index = is_param_in_hook_signature(pl_module.validation_step, "batch_idx", min_args=2)
     sums: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}  # batch sizes are host numbers
     metrics: dict[str, Any] = {}
 
     def record(name: str, value: Any, batch_size: Optional[int], batch: Any) -> None:
@@ -51,7 +51,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, loade
         size = batch_size if batch_size is not None else extract_batch_size(batch)
         value = torch.as_tensor(value, device=pl_module.device).detach().float().mean()
         sums[name] = sums.get(name, 0.0) + value * size
-        weights[name] = weights.get(name, 0.0) + torch.tensor(float(size), device=pl_module.device)
+        weights[name] = weights.get(name, 0.0) + float(size)
 
     batch = None
 
@@ -73,7 +73,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, loade
     values: dict[str, float] = {}
     if sums:
         names = list(sums)
-        packed = torch.stack([sums[n] for n in names] + [weights[n] for n in names])
+        packed = torch.cat([torch.stack([sums[n] for n in names]), torch.tensor([weights[n] for n in names], device=pl_module.device)])
         if trainer.world_size > 1:
             packed = trainer.strategy.reduce(packed, reduce_op="sum")
         numbers = packed.tolist()
