@@ -121,3 +121,16 @@ def test_the_monitored_value_is_aggregated_as_lightning_aggregates_it(trainer_fa
     assert sum(p * n for p, n in zip(per_batch, (8, 8, 4))) / 20 == pytest.approx(ours["val/mse"], rel=1e-5)
     unweighted = sum(per_batch) / 3
     assert ours["val/mse"] != pytest.approx(unweighted, rel=1e-6)  # the batch-size weighting matters here
+
+
+class TwoLoaders(PixelRegressor):
+    """training_step receives {"a": batch, "b": batch} from two training loaders."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch["a"], batch_idx)["loss"] + super().training_step(batch["b"], batch_idx)["loss"]
+
+
+def test_several_training_loaders_give_one_combined_batch_per_gate_step(trainer_factory) -> None:
+    pruning = GatePruningFromScratch(gate_epochs=1, select="last", verbose=False, example_input_fn=lambda batch: (batch["a"],))
+    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(TwoLoaders(), {"a": pixel_loader(), "b": pixel_loader(seed=2)})
+    assert pruning.pruned and pruning.snapshot["steps"] == 4

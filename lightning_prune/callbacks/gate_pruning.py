@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 import weakref
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -326,7 +326,10 @@ class GatePruningFromScratch(pl.Callback):
                 bar.set_postfix(loss=f"{metrics['gate/loss']:.3f}", mean_gate=f"{metrics['gate/mean']:.3f}")
 
         def batches() -> Iterator[Any]:
-            for batch in itertools.islice(trainer.train_dataloader, limit):
+            loaders = trainer.train_dataloader
+            if isinstance(loaders, (Mapping, list, tuple)):  # several loaders: one combined batch per step, as Lightning's fit loop
+                loaders = (batch for batch, _, _ in pl.utilities.CombinedLoader(loaders, "max_size_cycle"))
+            for batch in itertools.islice(loaders, limit):
                 yield trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
         try:
