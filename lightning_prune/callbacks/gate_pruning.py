@@ -177,8 +177,9 @@ class GatePruningFromScratch(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        """The class name alone (one instance per Trainer): a resume with changed arguments still finds the
-        chosen structure's state; :meth:`load_state_dict` warns about the arguments that no longer apply."""
+        """The class name alone (one instance per Trainer; Lightning refuses a second at ``Trainer(...)``, ``setup``
+        one appended later): a resume with changed arguments still finds the chosen structure's state, and
+        :meth:`load_state_dict` warns about the arguments that no longer apply."""
         return type(self).__qualname__
 
     def _arguments(self) -> dict[str, Any]:
