@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,3 +181,28 @@ def test_run_reads_metrics_at_the_logging_cadence_and_validates_per_epoch() -> N
     assert [row["steps"] for row in logged] == [2, 4, 5, 6, 8, 10, 10]  # every 2nd step, plus each epoch's validation
     assert [row.get("gate/val/loss") for row in logged if "gate/val/loss" in row] == [2.0, 1.0]
     assert "gate/loss" in logged[0] and result.steps == 10 and not search.gates.attached
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=8),
+    sparse=st.lists(st.booleans(), min_size=8, max_size=8),
+    mode=st.sampled_from(["min", "max"]),
+)
+def test_selection_keeps_the_best_value_among_sparse_enough_snapshots(values, sparse, mode) -> None:
+    """Property: whatever the sequence of validations, the kept snapshot is the first best value among
+    those whose gates were sparse enough, and none when no snapshot was."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    search = GateSearch(net, find_channel_groups(net, X[:1]), gate_ratio=0.5, mode=mode)
+    for index, value in enumerate(values):
+        search.gates.parameter.data[:] = torch.tensor([0.0, 0.0, 0.0, 1.0]) if sparse[index] else torch.ones(4)
+        search.steps = index + 1
+        search.validated(value)
+    candidates = [(v, i + 1) for i, v in enumerate(values) if sparse[i]]
+    if not candidates:
+        assert search.result().selected == "last"
+        return
+    best = (min if mode == "min" else max)(v for v, _ in candidates)
+    expected_step = next(step for v, step in candidates if v == best)
+    result = search.result()
+    assert result.selected == "best_val" and result.metric == best and result.step == expected_step
