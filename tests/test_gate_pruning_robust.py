@@ -121,12 +121,14 @@ def test_with_stochastic_weight_averaging_the_average_is_of_the_pruned_model(tra
     assert {k: v.shape for k, v in swa._average_model.state_dict().items()} == shapes
 
 
-def test_bf16_true_precision(trainer_factory) -> None:
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_precision(precision, trainer_factory) -> None:
     model = PixelRegressor()
     pruning = GatePruningFromScratch(gate_epochs=1, monitor="val/mse", verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, precision="bf16-true", **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=1, precision=precision, **LIMITS)
     trainer.fit(model, pixel_loader(), pixel_loader(seed=1))
-    assert pruning.pruned and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert pruning.pruned and all(p.dtype == dtype for p in model.parameters())
     assert pruning.snapshot["metric"] is not None and torch.isfinite(trainer.callback_metrics["val/mse"].float())
 
 
