@@ -2,7 +2,7 @@
 
 For each seed, two structures at the same FLOPs ratio (fvcore: one multiply-add = one FLOP):
 
-- random-weight gates: the gate phase of ``GatePruningFromScratch`` (``gates.learn_gates``: weights
+- random-weight gates: the gate phase of ``GatePruningFromScratch`` (``gate_search.GateSearch``: weights
   at their random init, Adam on the gates, the authors' objective and snapshot rule), then the
   global threshold search;
 - network slimming (Liu et al. 2017): the dense net trained with an L1 penalty ``lambda * sum |gamma|``
@@ -33,7 +33,7 @@ from torch import nn
 from lightning_prune.correlation import mean_off_diagonal, plot_correlation, structure_correlation
 from lightning_prune.data import DigitsDataModule
 from lightning_prune.flops import FlopsPredictor, search_threshold
-from lightning_prune.gates import ChannelGates, gate_scores, learn_gates
+from lightning_prune.gate_search import GateSearch
 from lightning_prune.models import build_network
 from lightning_prune.structure import ChannelGroup, channel_ratio_vector, find_channel_groups
 
@@ -49,6 +49,18 @@ def bn_scale_scores(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.
                 score.index_add_(0, member.channels, module.weight.detach().abs()[member.positions].cpu())
         scores.append(score)
     return scores
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches) -> float:
+    """Top-1 accuracy in eval mode (the authors' snapshot metric); training mode restored."""
+    model.eval()
+    correct = total = 0
+    for inputs, targets in batches:
+        correct += int((model(inputs).argmax(1) == targets).sum())
+        total += len(targets)
+    model.train()
+    return correct / total
 
 
 def structure(groups: list[ChannelGroup], scores: list[torch.Tensor], predictor: FlopsPredictor, ratio: float) -> list[float]:
@@ -84,11 +96,14 @@ def main() -> None:
         predictor = FlopsPredictor(model, x, groups)
         loader = DigitsDataModule(batch_size=64, image_size=32, channels=3, seed=seed)
         loader.setup()
-        result = learn_gates(
-            model, ChannelGates.for_groups(model, groups, "bn"), loader.train_dataloader(),
-            epochs=args.gate_epochs, val_batches=loader.val_dataloader(),
-        )
-        gate_vectors.append(structure(groups, gate_scores(result, groups), predictor, args.flops_ratio))
+        search = GateSearch(model, groups, position="bn", mode="max")
+        with search.running():
+            for _ in range(args.gate_epochs):
+                for inputs, targets in loader.train_dataloader():
+                    search.step(F.cross_entropy(model(inputs), targets))
+                search.read_metrics()
+                search.validated(accuracy(model, loader.val_dataloader()))
+        gate_vectors.append(channel_ratio_vector(groups, search.search(predictor, args.flops_ratio).plan))
 
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)

@@ -16,7 +16,7 @@ Three gate positions:
 - ``"bn_weight"`` (network-slimming style): the gate *is* the BatchNorm scale,
   ``y = λ · x̂ + β``; the shift β is not gated.
 
-Gates live outside the model (plain ``nn.Parameter`` s, not registered on it): its
+Gates live outside the model (one flat ``nn.Parameter``, not registered on it): its
 ``state_dict``, parameters and optimizers never see them, and ``remove()`` leaves the model
 exactly as it was.
 """
@@ -26,10 +26,9 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -69,22 +68,34 @@ def gate_sites(model: nn.Module, groups: Sequence[ChannelGroup], position: GateP
 
 
 class _Multiplier:
-    """Builds the per-channel factor of one module from the gates of every group it belongs to."""
+    """The per-channel factor of one module, built from the flat gate parameter.
 
-    def __init__(self, gates: Mapping[int, nn.Parameter], sites: Sequence[GateSite]) -> None:
-        self.gates = gates
-        self.entries = [
-            (site.group, torch.tensor(site.channels, dtype=torch.long), torch.tensor(site.group_channels, dtype=torch.long))
-            for site in sites
-        ]
+    Index tensors are built once, on the gates' device, when the gates are attached: a forward pass
+    copies nothing to the device. A module whose output channels are all gated, in order, by one
+    contiguous stretch of the flat parameter (the common case) gets a view of it, with no indexing."""
+
+    def __init__(self, parameter: nn.Parameter, offsets: Mapping[int, int], sites: Sequence[GateSite], channels: int) -> None:
+        device = parameter.device
+        positions = [p for site in sites for p in site.channels]
+        source = [offsets[site.group] + c for site in sites for c in site.group_channels]
+        self.parameter = parameter
+        self.channels = channels
+        self.whole = positions == list(range(channels))
+        contiguous = self.whole and source == list(range(source[0], source[0] + channels))
+        self.start: Optional[int] = source[0] if contiguous else None
+        self.source = None if contiguous else torch.tensor(source, dtype=torch.long, device=device)
+        self.positions = None if self.whole else torch.tensor(positions, dtype=torch.long, device=device)
 
     def __call__(self, base: torch.Tensor) -> torch.Tensor:
-        """``base`` with its gated channels replaced by their gate values."""
-        factor = base
-        for group, channels, group_channels in self.entries:
-            gate = self.gates[group]
-            factor = factor.index_put((channels.to(gate.device),), gate[group_channels.to(gate.device)])
-        return factor
+        """``base`` (one value per output channel) with its gated channels replaced by their gate values."""
+        if self.start is not None:
+            values = self.parameter.narrow(0, self.start, self.channels)
+        else:
+            values = self.parameter.index_select(0, self.source)
+        values = values.to(base.dtype)
+        if self.whole:
+            return values
+        return base.index_put((self.positions,), values)
 
 
 class _GatedScale(nn.Module):
@@ -99,10 +110,13 @@ class _GatedScale(nn.Module):
 
 
 class ChannelGates:
-    r"""Gates Λ of a model: one ``nn.Parameter`` of ones per gated channel group.
+    r"""Gates Λ of a model: one gate of ones per gated channel group, all stored in one flat
+    ``nn.Parameter`` (:attr:`parameter`; group ``g`` is the stretch ``gates[g]``), so the gate phase
+    steps, clamps, reduces across processes and reads one tensor.
 
     ``attach()`` inserts them (forward hooks for ``"bn"``/``"conv"``, a parametrization of the
-    BatchNorm weight for ``"bn_weight"``), ``remove()`` takes them out again.
+    BatchNorm weight for ``"bn_weight"``), ``remove()`` takes them out again. Gate values are
+    cast to each gated output's dtype (``bf16-true`` models keep float32 gates).
 
     Args:
         model: the network whose channels are gated.
@@ -122,8 +136,13 @@ class ChannelGates:
         self.sites = list(sites)
         self.position = position
         device = next(model.parameters()).device
-        groups = sorted({site.group for site in self.sites})
-        self.gates: dict[int, nn.Parameter] = {g: nn.Parameter(torch.ones(group_sizes[g], device=device)) for g in groups}
+        self.offsets: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        total = 0
+        for group in sorted({site.group for site in self.sites}):
+            self.offsets[group], self.sizes[group] = total, group_sizes[group]
+            total += group_sizes[group]
+        self.parameter = nn.Parameter(torch.ones(total, device=device))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._parametrized: list[tuple[nn.Module, list[str]]] = []
 
@@ -141,7 +160,7 @@ class ChannelGates:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.gates.values())).device
+        return self.parameter.device
 
     @property
     def attached(self) -> bool:
@@ -153,7 +172,7 @@ class ChannelGates:
             return
         for name, sites in self.by_module().items():
             module = self.model.get_submodule(name)
-            multiplier = _Multiplier(self.gates, sites)
+            multiplier = _Multiplier(self.parameter, self.offsets, sites, _out_channels(module))
             if self.position == "bn_weight":
                 order = list(module._parameters)
                 parametrize.register_parametrization(module, "weight", _GatedScale(multiplier), unsafe=True)
@@ -181,35 +200,47 @@ class ChannelGates:
             self.remove()
 
     # ------------------------------------------------------------------ values
+    @property
+    def gates(self) -> dict[int, torch.Tensor]:
+        """Group index -> its gate, a (differentiable) view of :attr:`parameter`."""
+        return {group: self.parameter.narrow(0, offset, self.sizes[group]) for group, offset in self.offsets.items()}
+
     def parameters(self) -> list[nn.Parameter]:
-        return list(self.gates.values())
+        return [self.parameter]
 
     @property
     def num_gates(self) -> int:
-        return sum(gate.numel() for gate in self.gates.values())
+        return self.parameter.numel()
 
     def flat(self) -> torch.Tensor:
         """All gates in one vector, groups in index order (differentiable)."""
-        return torch.cat([gate.flatten() for gate in self.gates.values()])
+        return self.parameter
 
     @torch.no_grad()
     def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:
         """Project the gates onto [low, high] (done after every optimizer step)."""
-        for gate in self.gates.values():
-            gate.clamp_(low, high)
+        self.parameter.clamp_(low, high)
 
     def mean_abs(self) -> torch.Tensor:
         """‖Λ‖₁ / C over all gated channels (differentiable)."""
-        return self.flat().abs().mean()
+        return self.parameter.abs().mean()
 
-    def nonzero_fraction(self) -> float:
-        """Fraction of gates that are not exactly zero."""
-        flat = self.flat().detach()
-        return float((flat != 0).float().mean())
+    def nonzero_fraction(self) -> torch.Tensor:
+        """Fraction of gates that are not exactly zero (a 0-dim tensor on the gates' device: no host sync)."""
+        return (self.parameter.detach() != 0).float().mean()
 
     def values(self) -> dict[int, torch.Tensor]:
         """Detached CPU copies of the gates, group index -> gate (a snapshot)."""
-        return {group: gate.detach().cpu().clone() for group, gate in self.gates.items()}
+        flat = self.parameter.detach().cpu()
+        return {group: flat[offset : offset + self.sizes[group]].clone() for group, offset in self.offsets.items()}
+
+    @torch.no_grad()
+    def load_values(self, values: Mapping[int, torch.Tensor]) -> None:
+        """Set the gates from :meth:`values` (same groups and sizes)."""
+        if sorted(values) != sorted(self.offsets) or any(len(values[g]) != self.sizes[g] for g in self.offsets):
+            raise ValueError(f"Gate values for groups {sorted(values)} do not match the gated groups {self.sizes}.")
+        for group, offset in self.offsets.items():
+            self.parameter[offset : offset + self.sizes[group]] = values[group].to(self.device)
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -222,39 +253,12 @@ def _out_channels(module: nn.Module) -> int:
 
 def _scale_output(multiplier: _Multiplier, ones: torch.Tensor):  # noqa: ANN202 - a forward hook
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        factor = multiplier(ones.to(output.device))
+        factor = multiplier(ones).to(output.dtype)
         if isinstance(module, nn.Linear):
             return output * factor
         return output * factor.view(1, -1, *([1] * (output.dim() - 2)))
 
     return hook
-
-
-def gate_objective(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    gates: ChannelGates,
-    gamma: float = 0.5,
-    gate_ratio: float = 0.2,
-    l1: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""The gate loss and its cross-entropy term.
-
-    .. math:: L(Λ) = \mathrm{CE}(f(x; W, Λ), y) + γ\,\big(\lVert Λ\rVert_1 / C - r\big)^2 + l_1 \lVert Λ\rVert_1
-
-    with ``C`` the number of gated channels and ``r = gate_ratio`` (the authors' code: γ = 0.5,
-    r = 0.2 on CIFAR; the plain L1 term is an option, default 0).
-    """
-    ce = F.cross_entropy(logits, targets)
-    loss = ce + gamma * (gates.mean_abs() - gate_ratio) ** 2
-    if l1:
-        loss = loss + l1 * gates.flat().abs().sum()
-    return loss, ce
-
-
-def snapshot_is_better(accuracy: float, nonzero_fraction: float, best: Optional[float], gate_ratio: float) -> bool:
-    """Snapshot rule of the authors' code: sparse enough (non-zero gates ≤ r) and more accurate than the best so far."""
-    return nonzero_fraction <= gate_ratio and (best is None or accuracy > best)
 
 
 class NonFiniteGateLoss(RuntimeError):
@@ -263,14 +267,14 @@ class NonFiniteGateLoss(RuntimeError):
 
 @dataclass
 class GatePhaseResult:
-    """Outcome of :func:`learn_gates`.
+    """Outcome of the gate phase (:class:`~lightning_prune.gate_search.GateSearch`).
 
     Attributes:
         gates: the selected snapshot, group index -> gate values (CPU).
         averages: each gate's mean value over the steps up to the snapshot (the tie-break of
             :func:`gate_scores`).
         selected: ``"best_val"`` snapshot or ``"last"``.
-        step: gate step of the snapshot; ``val_acc``: its validation accuracy (``None`` if not validated).
+        step: gate step of the snapshot; ``metric``: its monitored validation value (``None`` if not validated).
         steps: gate steps run.
     """
 
@@ -278,7 +282,7 @@ class GatePhaseResult:
     averages: dict[int, torch.Tensor]
     selected: str
     step: int
-    val_acc: Optional[float]
+    metric: Optional[float]
     steps: int
 
 
@@ -303,126 +307,6 @@ def frozen_network(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags.get(name, parameter.requires_grad))
-
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def learn_gates(
-    model: nn.Module,
-    gates: ChannelGates,
-    train_batches: Iterable[Batch],
-    *,
-    epochs: int = 10,
-    lr: float = 0.01,
-    gamma: float = 0.5,
-    gate_ratio: float = 0.2,
-    l1: float = 0.0,
-    val_batches: Optional[Iterable[Batch]] = None,
-    val_every: Optional[int] = None,
-    select: Literal["best_val", "last"] = "best_val",
-    reduce: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None,
-    on_step: Optional[Callable[[int, dict[str, float]], None]] = None,
-) -> GatePhaseResult:
-    r"""The gate phase of Pruning from Scratch on a randomly initialised network.
-
-    Only the gates Λ learn (Adam, ``lr``); after every step they are clamped to [0, 1]. The loss is
-    :func:`gate_objective`. The network runs in training mode (BatchNorm batch statistics, as in the
-    authors' code) with every weight frozen; the BatchNorm running statistics the phase accumulates
-    serve the validation passes (eval mode) and are restored afterwards, so the model leaves the
-    phase exactly as it entered it.
-
-    Selection (``select="best_val"``, the authors' rule): after each epoch, or every ``val_every``
-    steps, the gates are evaluated on ``val_batches``; the snapshot with the best validation accuracy
-    among those with a fraction of non-zero gates ``<= gate_ratio`` is kept, otherwise the last gates.
-
-    Args:
-        train_batches / val_batches: re-iterable ``(inputs, targets)`` batches on the model's device.
-        reduce: ``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes (identity
-            when ``None``): gate gradients and the loss are averaged, validation counts summed, so every
-            process takes the same steps.
-        on_step: called as ``on_step(step, metrics)`` after every step (and validation) for progress
-            and logging; metrics ``gate/loss``, ``gate/ce``, ``gate/mean``, ``gate/nonzero_fraction``
-            (and ``gate/val_acc`` after a validation).
-
-    Raises:
-        NonFiniteGateLoss: the loss became NaN or infinite; gates are removed and the model restored.
-    """
-    reduce = reduce or (lambda tensor, op: tensor)
-    optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
-    sums = {group: torch.zeros_like(gate.detach()) for group, gate in gates.gates.items()}
-    best: Optional[float] = None
-    chosen: Optional[GatePhaseResult] = None
-    last_acc: Optional[float] = None
-    step = 0
-
-    def snapshot(selected: str, acc: Optional[float]) -> GatePhaseResult:
-        averages = {group: (total / max(step, 1)).cpu() for group, total in sums.items()}
-        return GatePhaseResult(gates.values(), averages, selected, step, acc, step)
-
-    def validate() -> None:
-        nonlocal best, chosen, last_acc
-        if val_batches is None or select == "last":
-            return
-        last_acc = _accuracy(model, val_batches, reduce)
-        fraction = gates.nonzero_fraction()
-        if on_step is not None:
-            on_step(step, {"gate/val_acc": last_acc, "gate/nonzero_fraction": fraction})
-        if snapshot_is_better(last_acc, fraction, best, gate_ratio):
-            best, chosen = last_acc, snapshot("best_val", last_acc)
-
-    with frozen_network(model), gates.inserted():
-        for epoch in range(epochs):
-            for inputs, targets in train_batches:
-                optimizer.zero_grad(set_to_none=True)
-                loss, ce = gate_objective(model(inputs), targets, gates, gamma, gate_ratio, l1)
-                loss.backward()
-                loss = reduce(loss.detach(), "mean")
-                if not bool(torch.isfinite(loss)):
-                    raise NonFiniteGateLoss(
-                        f"Gate phase of Pruning from Scratch: the gate loss is {float(loss)} at gate epoch {epoch}, "
-                        f"step {step}; the gates were removed and the model left as it was. Check the inputs and "
-                        "the model's initialisation, or lower `gate_lr`."
-                    )
-                for gate in gates.parameters():
-                    gate.grad = reduce(gate.grad, "mean")
-                optimizer.step()
-                gates.clamp_()
-                step += 1
-                for group, gate in gates.gates.items():
-                    sums[group] += gate.detach()
-                if on_step is not None:
-                    on_step(step, {
-                        "gate/loss": float(loss), "gate/ce": float(reduce(ce.detach(), "mean")),
-                        "gate/mean": float(gates.mean_abs().detach()), "gate/nonzero_fraction": gates.nonzero_fraction(),
-                    })
-                if val_every and step % val_every == 0:
-                    validate()
-            if not val_every:
-                validate()
-    if chosen is None:
-        chosen = snapshot("last", last_acc)
-    chosen.steps = step
-    return chosen
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, batches: Iterable[Batch], reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> float:
-    """Top-1 accuracy in eval mode (training mode restored afterwards), summed over processes."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    counts = None
-    try:
-        for inputs, targets in batches:
-            batch = torch.stack([(model(inputs).argmax(1) == targets).sum(), torch.tensor(targets.numel(), device=targets.device)])
-            counts = batch if counts is None else counts + batch
-    finally:
-        for module, training in modes:
-            module.training = training
-    if counts is None:
-        raise ValueError("The validation data of the gate phase is empty.")
-    counts = reduce(counts.float(), "sum")
-    return float(counts[0] / counts[1])
 
 
 def gate_scores(result: GatePhaseResult, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Channel gates (plain torch): insertion at the three positions, shared group gates, the objective,
-the gate phase and its selection rule, the tie-breaking scores of the threshold search."""
+"""Channel gates (plain torch): insertion at the three positions, shared group gates, index tensors on the
+model's device, the tie-breaking scores of the threshold search. The gate phase itself: test_gate_search.py."""
 
 from __future__ import annotations
 
@@ -8,15 +8,7 @@ import torch
 from torch import nn
 
 from lightning_prune.flops import FlopsPredictor, search_threshold
-from lightning_prune.gates import (
-    ChannelGates,
-    GatePhaseResult,
-    NonFiniteGateLoss,
-    gate_objective,
-    gate_scores,
-    learn_gates,
-    snapshot_is_better,
-)
+from lightning_prune.gates import ChannelGates, GatePhaseResult, gate_scores
 from lightning_prune.models import build_network
 from lightning_prune.structure import find_channel_groups
 
@@ -79,60 +71,6 @@ def test_bn_weight_gate_replaces_the_scale_and_leaves_the_shift() -> None:
     assert torch.allclose(seen["out"], torch.arange(4.0).view(1, 4, 1, 1).expand_as(seen["out"]))
 
 
-def test_objective_is_ce_plus_ratio_term_plus_l1() -> None:
-    net, groups = _net("vgg_small")
-    gates = ChannelGates.for_groups(net, groups, "bn")
-    for gate in gates.parameters():
-        gate.data.fill_(0.6)
-    logits, targets = torch.randn(5, 10), torch.randint(0, 10, (5,))
-    loss, ce = gate_objective(logits, targets, gates, gamma=0.5, gate_ratio=0.2, l1=1e-3)
-    expected = nn.functional.cross_entropy(logits, targets) + 0.5 * (0.6 - 0.2) ** 2 + 1e-3 * 0.6 * gates.num_gates
-    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
-    assert float(ce) == pytest.approx(float(nn.functional.cross_entropy(logits, targets)))
-
-
-def _batches(n: int = 3, value: float = 1.0) -> list:
-    generator = torch.Generator().manual_seed(0)
-    return [(value * torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(n)]
-
-
-def test_gate_phase_trains_only_gates_clamps_them_and_restores_the_model() -> None:
-    net, groups = _net("resnet20")
-    state = {k: v.clone() for k, v in net.state_dict().items()}  # incl. BN running statistics
-    net.eval()
-    gates = ChannelGates.for_groups(net, groups, "bn")
-    seen: list[dict] = []
-    result = learn_gates(net, gates, _batches(), epochs=2, lr=0.05, val_batches=_batches(1), on_step=lambda s, m: seen.append(m))
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
-    assert not net.training and all(p.requires_grad for p in net.parameters()) and not gates.attached
-    values = torch.cat(list(result.gates.values()))
-    assert values.min() >= 0 and values.max() <= 1 and values.min() < 1
-    assert result.steps == 6 and result.selected == "last"  # no snapshot is sparse enough in 6 steps
-    assert {"gate/loss", "gate/ce", "gate/mean", "gate/nonzero_fraction"} <= set(seen[0])
-    assert sum("gate/val_acc" in m for m in seen) == 2  # one validation per gate epoch
-
-
-def test_selection_rule_of_the_authors() -> None:
-    assert snapshot_is_better(0.5, 0.2, None, 0.2)
-    assert not snapshot_is_better(0.9, 0.21, None, 0.2)  # not sparse enough
-    assert not snapshot_is_better(0.5, 0.1, 0.5, 0.2)  # not better than the best
-    net, groups = _net("vgg_small")
-    gates = ChannelGates.for_groups(net, groups, "bn")
-    # gate_ratio 1: every snapshot is sparse enough, so the best validation accuracy is kept.
-    result = learn_gates(net, gates, _batches(), epochs=3, gate_ratio=1.0, val_batches=_batches(1), val_every=2)
-    assert result.selected == "best_val" and result.val_acc is not None and result.step in (2, 4, 6)
-
-
-def test_non_finite_loss_names_the_gate_phase_and_leaves_the_model() -> None:
-    net, groups = _net("vgg_small")
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-    gates = ChannelGates.for_groups(net, groups, "bn")
-    with pytest.raises(NonFiniteGateLoss, match="Gate phase"):
-        learn_gates(net, gates, _batches(value=float("nan")), epochs=1)
-    assert not gates.attached
-    assert all(torch.equal(state[k], v, ) for k, v in net.state_dict().items())
-
-
 def test_scores_break_ties_so_the_search_lands_at_the_target() -> None:
     net, groups = _net("vgg_small")
     sizes = {g.index: g.size for g in groups}
@@ -150,3 +88,30 @@ def test_scores_break_ties_so_the_search_lands_at_the_target() -> None:
     gates = {i: torch.linspace(0, 1, n) for i, n in sizes.items()}
     scores = gate_scores(GatePhaseResult(gates, {i: 1 - g for i, g in gates.items()}, "last", 0, None, 0), groups)
     assert torch.equal(torch.argsort(scores[0]), torch.arange(sizes[0]))
+
+
+def test_a_gated_forward_copies_nothing_to_the_device() -> None:
+    """Index tensors are built once on the model's device (here "meta", where any host-to-device copy of an
+    index shows up as an `aten._to_copy`), and a fully gated module indexes nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for arch, position in (("resnet20", "bn"), ("mobilenetv2", "conv"), ("vgg_small", "bn_weight")):
+        net, groups = _net(arch)
+        net.to("meta")
+        gates = ChannelGates.for_groups(net, groups, position)
+        x = X.to("meta")
+        with gates.inserted():
+            with Ops() as ops:
+                net(x)
+        assert "_to_copy.default" not in ops.names, arch
+        if position == "bn":
+            assert not any(name.startswith(("index", "_index_put")) for name in ops.names), arch

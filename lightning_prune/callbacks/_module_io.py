@@ -101,7 +101,7 @@ def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -
             "`example_input_array` is a dict, which Lightning passes as keyword arguments; the pruning callbacks "
             "trace `model(*args)`. Give a tensor or a tuple of positional arguments, or pass `example_input_fn`."
         )
-    return as_model_args(trainer.strategy.batch_to_device(candidate))
+    return as_model_args(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate)))
 
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
@@ -123,7 +123,7 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
         batch = next(iterator, None)
     if batch is None:
         raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
-    return trainer.strategy.batch_to_device(batch)
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
 
 def _runs(pl_module: pl.LightningModule, args: ModelArgs) -> Optional[BaseException]:

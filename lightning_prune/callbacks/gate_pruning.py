@@ -1,33 +1,38 @@
 """``GatePruningFromScratch``: learn channel gates on random weights, meet a FLOPs target and train the
-pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch", AAAI 2020)."""
+pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch", AAAI 2020).
+
+The algorithm (objective, selection, threshold search) is :class:`lightning_prune.gate_search.GateSearch`;
+this module wires it to Lightning's hooks. The gate phase runs inside ``on_train_start``, as a loop of
+its own over the Trainer's training data: Lightning's fit loop cannot run it, because it would step the
+user's optimizers, run their callbacks and count global steps. What it takes from Lightning: the data
+(``limit_*_batches``, device transfer and the module's transfer hooks), the loss (the module's own
+``training_step`` under the precision plugin's autocast), the validation metric (``validation_step``'s
+logs), ``log_every_n_steps`` and the loggers, and whether a progress bar is shown (a ``tqdm`` bar of its own:
+Lightning's progress bar callbacks have no public API for an extra loop).
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
 import time
-from typing import Any, Literal, Optional, Union
+import weakref
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.overrides import is_overridden
 from typing_extensions import override
 
-from lightning_prune.callbacks._shared import check_choice, check_range, example_input
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, example_input, module_loss, one_sample
+from lightning_prune.callbacks._monitor import monitored_value, validation_metrics
+from lightning_prune.callbacks._shared import check_choice, check_range
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.gates import (
-    GATE_POSITIONS,
-    ChannelGates,
-    GatePhaseResult,
-    GatePosition,
-    NonFiniteGateLoss,
-    gate_scores,
-    gate_sites,
-    learn_gates,
-)
+from lightning_prune.gate_search import GateSearch, Mode, check_target, reinitialise_changed, structure_table
+from lightning_prune.gates import GATE_POSITIONS, GatePhaseResult, GatePosition, gate_scores
 from lightning_prune.loggers import log_metrics, log_pruning_event
 from lightning_prune.structure import (
     STRUCTURE_KEY,
@@ -46,63 +51,61 @@ class GatePruningFromScratch(pl.Callback):
 
     At the start of training (``on_train_start``, inside the same ``fit``):
 
-    1. **Gate phase.** One gate λ ∈ [0, 1] per prunable channel (one per channel of a coupled group:
-       residual adds and concatenations share it), initialised to 1, multiplies the channel's output
-       (``gate_position``). With every weight frozen at its random initialisation, only the gates
-       learn, with Adam (``gate_lr``) for ``gate_epochs`` passes over the training data, on
+    1. **Gate phase** (:class:`~lightning_prune.gate_search.GateSearch`, which holds the objective
+       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel (coupled channels
+       share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
+       its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
+       data. The task loss is the module's own ``training_step`` loss (its returned tensor or the
+       ``loss`` of a returned dict, logging silenced), or ``loss_fn(pl_module, batch)``: any batch
+       structure and any task. Metrics the module updates in ``training_step`` see the gate batches;
+       torchmetrics metrics of the module are reset after the phase.
+    2. **Selection** (``select="best_val"``): after each gate epoch (or every ``gate_val_every`` gate
+       steps) the module's ``validation_step`` runs on the validation data with its ``self.log``
+       calls captured (aggregated as Lightning does, see ``callbacks/_monitor.py``); ``monitor``
+       names the logged key (default: the first key ending in ``loss``) and ``mode`` whether lower or
+       higher is better. The best snapshot whose fraction of non-zero gates is ``<= gate_ratio`` is
+       kept, else the last gates; without validation data, the last gates.
+    3. **Threshold**: one global threshold over all gates for the largest structure whose fvcore
+       FLOPs (multiply-adds per sample) are at most ``flops_ratio`` × the dense (unexpanded) model's.
+    4. **Prune and re-initialise**: the structure is built physically, re-initialised (``init``),
+       and the optimizers and schedulers of ``configure_optimizers`` are re-created on the new
+       parameters; the Trainer trains the pruned network (``budget_training``: ``round(max_epochs / flops_ratio)`` epochs).
 
-       .. math:: L = \mathrm{CE}(f(x; W, Λ), y) + γ\,(\lVert Λ\rVert_1 / C - r)^2 + l_1 \lVert Λ\rVert_1,
-
-       clamping the gates to [0, 1] after every step. The network runs in training mode (BatchNorm
-       batch statistics, as in the authors' code); BatchNorm affine parameters do not train. The
-       running statistics the phase accumulates are used by the snapshot validations and then
-       restored, so the network that goes on to train carries nothing of the gate phase but its shape.
-    2. **Selection.** ``select="best_val"``: the gates are evaluated on the validation data after
-       each gate epoch (or every ``gate_val_every`` steps); the snapshot with the best accuracy among
-       those whose fraction of non-zero gates is ``<= gate_ratio`` is kept, else the last gates.
-    3. **Threshold.** A binary search of one global threshold over all gates
-       (``flops.search_threshold``) picks the largest structure whose fvcore FLOPs are at most
-       ``flops_ratio`` × the dense (unexpanded) model's. Equal gates (e.g. several clamped to 0) are
-       ordered by their mean value over the phase, so the target is met to one channel.
-    4. **Prune and re-initialise.** The structure is built physically (``structure.apply_plan``),
-       re-initialised (``init``), and the optimizers and schedulers of the LightningModule's own
-       ``configure_optimizers`` are re-created on the new parameters; the Trainer then trains the
-       pruned network for its epochs (``budget_training``: ``round(max_epochs / flops_ratio)``).
-
-    The gate phase logs ``gate/loss``, ``gate/ce``, ``gate/mean``, ``gate/nonzero_fraction``,
-    ``gate/val_acc`` and ``gate/step`` (at global step 0, every ``log_every_n_steps`` gate steps);
-    the chosen structure logs ``prune/flops_ratio``, ``prune/flops_macs``, ``prune/params_ratio``,
-    ``prune/threshold``, the channel-ratio vector (a wandb table and line plot, or per-layer
-    scalars) and a gate histogram, and prints a table of kept channels per layer.
-
-    Checkpoints written afterwards hold the structure (``structure.STRUCTURE_KEY``):
-    ``trainer.fit(ckpt_path=...)`` reshapes the model in ``setup`` and never re-runs the gate phase;
-    ``ImageClassifier.load_from_checkpoint`` rebuilds the pruned network.
+    Logged: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction`` and ``gate/step``
+    every ``log_every_n_steps`` gate steps and at each gate epoch's end; ``gate/<monitor>`` after each
+    validation; then ``prune/flops_ratio``, ``prune/flops_macs`` (per sample), ``prune/params_ratio``,
+    ``prune/threshold``, the channel-ratio vector and a gate histogram. Checkpoints written afterwards
+    hold the structure: ``fit(ckpt_path=...)`` reshapes the model and never re-runs the gate phase.
+    Anything that fails or is interrupted during the gate phase (an error, Ctrl-C) leaves the model as
+    it was, at its own width and weights. One instance per Trainer; reusing an instance for a ``fit`` of
+    another model starts afresh.
 
     Channel expansion: with ``expansion != 1`` the gates are learned on the network widened by that
-    factor while the FLOPs target stays relative to the unwidened model. The LightningModule must
-    define a ``width`` attribute and ``set_width(width: float)`` that rebuilds its network at that
-    channel multiplier (``ImageClassifier`` does); otherwise ``setup`` raises.
+    factor while the FLOPs target stays relative to the unwidened model; the LightningModule must
+    define ``width`` and ``set_width(width: float)`` (as ``ImageClassifier`` does).
 
     Args:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR).
+        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``).
         gate_lr: Adam learning rate of the gates.
         gate_position: ``"bn"`` (after BatchNorm, before the activation: the authors'), ``"conv"``
-            (on the Conv/Linear output; a BatchNorm right after normalises it away, so this suits
-            layers without BatchNorm) or ``"bn_weight"`` (the BatchNorm scale is the gate, network
-            slimming style; the shift is not gated).
-        select: ``"best_val"`` (the authors' snapshot rule) or ``"last"``.
+            (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
+            BatchNorm scale is the gate).
+        select: ``"best_val"`` (the authors' snapshot rule on ``monitor``) or ``"last"``.
         gate_val_every: validate every this many gate steps instead of once per gate epoch.
-        init: ``"random"`` (the paper's finding: modules whose shape changed get PyTorch's default
-            initialisation via ``reset_parameters``; the others keep their untrained initialisation)
-            or ``"inherit"`` (the surviving random weights the gates were learned on stay).
-        budget_training: "Scratch-B": train for ``round(max_epochs / flops_ratio)`` epochs so the
-            pruned network spends the dense model's training FLOPs; the new count is logged.
+        monitor: the key ``validation_step`` logs that selects the snapshot (default: the first key
+            ending in ``loss``).
+        mode: ``"min"`` (lower ``monitor`` is better) or ``"max"``.
+        init: ``"random"`` (modules whose shape changed get PyTorch's default initialisation) or
+            ``"inherit"`` (the surviving random weights stay).
+        budget_training: "Scratch-B": train for ``round(max_epochs / flops_ratio)`` epochs.
         expansion: channel expansion factor (>= 1) of the network the gates are learned on.
+        loss_fn: ``loss_fn(pl_module, batch)`` -> scalar task loss, instead of ``training_step``.
+        example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
+            ``example_input_array`` nor the batch's first tensor (or the whole batch) is it.
         verbose: print the table of kept channels.
     """
 
@@ -117,9 +120,13 @@ class GatePruningFromScratch(pl.Callback):
         gate_position: GatePosition = "bn",
         select: Literal["best_val", "last"] = "best_val",
         gate_val_every: Optional[int] = None,
+        monitor: Optional[str] = None,
+        mode: Mode = "min",
         init: Literal["random", "inherit"] = "random",
         budget_training: bool = False,
         expansion: float = 1.0,
+        loss_fn: Optional[LossFn] = None,
+        example_input_fn: Optional[ExampleInputFn] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -129,35 +136,34 @@ class GatePruningFromScratch(pl.Callback):
         check_range("l1", l1, 0.0, math.inf, low_open=False, high_open=True)
         check_range("gate_lr", gate_lr, 0.0, math.inf, low_open=True, high_open=True)
         check_range("expansion", expansion, 1.0, math.inf, low_open=False, high_open=True)
-        if isinstance(gate_epochs, bool) or not isinstance(gate_epochs, int) or gate_epochs < 0:
-            raise ValueError(f"`gate_epochs` must be a non-negative integer, got {gate_epochs!r}.")
-        if gate_val_every is not None and (isinstance(gate_val_every, bool) or not isinstance(gate_val_every, int) or gate_val_every < 1):
-            raise ValueError(f"`gate_val_every` must be None or a positive integer, got {gate_val_every!r}.")
+        _check_int("gate_epochs", gate_epochs, 0)
+        if gate_val_every is not None:
+            _check_int("gate_val_every", gate_val_every, 1)
         check_choice("gate_position", gate_position, GATE_POSITIONS)
         check_choice("select", select, ("best_val", "last"))
+        check_choice("mode", mode, ("min", "max"))
         check_choice("init", init, ("random", "inherit"))
-        if not isinstance(budget_training, bool):
-            raise ValueError(f"`budget_training` must be True or False, got {budget_training!r}.")
-        self.flops_ratio = flops_ratio
-        self.gate_ratio = gate_ratio
-        self.gamma = gamma
-        self.l1 = l1
-        self.gate_epochs = gate_epochs
-        self.gate_lr = gate_lr
-        self.gate_position = gate_position
-        self.select = select
-        self.gate_val_every = gate_val_every
-        self.init = init
-        self.budget_training = budget_training
-        self.expansion = expansion
-        self.verbose = verbose
+        if monitor is not None and not (isinstance(monitor, str) and monitor):
+            raise ValueError(f"`monitor` must be None or the name of a logged validation metric (a non-empty str), got {monitor!r}.")
+        for name, value in (("budget_training", budget_training), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        check_function("loss_fn", loss_fn, 2, "loss_fn(pl_module, batch) -> loss")
+        check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch) -> model input")
+        self.flops_ratio, self.gate_ratio, self.gamma, self.l1 = flops_ratio, gate_ratio, gamma, l1
+        self.gate_epochs, self.gate_lr, self.gate_position = gate_epochs, gate_lr, gate_position
+        self.select, self.gate_val_every, self.monitor, self.mode = select, gate_val_every, monitor, mode
+        self.init, self.budget_training, self.expansion = init, budget_training, expansion
+        self.loss_fn, self.example_input_fn, self.verbose = loss_fn, example_input_fn, verbose
+        self._reset()
 
-        # Set in setup, used by the gate phase.
+    def _reset(self) -> None:
+        """A fresh state: nothing chosen yet (also when the instance is reused on another model)."""
         self._groups: list[ChannelGroup] = []
         self._predictor: Optional[FlopsPredictor] = None
-        self._dense_flops = 0
-        self._dense_params = 0
+        self._dense_flops = self._dense_params = 0
         self._original: Optional[tuple[float, dict[str, torch.Tensor]]] = None  # (width, state) before expansion
+        self._model: Optional[weakref.ref] = None  # the module this instance pruned
         # Survives checkpoints.
         self.pruned = False
         self.plan: ChannelPlan = {}
@@ -170,58 +176,52 @@ class GatePruningFromScratch(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(flops_ratio=self.flops_ratio, gate_position=self.gate_position, expansion=self.expansion)
+        """The class name alone (one instance per Trainer; Lightning refuses a second at ``Trainer(...)``, ``setup``
+        one appended later): a resume with changed arguments still finds the chosen structure's state, and
+        :meth:`load_state_dict` warns about the arguments that no longer apply."""
+        return type(self).__qualname__
+
+    def _arguments(self) -> dict[str, Any]:
+        """The arguments that decide the structure and its training budget."""
+        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "select",
+                 "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
+        return {name: getattr(self, name) for name in names}
 
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.pruned:
+        if stage != "fit":
             return
         prepare_module(trainer, pl_module, "GatePruningFromScratch", physical=True)
+        others = [cb for cb in trainer.callbacks if isinstance(cb, GatePruningFromScratch) and cb is not self]
+        if others:
+            raise MisconfigurationException(
+                f"The Trainer has {len(others) + 1} GatePruningFromScratch callbacks; one gate phase chooses one structure, "
+                "so give it one (the second would search a model the first already pruned)."
+            )
+        if self.pruned and (self._model is None or self._model() is not pl_module):
+            self._reset()  # reused for another model: search afresh (a checkpoint's structure still restores)
+        if self.pruned:
+            return
         if self.budget_training and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError(
                 f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
+            )
+        if self.budget_training and trainer.max_steps not in (None, -1):
+            rank_zero_warn(
+                f"`budget_training=True` trains for round(max_epochs / flops_ratio) epochs, but `max_steps`={trainer.max_steps} "
+                "may end training first: the pruned network would get less than the dense model's training budget."
+            )
+        if self.budget_training and _averaging_callbacks(trainer):
+            raise MisconfigurationException(
+                "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
+                "set the Trainer's `max_epochs` to the budget yourself, or drop one of the two."
             )
         if self.expansion != 1 and not (callable(getattr(pl_module, "set_width", None)) and hasattr(pl_module, "width")):
             raise ValueError(
                 f"`expansion`={self.expansion} needs a LightningModule that can rebuild itself wider: define a `width` "
                 f"attribute and `set_width(width: float)` (as `ImageClassifier` does); {type(pl_module).__name__} has not."
             )
-        x = example_input(trainer, pl_module)
-        dense_count = count_flops(pl_module, x)
-        self._dense_flops = dense_count.total
-        self._dense_params = sum(p.numel() for p in pl_module.parameters())
-        if self.expansion != 1:
-            self._original = (pl_module.width, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
-            pl_module.set_width(pl_module.width * self.expansion)
-        try:
-            self._groups = find_channel_groups(pl_module, x)
-            if not gate_sites(pl_module, self._groups, self.gate_position):
-                raise ValueError(
-                    f"The model has no prunable channel to gate at `gate_position`={self.gate_position!r}"
-                    + (" (no BatchNorm in a prunable channel group; try 'conv')." if self.gate_position != "conv" else ".")
-                )
-            self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
-            smallest = self._predictor.min_flops() / self._dense_flops
-            if smallest > self.flops_ratio:
-                raise ValueError(
-                    f"`flops_ratio`={self.flops_ratio} is unreachable: the smallest structure (one channel per group"
-                    f"{f', expansion {self.expansion}' if self.expansion != 1 else ''}) has {smallest:.4f} of the dense FLOPs."
-                )
-        except ValueError:
-            self._restore_width(pl_module)
-            raise
-        if self.gate_position == "conv":
-            normalised = [
-                group.root
-                for group in self._groups
-                if any(isinstance(pl_module.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
-            ]
-            if normalised:
-                rank_zero_warn(
-                    f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
-                    "away; those gates learn from the ratio term only. 'bn' is the authors' position."
-                )
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -240,35 +240,112 @@ class GatePruningFromScratch(pl.Callback):
         """Undo the expansion: the user's model back at its width with its own weights."""
         if self._original is not None:
             width, state = self._original
+            self._original = None
             pl_module.set_width(width)
             pl_module.load_state_dict(state)
-            self._original = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_width(pl_module)
 
     # ------------------------------------------------------------------ gate phase and pruning
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned:
+            self._model = weakref.ref(pl_module)
             return
-        x = example_input(trainer, pl_module)
-        started = time.perf_counter()
-        try:
-            result = self._learn_gates(trainer, pl_module)
-        except NonFiniteGateLoss:
+        try:  # an error or Ctrl-C anywhere before the plan is applied leaves the user's model as it was
+            x = self._prepare(trainer, pl_module)
+            started = time.perf_counter()
+            result = self._gate_phase(trainer, pl_module)
+            self.gate_seconds = time.perf_counter() - started
+            self._prune(trainer, pl_module, result, x)
+        finally:
             self._restore_width(pl_module)
-            raise
-        self.gate_seconds = time.perf_counter() - started
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, ...]:
+        """Dense FLOPs (per sample), then the expansion, channel groups and FLOPs predictor; refuses an
+        unreachable target or a model without a gateable channel before any weight changes."""
+        x = one_sample(example_input(trainer, pl_module, self.example_input_fn))
+        dense_count = count_flops(pl_module, x)
+        self._dense_flops = dense_count.total
+        self._dense_params = sum(p.numel() for p in pl_module.parameters())
+        if self.expansion != 1:
+            self._original = (pl_module.width, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+            pl_module.set_width(pl_module.width * self.expansion)
+        self._groups = find_channel_groups(pl_module, x)
+        self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
+        warning = check_target(pl_module, self._groups, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio)
+        if warning:
+            rank_zero_warn(warning)
+        return x
+
+    def _gate_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GatePhaseResult:
+        val_loader = trainer.val_dataloaders
+        if isinstance(val_loader, (list, tuple)):
+            val_loader = val_loader[0] if val_loader else None
+        validate = self.select == "best_val" and val_loader is not None and is_overridden("validation_step", pl_module, parent=_lightning_module_base(pl_module))
+        if self.select == "best_val" and not validate:
+            rank_zero_warn("GatePruningFromScratch: no validation data or `validation_step`, so the last gates are kept.")
+        val_limit = _limit((trainer.num_val_batches or [math.inf])[0])
+
+        def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+            return trainer.strategy.reduce(tensor, reduce_op=op) if trainer.world_size > 1 else tensor
+
+        search = GateSearch(
+            pl_module, self._groups, position=self.gate_position, lr=self.gate_lr, gamma=self.gamma,
+            gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode, reduce=reduce,
+        )
+        limit = _limit(trainer.num_training_batches)
+        bar = _progress_bar(trainer, None if limit is None else (1 if trainer.fast_dev_run else self.gate_epochs) * limit)
+
+        def log(metrics: dict[str, float]) -> None:
+            log_metrics(trainer, {**metrics, "gate/step": float(search.steps)})
+            if bar is not None and "gate/loss" in metrics:
+                bar.set_postfix(loss=f"{metrics['gate/loss']:.3f}", mean_gate=f"{metrics['gate/mean']:.3f}")
+
+        def batches() -> Iterator[Any]:
+            loaders = trainer.train_dataloader
+            if isinstance(loaders, (Mapping, list, tuple)):  # several loaders: one combined batch per step, as Lightning's fit loop
+                loaders = (batch for batch, _, _ in pl.utilities.CombinedLoader(loaders, "max_size_cycle"))
+            for batch in itertools.islice(loaders, limit):
+                yield trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+        try:
+            result = search.run(
+                batches,
+                lambda batch, index: module_loss(trainer, pl_module, batch, self.loss_fn, index),
+                epochs=1 if trainer.fast_dev_run else self.gate_epochs,
+                log_every=max(1, trainer.log_every_n_steps),
+                validate=(lambda: monitored_value(validation_metrics(trainer, pl_module, val_loader, val_limit), self.monitor)) if validate else None,
+                val_every=self.gate_val_every,
+                log=log,
+                on_step=None if bar is None else (lambda: bar.update(1)),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+            for module in pl_module.modules():  # torchmetrics metrics saw the gate batches
+                if module is not pl_module and all(callable(getattr(module, n, None)) for n in ("compute", "reset", "update")):
+                    module.reset()
+        self.snapshot = {"monitor": self.monitor}
+        return result
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult, x: tuple[Any, ...]) -> None:
         scores = trainer.strategy.broadcast(gate_scores(result, self._groups), src=0)
-        found = search_threshold(scores, min(1.0, self.flops_ratio * self._dense_flops / self._predictor.dense), self._predictor)
+        target = min(1.0, self.flops_ratio * self._dense_flops / self._predictor.dense)
+        found = search_threshold(scores, target, self._predictor)
         apply_plan(pl_module, self._groups, found.plan, x)
+        self._original = None  # the widened model is now the pruned one: nothing to restore
         if self.init == "random":
-            _reinitialise(pl_module, self._groups, found.plan)
-        self._original = None
-        self.pruned = True
+            reinitialise_changed(pl_module, self._groups, found.plan)
+        self.pruned, self._model = True, weakref.ref(pl_module)
+        for callback in _averaging_callbacks(trainer):
+            callback.setup(trainer, pl_module, "fit")  # its average starts from the pruned model, as it would have from the dense one
         self.plan = {index: keep.cpu() for index, keep in found.plan.items()}
         self.gates = result.gates
-        self.snapshot = {"selected": result.selected, "step": result.step, "steps": result.steps, "val_acc": result.val_acc}
-        kept_gates = torch.cat([result.gates[g][found.plan[g]] for g in result.gates])
-        self.threshold = float(kept_gates.min())
+        self.snapshot.update(selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
+        self.threshold = float(torch.cat([result.gates[g][found.plan[g].cpu()] for g in result.gates]).min())
         self.reached_flops_ratio = found.flops / self._dense_flops
         if self.budget_training:
             self.budget_epochs = max(1, round(trainer.max_epochs / self.flops_ratio))
@@ -277,53 +354,6 @@ class GatePruningFromScratch(pl.Callback):
         # (for the possibly longer budget) on the new parameters.
         rebuild_training_state(trainer, fresh=True)
         self._log_structure(trainer, pl_module, result)
-
-    def _learn_gates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> GatePhaseResult:
-        train_loader = trainer.train_dataloader
-        val_loader = trainer.val_dataloaders
-        if isinstance(val_loader, (list, tuple)):
-            val_loader = val_loader[0] if val_loader else None
-        select = self.select
-        if select == "best_val" and val_loader is None:
-            rank_zero_warn("GatePruningFromScratch: no validation data, so `select='best_val'` keeps the last gates.")
-            select = "last"
-        gates = ChannelGates.for_groups(pl_module, self._groups, self.gate_position)
-        train_batches = _OnDevice(train_loader, trainer, trainer.num_training_batches)
-        val_batches = None if val_loader is None else _OnDevice(val_loader, trainer, (trainer.num_val_batches or [math.inf])[0])
-        length = _length(train_loader)
-        bar = _progress_bar(trainer, None if length is None else self.gate_epochs * min(length, trainer.num_training_batches))
-        every = max(1, trainer.log_every_n_steps)
-
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            validation = "gate/val_acc" in metrics
-            if bar is not None and not validation:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['gate/loss']:.3f}", mean_gate=f"{metrics['gate/mean']:.3f}", refresh=False)
-            if validation or step % every == 0:
-                log_metrics(trainer, {**metrics, "gate/step": step})
-
-        def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-            return trainer.strategy.reduce(tensor, reduce_op=op) if trainer.world_size > 1 else tensor
-
-        try:
-            return learn_gates(
-                pl_module,
-                gates,
-                train_batches,
-                epochs=self.gate_epochs,
-                lr=self.gate_lr,
-                gamma=self.gamma,
-                gate_ratio=self.gate_ratio,
-                l1=self.l1,
-                val_batches=val_batches,
-                val_every=self.gate_val_every,
-                select=select,
-                reduce=reduce,
-                on_step=on_step,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
 
     def _log_structure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult) -> None:
         ratios = layer_channel_ratios(self._groups, self.plan)
@@ -346,7 +376,7 @@ class GatePruningFromScratch(pl.Callback):
             extra=extra,
         )
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(_structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
+            rank_zero_info(structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -365,6 +395,7 @@ class GatePruningFromScratch(pl.Callback):
             "reached_flops_ratio": self.reached_flops_ratio,
             "budget_epochs": self.budget_epochs,
             "gate_seconds": self.gate_seconds,
+            "arguments": self._arguments(),
         }
 
     @override
@@ -377,77 +408,39 @@ class GatePruningFromScratch(pl.Callback):
         self.reached_flops_ratio = state_dict["reached_flops_ratio"]
         self.budget_epochs = state_dict["budget_epochs"]
         self.gate_seconds = state_dict["gate_seconds"]
+        changed = {k: v for k, v in state_dict.get("arguments", {}).items() if self._arguments().get(k, v) != v}
+        if self.pruned and changed:
+            rank_zero_warn(
+                "GatePruningFromScratch: resuming the structure this checkpoint chose with "
+                + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+                + "; the gate phase is not run again, so the current "
+                + ", ".join(f"{k}={self._arguments()[k]!r}" for k in changed)
+                + " does not apply (the checkpoint's structure and training budget do). Start a new run to use them."
+            )
 
 
-class _OnDevice:
-    """Re-iterable view of the first ``limit`` batches of a DataLoader (the Trainer's
-    ``limit_*_batches``), moved through the strategy's device transfer and the LightningModule's
-    transfer hooks, as ``(inputs, targets)``."""
-
-    def __init__(self, loader: Any, trainer: pl.Trainer, limit: Union[int, float]) -> None:
-        self.loader = loader
-        self.trainer = trainer
-        self.limit = None if limit == math.inf else int(limit)
-
-    def __iter__(self):  # noqa: ANN204 - a generator
-        for batch in itertools.islice(self.loader, self.limit):
-            batch = self.trainer.strategy.batch_to_device(batch)
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError(
-                    "The gate phase computes cross_entropy(model(x), y) and needs `(inputs, targets)` batches, got "
-                    f"a {type(batch).__name__}."
-                )
-            yield batch[0], batch[1]
+def _averaging_callbacks(trainer: pl.Trainer) -> list[pl.callbacks.StochasticWeightAveraging]:
+    return [callback for callback in trainer.callbacks if isinstance(callback, pl.callbacks.StochasticWeightAveraging)]
 
 
-def _length(loader: Any) -> Optional[int]:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
+def _limit(value: float) -> Optional[int]:
+    return None if value == math.inf else int(value)
 
 
 def _progress_bar(trainer: pl.Trainer, total: Optional[int]) -> Optional[Any]:
+    """A ``tqdm`` bar on global rank zero when the Trainer shows a progress bar."""
     if trainer.progress_bar_callback is None or not trainer.is_global_zero:
         return None
-    from tqdm.auto import tqdm  # not Lightning's private Tqdm: the same under both Lightning namespaces
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
 
 
-@torch.no_grad()
-def _reinitialise(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
-    """PyTorch's default initialisation for every module whose shape the plan changed."""
-    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
-    for name in sorted(changed):
-        module = model.get_submodule(name)
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-
-
-def _structure_table(
-    groups: list[ChannelGroup],
-    plan: ChannelPlan,
-    flops_ratio: float,
-    params_ratio: float,
-    result: GatePhaseResult,
-    budget_epochs: Optional[int],
-) -> str:
-    rows = []
-    for group in groups:
-        kept = len(plan.get(group.index, range(group.size)))
-        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
-    rows.sort()
-    width = max(len(name) for _, name, _, _ in rows)
-    lines = [
-        "GatePruningFromScratch structure",
-        f"{'layer':<{width}}  {'channels':>8}  {'kept':>6}  {'ratio':>6}",
-    ]
-    lines += [f"{name:<{width}}  {size:>8}  {kept:>6}  {kept / size:>6.2f}" for _, name, size, kept in rows]
-    lines.append(
-        f"FLOPs (MACs) ratio {flops_ratio:.4f}, params ratio {params_ratio:.4f}; gate snapshot: {result.selected} "
-        f"at gate step {result.step}/{result.steps}" + (f" (val acc {result.val_acc:.4f})" if result.val_acc is not None else "")
-    )
-    if budget_epochs is not None:
-        lines.append(f"budget training: max_epochs -> {budget_epochs}")
-    return "\n".join(lines)
+def _lightning_module_base(pl_module: Any) -> type:
+    """The ``LightningModule`` class ``pl_module`` derives from, of either Lightning namespace."""
+    return next(c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule" and c.__module__.endswith("core.module"))

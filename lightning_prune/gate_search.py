@@ -1,0 +1,336 @@
+r"""The gate search of Pruning from Scratch (Wang et al., AAAI 2020), framework-free.
+
+On a network whose weights ``W`` stay at their random initialisation, one gate λ ∈ [0, 1] per
+prunable channel (:class:`~lightning_prune.gates.ChannelGates`, initialised to 1) learns, with Adam,
+the objective
+
+.. math:: L(Λ) = \ell\big(f(x; W, Λ)\big) + γ\,\big(\lVert Λ\rVert_1 / C - r\big)^2 + l_1 \lVert Λ\rVert_1
+
+where ``ℓ`` is the task loss of the batch (any loss: the caller computes it with the gates inserted,
+e.g. through the user's ``training_step``), ``C`` the number of gated channels, ``r = gate_ratio``
+(authors' code: γ = 0.5, r = 0.2 on CIFAR; the plain L1 term is an option, default 0). After every
+step the gates are clamped to [0, 1]. The network runs in training mode with every weight frozen
+(BatchNorm batch statistics, as in the authors' code); :meth:`GateSearch.running` restores every
+buffer and mode afterwards.
+
+**Selection** (the authors' rule): at each validation the caller reports the monitored value; the
+snapshot is kept when the gates are sparse enough (fraction of non-zero gates ``<= r``) and the value
+is better than the best so far (``mode``: ``"min"`` or ``"max"``); with no kept snapshot, the last gates.
+
+**Threshold**: :meth:`GateSearch.search` ranks channels by their selected gate (ties by the gate's
+mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
+threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.flops.search_threshold`).
+
+A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
+gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
+step and at epoch ends). All gates are one flat parameter, so a step reduces its gradient across
+processes in one collective (``reduce``), Adam and the clamp touch one tensor.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_prune.flops import FlopsPredictor, ThresholdSearch, search_threshold
+from lightning_prune.gates import (
+    ChannelGates,
+    GatePhaseResult,
+    GatePosition,
+    NonFiniteGateLoss,
+    frozen_network,
+    gate_scores,
+    gate_sites,
+)
+from lightning_prune.structure import ChannelGroup, ChannelPlan
+
+Mode = Literal["min", "max"]
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+"""``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
+
+
+def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[float], gate_ratio: float, mode: Mode = "min") -> bool:
+    """The authors' snapshot rule: sparse enough (non-zero gates ``<= gate_ratio``) and a monitored value
+    better than the best so far (lower for ``mode="min"``, higher for ``"max"``)."""
+    if nonzero_fraction > gate_ratio:
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+class GateSearch:
+    """The gate phase as an object: the caller feeds task losses (:meth:`step`) and validation values
+    (:meth:`validated`), then asks for the structure (:meth:`search`). See the module docstring for
+    the objective, the selection rule and the threshold search.
+
+    Args:
+        model: the randomly initialised network (its channel ``groups`` found on it).
+        groups: :func:`~lightning_prune.structure.find_channel_groups` of ``model``.
+        position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; see ``gates``).
+        lr: Adam learning rate of the gates.
+        gamma, gate_ratio, l1: ``γ``, ``r`` and ``l_1`` of the objective.
+        mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
+        reduce: cross-process reduction (identity when ``None``): the gate gradient is averaged
+            (one collective per step), metric windows summed when read.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        *,
+        position: GatePosition = "bn",
+        lr: float = 0.01,
+        gamma: float = 0.5,
+        gate_ratio: float = 0.2,
+        l1: float = 0.0,
+        mode: Mode = "min",
+        reduce: Optional[Reduce] = None,
+    ) -> None:
+        self.model = model
+        self.groups = list(groups)
+        self.gates = ChannelGates.for_groups(model, self.groups, position)
+        self.gamma, self.gate_ratio, self.l1, self.mode = gamma, gate_ratio, l1, mode
+        self.reduce: Reduce = reduce or (lambda tensor, op: tensor)
+        self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr, foreach=True)
+        device = self.gates.device
+        self._sum = torch.zeros_like(self.gates.parameter.detach())  # Σ_steps Λ: the tie-break averages
+        # [loss sum, task-loss sum, steps] of the current logging window, and the step of the first non-finite loss
+        self._window = torch.zeros(3, device=device)
+        self._step = torch.zeros((), dtype=torch.long, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.steps = 0
+        self.best: Optional[float] = None
+        self.chosen: Optional[GatePhaseResult] = None
+        self.last_metric: Optional[float] = None
+
+    # ------------------------------------------------------------------ learning
+    @contextmanager
+    def running(self) -> Iterator["GateSearch"]:
+        """Weights frozen, training mode, gates inserted; on leaving (also on error) the gates are
+        removed and every parameter flag, module mode and buffer restored."""
+        with frozen_network(self.model), self.gates.inserted():
+            yield self
+
+    def objective(self, task_loss: torch.Tensor) -> torch.Tensor:
+        r"""``task_loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁`` (module docstring)."""
+        loss = task_loss.float() + self.gamma * (self.gates.mean_abs() - self.gate_ratio) ** 2
+        if self.l1:
+            loss = loss + self.l1 * self.gates.parameter.abs().sum()
+        return loss
+
+    def step(self, task_loss: torch.Tensor) -> None:
+        """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
+        backward, gradient averaged over processes, Adam, clamp to [0, 1]. No host synchronisation:
+        a non-finite loss is recorded on the device and raised by :meth:`read_metrics`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.objective(task_loss)
+        loss.backward()
+        parameter = self.gates.parameter
+        parameter.grad = self.reduce(parameter.grad, "mean")
+        self.optimizer.step()
+        self.gates.clamp_()
+        self._sum.add_(parameter.detach())
+        self._step.add_(1)
+        detached = torch.stack([loss.detach(), task_loss.detach().float()])
+        finite = torch.isfinite(detached).all()
+        self._first_bad = torch.where(~finite & (self._first_bad < 0), self._step, self._first_bad)
+        self._window.add_(torch.cat([detached, detached.new_ones(1)]))
+        self.steps += 1
+
+    def read_metrics(self) -> dict[str, float]:
+        """The metrics of the steps since the last read (averaged over them and over processes), in one
+        host synchronisation: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction``.
+
+        Raises:
+            NonFiniteGateLoss: a loss since the start was NaN or infinite (on any process).
+        """
+        first_bad = self._first_bad.float()
+        one = torch.ones((), device=first_bad.device)
+        current = torch.stack([self.gates.mean_abs().detach(), self.gates.nonzero_fraction(), torch.where(first_bad < 0, 0.0, first_bad), one])
+        packed = self.reduce(torch.cat([self._window, current]), "sum")  # the 1 counts the processes
+        loss, task, count, mean, nonzero, bad, processes = packed.tolist()
+        self._window.zero_()
+        if bad > 0:
+            raise NonFiniteGateLoss(
+                f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step "
+                f"{int(bad / processes)}); the gates were removed and the model left as it was. Check the inputs, the "
+                "loss and the model's initialisation, or lower `gate_lr`."
+            )
+        metrics = {"gate/mean": mean / processes, "gate/nonzero_fraction": nonzero / processes}
+        if count:
+            metrics.update({"gate/loss": loss / count, "gate/task_loss": task / count})
+        return metrics
+
+    def run(
+        self,
+        batches: Callable[[], Iterable[Any]],
+        task_loss: Callable[[Any, int], torch.Tensor],
+        *,
+        epochs: int,
+        log_every: int = 50,
+        validate: Optional[Callable[[], Optional[tuple[str, float]]]] = None,
+        val_every: Optional[int] = None,
+        log: Optional[Callable[[dict[str, float]], None]] = None,
+        on_step: Optional[Callable[[], None]] = None,
+    ) -> GatePhaseResult:
+        """The whole gate phase: ``epochs`` passes over ``batches()``, a :meth:`step` on
+        ``task_loss(batch, index)`` each, metrics read (one host sync) every ``log_every`` steps and at each
+        epoch's end and passed to ``log``; ``validate()`` -> ``(name, value)`` after each epoch (or every
+        ``val_every`` steps) feeds :meth:`validated` and is logged as ``gate/<name>`` (``None``: nothing to
+        select on, the last gates stay). Returns :meth:`result`.
+
+        Raises:
+            NonFiniteGateLoss: at the first read after a non-finite loss; the model is restored.
+        """
+        log = log or (lambda metrics: None)
+
+        def validation() -> None:
+            metrics = self.read_metrics()  # raises first if a loss was not finite
+            monitored = validate()
+            if monitored is not None:
+                name, value = monitored
+                self.validated(value)
+                metrics[f"gate/{name}"] = value
+            log(metrics)
+
+        with self.running():
+            for _ in range(epochs):
+                for index, batch in enumerate(batches()):
+                    self.step(task_loss(batch, index))
+                    if on_step is not None:
+                        on_step()
+                    if validate is not None and val_every and self.steps % val_every == 0:
+                        validation()
+                    elif self.steps % log_every == 0:
+                        log(self.read_metrics())
+                if validate is not None and not val_every:
+                    validation()
+                else:
+                    log(self.read_metrics())  # the epoch's end: metrics and the finiteness check
+        return self.result()
+
+    # ------------------------------------------------------------------ selection
+    def validated(self, value: float) -> bool:
+        """Report the monitored validation value of the current gates (identical on every process);
+        returns whether this snapshot became the selected one (:func:`snapshot_is_better`)."""
+        self.last_metric = value
+        nonzero = float(self.reduce(self.gates.nonzero_fraction(), "mean"))
+        if not snapshot_is_better(value, nonzero, self.best, self.gate_ratio, self.mode):
+            return False
+        self.best, self.chosen = value, self._snapshot("best_val", value)
+        return True
+
+    def _snapshot(self, selected: str, metric: Optional[float]) -> GatePhaseResult:
+        averages = (self._sum / max(self.steps, 1)).cpu()
+        split = {g: averages[o : o + self.gates.sizes[g]].clone() for g, o in self.gates.offsets.items()}
+        return GatePhaseResult(self.gates.values(), split, selected, self.steps, metric, self.steps)
+
+    def result(self) -> GatePhaseResult:
+        """The selected snapshot, or the last gates when none was kept."""
+        chosen = self.chosen if self.chosen is not None else self._snapshot("last", self.last_metric)
+        chosen.steps = self.steps
+        return chosen
+
+    def search(self, predictor: FlopsPredictor, flops_ratio: float, scores: Optional[list[torch.Tensor]] = None) -> ThresholdSearch:
+        """The largest structure of the selected gates within ``flops_ratio`` × ``predictor.dense`` FLOPs
+        (``scores``: :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
+        scores = scores if scores is not None else gate_scores(self.result(), self.groups)
+        return search_threshold(scores, flops_ratio, predictor)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        chosen = self.chosen
+        return {
+            "gates": self.gates.parameter.detach().cpu().clone(),
+            "sum": self._sum.cpu().clone(),
+            "steps": self.steps,
+            "optimizer": self.optimizer.state_dict(),
+            "best": self.best,
+            "last_metric": self.last_metric,
+            "chosen": None if chosen is None else vars(chosen).copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.gates.parameter.copy_(state["gates"])
+            self._sum.copy_(state["sum"])
+        self.steps = state["steps"]
+        self._step.fill_(self.steps)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best, self.last_metric = state["best"], state["last_metric"]
+        self.chosen = None if state["chosen"] is None else GatePhaseResult(**state["chosen"])
+
+
+def check_target(
+    model: nn.Module, groups: Sequence[ChannelGroup], position: GatePosition, predictor: FlopsPredictor, dense_flops: int, flops_ratio: float
+) -> Optional[str]:
+    """Refuse, before any weight changes, a model with no channel to gate at ``position`` and a FLOPs target
+    below the smallest structure (one channel per group; ``dense_flops`` of the unexpanded model). Returns a
+    warning when ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
+    if not gate_sites(model, groups, position):
+        raise ValueError(
+            f"The model has no prunable channel to gate at `gate_position`={position!r}"
+            + (" (no BatchNorm in a prunable channel group; try 'conv')." if position != "conv" else ".")
+        )
+    smallest = predictor.min_flops() / dense_flops
+    if smallest > flops_ratio:
+        raise ValueError(
+            f"`flops_ratio`={flops_ratio} is unreachable: the smallest structure of the gated network (one channel "
+            f"per group) has {smallest:.4f} of the dense FLOPs."
+        )
+    if position != "conv":
+        return None
+    normalised = [
+        group.root
+        for group in groups
+        if any(isinstance(model.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
+    ]
+    if not normalised:
+        return None
+    return (
+        f"`gate_position='conv'`: {len(normalised)} gated layers feed a BatchNorm, which normalises their gate "
+        "away; those gates learn from the ratio term only. 'bn' is the authors' position."
+    )
+
+
+@torch.no_grad()
+def reinitialise_changed(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
+    """PyTorch's default initialisation for every module whose shape the plan changed."""
+    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
+    for name in sorted(changed):
+        module = model.get_submodule(name)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def structure_table(
+    groups: list[ChannelGroup],
+    plan: ChannelPlan,
+    flops_ratio: float,
+    params_ratio: float,
+    result: GatePhaseResult,
+    budget_epochs: Optional[int],
+) -> str:
+    """The printed summary: kept channels per layer, FLOPs (MACs per sample) and params ratios, the snapshot."""
+    rows = []
+    for group in groups:
+        kept = len(plan.get(group.index, range(group.size)))
+        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
+    rows.sort()
+    width = max(len(name) for _, name, _, _ in rows)
+    lines = [
+        "GatePruningFromScratch structure",
+        f"{'layer':<{width}}  {'channels':>8}  {'kept':>6}  {'ratio':>6}",
+    ]
+    lines += [f"{name:<{width}}  {size:>8}  {kept:>6}  {kept / size:>6.2f}" for _, name, size, kept in rows]
+    lines.append(
+        f"FLOPs ratio {flops_ratio:.4f} (MACs per sample), params ratio {params_ratio:.4f}; gate snapshot: {result.selected} "
+        f"at gate step {result.step}/{result.steps}" + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")
+    )
+    if budget_epochs is not None:
+        lines.append(f"budget training: max_epochs -> {budget_epochs}")
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""The gate search without a Trainer: the objective, a step (no host sync, one reduce), the selection rule
+with `mode`, the deferred non-finite check, state_dict round trip, the threshold search's target."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_prune.flops import FlopsPredictor, count_flops
+from lightning_prune.gate_search import GateSearch, snapshot_is_better
+from lightning_prune.gates import NonFiniteGateLoss
+from lightning_prune.models import build_network
+from lightning_prune.structure import apply_plan, find_channel_groups
+
+X = torch.randn(6, 3, 16, 16)
+
+
+def _search(arch: str = "resnet20", **kwargs) -> tuple[nn.Module, GateSearch]:
+    net = build_network(arch, in_channels=3, image_size=16, width=0.25)
+    return net, GateSearch(net, find_channel_groups(net, X[:1]), **kwargs)
+
+
+def _batches(n: int = 3, value: float = 1.0) -> list:
+    generator = torch.Generator().manual_seed(0)
+    return [(value * torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(n)]
+
+
+def _run(net: nn.Module, search: GateSearch, batches: list, epochs: int = 1) -> None:
+    with search.running():
+        for _ in range(epochs):
+            for x, y in batches:
+                search.step(F.cross_entropy(net(x), y))
+
+
+def test_objective_is_task_loss_plus_ratio_term_plus_l1() -> None:
+    _, search = _search("vgg_small", gamma=0.5, gate_ratio=0.2, l1=1e-3)
+    search.gates.parameter.data.fill_(0.6)
+    task = torch.tensor(1.7)
+    expected = 1.7 + 0.5 * (0.6 - 0.2) ** 2 + 1e-3 * 0.6 * search.gates.num_gates
+    assert float(search.objective(task).detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_gate_phase_trains_only_gates_clamps_them_and_restores_the_model() -> None:
+    net, search = _search(lr=0.05)
+    state = {k: v.clone() for k, v in net.state_dict().items()}  # incl. BN running statistics
+    net.eval()
+    _run(net, search, _batches(), epochs=2)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert not net.training and all(p.requires_grad for p in net.parameters()) and not search.gates.attached
+    assert all(p.grad is None for p in net.parameters())
+    gates = search.gates.parameter.detach()
+    assert gates.min() >= 0 and gates.max() <= 1 and gates.min() < 1
+    metrics = search.read_metrics()
+    assert search.steps == 6 and set(metrics) == {"gate/loss", "gate/task_loss", "gate/mean", "gate/nonzero_fraction"}
+    assert metrics["gate/mean"] == pytest.approx(float(gates.mean()))
+
+
+def test_a_step_makes_no_host_sync_and_reduces_the_gradient_in_one_call() -> None:
+    """On the "meta" device (a stand-in for an accelerator), counting reads of device values
+    (`aten._local_scalar_dense`, what `.item()`, `float()`, `bool()` call); Adam's step counter is a
+    host tensor by design, so reads of CPU tensors are not syncs."""
+    calls: list[tuple[int, str]] = []
+
+    def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        calls.append((tensor.numel(), op))
+        return tensor
+
+    net = build_network("resnet20", in_channels=3, image_size=16, width=0.25)
+    groups = find_channel_groups(net, X[:1])
+    net.to("meta")
+    search = GateSearch(net, groups, reduce=reduce)
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("_local_scalar_dense") and args[0].device.type != "cpu":
+                Syncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    x, y = X.to("meta"), torch.zeros(6, dtype=torch.long, device="meta")
+    with search.running():
+        with Syncs():
+            for _ in range(3):
+                search.step(F.cross_entropy(net(x), y))
+    assert Syncs.count == 0
+    assert calls == [(search.gates.num_gates, "mean")] * 3  # every gate's gradient in one collective per step
+
+
+def test_selection_keeps_the_best_sparse_enough_snapshot_and_mode_flips_the_choice() -> None:
+    assert snapshot_is_better(0.5, 0.2, None, 0.2)
+    assert not snapshot_is_better(0.1, 0.21, None, 0.2)  # not sparse enough
+    assert not snapshot_is_better(0.6, 0.1, 0.5, 0.2, "min") and snapshot_is_better(0.6, 0.1, 0.5, 0.2, "max")
+    chosen: dict[str, Optional[int]] = {}
+    for mode in ("min", "max"):
+        net, search = _search(mode=mode, gate_ratio=0.9)
+        with search.running():
+            for value in (3.0, 1.0, 2.0):  # a crafted metric: lowest at the 2nd validation, highest at the 1st
+                search.step(F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
+                search.gates.parameter.data[:] = 0.0 if value != 2.0 else 1.0  # the 3rd is not sparse enough
+                search.validated(value)
+        result = search.result()
+        assert result.selected == "best_val"
+        chosen[mode] = result.step
+    assert chosen == {"min": 2, "max": 1}
+
+
+def test_without_a_sparse_enough_snapshot_the_last_gates_are_kept() -> None:
+    net, search = _search(gate_ratio=0.2)
+    _run(net, search, _batches(2))
+    search.validated(1.0)  # gates still near 1: not sparse enough
+    result = search.result()
+    assert result.selected == "last" and result.step == 2
+    assert torch.equal(torch.cat(list(result.gates.values())), search.gates.parameter.detach())
+
+
+def test_non_finite_loss_is_raised_at_the_next_read_and_the_model_is_left_as_it_was() -> None:
+    net, search = _search("vgg_small")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(NonFiniteGateLoss, match="Gate phase .* NaN or infinite .* step 2"):
+        with search.running():
+            for index, (x, y) in enumerate(_batches(3)):
+                search.step(F.cross_entropy(net(x * (float("nan") if index == 1 else 1.0)), y))
+            search.read_metrics()
+    assert not search.gates.attached
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_state_dict_round_trip_continues_like_an_uninterrupted_search() -> None:
+    batches = _batches(4)
+    torch.manual_seed(0)
+    net, straight = _search(lr=0.05, gate_ratio=0.9)
+    _run(net, straight, batches)
+    straight.validated(0.3)
+
+    net2 = build_network("resnet20", in_channels=3, image_size=16, width=0.25)
+    net2.load_state_dict(net.state_dict())
+    first = GateSearch(net2, straight.groups, lr=0.05, gate_ratio=0.9)
+    _run(net2, first, batches[:2])
+    saved = first.state_dict()
+    resumed = GateSearch(net2, straight.groups, lr=0.05, gate_ratio=0.9)
+    resumed.load_state_dict(saved)
+    _run(net2, resumed, batches[2:])
+    resumed.validated(0.3)
+    torch.testing.assert_close(resumed.gates.parameter, straight.gates.parameter)
+    a, b = resumed.result(), straight.result()
+    assert a.steps == b.steps == 4
+    for group in a.averages:
+        torch.testing.assert_close(a.averages[group], b.averages[group])
+
+
+def test_search_meets_the_flops_target_by_an_fvcore_recount() -> None:
+    net, search = _search("resnet20", lr=0.1)
+    _run(net, search, _batches(3), epochs=2)
+    predictor = FlopsPredictor(net, X[:1], search.groups)
+    found = search.search(predictor, 0.5)
+    apply_plan(net, search.groups, found.plan, X[:1])
+    recount = count_flops(net, X[:1]).total
+    assert recount == found.flops and recount <= 0.5 * predictor.dense
+
+
+def test_run_reads_metrics_at_the_logging_cadence_and_validates_per_epoch() -> None:
+    net, search = _search(gate_ratio=0.9)
+    logged: list[dict] = []
+    values = iter([2.0, 1.0])
+    result = search.run(
+        lambda: _batches(5),
+        lambda batch, index: F.cross_entropy(net(batch[0]), batch[1]),
+        epochs=2,
+        log_every=2,
+        validate=lambda: ("val/loss", next(values)),
+        log=lambda metrics: logged.append(dict(metrics, steps=search.steps)),
+    )
+    assert [row["steps"] for row in logged] == [2, 4, 5, 6, 8, 10, 10]  # every 2nd step, plus each epoch's validation
+    assert [row.get("gate/val/loss") for row in logged if "gate/val/loss" in row] == [2.0, 1.0]
+    assert "gate/loss" in logged[0] and result.steps == 10 and not search.gates.attached
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=8),
+    sparse=st.lists(st.booleans(), min_size=8, max_size=8),
+    mode=st.sampled_from(["min", "max"]),
+)
+def test_selection_keeps_the_best_value_among_sparse_enough_snapshots(values, sparse, mode) -> None:
+    """Property: whatever the sequence of validations, the kept snapshot is the first best value among
+    those whose gates were sparse enough, and none when no snapshot was."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    search = GateSearch(net, find_channel_groups(net, X[:1]), gate_ratio=0.5, mode=mode)
+    for index, value in enumerate(values):
+        search.gates.parameter.data[:] = torch.tensor([0.0, 0.0, 0.0, 1.0]) if sparse[index] else torch.ones(4)
+        search.steps = index + 1
+        search.validated(value)
+    candidates = [(v, i + 1) for i, v in enumerate(values) if sparse[i]]
+    if not candidates:
+        assert search.result().selected == "last"
+        return
+    best = (min if mode == "min" else max)(v for v, _ in candidates)
+    expected_step = next(step for v, step in candidates if v == best)
+    result = search.result()
+    assert result.selected == "best_val" and result.metric == best and result.step == expected_step
