@@ -319,7 +319,11 @@ class AutoPruneCallback(pl.Callback):
             self._fine_tune_steps += self.aux is not None and not self._learning(trainer)
             return
         self._stepped = False
-        held_out = batch if self.source == "train" else trainer.strategy.batch_to_device(self._next_aux_batch(trainer, pl_module))
+        if self.source == "train":
+            held_out = batch
+        else:
+            held_out = trainer.strategy.batch_to_device(self._next_aux_batch(trainer, pl_module))
+            held_out = trainer.precision_plugin.convert_input(held_out)  # as Lightning does for training batches
         self.aux.learn(
             lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx),
             self.reg,
