@@ -1,9 +1,14 @@
-"""Under DDP (2 CPU processes, gloo) every rank holds identical auxiliary parameters `M`, and logs once."""
+"""Under DDP (2 CPU processes, gloo) every rank holds identical auxiliary parameters `M`, and logs once.
+
+The held-out loader is sharded per rank, so the ranks' `M` gradients differ: without the all-reduce of those
+gradients the ranks' `M` (and then their weights) diverge and this test fails (checked by deleting it).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -24,6 +29,7 @@ class SaveAuxiliary(pl.Callback):
         torch.save(state, Path(self.directory) / f"aux_rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_hold_identical_auxiliary_parameters_and_log_once(tmp_path) -> None:
     trainer = ddp_trainer(
         tmp_path,
