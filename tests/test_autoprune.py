@@ -285,3 +285,51 @@ def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_fa
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert sparsity_report(resumed).sparsity > 0.3
+
+
+# ---------------------------------------------------------------------- core: the per-step path
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts `.item()`-like reads, except of `exempt` tensors (Adam's step counter lives on the CPU by design)."""
+
+    def __init__(self, exempt=lambda tensor: False):
+        super().__init__()
+        self.syncs, self.exempt = 0, exempt
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
+            self.syncs += not self.exempt(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_a_training_step_and_an_auxiliary_step_never_synchronise_with_the_host(granularity):
+    net = LeNet5()
+    groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8)) if granularity == "channel" else ()
+    core = AuxiliaryParameters(net, ["features.0", "features.3"], granularity, groups, init=0.1)
+    core.attach()
+    core.build_optimizer("adam", 0.05)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    def adam_step_counter(tensor):
+        return any(tensor is state.get("step") for state in core.optimizer.state.values())
+
+    with _SyncCounter(adam_step_counter) as counter:
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            core.freeze()
+            optimizer.step()
+            core.restore_frozen()
+            core.learn(lambda: torch.nn.functional.cross_entropy(net(x), y), reg=1.0)
+    assert counter.syncs == 0
+    counts = core.take_counts()
+    assert counts["switched_off"] > 0 and not counts["nonfinite"]
+
+
+def test_a_non_finite_gradient_leaves_m_unchanged_and_is_reported():
+    core = _element_core(LeNet300100())
+    core.build_optimizer("sgd", 0.1)
+    before = {key: value.clone() for key, value in core.values.items()}
+    core.learn(lambda: core.model(torch.randn(4, 64)).sum() * float("nan"), reg=1.0)
+    assert all(torch.equal(before[key], value) for key, value in core.values.items())
+    assert core.take_counts()["nonfinite"] and not core.take_counts()["nonfinite"]  # read once, then reset
