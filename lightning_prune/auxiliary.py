@@ -139,6 +139,49 @@ def auxiliary_gradient(
 
 
 @dataclass(frozen=True)
+class LearningWindow:
+    """When ``M`` learns: epochs ``start_epoch``..``end_epoch``; later steps fine-tune ``W`` under fixed masks.
+
+    ``end_epoch=None``: the first ``fraction`` (75%) of training — up to epoch ``int(0.75 · max_epochs) − 1``
+    (at least ``start_epoch``) and, with ``max_steps``, before global step ``max(1, int(0.75 · max_steps))``;
+    without either limit ``M`` learns until training ends. ``None`` or a negative value means no limit.
+    """
+
+    start_epoch: int = 0
+    end_epoch: Optional[int] = None
+    fraction: float = 0.75
+
+    def last_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
+        if self.end_epoch is not None:
+            return self.end_epoch
+        if max_epochs is None or max_epochs < 0:
+            return None
+        return max(self.start_epoch, int(self.fraction * max_epochs) - 1)
+
+    def learning(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
+        last = self.last_epoch(max_epochs)
+        by_steps = self.end_epoch is None and max_steps is not None and max_steps > 0
+        return (
+            epoch >= self.start_epoch
+            and (last is None or epoch <= last)
+            and (not by_steps or step < max(1, int(self.fraction * max_steps)))
+        )
+
+    def problem(self, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[str]:
+        """Why these limits leave no fine-tuning phase (or no learning at all), else ``None``."""
+        epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
+        steps = max_steps if max_steps is not None and max_steps > 0 else None
+        last = self.last_epoch(epochs)
+        if epochs is not None and self.start_epoch >= epochs:
+            return f"`start_epoch`={self.start_epoch} is not below `max_epochs`={epochs}: M never learns"
+        if last is None and steps is None:
+            return "without `max_epochs`, `max_steps` or `end_epoch`, M learns until training ends"
+        if epochs is not None and last is not None and last >= epochs - 1 and (steps is None or self.end_epoch is not None):
+            return f"M learns up to epoch {last}, the last of `max_epochs`={epochs}"
+        return None
+
+
+@dataclass(frozen=True)
 class _Slice:
     """Entries of one parameter gated by one auxiliary tensor: ``positions`` along dim 0 take ``channels``
     of the tensor (channel granularity); both ``None`` for element granularity (same shape)."""

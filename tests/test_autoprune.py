@@ -333,3 +333,18 @@ def test_a_non_finite_gradient_leaves_m_unchanged_and_is_reported():
     core.learn(lambda: core.model(torch.randn(4, 64)).sum() * float("nan"), reg=1.0)
     assert all(torch.equal(before[key], value) for key, value in core.values.items())
     assert core.take_counts()["nonfinite"] and not core.take_counts()["nonfinite"]  # read once, then reset
+
+
+def test_learning_window_epochs_steps_and_what_it_warns_about():
+    from lightning_prune.auxiliary import LearningWindow
+
+    default = LearningWindow()
+    assert [default.learning(epoch, 0, 8, -1) for epoch in range(8)] == [True] * 6 + [False] * 2  # epochs 0..int(6) - 1
+    assert [default.learning(0, step, -1, 16) for step in (0, 11, 12, 15)] == [True, True, False, False]
+    assert default.learning(0, 0, -1, 1)  # fast_dev_run: one step still learns
+    assert default.problem(8, -1) is None and default.problem(-1, 16) is None
+    assert "the last of `max_epochs`=1" in default.problem(1, -1)
+    assert "until training ends" in default.problem(-1, -1)
+    assert "never learns" in LearningWindow(start_epoch=3).problem(3, -1)
+    fixed = LearningWindow(1, 2)
+    assert [fixed.learning(epoch, 0, 10, -1) for epoch in range(4)] == [False, True, True, False]

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, SequentialSampler
 from typing_extensions import override
 
-from lightning_prune.auxiliary import AUX_OPTIMIZERS, GRANULARITIES, STES, AuxiliaryParameters, AuxOptimizer, Granularity, Ste
+from lightning_prune.auxiliary import (
+    AUX_OPTIMIZERS,
+    GRANULARITIES,
+    STES,
+    AuxiliaryParameters,
+    AuxOptimizer,
+    Granularity,
+    LearningWindow,
+    Ste,
+)
+from lightning_prune.callbacks._held_out import HeldOutBatches, check_flags, check_loader, check_patterns
 from lightning_prune.callbacks._module_io import (
     ExampleInputFn,
     LossFn,
@@ -30,20 +38,6 @@ from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
 from lightning_prune.targets import select_modules
-
-
-def check_patterns(name: str, value: Any) -> None:
-    """``None`` or a list/tuple of glob strings (a plain string would be read character by character)."""
-    if value is not None and (
-        isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)
-    ):
-        raise ValueError(f"`{name}` must be None or a list of module-name glob patterns (strings), got {value!r}.")
-
-
-def check_loader(name: str, value: Any) -> None:
-    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
-    if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
-        raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
 
 
 class AutoPruneCallback(pl.Callback):
@@ -119,10 +113,7 @@ class AutoPruneCallback(pl.Callback):
         check_choice("ste", ste, STES)
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("aux_optimizer", aux_optimizer, AUX_OPTIMIZERS)
-        flags = dict(sensitivity=sensitivity, correlation=correlation, direction=direction, physical=physical, verbose=verbose)
-        for name, value in flags.items():
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+        check_flags(sensitivity=sensitivity, correlation=correlation, direction=direction, physical=physical, verbose=verbose)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"`start_epoch` must be an integer >= 0, got {start_epoch!r}.")
         if end_epoch is not None and (isinstance(end_epoch, bool) or not isinstance(end_epoch, int) or end_epoch < start_epoch):
@@ -137,33 +128,34 @@ class AutoPruneCallback(pl.Callback):
         self.aux_lr, self.reg, self.ste, self.ste_slope = float(aux_lr), float(reg), ste, float(ste_slope)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.granularity, self.init, self.aux_optimizer = granularity, float(init), aux_optimizer
-        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.window = LearningWindow(start_epoch, end_epoch)
         self.aux_loader_argument, self.loss_fn, self.example_input_fn = aux_dataloader, loss_fn, example_input_fn
         self.parameters, self.exclude, self.physical, self.verbose = parameters, exclude, physical, verbose
         self.aux: Optional[AuxiliaryParameters] = None
         self.structure: Optional[dict[str, Any]] = None
-        self._pending: Optional[dict[str, Any]] = None
+        self._hooks: list[Any] = []
         self._reset()
 
     def _reset(self) -> None:
         """Per-fit state (a reused instance starts clean)."""
         self.layers: list[str] = []
-        self.source: Optional[str] = None
+        self.held_out: Optional[HeldOutBatches] = None
         self.groups: list[Any] = []
         self.example: Optional[ModelArgs] = None
         self.dense_flops: Optional[int] = None
         self.flop_count: Optional[FlopCount] = None
         self.flops_predictor: Optional[FlopsPredictor] = None
         self.counts: dict[str, Any] = {"revived": 0, "switched_off": 0}
-        self._loader: Optional[Iterable[Any]] = None
-        self._iterator: Optional[Iterator[Any]] = None
-        self._hooks: list[Any] = []
-        self._active_trainer: Optional[pl.Trainer] = None
-        self._stepped = False
-        self._fine_tune_steps = 0
-        self._checked_step = 0
+        self._pending: Optional[dict[str, Any]] = None
+        self._trainer: Optional[pl.Trainer] = None
+        self._stepped, self._fine_tune_steps, self._checked_step = False, 0, 0
 
-    # ------------------------------------------------------------------ setup
+    @property
+    def source(self) -> Optional[str]:
+        """Where held-out batches come from: ``"argument"``, ``"module"``, ``"datamodule"`` or ``"train"``."""
+        return None if self.held_out is None else self.held_out.source
+
+    # ------------------------------------------------------------------ setup: M now if an explicit example exists
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -172,18 +164,18 @@ class AutoPruneCallback(pl.Callback):
             raise MisconfigurationException("Only one AutoPruneCallback per Trainer: two would gate the same weights twice.")
         self._finish()
         self._reset()
-        self._pending = None
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
-        self.source = self._resolve_source(trainer, pl_module)
-        self._warn_schedule(trainer)
+        self.held_out = HeldOutBatches(trainer, pl_module, self.aux_loader_argument)
+        problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
+        if problem is not None:
+            rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
         example = explicit_example_input(trainer, pl_module)
         if example is not None:  # else at on_train_start, from the first training batch
             self._create(pl_module, example)
 
     def _create(self, pl_module: pl.LightningModule, example: ModelArgs) -> None:
         """Channel groups / FLOPs counts on ``example`` (per sample), then ``M`` attached to the model."""
-        self.example = example
-        sample = one_sample(example)
+        self.example, sample = example, one_sample(example)
         if self.granularity == "channel":
             found = find_channel_groups(pl_module, sample)
             self.groups = [group for group in found if any(layer in self.layers for layer in group.layers)]
@@ -200,130 +192,48 @@ class AutoPruneCallback(pl.Callback):
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.groups, self.ste, self.ste_slope, self.init)
         self.aux.attach()
 
-    def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        if self.aux_loader_argument is not None:
-            return "argument"
-        for owner, name in ((pl_module, "module"), (trainer.datamodule, "datamodule")):
-            if owner is not None and callable(getattr(owner, "aux_dataloader", None)) and owner.aux_dataloader() is not None:
-                return name
-        rank_zero_warn(
-            "AutoPruneCallback: no held-out auxiliary data (no `aux_dataloader` argument, and neither the LightningModule "
-            "nor the DataModule returns one from `aux_dataloader()`), so the auxiliary parameters learn from the "
-            "training batches themselves instead of the paper's separate split. Pass `aux_dataloader=...` or give "
-            "the DataModule a held-out split (e.g. `DigitsDataModule(aux_fraction=0.5)`)."
-        )
-        return "train"
-
-    def _warn_schedule(self, trainer: pl.Trainer) -> None:
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        last = self._last_epoch(trainer)
-        if max_epochs is not None and self.start_epoch >= max_epochs:
-            problem = f"`start_epoch`={self.start_epoch} is not below `max_epochs`={max_epochs}: M never learns"
-        elif last is None and trainer.max_steps < 0:
-            problem = "without `max_epochs`, `max_steps` or `end_epoch`, M learns until training ends"
-        elif max_epochs is not None and last is not None and last >= max_epochs - 1 and trainer.max_steps < 0:
-            problem = f"M learns up to epoch {last}, the last of `max_epochs`={max_epochs}"
-        else:
-            return
-        rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
-
     # ------------------------------------------------------------------ train start: M on the device, optimizer hooks
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.layers:
-            return
         if self.aux is None:
             self._create(pl_module, example_input(trainer, pl_module, self.example_input_fn))
-        self._active_trainer = trainer
         self.aux.to(pl_module.device)
         if self._pending is not None:
             self.aux.load_state_dict(self._pending)
             self._pending = None
         self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
-        for optimizer in trainer.optimizers:
+        for optimizer in trainer.optimizers:  # every optimizer step, manual optimization included
             self._hooks += [optimizer.register_step_pre_hook(self._before_step), optimizer.register_step_post_hook(self._after_step)]
-        self._checked_step = trainer.global_step
+        self._trainer, self._checked_step = trainer, trainer.global_step
+
+    def _learning(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._active_trainer is not None and self._learning(self._active_trainer):
+        if self._learning():
             self.aux.freeze()
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._active_trainer is not None and self._learning(self._active_trainer):
+        if self._learning():
             self.aux.restore_frozen()
             self._stepped = True
 
-    def _last_epoch(self, trainer: pl.Trainer) -> Optional[int]:
-        if self.end_epoch is not None:
-            return self.end_epoch
-        if trainer.max_epochs is None or trainer.max_epochs < 0:
-            return None
-        return max(self.start_epoch, int(0.75 * trainer.max_epochs) - 1)
-
-    def _learning(self, trainer: pl.Trainer) -> bool:
-        """Whether ``M`` learns now: epochs ``start_epoch..end_epoch`` (default: 75% of ``max_epochs``) and,
-        with ``end_epoch=None`` and ``max_steps``, the first 75% of the steps."""
-        epoch, last = trainer.current_epoch, self._last_epoch(trainer)
-        steps = self.end_epoch is None and trainer.max_steps > 0
-        return (
-            self.aux is not None
-            and epoch >= self.start_epoch
-            and (last is None or epoch <= last)
-            and (not steps or trainer.global_step < max(1, int(0.75 * trainer.max_steps)))
-        )
-
-    # ------------------------------------------------------------------ held-out data
+    # ------------------------------------------------------------------ the auxiliary step, once per batch with an optimizer step
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reload = trainer.reload_dataloaders_every_n_epochs
-        if self._loader is not None and reload > 0 and trainer.current_epoch % reload == 0:
-            self._loader = None
-        self._iterator = None
+        if self.held_out is not None:
+            self.held_out.new_epoch(trainer)
 
-    def _fetch_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
-        """The held-out loader; under a distributed strategy re-created with Lightning's distributed sampler."""
-        owner = pl_module if self.source == "module" else trainer.datamodule
-        loader = self.aux_loader_argument if self.source == "argument" else owner.aux_dataloader()
-        if isinstance(loader, DataLoader) and trainer.world_size > 1:
-            shuffle = not isinstance(loader.sampler, SequentialSampler)
-            loader = trainer._data_connector._prepare_dataloader(loader, shuffle=shuffle, mode=RunningStage.TRAINING)
-        return loader
-
-    def _next_aux_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """The next held-out batch; the loader is iterated afresh each epoch (``set_epoch`` called), and
-        from wherever training starts (a mid-epoch resume included)."""
-        if self._loader is None:
-            self._loader = self._fetch_loader(trainer, pl_module)
-        if self._iterator is not None:
-            batch = next(self._iterator, None)
-            if batch is not None:
-                return batch
-        sampler = getattr(self._loader, "sampler", None)
-        if callable(getattr(sampler, "set_epoch", None)):
-            sampler.set_epoch(trainer.current_epoch)
-        self._iterator = iter(self._loader)
-        batch = next(self._iterator, None)
-        if batch is None:
-            raise MisconfigurationException(
-                f"AutoPruneCallback: the auxiliary loader ({self.source}) yields no batch, so M cannot learn. Give it "
-                "held-out data (an empty split, e.g. `aux_fraction` too small for the batch size with drop_last?)."
-            )
-        return batch
-
-    # ------------------------------------------------------------------ the auxiliary step
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._stepped:
-            self._fine_tune_steps += self.aux is not None and not self._learning(trainer)
+            self._fine_tune_steps += self.aux is not None and not self._learning()
             return
         self._stepped = False
-        if self.source == "train":
-            held_out = batch
-        else:
-            held_out = trainer.strategy.batch_to_device(self._next_aux_batch(trainer, pl_module))
-            held_out = trainer.precision_plugin.convert_input(held_out)  # as Lightning does for training batches
+        held_out = self.held_out.next(trainer, pl_module, batch)
         self.aux.learn(
             lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx),
             self.reg,
@@ -334,11 +244,10 @@ class AutoPruneCallback(pl.Callback):
     def _read_counts(self, trainer: pl.Trainer) -> None:
         """Device counters read once (per epoch / at the end); a skipped non-finite step stops the run."""
         counts = self.aux.take_counts()
-        steps = (self._checked_step, trainer.global_step)
-        self._checked_step = trainer.global_step
+        first, self._checked_step = self._checked_step, trainer.global_step
         if counts["nonfinite"]:
             raise FloatingPointError(
-                f"AutoPruneCallback auxiliary step between global steps {steps[0]} and {steps[1]} (epoch "
+                f"AutoPruneCallback auxiliary step between global steps {first} and {trainer.global_step} (epoch "
                 f"{trainer.current_epoch}): the loss gradient of the auxiliary parameters was NaN or infinite; M was not "
                 "updated on those steps. Check the held-out batches, the loss and the learning rates."
             )
@@ -357,7 +266,7 @@ class AutoPruneCallback(pl.Callback):
             self._log(trainer, pl_module)
 
     def _flops_ratio(self, report: SparsityReport) -> Optional[float]:
-        """Kept FLOPs (multiply-adds per sample) / dense: fvcore's per-layer counts × each layer's density
+        """Kept / dense multiply-adds per sample: fvcore's per-layer counts × each layer's density
         (element), or the exact count of the physically pruned structure (channel)."""
         if not self.dense_flops:
             return None
@@ -366,10 +275,10 @@ class AutoPruneCallback(pl.Callback):
         return nonzero_flops(self.flop_count, report) / self.dense_flops
 
     def _plan(self) -> dict[int, torch.Tensor]:
-        """Kept channels of every gated group (the floor keeps at least one)."""
+        """Kept channels of every gated group (the core's floor keeps at least one)."""
         return {group.index: (self.aux.values[group.root].detach() > 0).nonzero().flatten().cpu() for group in self.groups}
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparsityReport:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[SparsityReport, Optional[float]]:
         report = sparsity_report(pl_module, self.layers)
         extra = {"revived": float(self.counts["revived"]), "switched_off": float(self.counts["switched_off"])}
         if report.total.nonzero:
@@ -379,7 +288,7 @@ class AutoPruneCallback(pl.Callback):
             extra["flops_macs"] = flops_ratio * self.dense_flops
         histograms = {f"aux/{key}": value.detach() for key, value in self.aux.values.items()}
         log_pruning_event(trainer, report=report, flops_ratio=flops_ratio, histograms=histograms, extra=extra)
-        return report
+        return report, flops_ratio
 
     # ------------------------------------------------------------------ end of fit
     @override
@@ -388,8 +297,7 @@ class AutoPruneCallback(pl.Callback):
             self._finish()
             return
         self._read_counts(trainer)
-        report = self._log(trainer, pl_module)
-        flops_ratio = self._flops_ratio(report)
+        report, flops_ratio = self._log(trainer, pl_module)
         plan = self._plan() if self.physical else None
         self._finish()
         if plan is not None:
@@ -400,9 +308,8 @@ class AutoPruneCallback(pl.Callback):
         if flops_ratio is not None:
             lines.append(f"FLOPs kept: {flops_ratio:.2%} of {self.dense_flops:,} multiply-adds per sample")
         if self._fine_tune_steps == 0:
-            warning = "training ended before the fine-tuning phase (no step under fixed masks)"
-            lines.append(f"warning: {warning}")
-            rank_zero_warn(f"AutoPruneCallback: {warning}; see `end_epoch`, `max_epochs`, `max_steps`.")
+            lines.append("warning: training ended before the fine-tuning phase (no step under fixed masks)")
+            rank_zero_warn(f"AutoPruneCallback: {lines[-1][9:]}; see `end_epoch`, `max_epochs`, `max_steps`.")
         if self.verbose and trainer.is_global_zero:
             rank_zero_info("\n".join(lines))
 
@@ -412,15 +319,14 @@ class AutoPruneCallback(pl.Callback):
 
     def _finish(self) -> None:
         """Masks made permanent; ``M``, its optimizer, the optimizer hooks and the parametrizations leave the model."""
-        for handle in getattr(self, "_hooks", []):
+        for handle in self._hooks:
             handle.remove()
-        self._hooks, self._active_trainer = [], None
+        self._hooks, self._trainer = [], None
         if self.aux is not None:
             self.aux.detach()
         self.aux = None
-        self._loader = self._iterator = None
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (state key: the class name)
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.structure is not None:
@@ -428,7 +334,7 @@ class AutoPruneCallback(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Keyed by the class name alone (a changed argument cannot hide the state; a mismatch is refused on load)."""
+        """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
         return {"aux": self.aux.state_dict() if self.aux is not None and self._pending is None else self._pending}
 
     @override
