@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, sparsity_report
-from lightning_prune.auxiliary import AuxiliaryParameters, auxiliary_gradient, indicator, ste_derivative
+from lightning_prune.auxiliary import AuxiliaryParameters, auxiliary_gradient, indicator, loss_signal, ste_derivative
 from lightning_prune.models import LeNet5, LeNet300100
 from lightning_prune.structure import find_channel_groups
 
@@ -348,3 +348,24 @@ def test_learning_window_epochs_steps_and_what_it_warns_about():
     assert "never learns" in LearningWindow(start_epoch=3).problem(3, -1)
     fixed = LearningWindow(1, 2)
     assert [fixed.learning(epoch, 0, 10, -1) for epoch in range(4)] == [False, True, True, False]
+
+
+def test_the_flat_step_is_the_per_tensor_formula_with_one_network_scale():
+    torch.manual_seed(0)
+    core = _element_core(LeNet300100())
+    core.build_optimizer("sgd", 0.1)
+    core.values["fc1"][:5] = -0.3
+    grads = {key: torch.randn_like(value) for key, value in core.values.items()}
+    magnitudes, before = core.magnitudes(), {key: value.clone() for key, value in core.values.items()}
+    signals = torch.cat([loss_signal(grads[key], magnitudes[key]).flatten() for key in core.values])
+    expected = {
+        key: before[key] - 0.1 * auxiliary_gradient(grads[key], before[key], magnitudes[key], 2.0, "leaky_relu", 0.1,
+                                                    scale=signals.abs().mean())
+        for key in core.values
+    }
+    core.step(torch.cat([grads[key].flatten() for key in core.values]), reg=2.0)
+    for key, value in core.values.items():
+        torch.testing.assert_close(value, expected[key])
+    counts = core.take_counts()
+    assert counts["revived"] == int(((before["fc1"] <= 0) & (core.values["fc1"] > 0)).sum()) + int(
+        ((before["fc2"] <= 0) & (core.values["fc2"] > 0)).sum())
