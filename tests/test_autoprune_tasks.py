@@ -72,3 +72,23 @@ def test_pixel_regressor_channels_masked_output_equals_physically_pruned(trainer
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), probe.masked_output, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_an_example_input_keeps_m_pending_until_it_exists(tmp_path, trainer_factory):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        pl.seed_everything(0)
+        model = PixelRegressor()
+        callback = AutoPruneCallback(granularity="channel", aux_dataloader=pixel_loader(seed=1), end_epoch=2, **FAST)
+        trainer = trainer_factory([callback, *callbacks], max_epochs=4, limit_val_batches=0, enable_checkpointing=bool(callbacks))
+        trainer.fit(model, train_dataloaders=pixel_loader(), ckpt_path=ckpt_path)
+        return model
+
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    uninterrupted = run(callbacks=[checkpoints])
+    middle = tmp_path / "ckpt" / "epoch=1.ckpt"
+    assert any((v <= 0).any() for v in torch.load(middle, weights_only=False)["callbacks"]["AutoPruneCallback"]["aux"]["values"].values())
+    resumed = run(ckpt_path=str(middle))
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
