@@ -74,7 +74,7 @@ def test_pixel_regressor_channels_masked_output_equals_physically_pruned(trainer
         torch.testing.assert_close(model(inputs), probe.masked_output, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_without_an_example_input_keeps_m_pending_until_it_exists(tmp_path, trainer_factory):
+def test_resume_without_an_example_input_ends_as_the_uninterrupted_run(tmp_path, trainer_factory):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     def run(ckpt_path=None, callbacks=()):

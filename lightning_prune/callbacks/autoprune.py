@@ -21,13 +21,19 @@ from lightning_prune.auxiliary import (
     LearningWindow,
     Ste,
 )
-from lightning_prune.callbacks._held_out import HeldOutBatches, check_flags, check_loader, check_patterns
+from lightning_prune.callbacks._held_out import (
+    HeldOutBatches,
+    check_flags,
+    check_loader,
+    check_patterns,
+    setup_training_batch,
+)
 from lightning_prune.callbacks._module_io import (
     ExampleInputFn,
     LossFn,
     ModelArgs,
     check_function,
-    example_input,
+    example_from_batch,
     explicit_example_input,
     module_loss,
     one_sample,
@@ -55,10 +61,10 @@ class AutoPruneCallback(pl.Callback):
     training batch itself. Under DDP the held-out loader is sharded per rank (as Lightning shards the
     training loader) and the gradient of ``M`` is averaged over ranks, so every rank holds the same ``M``.
 
-    ``M`` needs the model's channel groups (channel granularity) or an example input (FLOPs): it is
-    created in ``setup`` when ``example_input_array``/``datamodule.example_input()`` exists, else at
-    ``on_train_start`` from the first training batch (``example_input_fn(batch)`` picks the input).
-    FLOPs are multiply-adds per sample. At the end of fit the masks are made permanent; ``M`` leaves
+    ``M`` is created in ``setup``, before the strategy wraps the model (DDP), from an example input:
+    ``example_input_array``/``datamodule.example_input()``, else the first training batch
+    (``example_input_fn(batch)`` picks the input; it then comes first). Channel groups and FLOPs
+    (multiply-adds per sample) are taken on it. A checkpoint's ``M`` is loaded at ``on_train_start``. At the end of fit the masks are made permanent; ``M`` leaves
     the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are removed.
 
     Args:
@@ -155,7 +161,7 @@ class AutoPruneCallback(pl.Callback):
         """Where held-out batches come from: ``"argument"``, ``"module"``, ``"datamodule"`` or ``"train"``."""
         return None if self.held_out is None else self.held_out.source
 
-    # ------------------------------------------------------------------ setup: M now if an explicit example exists
+    # ------------------------------------------------------------------ setup: M attached before the DDP wrap
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -169,9 +175,10 @@ class AutoPruneCallback(pl.Callback):
         problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
-        example = explicit_example_input(trainer, pl_module)
-        if example is not None:  # else at on_train_start, from the first training batch
-            self._create(pl_module, example)
+        example = None if self.example_input_fn is not None else explicit_example_input(trainer, pl_module)
+        if example is None:
+            example = example_from_batch(pl_module, setup_training_batch(trainer, pl_module), self.example_input_fn)
+        self._create(pl_module, example)
 
     def _create(self, pl_module: pl.LightningModule, example: ModelArgs) -> None:
         """Channel groups / FLOPs counts on ``example`` (per sample), then ``M`` attached to the model."""
@@ -196,7 +203,7 @@ class AutoPruneCallback(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.aux is None:
-            self._create(pl_module, example_input(trainer, pl_module, self.example_input_fn))
+            return
         self.aux.to(pl_module.device)
         if self._pending is not None:
             self.aux.load_state_dict(self._pending)
