@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.utils.parametrize as parametrize

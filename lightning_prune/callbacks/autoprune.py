@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -178,7 +179,7 @@ class AutoPruneCallback(pl.Callback):
         example = None if self.example_input_fn is not None else explicit_example_input(trainer, pl_module)
         if example is None:
             example = example_from_batch(pl_module, setup_training_batch(trainer, pl_module), self.example_input_fn)
-        self._create(pl_module, example)
+        self._create(pl_module, move_data_to_device(example, pl_module.device))  # the strategy moves the model later
 
     def _create(self, pl_module: pl.LightningModule, example: ModelArgs) -> None:
         """Channel groups / FLOPs counts on ``example`` (per sample), then ``M`` attached to the model."""
