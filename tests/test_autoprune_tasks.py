@@ -91,3 +91,23 @@ def test_resume_without_an_example_input_ends_as_the_uninterrupted_run(tmp_path,
     resumed = run(ckpt_path=str(middle))
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+class KeywordOnly(PixelRegressor):
+    """A forward no candidate example fits (it needs a keyword): element pruning still runs, FLOPs are skipped."""
+
+    def forward(self, batch=None, *, image=None):
+        return self.net(image if image is not None else batch["missing"])
+
+    def training_step(self, batch, batch_idx):
+        return {"loss": torch.nn.functional.mse_loss(self(image=batch["image"]), batch["target"])}
+
+
+def test_element_pruning_without_a_usable_example_warns_and_prunes(trainer_factory):
+    import pytest
+
+    callback = AutoPruneCallback(aux_dataloader=pixel_loader(seed=1), **FAST)
+    model = KeywordOnly()
+    with pytest.warns(UserWarning, match="FLOPs are not reported"):
+        trainer_factory([callback], max_epochs=4, limit_val_batches=0).fit(model, train_dataloaders=pixel_loader())
+    assert callback.dense_flops is None and sparsity_report(model, callback.layers).sparsity > 0

@@ -176,14 +176,20 @@ class AutoPruneCallback(pl.Callback):
         problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
-        example = None if self.example_input_fn is not None else explicit_example_input(trainer, pl_module)
-        if example is None:
-            example = example_from_batch(pl_module, setup_training_batch(trainer, pl_module), self.example_input_fn)
+        try:
+            example = None if self.example_input_fn is not None else explicit_example_input(trainer, pl_module)
+            if example is None:
+                example = example_from_batch(pl_module, setup_training_batch(trainer, pl_module), self.example_input_fn)
+        except MisconfigurationException as error:
+            if self.granularity == "channel":
+                raise
+            rank_zero_warn(f"AutoPruneCallback: FLOPs are not reported ({error}).")
+            example = None
         self._create(pl_module, move_data_to_device(example, pl_module.device))  # the strategy moves the model later
 
-    def _create(self, pl_module: pl.LightningModule, example: ModelArgs) -> None:
+    def _create(self, pl_module: pl.LightningModule, example: Optional[ModelArgs]) -> None:
         """Channel groups / FLOPs counts on ``example`` (per sample), then ``M`` attached to the model."""
-        self.example, sample = example, one_sample(example)
+        self.example, sample = example, None if example is None else one_sample(example)
         if self.granularity == "channel":
             found = find_channel_groups(pl_module, sample)
             self.groups = [group for group in found if any(layer in self.layers for layer in group.layers)]
@@ -194,7 +200,7 @@ class AutoPruneCallback(pl.Callback):
                 )
             self.flops_predictor = FlopsPredictor(pl_module, sample, found)
             self.dense_flops = self.flops_predictor.dense
-        else:
+        elif sample is not None:
             self.flop_count = optional_flop_count(pl_module, sample)
             self.dense_flops = None if self.flop_count is None else self.flop_count.total
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.groups, self.ste, self.ste_slope, self.init)
