@@ -50,7 +50,7 @@ def ste_derivative(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.
     if ste == "linear":
         return torch.ones_like(aux)
     if ste == "leaky_relu":
-        return torch.where(aux > 0, torch.ones_like(aux), torch.full_like(aux, slope))
+        return torch.where(aux > 0, 1.0, slope).to(aux.dtype)
     if ste == "softplus":
         return torch.sigmoid(aux)
     raise ValueError(f"`ste` must be one of {STES}, got {ste!r}.")
@@ -88,7 +88,7 @@ def loss_signal(gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: b
     if not correlation:
         return signal
     magnitude = magnitude.float()
-    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), torch.zeros_like(signal))
+    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), 0.0)
 
 
 def auxiliary_gradient(
@@ -126,16 +126,16 @@ def auxiliary_gradient(
     """
     signal = loss_signal(gate_grad, magnitude, correlation)
     scale = signal.abs().mean() if scale is None else torch.as_tensor(scale, device=signal.device)
-    signal = signal / scale.clamp_min(_EPS)
     derivative = ste_derivative(aux.float(), ste, slope)
     magnitude = magnitude.float()
-    pull = torch.full_like(signal, 0.5)
     if sensitivity:
         mean = magnitude.mean() if mean_magnitude is None else mean_magnitude.float()
-        pull = 1.0 / (1.0 + magnitude / mean.clamp_min(_EPS))
+        pull = (magnitude / mean.clamp_min(_EPS)).add_(1.0).reciprocal_().mul_(reg)
+    else:
+        pull = torch.full_like(signal, 0.5 * reg)
     if direction:
-        pull = pull * derivative
-    return (derivative * signal + reg * pull).to(aux.dtype)
+        pull = pull.mul_(derivative)
+    return (signal * derivative).div_(scale.clamp_min(_EPS)).add_(pull).to(aux.dtype)
 
 
 @dataclass(frozen=True)
@@ -290,6 +290,7 @@ class AuxiliaryParameters:
         self._saved: Optional[list[torch.Tensor]] = None
         self._buffer_store: Optional[list[torch.Tensor]] = None
         self._pending_optimizer: Optional[dict[str, Any]] = None
+        self._tracked: Optional[dict[str, torch.Tensor]] = None
 
     def _views(self) -> None:
         """``values``, per-key views of the flat ``M``; device-side masks and counters."""
@@ -300,6 +301,7 @@ class AuxiliaryParameters:
         self._lengths = torch.tensor(self._counts, device=device)
         self._on = self._flat > 0
         self._on_next = torch.empty_like(self._on)
+        self._hard_bool, self._hard_float, self._hard_version = torch.empty_like(self._on), torch.empty_like(self._flat), -1
         self._revived = torch.zeros((), dtype=torch.long, device=device)
         self._switched_off = torch.zeros((), dtype=torch.long, device=device)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -311,20 +313,32 @@ class AuxiliaryParameters:
         self._row_on: dict[tuple[str, str], torch.Tensor] = {}
 
     def _segment(self, key: str) -> torch.Tensor:
-        """The flat entries of one key, sliced afresh (so autograd tracks them while :meth:`tracking`)."""
-        return self._flat[self._spans[key]].view(self._shapes[key])
+        """The entries of one key: inside :meth:`tracking` an output of one ``split`` of the tracked flat ``M``
+        (one backward node for all keys: per-key slices would each back-propagate a flat-sized zero tensor)."""
+        return self.values[key] if self._tracked is None else self._tracked[key]
 
     # ------------------------------------------------------------------ gates
     def gate(self, target: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
         slices = self.targets[target]
         if self.granularity == "element":
+            if self._tracked is None:  # M is not learning here: h(M) from the cache, no compare per forward
+                return self._hard()[self._spans[slices[0].key]].view(self._shapes[slices[0].key]).to(like.dtype)
             return indicator(self._segment(slices[0].key), self._backward_ste, self.slope).to(like.dtype)
         gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         for piece in slices:
             h = indicator(self._segment(piece.key), self._backward_ste, self.slope).to(like.dtype)
             gate = gate.index_copy(0, piece.positions, h[piece.channels])
         return gate.view(-1, *([1] * (like.dim() - 1)))
+
+    def _hard(self) -> torch.Tensor:
+        """Flat float ``h(M)``, recomputed only when ``M`` changed (its version counter moved: a step, a load,
+        a direct write into ``values``)."""
+        if self._hard_version != self._flat._version:
+            torch.gt(self._flat, 0, out=self._hard_bool)
+            self._hard_float.copy_(self._hard_bool)
+            self._hard_version = self._flat._version
+        return self._hard_float
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
@@ -411,10 +425,12 @@ class AuxiliaryParameters:
         the gates back-propagate with the identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE
         is applied in :func:`auxiliary_gradient`."""
         self._flat.requires_grad_(True)
+        self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
         self._backward_ste = "linear"
         try:
             yield [self._flat]
         finally:
+            self._tracked = None
             self._backward_ste = self.ste
             self._flat.requires_grad_(False)
             self._flat.grad = None
@@ -486,7 +502,7 @@ class AuxiliaryParameters:
                 self._lengths, output_size=self._flat.numel()
             )
         update = auxiliary_gradient(
-            torch.where(finite, gate_grad, 0.0), self._flat, magnitudes, reg, self.ste, self.slope,
+            gate_grad, self._flat, magnitudes, reg, self.ste, self.slope,
             **consistency, mean_magnitude=means,
         )
         self._flat.grad = torch.where(finite, update, 0.0)
