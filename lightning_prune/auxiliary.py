@@ -20,9 +20,11 @@ switched off, and was measured by ablation (README, "AutoPrune").
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.utils.parametrize as parametrize
@@ -48,7 +50,7 @@ def ste_derivative(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.
     if ste == "linear":
         return torch.ones_like(aux)
     if ste == "leaky_relu":
-        return torch.where(aux > 0, torch.ones_like(aux), torch.full_like(aux, slope))
+        return torch.where(aux > 0, 1.0, slope).to(aux.dtype)
     if ste == "softplus":
         return torch.sigmoid(aux)
     raise ValueError(f"`ste` must be one of {STES}, got {ste!r}.")
@@ -86,7 +88,7 @@ def loss_signal(gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: b
     if not correlation:
         return signal
     magnitude = magnitude.float()
-    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), torch.zeros_like(signal))
+    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), 0.0)
 
 
 def auxiliary_gradient(
@@ -99,7 +101,8 @@ def auxiliary_gradient(
     sensitivity: bool = True,
     correlation: bool = True,
     direction: bool = True,
-    scale: Optional[float] = None,
+    scale: Optional[Union[float, torch.Tensor]] = None,
+    mean_magnitude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""The update direction of one auxiliary tensor ``M`` (what its optimizer steps along).
 
@@ -118,20 +121,64 @@ def auxiliary_gradient(
       weight can return; with the linear STE this term changes nothing). Off: ``D = 1``
       (R = Σ m, a constant pull that drives switched-off entries ever lower).
     - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)`` (mean over the
-      tensor), so an important, large-magnitude weight is harder to switch off. Off: ``S = 1/2``
+      tensor, or ``mean_magnitude`` per entry when several tensors are stepped as one flat tensor), so an important, large-magnitude weight is harder to switch off. Off: ``S = 1/2``
       (its value at the mean).
     """
     signal = loss_signal(gate_grad, magnitude, correlation)
-    scale = float(signal.abs().mean()) if scale is None else scale
-    signal = signal / max(scale, _EPS)
+    scale = signal.abs().mean() if scale is None else torch.as_tensor(scale, device=signal.device)
     derivative = ste_derivative(aux.float(), ste, slope)
     magnitude = magnitude.float()
-    pull = torch.full_like(signal, 0.5)
     if sensitivity:
-        pull = 1.0 / (1.0 + magnitude / magnitude.mean().clamp_min(_EPS))
+        mean = magnitude.mean() if mean_magnitude is None else mean_magnitude.float()
+        pull = (magnitude / mean.clamp_min(_EPS)).add_(1.0).reciprocal_().mul_(reg)
+    else:
+        pull = torch.full_like(signal, 0.5 * reg)
     if direction:
-        pull = pull * derivative
-    return (derivative * signal + reg * pull).to(aux.dtype)
+        pull = pull.mul_(derivative)
+    return (signal * derivative).div_(scale.clamp_min(_EPS)).add_(pull).to(aux.dtype)
+
+
+@dataclass(frozen=True)
+class LearningWindow:
+    """When ``M`` learns: epochs ``start_epoch``..``end_epoch``; later steps fine-tune ``W`` under fixed masks.
+
+    ``end_epoch=None``: the first ``fraction`` (75%) of training — up to epoch ``int(0.75 · max_epochs) − 1``
+    (at least ``start_epoch``) and, with ``max_steps``, before global step ``max(1, int(0.75 · max_steps))``;
+    without either limit ``M`` learns until training ends. ``None`` or a negative value means no limit.
+    """
+
+    start_epoch: int = 0
+    end_epoch: Optional[int] = None
+    fraction: float = 0.75
+
+    def last_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
+        if self.end_epoch is not None:
+            return self.end_epoch
+        if max_epochs is None or max_epochs < 0:
+            return None
+        return max(self.start_epoch, int(self.fraction * max_epochs) - 1)
+
+    def learning(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
+        last = self.last_epoch(max_epochs)
+        by_steps = self.end_epoch is None and max_steps is not None and max_steps > 0
+        return (
+            epoch >= self.start_epoch
+            and (last is None or epoch <= last)
+            and (not by_steps or step < max(1, int(self.fraction * max_steps)))
+        )
+
+    def problem(self, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[str]:
+        """Why these limits leave no fine-tuning phase (or no learning at all), else ``None``."""
+        epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
+        steps = max_steps if max_steps is not None and max_steps > 0 else None
+        last = self.last_epoch(epochs)
+        if epochs is not None and self.start_epoch >= epochs:
+            return f"`start_epoch`={self.start_epoch} is not below `max_epochs`={epochs}: M never learns"
+        if last is None and steps is None:
+            return "without `max_epochs`, `max_steps` or `end_epoch`, M learns until training ends"
+        if epochs is not None and last is not None and last >= epochs - 1 and (steps is None or self.end_epoch is not None):
+            return f"M learns up to epoch {last}, the last of `max_epochs`={epochs}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -156,23 +203,39 @@ class _Gate(nn.Module):
         return weight * self.owner.gate(self.target, weight)
 
 
+LossClosure = Callable[[], torch.Tensor]
+"""``() -> loss`` of one held-out batch, computed through the (gated) model."""
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Averages a tensor over processes (e.g. ``trainer.strategy.reduce(t, reduce_op="mean")``)."""
+
+
 class AuxiliaryParameters:
-    r"""Auxiliary tensors ``M`` for chosen weights of ``model`` and the parametrizations ``T = W ⊙ h(M)``.
+    r"""Auxiliary tensors ``M`` for chosen weights of ``model``, their optimizer, and the parametrizations
+    ``T = W ⊙ h(M)``: AutoPrune's whole algorithm without a Trainer.
+
+    One call per held-out batch, :meth:`learn` (loss → ``∂L/∂h`` → :func:`auxiliary_gradient` → one
+    optimizer step of ``M``); :meth:`freeze`/:meth:`restore_frozen` around every optimizer step of the
+    model keep the switched-off weights' values. All of ``M`` lives in one flat float32 tensor (``values``
+    holds views of it), so a step is a handful of fused tensor ops without host synchronisation:
+    revived/switched-off counts and the non-finite flag stay on the device until :meth:`take_counts`.
 
     Args:
         model: the model; parameters are addressed by their names in it.
         modules: names of the Conv/Linear modules whose weights are pruned (element granularity).
+            Modules sharing one weight tensor (tied weights) share one ``M``, keyed by the first name.
         granularity: ``"element"`` or ``"channel"``.
         groups: channel granularity: the coupled channel groups to gate (one ``M`` entry per channel,
             keyed by the group's root layer); every out-layer of a group (weight and bias) and every
             BatchNorm in it is gated, so the gated model computes what the physically pruned one does.
+            At least one channel of every group stays on (see :meth:`step`).
         ste, slope: the straight-through estimator of h (:func:`ste_derivative`).
         init: initial value of every entry of ``M`` (positive: every weight starts switched on).
 
     While attached, ``model.state_dict()`` holds plain ``<module>.weight`` keys with ``W ⊙ h(M)``
     (so a mid-training checkpoint loads into a fresh, unpruned model), and ``load_state_dict`` of
-    such keys fills ``W``; :meth:`state_dict` holds ``M`` and the values of the switched-off weights,
-    which :meth:`load_state_dict` writes back, so a resumed run continues from exactly the same ``W``.
+    such keys fills ``W``; :meth:`state_dict` holds ``M``, the values of the switched-off weights and
+    ``M``'s optimizer state, which :meth:`load_state_dict` writes back, so a resumed run continues
+    from exactly the same ``W``.
     """
 
     def __init__(
@@ -194,42 +257,88 @@ class AuxiliaryParameters:
         self.ste, self.slope = ste, slope
         self._backward_ste: Ste = ste
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
-        self.values: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         if granularity == "element":
+            owners: dict[int, str] = {}
             for name in modules:
                 weight = model.get_submodule(name).weight
-                self.values[name] = torch.full_like(weight.detach(), init)
-                self.targets[(name, "weight")].append(_Slice(name))
+                key = owners.setdefault(id(weight), name)  # tied weights: one M, keyed by the first module
+                shapes.setdefault(key, tuple(weight.shape))
+                self.targets[(name, "weight")].append(_Slice(key))
         else:
             for group in groups:
-                key = group.root
-                device = model.get_submodule(key).weight.device
-                self.values[key] = torch.full((group.size,), float(init), device=device)
+                shapes[group.root] = (group.size,)
                 for member in group.members:
                     module = model.get_submodule(member.module)
                     if member.kind == "in" or next(module.parameters(recurse=False), None) is None:
                         continue
                     for parameter, tensor in module.named_parameters(recurse=False):
                         if tensor is not None:
-                            piece = _Slice(key, member.positions, member.channels)
-                            self.targets[(member.module, parameter)].append(piece)
-        if not self.values:
+                            self.targets[(member.module, parameter)].append(_Slice(group.root, member.positions, member.channels))
+        if not shapes:
             raise ValueError("Nothing to prune: no module (element) or channel group (channel) was given.")
-        self._handles: list[Any] = []
-        self._frozen: dict[tuple[str, str], torch.Tensor] = {}
+        self._shapes = shapes
+        self._counts = [math.prod(shape) for shape in shapes.values()]
+        ends = list(itertools.accumulate(self._counts))
+        self._spans = {key: slice(end - count, end) for key, count, end in zip(shapes, self._counts, ends)}
+        device = next(iter(model.parameters())).device
+        self._flat = torch.full((sum(self._counts),), float(init), device=device)
+        self._views()
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._handles: list[Any] = []
+        self._originals: list[torch.Tensor] = []
+        self._saved: Optional[list[torch.Tensor]] = None
+        self._buffer_store: Optional[list[torch.Tensor]] = None
+        self._pending_optimizer: Optional[dict[str, Any]] = None
+        self._tracked: Optional[dict[str, torch.Tensor]] = None
+
+    def _views(self) -> None:
+        """``values``, per-key views of the flat ``M``; device-side masks and counters."""
+        self.values: dict[str, torch.Tensor] = dict(zip(self._shapes, (
+            chunk.view(shape) for chunk, shape in zip(self._flat.split(self._counts), self._shapes.values())
+        )))
+        device = self._flat.device
+        self._lengths = torch.tensor(self._counts, device=device)
+        self._on = self._flat > 0
+        self._on_next = torch.empty_like(self._on)
+        self._hard_bool, self._hard_float, self._hard_version = torch.empty_like(self._on), torch.empty_like(self._flat), -1
+        self._revived = torch.zeros((), dtype=torch.long, device=device)
+        self._switched_off = torch.zeros((), dtype=torch.long, device=device)
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._collapsed = torch.zeros((), dtype=torch.bool, device=device)
+        self.targets = defaultdict(list, {
+            target: [_Slice(s.key, *(None if t is None else t.to(device) for t in (s.positions, s.channels))) for s in slices]
+            for target, slices in self.targets.items()
+        })
+        self._row_on: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _segment(self, key: str) -> torch.Tensor:
+        """The entries of one key: inside :meth:`tracking` an output of one ``split`` of the tracked flat ``M``
+        (one backward node for all keys: per-key slices would each back-propagate a flat-sized zero tensor)."""
+        return self.values[key] if self._tracked is None else self._tracked[key]
 
     # ------------------------------------------------------------------ gates
     def gate(self, target: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
         slices = self.targets[target]
         if self.granularity == "element":
-            return indicator(self.values[slices[0].key].to(like.device), self._backward_ste, self.slope).to(like.dtype)
+            if self._tracked is None:  # M is not learning here: h(M) from the cache, no compare per forward
+                return self._hard()[self._spans[slices[0].key]].view(self._shapes[slices[0].key]).to(like.dtype)
+            return indicator(self._segment(slices[0].key), self._backward_ste, self.slope).to(like.dtype)
         gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         for piece in slices:
-            h = indicator(self.values[piece.key].to(like.device), self._backward_ste, self.slope).to(like.dtype)
-            gate = gate.index_copy(0, piece.positions.to(like.device), h[piece.channels.to(like.device)])
+            h = indicator(self._segment(piece.key), self._backward_ste, self.slope).to(like.dtype)
+            gate = gate.index_copy(0, piece.positions, h[piece.channels])
         return gate.view(-1, *([1] * (like.dim() - 1)))
+
+    def _hard(self) -> torch.Tensor:
+        """Flat float ``h(M)``, recomputed only when ``M`` changed (its version counter moved: a step, a load,
+        a direct write into ``values``)."""
+        if self._hard_version != self._flat._version:
+            torch.gt(self._flat, 0, out=self._hard_bool)
+            self._hard_float.copy_(self._hard_bool)
+            self._hard_version = self._flat._version
+        return self._hard_float
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
@@ -244,6 +353,21 @@ class AuxiliaryParameters:
     def _gate_value(self, target: tuple[str, str]) -> torch.Tensor:
         return self.gate(target, self.original(target)).expand_as(self.original(target))
 
+    def _on_mask(self, target: tuple[str, str]) -> torch.Tensor:
+        """Where ``target`` is switched on, broadcastable to it, as of the last :meth:`freeze` (a view for element)."""
+        if self.granularity == "element":
+            return self._on[self._span(self.targets[target][0].key)].view(self.original(target).shape)
+        return self._row_on[target]
+
+    def _span(self, key: str) -> slice:
+        return self._spans[key]
+
+    @torch.no_grad()
+    def _refresh_masks(self) -> None:
+        torch.gt(self._flat, 0, out=self._on)
+        if self.granularity == "channel":
+            self._row_on = {target: self.gate(target, self.original(target)) > 0 for target in self.targets}
+
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
         """Register the parametrizations and the state-dict hooks on the model."""
@@ -255,6 +379,8 @@ class AuxiliaryParameters:
             names = [parameter for owner, parameter in self.targets if owner == module_name]
             self._handles.append(module.register_state_dict_post_hook(_plain_keys(self, module_name, names)))
             self._handles.append(module.register_load_state_dict_pre_hook(_parametrized_keys(names)))
+        self._originals = list({id(t): t for t in (self.original(target) for target in self.targets)}.values())
+        self._refresh_masks()
 
     @torch.no_grad()
     def detach(self) -> None:
@@ -264,107 +390,182 @@ class AuxiliaryParameters:
             handle.remove()
         self._handles = []
         for target in self.targets:
-            module = self.model.get_submodule(target[0])
             self.original(target).masked_fill_(self._gate_value(target) == 0, 0.0)
-            parametrize.remove_parametrizations(module, target[1], leave_parametrized=False)
+        for target in self.targets:
+            parametrize.remove_parametrizations(self.model.get_submodule(target[0]), target[1], leave_parametrized=False)
         self.optimizer = None
+        self._originals, self._saved, self._buffer_store = [], None, None
 
     # ------------------------------------------------------------------ switched-off weights keep their values
     @torch.no_grad()
     def freeze(self) -> None:
-        """Remember the values of the switched-off weights (call before the model's optimizer step)."""
-        self._frozen = {target: self.original(target).detach().clone() for target in self.targets}
+        """Copy every gated ``W`` into one preallocated buffer (call before each optimizer step of the model)."""
+        if self._saved is None:
+            self._saved = [torch.empty_like(weight) for weight in self._originals]
+        torch._foreach_copy_(self._saved, self._originals)
+        self._refresh_masks()
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        """Write the remembered values back where the gate is 0, undoing weight decay and momentum there."""
-        for target, saved in self._frozen.items():
+        """Write the saved values back where the gate is 0, undoing weight decay and momentum there (in place)."""
+        if self._saved is None:
+            return
+        saved = dict(zip(map(id, self._originals), self._saved))
+        done = set()
+        for target in self.targets:
             weight = self.original(target)
-            weight.copy_(torch.where(self._gate_value(target) > 0, weight, saved))
-        self._frozen = {}
+            if id(weight) not in done:
+                done.add(id(weight))
+                torch.where(self._on_mask(target), weight, saved[id(weight)], out=weight)
 
     # ------------------------------------------------------------------ the auxiliary step
     @contextlib.contextmanager
     def tracking(self) -> Iterator[list[torch.Tensor]]:
-        """Let autograd track ``M`` (it does not while the model trains); yields the tensors. Inside,
+        """Let autograd track ``M`` (it does not while the model trains); yields ``[flat M]``. Inside,
         the gates back-propagate with the identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE
         is applied in :func:`auxiliary_gradient`."""
-        tensors = list(self.values.values())
-        for tensor in tensors:
-            tensor.requires_grad_(True)
+        self._flat.requires_grad_(True)
+        self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
         self._backward_ste = "linear"
         try:
-            yield tensors
+            yield [self._flat]
         finally:
+            self._tracked = None
             self._backward_ste = self.ste
-            for tensor in tensors:
-                tensor.requires_grad_(False)
-                tensor.grad = None
+            self._flat.requires_grad_(False)
+            self._flat.grad = None
 
     @torch.no_grad()
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """``‖w‖`` behind every entry of every ``M``: ``|w|`` (element) or each channel's L2 norm (channel)."""
-        if self.granularity == "element":
-            return {key: self.original((key, "weight")).detach().abs() for key in self.values}
-        squares = {key: torch.zeros_like(value) for key, value in self.values.items()}
-        for target, slices in self.targets.items():
-            rows = self.original(target).detach().float().pow(2).reshape(self.original(target).shape[0], -1).sum(1)
-            for piece in slices:
-                square = squares[piece.key]
-                square.index_add_(0, piece.channels.to(square.device), rows[piece.positions.to(rows.device)].to(square))
-        return {key: value.sqrt() for key, value in squares.items()}
-
-    def build_optimizer(self, kind: AuxOptimizer, lr: float) -> torch.optim.Optimizer:
-        """The optimizer of ``M`` (plain SGD or Adam at ``lr``)."""
-        tensors = list(self.values.values())
-        self.optimizer = torch.optim.SGD(tensors, lr=lr) if kind == "sgd" else torch.optim.Adam(tensors, lr=lr)
-        return self.optimizer
+        flat = self._flat_magnitudes()
+        return dict(zip(self._shapes, (c.view(s) for c, s in zip(flat.split(self._counts), self._shapes.values()))))
 
     @torch.no_grad()
-    def step(self, gate_grads: Mapping[str, torch.Tensor], reg: float, **consistency: bool) -> tuple[int, int]:
-        """One optimizer step of ``M`` along :func:`auxiliary_gradient`; returns how many entries
-        switched back on (revived) and how many switched off."""
+    def _flat_magnitudes(self) -> torch.Tensor:
+        if self.granularity == "element":
+            owners = [self.original((key, "weight")) for key in self._shapes]
+            return torch.cat([w.reshape(-1) for w in torch._foreach_abs(owners)]).float()
+        squares = torch.zeros_like(self._flat)
+        for target, slices in self.targets.items():
+            weight = self.original(target)
+            rows = weight.float().pow(2).reshape(weight.shape[0], -1).sum(1)
+            for piece in slices:
+                squares[self._span(piece.key)].index_add_(0, piece.channels, rows[piece.positions])
+        return squares.sqrt()
+
+    def build_optimizer(self, kind: AuxOptimizer, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of ``M`` (plain SGD or Adam at ``lr``, one flat tensor)."""
+        self.optimizer = torch.optim.SGD([self._flat], lr=lr) if kind == "sgd" else torch.optim.Adam([self._flat], lr=lr)
+        if self._pending_optimizer is not None:
+            self.optimizer.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+        return self.optimizer
+
+    def learn(self, compute_loss: LossClosure, reg: float, reduce: Optional[Reduce] = None, **consistency: bool) -> None:
+        """One auxiliary step on one held-out batch: ``compute_loss()`` through the gated model, ``∂L/∂h(M)``
+        (averaged by ``reduce`` across processes), then :meth:`step`. ``W`` and its gradients are untouched
+        and the model's buffers (BatchNorm statistics) are restored; nothing is read back to the host."""
+        buffers = [buffer for buffer in self.model.buffers()]
+        with torch.no_grad():
+            if self._buffer_store is None or len(self._buffer_store) != len(buffers):
+                self._buffer_store = [torch.empty_like(b) for b in buffers]
+            if buffers:
+                torch._foreach_copy_(self._buffer_store, buffers)
+        try:
+            with torch.enable_grad(), self.tracking() as tensors:
+                (grad,) = torch.autograd.grad(compute_loss(), tensors, allow_unused=True)
+        finally:
+            if buffers:
+                with torch.no_grad():
+                    torch._foreach_copy_(buffers, self._buffer_store)
+        grad = torch.zeros_like(self._flat) if grad is None else grad.float()
+        if reduce is not None:
+            grad = reduce(grad)
+        self.step(grad, reg, **consistency)
+
+    @torch.no_grad()
+    def step(self, gate_grad: torch.Tensor, reg: float, **consistency: bool) -> None:
+        """One optimizer step of the flat ``M`` along :func:`auxiliary_gradient` (``gate_grad``: flat
+        ``∂L/∂h``). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
+        (:meth:`take_counts` reports it). With channel granularity a group whose every channel would be
+        switched off keeps its largest-``m`` channel on (``m`` set to 1e-6) and raises a device flag."""
         if self.optimizer is None:
             raise RuntimeError("AuxiliaryParameters.step needs build_optimizer() first.")
-        before = self.keep_masks()
-        magnitudes = self.magnitudes()
-        correlation = consistency.get("correlation", True)
-        signals = [loss_signal(gate_grads[key], magnitudes[key], correlation).flatten() for key in self.values]
-        scale = float(torch.cat(signals).abs().mean())
-        for key, value in self.values.items():
-            value.grad = auxiliary_gradient(
-                gate_grads[key], value, magnitudes[key], reg, self.ste, self.slope, **consistency, scale=scale
+        torch.gt(self._flat, 0, out=self._on)
+        finite = torch.isfinite(gate_grad).all()
+        self._nonfinite |= ~finite
+        magnitudes = self._flat_magnitudes()
+        means = None
+        if consistency.get("sensitivity", True):
+            means = torch.segment_reduce(magnitudes, "mean", lengths=self._lengths).repeat_interleave(
+                self._lengths, output_size=self._flat.numel()
             )
+        update = auxiliary_gradient(
+            gate_grad, self._flat, magnitudes, reg, self.ste, self.slope,
+            **consistency, mean_magnitude=means,
+        )
+        self._flat.grad = torch.where(finite, update, 0.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        after = self.keep_masks()
-        revived = sum(int((after[key] & ~before[key]).sum()) for key in self.values)
-        return revived, sum(int((before[key] & ~after[key]).sum()) for key in self.values)
+        if self.granularity == "channel":
+            for key in self._shapes:
+                segment = self.values[key]
+                top = segment.argmax().unsqueeze(0)
+                collapsed = segment.max() <= 0
+                self._collapsed |= collapsed
+                segment.index_put_((top,), torch.where(collapsed, 1e-6, segment[top]))
+        torch.gt(self._flat, 0, out=self._on_next)
+        self._revived += (self._on_next & ~self._on).sum()
+        self._switched_off += (self._on & ~self._on_next).sum()
+        self._on, self._on_next = self._on_next, self._on
+
+    def take_counts(self) -> dict[str, Any]:
+        """Read (one host synchronisation) and reset the device counters since the last call: ``revived``,
+        ``switched_off`` (entries of ``M``), ``nonfinite`` (a step met a NaN/inf ``∂L/∂h`` and was skipped),
+        ``collapsed`` (a channel group was kept alive by the one-channel floor)."""
+        values = torch.stack([self._revived, self._switched_off, self._nonfinite.long(), self._collapsed.long()]).tolist()
+        for counter in (self._revived, self._switched_off, self._nonfinite, self._collapsed):
+            counter.zero_()
+        return dict(zip(("revived", "switched_off", "nonfinite", "collapsed"), (values[0], values[1], bool(values[2]), bool(values[3]))))
 
     # ------------------------------------------------------------------ device and checkpoints
     def to(self, device: torch.device) -> None:
-        """Move ``M`` to ``device`` (before :meth:`build_optimizer`)."""
-        self.values = {key: value.detach().to(device) for key, value in self.values.items()}
+        """Move ``M`` and its index tensors to ``device`` (before :meth:`build_optimizer`)."""
+        self._flat = self._flat.detach().to(device)
+        self._views()
+        if self._originals:
+            self._refresh_masks()
 
     def state_dict(self) -> dict[str, Any]:
-        """``M``, the values of the switched-off weights, and ``M``'s optimizer state."""
-        off = {}
+        """``M``, the values of the switched-off weights (one entry per shared parameter), ``M``'s optimizer state."""
+        off, seen = {}, set()
         for target in self.targets:
-            gate = self._gate_value(target)
-            off[target] = self.original(target).detach()[gate == 0].cpu().clone()
+            weight = self.original(target)
+            if id(weight) not in seen:
+                seen.add(id(weight))
+                off[target] = weight.detach()[self._gate_value(target) == 0].cpu().clone()
+        optimizer = self.optimizer.state_dict() if self.optimizer is not None else self._pending_optimizer
         return {
+            "granularity": self.granularity,
             "values": {key: value.detach().cpu().clone() for key, value in self.values.items()},
             "switched_off": off,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "optimizer": optimizer,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load ``M`` and write the switched-off weights' values back into ``W`` (the model's own
-        ``load_state_dict`` saw only ``W ⊙ h(M)``). Load the optimizer state separately once it exists."""
-        missing = sorted(set(self.values) ^ set(state["values"]))
-        if missing:
-            raise ValueError(f"The checkpoint's auxiliary parameters do not match this model: {missing}.")
+        ``load_state_dict`` saw only ``W ⊙ h(M)``). The optimizer state is loaded now, or by
+        :meth:`build_optimizer` when there is no optimizer yet."""
+        granularity = state.get("granularity", self.granularity)
+        mismatch = sorted(set(self.values) ^ set(state["values"]))
+        if granularity != self.granularity or mismatch:
+            raise ValueError(
+                f"The checkpoint's auxiliary parameters (granularity {granularity!r}, {sorted(state['values'])}) do not "
+                f"match this run's (granularity {self.granularity!r}, {sorted(self.values)}): resume with the "
+                "`granularity`, `parameters` and `exclude` of the run that wrote the checkpoint."
+            )
         for key, value in state["values"].items():
             if value.shape != self.values[key].shape:
                 raise ValueError(
@@ -372,9 +573,15 @@ class AuxiliaryParameters:
                     f"{tuple(self.values[key].shape)} here."
                 )
             self.values[key].copy_(value)
+        self._refresh_masks()
         for target, values in state["switched_off"].items():
             weight = self.original(tuple(target))
             weight[self._gate_value(tuple(target)) == 0] = values.to(weight.device, weight.dtype)
+        if state.get("optimizer") is not None:
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                self._pending_optimizer = state["optimizer"]
 
 
 def _original_key(prefix: str, parameter: str) -> str:

@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, sparsity_report
-from lightning_prune.auxiliary import AuxiliaryParameters, auxiliary_gradient, indicator, ste_derivative
+from lightning_prune.auxiliary import AuxiliaryParameters, auxiliary_gradient, indicator, loss_signal, ste_derivative
 from lightning_prune.models import LeNet5, LeNet300100
 from lightning_prune.structure import find_channel_groups
 
@@ -216,6 +216,7 @@ def test_bilevel_uses_the_held_out_split_and_the_fallback_warns(trainer_factory)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*fine-tun.*")  # M learns in both epochs on purpose
         callback = AutoPruneCallback(aux_dataloader=loader, end_epoch=1, verbose=False)
         _fit(trainer_factory, callback, data, max_epochs=2, limit_val_batches=0)
     assert loader.batches == 2 * len(data.train_dataloader())  # one held-out batch per optimizer step
@@ -284,3 +285,87 @@ def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_fa
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert sparsity_report(resumed).sparsity > 0.3
+
+
+# ---------------------------------------------------------------------- core: the per-step path
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts `.item()`-like reads, except of `exempt` tensors (Adam's step counter lives on the CPU by design)."""
+
+    def __init__(self, exempt=lambda tensor: False):
+        super().__init__()
+        self.syncs, self.exempt = 0, exempt
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item):
+            self.syncs += not self.exempt(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_a_training_step_and_an_auxiliary_step_never_synchronise_with_the_host(granularity):
+    net = LeNet5()
+    groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8)) if granularity == "channel" else ()
+    core = AuxiliaryParameters(net, ["features.0", "features.3"], granularity, groups, init=0.1)
+    core.attach()
+    core.build_optimizer("adam", 0.05)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    def adam_step_counter(tensor):
+        return any(tensor is state.get("step") for state in core.optimizer.state.values())
+
+    with _SyncCounter(adam_step_counter) as counter:
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            core.freeze()
+            optimizer.step()
+            core.restore_frozen()
+            core.learn(lambda: torch.nn.functional.cross_entropy(net(x), y), reg=1.0)
+    assert counter.syncs == 0
+    counts = core.take_counts()
+    assert counts["switched_off"] > 0 and not counts["nonfinite"]
+
+
+def test_a_non_finite_gradient_leaves_m_unchanged_and_is_reported():
+    core = _element_core(LeNet300100())
+    core.build_optimizer("sgd", 0.1)
+    before = {key: value.clone() for key, value in core.values.items()}
+    core.learn(lambda: core.model(torch.randn(4, 64)).sum() * float("nan"), reg=1.0)
+    assert all(torch.equal(before[key], value) for key, value in core.values.items())
+    assert core.take_counts()["nonfinite"] and not core.take_counts()["nonfinite"]  # read once, then reset
+
+
+def test_learning_window_epochs_steps_and_what_it_warns_about():
+    from lightning_prune.auxiliary import LearningWindow
+
+    default = LearningWindow()
+    assert [default.learning(epoch, 0, 8, -1) for epoch in range(8)] == [True] * 6 + [False] * 2  # epochs 0..int(6) - 1
+    assert [default.learning(0, step, -1, 16) for step in (0, 11, 12, 15)] == [True, True, False, False]
+    assert default.learning(0, 0, -1, 1)  # fast_dev_run: one step still learns
+    assert default.problem(8, -1) is None and default.problem(-1, 16) is None
+    assert "the last of `max_epochs`=1" in default.problem(1, -1)
+    assert "until training ends" in default.problem(-1, -1)
+    assert "never learns" in LearningWindow(start_epoch=3).problem(3, -1)
+    fixed = LearningWindow(1, 2)
+    assert [fixed.learning(epoch, 0, 10, -1) for epoch in range(4)] == [False, True, True, False]
+
+
+def test_the_flat_step_is_the_per_tensor_formula_with_one_network_scale():
+    torch.manual_seed(0)
+    core = _element_core(LeNet300100())
+    core.build_optimizer("sgd", 0.1)
+    core.values["fc1"][:5] = -0.3
+    grads = {key: torch.randn_like(value) for key, value in core.values.items()}
+    magnitudes, before = core.magnitudes(), {key: value.clone() for key, value in core.values.items()}
+    signals = torch.cat([loss_signal(grads[key], magnitudes[key]).flatten() for key in core.values])
+    expected = {
+        key: before[key] - 0.1 * auxiliary_gradient(grads[key], before[key], magnitudes[key], 2.0, "leaky_relu", 0.1,
+                                                    scale=signals.abs().mean())
+        for key in core.values
+    }
+    core.step(torch.cat([grads[key].flatten() for key in core.values]), reg=2.0)
+    for key, value in core.values.items():
+        torch.testing.assert_close(value, expected[key])
+    counts = core.take_counts()
+    assert counts["revived"] == int(((before["fc1"] <= 0) & (core.values["fc1"] > 0)).sum()) + int(
+        ((before["fc2"] <= 0) & (core.values["fc2"] > 0)).sum())

@@ -1,0 +1,179 @@
+"""AutoPrune's per-step cost against its inherent cost, and its aten op / host-sync counts per step.
+
+    python benchmarks/autoprune_step.py [--arch resnet20] [--batch 32] [--size 32] [--rounds 5] [--steps 10]
+
+Three steps are timed, interleaved round by round in one process (so machine load hits all alike):
+
+- dense: forward + backward + SGD step (momentum, weight decay) on a training batch;
+- inherent: dense + one extra forward + backward on a held-out batch (what AutoPrune cannot avoid:
+  the gradient of its auxiliary parameters ``M`` comes from a held-out batch);
+- autoprune: what ``AutoPruneCallback`` does per step, through its core object
+  (:class:`lightning_prune.auxiliary.AuxiliaryParameters`): the gated model's training step with
+  ``freeze``/``restore_frozen`` around the optimizer step, then ``learn`` on a held-out batch.
+
+Reported: median step times, autoprune / inherent and autoprune / dense, and per step the number of
+aten ops and of host synchronisations (``aten._local_scalar_dense``: what ``.item()``, ``float(t)``,
+``bool(t)``, ``int(t)`` call; plus device-to-host copies), counted with a ``TorchDispatchMode``; the
+counts do not depend on the device, so they hold for a GPU run. Run on an older checkout of the
+package (``PYTHONPATH=<old checkout>``), it measures that version's per-step code (the callback's
+former ``_auxiliary_step`` is reproduced below for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_prune.auxiliary import AuxiliaryParameters
+from lightning_prune.models import build_network
+from lightning_prune.targets import select_modules
+
+CONSISTENCY = dict(sensitivity=True, correlation=True, direction=True)
+REG = 1.25
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops and host synchronisations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncs(self) -> int:
+        return self.ops["aten._local_scalar_dense"] + self.ops["aten.item"]
+
+
+def make_batch(batch: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,), generator=generator)
+
+
+def dense_step(model, optimizer, batch) -> None:  # noqa: ANN001
+    optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+
+
+def inherent_step(model, optimizer, batch, held_out) -> None:  # noqa: ANN001
+    dense_step(model, optimizer, batch)
+    loss = F.cross_entropy(model(held_out[0]), held_out[1])
+    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
+def legacy_auxiliary_step(aux: AuxiliaryParameters, model, held_out) -> None:  # noqa: ANN001
+    """The per-step code of the callback before the flat core (``_auxiliary_step`` of the earlier version)."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with torch.enable_grad(), aux.tracking() as tensors:
+        loss = F.cross_entropy(model(held_out[0]), held_out[1])
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    grads = [torch.zeros_like(t) if g is None else g.detach().float() for t, g in zip(tensors, grads)]
+    flat = torch.cat([g.flatten() for g in grads])
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError
+    loss_grads, offset = {}, 0
+    for key, g in zip(aux.values, grads):
+        loss_grads[key] = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
+    aux.step(loss_grads, REG, **CONSISTENCY)
+
+
+def autoprune_setup(model, optimizer) -> tuple[AuxiliaryParameters, Callable[[Any, Any], None]]:  # noqa: ANN001
+    aux = AuxiliaryParameters(model, list(select_modules(model)), "element", ste="leaky_relu", slope=0.5, init=1.0)
+    aux.attach()
+    aux.build_optimizer("sgd", 1.5e-2)
+    flat = hasattr(aux, "learn")
+    if flat:  # the callback registers these on every optimizer of the Trainer
+        optimizer.register_step_pre_hook(lambda *args: aux.freeze())
+        optimizer.register_step_post_hook(lambda *args: aux.restore_frozen())
+
+    def step(batch: Any, held_out: Any) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        if flat:
+            optimizer.step()
+            aux.learn(lambda: F.cross_entropy(model(held_out[0]), held_out[1]), REG, **CONSISTENCY)
+        else:
+            aux.freeze()
+            optimizer.step()
+            aux.restore_frozen()
+            legacy_auxiliary_step(aux, model, held_out)
+
+    return aux, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = build_network(args.arch, 10, 3, args.size).to(args.device)
+        return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    batch, held_out = (tuple(t.to(args.device) for t in make_batch(args.batch, args.size, seed)) for seed in (1, 2))
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    dense_model, dense_opt = build()
+    inherent_model, inherent_opt = build()
+    pruned_model, pruned_opt = build()
+    _, autoprune = autoprune_setup(pruned_model, pruned_opt)
+    steps: dict[str, Callable[[], None]] = {
+        "dense": lambda: dense_step(dense_model, dense_opt, batch),
+        "inherent": lambda: inherent_step(inherent_model, inherent_opt, batch, held_out),
+        "autoprune": lambda: autoprune(batch, held_out),
+    }
+    for step in steps.values():  # warm-up (allocations, lazily built buffers)
+        step()
+        step()
+    counts = {}
+    for name, step in steps.items():
+        with OpCounter() as counter:
+            step()
+        counts[name] = (sum(counter.ops.values()), counter.syncs)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            synchronize()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    params = sum(p.numel() for p in dense_model.parameters())
+    print(f"{args.arch} ({params:,} parameters), batch {args.batch}x3x{args.size}x{args.size}, {args.device}, "
+          f"{args.threads} thread(s), {args.rounds} interleaved rounds x {args.steps} steps")
+    print(f"{'step':<10} {'median ms':>10} {'aten ops':>9} {'host syncs':>11}")
+    for name in steps:
+        print(f"{name:<10} {median[name] * 1e3:>10.1f} {counts[name][0]:>9} {counts[name][1]:>11}")
+    print(f"autoprune / inherent: {median['autoprune'] / median['inherent']:.3f}")
+    print(f"autoprune / dense:    {median['autoprune'] / median['dense']:.3f}")
+    print(f"AutoPrune's own ops per step (autoprune - inherent): {counts['autoprune'][0] - counts['inherent'][0]}, "
+          f"host syncs: {counts['autoprune'][1] - counts['inherent'][1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""AutoPrune's data access: held-out batches (sharded per rank under DDP, one per call), the first
+training batch already in ``setup``, and the argument checks of its data arguments."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from pytorch_lightning.trainer.states import RunningStage
+from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, SequentialSampler
+
+
+def setup_training_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The first training batch, in ``setup`` (before the strategy moves and wraps the model), on the
+    module's current device. ``M`` must be attached before the DDP wrap: registering a parametrization
+    re-``set_``s the parameter, and DDP would then wait for gradients on hooks that never fire."""
+    source = trainer.fit_loop._data_source  # what `fit` was given: loaders, the module or the DataModule
+    loaders = source.dataloader() if source.is_defined() else None
+    if loaders is None:
+        raise MisconfigurationException("AutoPruneCallback: no training data, so no example input can be taken from it.")
+    if isinstance(loaders, (Mapping, list, tuple)):
+        from pytorch_lightning.utilities import CombinedLoader
+
+        batch = next(iter(CombinedLoader(loaders, "max_size_cycle")), (None,))[0]
+    else:
+        batch = next(iter(loaders), None)
+    if batch is None:
+        raise MisconfigurationException("AutoPruneCallback: the training dataloader yields no batch, so no example input.")
+    return move_data_to_device(batch, pl_module.device)
+
+
+def check_patterns(name: str, value: Any) -> None:
+    """``None`` or a list/tuple of glob strings (a plain string would be read character by character)."""
+    if value is not None and (
+        isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)
+    ):
+        raise ValueError(f"`{name}` must be None or a list of module-name glob patterns (strings), got {value!r}.")
+
+
+def check_loader(name: str, value: Any) -> None:
+    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
+    if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
+        raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
+
+
+def check_flags(**flags: Any) -> None:
+    """Each value must be a bool (``1`` or ``"yes"`` is refused)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+class HeldOutBatches:
+    """Held-out batches for ``M``: the ``argument`` loader, else ``aux_dataloader()`` of the module or the
+    DataModule, else (``source == "train"``, with a warning) none: the training batch itself is used.
+
+    The loader is iterated afresh each epoch (its sampler's ``set_epoch`` called, so epoch-seeded samplers
+    repeat an uninterrupted run on resume), re-requested when Lightning reloads dataloaders, and under a
+    distributed strategy re-created with Lightning's distributed sampler, so each rank draws its own shard.
+    """
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, argument: Optional[Iterable[Any]]) -> None:
+        self.argument = argument
+        self.source = self._resolve(trainer, pl_module)
+        self._loader: Optional[Iterable[Any]] = None
+        self._iterator: Optional[Iterator[Any]] = None
+
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if self.argument is not None:
+            return "argument"
+        for owner, name in ((pl_module, "module"), (trainer.datamodule, "datamodule")):
+            if owner is not None and callable(getattr(owner, "aux_dataloader", None)) and owner.aux_dataloader() is not None:
+                return name
+        rank_zero_warn(
+            "AutoPruneCallback: no held-out auxiliary data (no `aux_dataloader` argument, and neither the LightningModule "
+            "nor the DataModule returns one from `aux_dataloader()`), so the auxiliary parameters learn from the "
+            "training batches themselves instead of the paper's separate split. Pass `aux_dataloader=...` or give "
+            "the DataModule a held-out split (e.g. `DigitsDataModule(aux_fraction=0.5)`)."
+        )
+        return "train"
+
+    def new_epoch(self, trainer: pl.Trainer) -> None:
+        reload = trainer.reload_dataloaders_every_n_epochs
+        if reload > 0 and trainer.current_epoch % reload == 0:
+            self._loader = None
+        self._iterator = None
+
+    def _fetch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
+        owner = pl_module if self.source == "module" else trainer.datamodule
+        loader = self.argument if self.source == "argument" else owner.aux_dataloader()
+        if isinstance(loader, DataLoader) and trainer.world_size > 1:
+            shuffle = not isinstance(loader.sampler, SequentialSampler)
+            loader = trainer._data_connector._prepare_dataloader(loader, shuffle=shuffle, mode=RunningStage.TRAINING)
+        return loader
+
+    def next(self, trainer: pl.Trainer, pl_module: pl.LightningModule, training_batch: Any) -> Any:
+        """The next held-out batch on the device, converted by the precision plugin (as Lightning converts
+        training batches); from wherever training starts, a mid-epoch resume included."""
+        if self.source == "train":
+            return training_batch
+        if self._loader is None:
+            self._loader = self._fetch(trainer, pl_module)
+        batch = next(self._iterator, None) if self._iterator is not None else None
+        if batch is None:
+            sampler = getattr(self._loader, "sampler", None)
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(trainer.current_epoch)
+            self._iterator = iter(self._loader)
+            batch = next(self._iterator, None)
+        if batch is None:
+            raise MisconfigurationException(
+                f"AutoPruneCallback: the auxiliary loader ({self.source}) yields no batch, so M cannot learn. Give it "
+                "held-out data (an empty split, e.g. `aux_fraction` too small for the batch size with drop_last?)."
+            )
+        return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
