@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure import ChannelGroup, training_mode
 
 GatePosition = Literal["bn", "conv", "bn_weight"]
 GATE_POSITIONS: tuple[str, ...] = ("bn", "conv", "bn_weight")
@@ -291,20 +291,17 @@ def frozen_network(model: nn.Module) -> Iterator[nn.Module]:
     """Weights, biases and BatchNorm affine parameters frozen, every module in training mode, BatchNorm
     running statistics restored on leaving: the gate phase changes nothing of the model."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    modes = [(module, module.training) for module in model.modules()]
     stats = {name: b.detach().clone() for name, b in model.named_buffers()}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    model.train()
     try:
-        yield model
+        with training_mode(model, True):
+            yield model
     finally:
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 if name in stats:
                     buffer.copy_(stats[name])
-        for module, training in modes:
-            module.training = training
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags.get(name, parameter.requires_grad))
 

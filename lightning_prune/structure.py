@@ -100,15 +100,21 @@ class ChannelGroup:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own ``training`` flag afterwards."""
+def training_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put every submodule in training (``True``) or eval mode; on leaving, give each submodule its own
+    ``training`` flag back (not the top-level one: a user may keep parts frozen in eval mode)."""
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, was_training in flags:
+            module.training = was_training
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """:func:`training_mode` with ``training=False``."""
+    return training_mode(model, False)
 
 
 def _as_tuple(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:

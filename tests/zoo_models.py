@@ -3,7 +3,6 @@ inputs) and Torch-Pruning-style test models. Test-only: torchvision is imported 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch

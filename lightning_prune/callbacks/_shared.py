@@ -1,4 +1,4 @@
-"""What the callbacks' hooks share: argument checks and the example input used for tracing."""
+"""What the callbacks' hooks share: argument checks and the FLOPs count used for reports."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import math
 from typing import Any, Collection, Mapping, Optional, Union
 
 import pytorch_lightning as pl
-import torch
 from jsonargparse.typing import restricted_number_type
 from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.flops import FlopCount, count_flops
+from lightning_prune.structure import ExampleInput
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)], join="and")
 """A float in [0, 1): as a type hint, LightningCLI rejects an out-of-range YAML value at parse time."""
@@ -48,27 +47,7 @@ def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) ->
         raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(known)}.")
 
 
-def find_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[torch.Tensor]:
-    """An input batch for tracing: ``pl_module.example_input_array`` or ``datamodule.example_input()``."""
-    candidate: Optional[Any] = pl_module.example_input_array
-    provider = getattr(trainer.datamodule, "example_input", None)
-    if candidate is None and callable(provider):
-        candidate = provider()
-    return candidate.to(pl_module.device) if isinstance(candidate, torch.Tensor) else None
-
-
-def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
-    """Like :func:`find_example_input`, but an input is required (channel pruning traces the model)."""
-    candidate = find_example_input(trainer, pl_module)
-    if candidate is None:
-        raise MisconfigurationException(
-            "Channel pruning traces the model and needs an example input: set `example_input_array` on the "
-            "LightningModule (a tensor of one input batch), or give the DataModule an `example_input()` method."
-        )
-    return candidate
-
-
-def optional_flop_count(pl_module: pl.LightningModule, example: Optional[torch.Tensor]) -> Optional[FlopCount]:
+def optional_flop_count(pl_module: pl.LightningModule, example: Optional[ExampleInput]) -> Optional[FlopCount]:
     """fvcore's count for reports, or ``None`` when there is no example input or fvcore cannot trace the
     model: element pruning does not need FLOPs, so a tracing failure warns instead of stopping the run."""
     if example is None:
