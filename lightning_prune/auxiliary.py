@@ -493,7 +493,7 @@ class AuxiliaryParameters:
         if self.optimizer is None:
             raise RuntimeError("AuxiliaryParameters.step needs build_optimizer() first.")
         torch.gt(self._flat, 0, out=self._on)
-        finite = torch.isfinite(gate_grad).all()
+        finite = torch.isfinite(gate_grad.sum())  # NaN/inf anywhere makes the sum non-finite: one reduction
         self._nonfinite |= ~finite
         magnitudes = self._flat_magnitudes()
         means = None
@@ -516,8 +516,10 @@ class AuxiliaryParameters:
                 self._collapsed |= collapsed
                 segment.index_put_((top,), torch.where(collapsed, 1e-6, segment[top]))
         torch.gt(self._flat, 0, out=self._on_next)
-        self._revived += (self._on_next & ~self._on).sum()
-        self._switched_off += (self._on & ~self._on_next).sum()
+        changed = self._on_next != self._on
+        revived = (changed & self._on_next).sum()
+        self._revived += revived
+        self._switched_off += changed.sum() - revived
         self._on, self._on_next = self._on_next, self._on
 
     def take_counts(self) -> dict[str, Any]:
