@@ -88,8 +88,9 @@ def one_sample(args: ModelArgs) -> ModelArgs:
 
 
 def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ModelArgs]:
-    """``pl_module.example_input_array`` or ``datamodule.example_input()`` on the module's device, if either
-    exists (both usable in ``setup``, before the training data is loaded); else ``None``."""
+    """``pl_module.example_input_array`` or ``datamodule.example_input()`` on the module's device (in
+    ``setup`` that is still the CPU), if either exists (both usable in ``setup``, before the training data
+    is loaded); else ``None``."""
     candidate: Any = pl_module.example_input_array
     provider = getattr(trainer.datamodule, "example_input", None)
     if candidate is None and callable(provider):
@@ -101,12 +102,12 @@ def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -
             "`example_input_array` is a dict, which Lightning passes as keyword arguments; the pruning callbacks "
             "trace `model(*args)`. Give a tensor or a tuple of positional arguments, or pass `example_input_fn`."
         )
-    return as_model_args(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate)))
+    return as_model_args(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate, pl_module.device)))
 
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
-    """The first batch of the training data, through the strategy's device transfer and the module's
-    batch-transfer hooks. Available from ``on_train_start`` on (Lightning loads the data then)."""
+    """The first batch of the training data on the module's device, through the module's batch-transfer
+    hooks. Available from ``on_train_start`` on (Lightning loads the data then)."""
     loaders = trainer.train_dataloader
     if loaders is None:
         raise MisconfigurationException(
@@ -123,7 +124,7 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
         batch = next(iterator, None)
     if batch is None:
         raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
-    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, trainer.lightning_module.device))
 
 
 def _runs(pl_module: pl.LightningModule, args: ModelArgs) -> Optional[BaseException]:
