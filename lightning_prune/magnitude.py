@@ -29,7 +29,7 @@ from torch import nn
 from lightning_prune.criteria import count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.masks import MaskSet
 from lightning_prune.structure import ChannelGroup, ChannelPlan, channel_masks, find_channel_groups, layer_channel_ratios
-from lightning_prune.targets import PRUNABLE_TYPES
+from lightning_prune.targets import PRUNABLE_TYPES, stored_weight
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
 """Sends rank 0's uint8 tensor to every rank and returns it (identity without distribution)."""
@@ -77,7 +77,7 @@ def unique_weights(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
     seen: set[int] = set()
     names = {}
     for layer in layers:
-        weight = model.get_submodule(layer).weight
+        weight = stored_weight(model.get_submodule(layer))
         if id(weight) not in seen:
             seen.add(id(weight))
             names[f"{layer}.weight"] = layer

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from lightning_prune.flops import FlopCount
-from lightning_prune.targets import select_modules
+from lightning_prune.targets import select_modules, stored_weight
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def sparsity_report(
     modules = select_modules(module, parameters, exclude)
     rows, seen = [], set()
     for name, m in modules.items():
-        if id(m.weight) not in seen:  # a shared (tied) weight is counted once, under its first layer
-            seen.add(id(m.weight))
+        if id(stored_weight(m)) not in seen:  # a shared (tied) weight is counted once, under its first layer
+            seen.add(id(stored_weight(m)))
             rows.append(LayerSparsity(name, m.weight.numel(), int(m.weight.detach().count_nonzero())))
     return SparsityReport(rows)
 

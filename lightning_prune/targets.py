@@ -6,6 +6,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -47,3 +48,12 @@ def select_modules(
 def weight_names(modules: Iterable[str]) -> list[str]:
     """Parameter names (``<module>.weight``) of the named modules; biases are never pruned."""
     return [f"{name}.weight" for name in modules]
+
+
+def stored_weight(module: nn.Module) -> nn.Parameter:
+    """The parameter that holds ``module.weight``: the weight itself, or under a parametrization (AutoPrune's
+    mask, weight norm) its stored original. ``module.weight`` is then computed afresh at every access, so
+    only this object tells a shared (tied) weight apart from two equal-looking ones."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight

@@ -73,3 +73,28 @@ def test_a_schedule_rebuilds_from_its_state_and_answers_per_step_in_constant_tim
     assert PruningSchedule(**schedule.state_dict()) == schedule
     assert schedule.fraction(150) is None and schedule.fraction(100_000) == 1.0 and schedule.last_event == 100_000
     assert schedule.fraction(200) == pytest.approx(1 - (1 - 2 / 1000) ** 3)
+
+
+class _Halve(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 0.5
+
+
+def test_sparsity_report_counts_every_parametrized_layer_and_a_tied_weight_once() -> None:
+    """A parametrized weight is computed afresh at each access (its id can be reused once freed), so
+    layers are told apart by their stored parameter; a tied weight still counts once."""
+    from torch.nn.utils import parametrize
+
+    from lightning_prune import sparsity_report
+    from lightning_prune.magnitude import unique_weights
+
+    layers = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    for layer in layers:
+        parametrize.register_parametrization(layer, "weight", _Halve())
+    report = sparsity_report(layers)
+    assert [row.layer for row in report.layers] == [str(i) for i in range(6)]
+    assert report.total.total == 6 * 64
+    assert len(unique_weights(layers, [str(i) for i in range(6)])) == 6
+    tied = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    assert [row.layer for row in sparsity_report(tied).layers] == ["0"]
