@@ -19,18 +19,9 @@ from lightning_prune.auxiliary import AuxiliaryParameters
 from lightning_prune.structure import find_channel_groups
 
 from task_models import PixelRegressor, pixel_loader
+from test_autoprune import CountingLoader
 
 FAST = dict(init=0.1, aux_lr=0.05, reg=2.0, verbose=False)
-
-
-class CountingLoader:
-    def __init__(self, loader):
-        self.loader, self.batches = loader, 0
-
-    def __iter__(self):
-        for batch in self.loader:
-            self.batches += 1
-            yield batch
 
 
 def _digits():

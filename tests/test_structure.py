@@ -29,6 +29,7 @@ from lightning_prune.structure import (
     structure_from_state_dict,
     zeroed_channel_plan,
 )
+from pruning_checks import masked_and_pruned_outputs
 from lightning_prune.training_state import rebuild_training_state, restore_structure_from_checkpoint
 
 
@@ -388,18 +389,6 @@ def test_plan_applied_under_ddp_rewraps_the_model(trainer_factory):
     assert module.network.features[0][0].out_channels == 16
 
 
-def _masked_and_pruned(model: nn.Module, x: torch.Tensor, groups, plan) -> tuple[torch.Tensor, torch.Tensor]:
-    masked, pruned = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
-    masks = channel_masks(masked, groups, plan)
-    with torch.no_grad():
-        for name, parameter in masked.named_parameters():
-            if name in masks:
-                parameter.mul_(masks[name])
-    apply_plan(pruned, groups, plan, x)
-    with torch.no_grad():
-        return masked(x), pruned(x)
-
-
 def test_group_behind_a_module_used_twice_is_refused_and_the_rest_prunes_exactly():
     from zoo_models import SplitModel
 
@@ -411,7 +400,7 @@ def test_group_behind_a_module_used_twice_is_refused_and_the_rest_prunes_exactly
     assert "block1.3" not in [group.root for group in groups] and len(groups) == 4
     generator = torch.Generator().manual_seed(0)
     plan = {g.index: torch.randperm(g.size, generator=generator)[: g.size // 2].sort().values for g in groups}
-    masked, pruned = _masked_and_pruned(model, x, groups, plan)
+    masked, pruned = masked_and_pruned_outputs(model, x, groups, plan)
     torch.testing.assert_close(pruned, masked)
 
 
@@ -422,7 +411,7 @@ def test_transposed_conv_channels_prune_and_restore_from_a_state_dict():
     groups = find_channel_groups(model, x)
     assert "up" in [group.root for group in groups]
     plan = {g.index: torch.arange(0, g.size, 2) for g in groups}
-    masked, pruned = _masked_and_pruned(model, x, groups, plan)
+    masked, pruned = masked_and_pruned_outputs(model, x, groups, plan)
     torch.testing.assert_close(pruned, masked)
     apply_plan(model, groups, plan, x)
     assert (model.up.in_channels, model.up.out_channels) == (12, 6)

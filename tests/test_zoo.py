@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from pruning_checks import masked_and_pruned_outputs
 from zoo_models import ZOO, build
 
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.gates import ChannelGates, gate_sites
-from lightning_prune.structure import apply_plan, channel_masks, find_channel_groups, refused_channel_groups
+from lightning_prune.structure import apply_plan, find_channel_groups, refused_channel_groups
 
 pytestmark = pytest.mark.zoo
 
@@ -82,15 +83,8 @@ def test_predicted_flops_equal_fvcore_recount(name):
 def test_masked_output_equals_physically_pruned_output(name):
     model, x, groups = discovered(name)
     (plan,) = random_plans(groups, 1, seed=1)
-    masked, pruned = copy.deepcopy(model), copy.deepcopy(model)
-    masks = channel_masks(masked, groups, plan)
-    with torch.no_grad():
-        for parameter_name, parameter in masked.named_parameters():
-            if parameter_name in masks:
-                parameter.mul_(masks[parameter_name])
-    apply_plan(pruned, groups, plan, x)
-    with torch.no_grad():
-        torch.testing.assert_close(pruned(x), masked(x), rtol=1e-4, atol=1e-5)
+    masked, pruned = masked_and_pruned_outputs(model, x, groups, plan)
+    torch.testing.assert_close(pruned, masked, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", PRUNABLE)
