@@ -121,7 +121,7 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[lis
     start = StepStart(count_step=steps)
     if variant == GATE:
         gate = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, select="last", verbose=False)
-        learn = gate._learn_gates
+        learn = gate._gate_phase
         timing: dict[str, Any] = {}
 
         def timed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:  # the gate phase alone
@@ -132,7 +132,7 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[lis
             timing.update(seconds=time.perf_counter() - began, count=count, steps=result.steps)
             return result
 
-        gate._learn_gates = timed
+        gate._gate_phase = timed
         callbacks: list[pl.Callback] = [gate]
         epochs, limit = 1, steps  # max_steps=1: the pruned network trains one step after the gate phase
     else:
