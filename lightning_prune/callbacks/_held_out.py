@@ -1,35 +1,15 @@
-"""AutoPrune's data access: held-out batches (sharded per rank under DDP, one per call), the first
-training batch already in ``setup``, and the argument checks of its data arguments."""
+"""AutoPrune's data access: held-out batches (sharded per rank under DDP, one per call), and the
+argument checks of its data arguments."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, SequentialSampler
-
-
-def setup_training_batch(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    """The first training batch, in ``setup`` (before the strategy moves and wraps the model), on the
-    module's current device. ``M`` must be attached before the DDP wrap: registering a parametrization
-    re-``set_``s the parameter, and DDP would then wait for gradients on hooks that never fire."""
-    source = trainer.fit_loop._data_source  # what `fit` was given: loaders, the module or the DataModule
-    loaders = source.dataloader() if source.is_defined() else None
-    if loaders is None:
-        raise MisconfigurationException("AutoPruneCallback: no training data, so no example input can be taken from it.")
-    if isinstance(loaders, (Mapping, list, tuple)):
-        from pytorch_lightning.utilities import CombinedLoader
-
-        batch = next(iter(CombinedLoader(loaders, "max_size_cycle")), (None,))[0]
-    else:
-        batch = next(iter(loaders), None)
-    if batch is None:
-        raise MisconfigurationException("AutoPruneCallback: the training dataloader yields no batch, so no example input.")
-    return move_data_to_device(batch, pl_module.device)
 
 
 def check_patterns(name: str, value: Any) -> None:

@@ -107,21 +107,20 @@ def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
     """The first batch of the training data on the module's device, through the module's batch-transfer
-    hooks. Available from ``on_train_start`` on (Lightning loads the data then)."""
+    hooks. From ``on_train_start`` on, Lightning's loaded training data; earlier (in ``setup``), the
+    loaders ``fit`` was given or the module/DataModule's ``train_dataloader()``, asked once more."""
     loaders = trainer.train_dataloader
     if loaders is None:
-        raise MisconfigurationException(
-            "No training data is loaded yet: an example input from the first training batch is available from "
-            "`on_train_start` on. Set `example_input_array` on the LightningModule to use it earlier."
-        )
+        source = trainer.fit_loop._data_source  # no public route to the training data before the fit loop loads it
+        loaders = source.dataloader() if source.is_defined() else None
+    if loaders is None:
+        raise MisconfigurationException("No training data, so no example input can be taken from it.")
     if isinstance(loaders, (Mapping, list, tuple)):
         from pytorch_lightning.utilities import CombinedLoader
 
-        iterator = iter(CombinedLoader(loaders, "max_size_cycle"))
-        batch = next(iterator)[0]
+        batch = next(iter(CombinedLoader(loaders, "max_size_cycle")), (None,))[0]
     else:
-        iterator = iter(loaders)
-        batch = next(iterator, None)
+        batch = next(iter(loaders), None)
     if batch is None:
         raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
     return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, trainer.lightning_module.device))
@@ -164,8 +163,8 @@ def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_
 def example_input(
     trainer: pl.Trainer, pl_module: pl.LightningModule, example_input_fn: Optional[ExampleInputFn] = None
 ) -> ModelArgs:
-    """Positional arguments of one forward pass of ``pl_module``, on its device: ``example_input_array``,
-    else ``datamodule.example_input()``, else taken from the first training batch by
+    """Positional arguments of one forward pass of ``pl_module``, on its device (usable in ``setup`` too):
+    ``example_input_array``, else ``datamodule.example_input()``, else taken from the first training batch by
     :func:`example_from_batch` (``example_input_fn`` decides when given, and then comes first)."""
     if example_input_fn is None:
         explicit = explicit_example_input(trainer, pl_module)

@@ -7,7 +7,6 @@ from typing import Any, Iterable, Optional
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -27,15 +26,13 @@ from lightning_prune.callbacks._held_out import (
     check_flags,
     check_loader,
     check_patterns,
-    setup_training_batch,
 )
 from lightning_prune.callbacks._module_io import (
     ExampleInputFn,
     LossFn,
     ModelArgs,
     check_function,
-    example_from_batch,
-    explicit_example_input,
+    example_input,
     module_loss,
     one_sample,
 )
@@ -180,15 +177,13 @@ class AutoPruneCallback(pl.Callback):
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
         try:
-            example = None if self.example_input_fn is not None else explicit_example_input(trainer, pl_module)
-            if example is None:
-                example = example_from_batch(pl_module, setup_training_batch(trainer, pl_module), self.example_input_fn)
+            example = example_input(trainer, pl_module, self.example_input_fn)
         except MisconfigurationException as error:
             if self.granularity == "channel":
                 raise
             rank_zero_warn(f"AutoPruneCallback: FLOPs are not reported ({error}).")
             example = None
-        self._create(pl_module, move_data_to_device(example, pl_module.device))  # the strategy moves the model later
+        self._create(pl_module, example)  # on the module's current device: the strategy moves the model later
 
     def _create(self, pl_module: pl.LightningModule, example: Optional[ModelArgs]) -> None:
         """Channel groups / FLOPs counts on ``example`` (per sample), then ``M`` attached to the model."""
