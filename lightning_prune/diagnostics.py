@@ -137,6 +137,8 @@ def count_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, O
         _, count = count_ops(lambda: torch.ones(3).sum().item())
         assert count.syncs == 1
     """
+    if not callable(fn):
+        raise ValueError(f"`fn` must be a callable to run, got {type(fn).__name__} {fn!r:.80}.")
     count = OpCount()
     with _Function(count), _Dispatch(count):
         result = fn(*args, **kwargs)

@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
+from lightning_prune.checks import check_module, check_path
 from lightning_prune.targets import PRUNABLE_TYPES
 
 SparseFormat = Literal["csr", "csc", "coo"]
@@ -57,6 +58,8 @@ def export_sparse(
     Other tensors (biases, BatchNorm) are stored dense. ``load_sparse`` restores a state dict that
     is bit-equal to ``module.state_dict()`` (masked weights are +0.0 after pruning).
     """
+    check_module("module", module)
+    check_path("path", path)
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
     sparse_names = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, PRUNABLE_TYPES)}
@@ -79,6 +82,9 @@ def export_sparse(
 
 def load_sparse(path: Union[str, Path], module: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
     """Read a file written by ``export_sparse`` back into a dense state dict (and load it into ``module``)."""
+    check_path("path", path)
+    if module is not None:
+        check_module("module", module)
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     state = {}
     for name, tensor in payload["tensors"].items():

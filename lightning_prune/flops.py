@@ -24,6 +24,8 @@ from fvcore.nn.jit_handles import get_shape
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_prune.checks import check_example_input, check_module
+
 from lightning_prune.structure import (
     ChannelGroup,
     ChannelPlan,
@@ -130,6 +132,8 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
     returned in ``unsupported`` and logged once. ``scaled_dot_product_attention`` is counted
     (:func:`sdpa_flop_jit`; fvcore alone counts it as 0).
     """
+    check_module("model", model)
+    check_example_input("example_input", example_input)
     return _trace(model, example_input)
 
 

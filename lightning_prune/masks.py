@@ -7,6 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lightning_prune.checks import check_module
+
 
 class MaskSet:
     """Boolean keep-masks (``True`` = kept) for named parameters of one model.
@@ -19,6 +21,7 @@ class MaskSet:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        check_module("model", model)
         self.model = model
         self.masks: dict[str, torch.Tensor] = {}
         self._parameters: list[nn.Parameter] = []

@@ -6,6 +6,8 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence
 
 from torch import nn
+
+from lightning_prune.checks import check_module, check_patterns
 from torch.nn.utils import parametrize
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -23,6 +25,9 @@ def select_modules(
     Every pattern must match at least one prunable module and the selection must not be empty;
     otherwise a ``ValueError`` names ``argument`` (the user-facing name of ``include``).
     """
+    check_module("model", model)
+    check_patterns(argument, include)
+    check_patterns("exclude", exclude)
     prunable = {name: module for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)}
     if not prunable:
         raise ValueError(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Mapping, TypeVar, Union
 import torch
 from torch import nn
 
+from lightning_prune.checks import check_module
 from lightning_prune.structure import STRUCTURE_KEY, restore_structure, structure_from_state_dict
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def reshape_on_load(module: M) -> M:
         model = reshape_on_load(MyModule())
         model.load_state_dict(torch.load("pruned.ckpt")["state_dict"])
     """
+    check_module("module", module)
     if not reshapes_on_load(module):
         module.register_load_state_dict_pre_hook(reshape_to_state_dict)
         setattr(module, _MARK, True)
@@ -70,6 +72,9 @@ def restore_structure_from_checkpoint(
         restore_structure_from_checkpoint(net, ckpt, prefix="network.")
         net.load_state_dict({k[len("network."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")})
     """
+    check_module("module", module)
+    if not isinstance(checkpoint, (dict, str, Path)):
+        raise ValueError(f"`checkpoint` must be a loaded checkpoint dict or a file path, got {type(checkpoint).__name__} {checkpoint!r:.80}.")
     if isinstance(checkpoint, (str, Path)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     record = checkpoint.get(STRUCTURE_KEY)
@@ -94,6 +99,8 @@ def rebuild_training_state(trainer: "pl.Trainer", fresh: bool = False) -> None:
     afterwards holds optimizer state of the new shapes, and resuming from it works.
 
     Under DDP every rank must apply the same plan and then call this (wrapping is a collective)."""
+    if not hasattr(trainer, "strategy"):
+        raise ValueError(f"`trainer` must be the Lightning Trainer running `fit`, got {type(trainer).__name__} {trainer!r:.80}.")
     from torch.nn.parallel import DistributedDataParallel
 
     strategy = trainer.strategy

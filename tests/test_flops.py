@@ -182,3 +182,42 @@ def test_scaled_dot_product_attention_is_counted():
     q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
     # q @ k^T: 2*3 * 5*7*4 multiply-adds; attn @ v: 2*3 * 5*7*6
     assert count_flops(Attention(), (q, k, v)).total == 2 * 3 * 5 * 7 * (4 + 6)
+
+
+_PROPERTY_MODELS = {
+    "resnet20": lambda: resnet(20, 8),
+    "functional_concat": lambda: (FunctionalPooling(concatenate=True).eval(), torch.randn(1, 3, 8, 8)),
+}
+_discovered: dict = {}
+
+
+def _discover(name: str):
+    if name not in _discovered:
+        model, x = _PROPERTY_MODELS[name]()
+        groups = find_channel_groups(model, x)
+        _discovered[name] = (model, x, groups, FlopsPredictor(model, x, groups))
+    return _discovered[name]
+
+
+@pytest.mark.parametrize("name", sorted(_PROPERTY_MODELS))
+def test_any_plan_is_predicted_exactly(name):
+    """Property: for any plan (any non-empty subset of each group's channels), the predicted FLOPs equal
+    fvcore's recount of the physically pruned model."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    model, x, groups, predictor = _discover(name)
+
+    @settings(max_examples=10, deadline=None, derandomize=True)
+    @given(st.data())
+    def check(data):
+        plan = {
+            g.index: torch.tensor(sorted(data.draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size))))
+            for g in groups
+            if data.draw(st.booleans())
+        }
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, plan, x)
+        assert predictor.predict(plan) == count_flops(pruned, x).total
+
+    check()
