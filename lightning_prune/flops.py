@@ -24,13 +24,13 @@ from fvcore.nn.jit_handles import get_shape
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_prune.modes import eval_mode
 from lightning_prune.structure import (
     ChannelGroup,
     ChannelPlan,
     ExampleInput,
     GroupMember,
     apply_plan,
-    eval_mode,
     plan_from_scores,
 )
 
