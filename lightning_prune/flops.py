@@ -25,14 +25,13 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module
-
+from lightning_prune.modes import eval_mode
 from lightning_prune.structure import (
     ChannelGroup,
     ChannelPlan,
     ExampleInput,
     GroupMember,
     apply_plan,
-    eval_mode,
     plan_from_scores,
 )
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_prune.structure import ChannelGroup, training_mode
+from lightning_prune.modes import training_mode
+from lightning_prune.structure import ChannelGroup
 
 GatePosition = Literal["bn", "conv", "bn_weight"]
 GATE_POSITIONS: tuple[str, ...] = ("bn", "conv", "bn_weight")

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from lightning_prune.criteria import count_to_prune, layer_magnitude_masks
-from lightning_prune.structure import eval_mode
+from lightning_prune.modes import eval_mode
 from lightning_prune.targets import select_modules
 
 DEFAULT_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

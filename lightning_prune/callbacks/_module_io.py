@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
-from lightning_prune.structure import eval_mode
+from lightning_prune.modes import eval_mode
 
 ExampleInputFn = Callable[[Any], Any]
 """``example_input_fn(batch)`` -> the model's input for that batch (a tensor, or a tuple of positional arguments)."""

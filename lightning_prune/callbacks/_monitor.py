@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
-from lightning_prune.structure import eval_mode
+from lightning_prune.modes import eval_mode
 
 
 def _is_metric(value: Any) -> bool:

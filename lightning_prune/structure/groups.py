@@ -1,12 +1,9 @@
-"""Coupled channel groups, channel plans and physical channel removal.
+"""Coupled channel groups: discovery with torch-pruning's ``DependencyGraph``, their consistency checks
+and the groups refused.
 
 Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
-BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`; the groups come
-from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group, which channels stay.
-:func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
-:func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the
-returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
-loads (:func:`restore_structure`; the Lightning layer's checkpoint helpers are in ``training_state.py``).
+BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`;
+:func:`find_channel_groups` finds them.
 
 Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups=1``, depthwise
 convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
@@ -33,16 +30,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-ChannelPlan = dict[int, torch.Tensor]
-"""Group index -> sorted ``LongTensor`` of the channels that stay; a missing group keeps all."""
-
-StructureRecord = dict[str, dict[str, Any]]
-"""Module name -> its layer type and shape (JSON/pickle friendly), see :func:`structure_record`."""
+from lightning_prune.checks import check_example_input, check_module, check_patterns
+from lightning_prune.modes import eval_mode
 
 ExampleInput = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-
-STRUCTURE_KEY = "lightning_prune_structure"
-"""Checkpoint key under which the :data:`StructureRecord` of a pruned model is stored."""
 
 MemberKind = Literal["out", "in", "channel"]
 
@@ -99,24 +90,6 @@ class ChannelGroup:
         return self.layers[0]
 
 
-@contextlib.contextmanager
-def training_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """Put every submodule in training (``True``) or eval mode; on leaving, give each submodule its own
-    ``training`` flag back (not the top-level one: a user may keep parts frozen in eval mode)."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.train(training)
-    try:
-        yield model
-    finally:
-        for module, was_training in flags:
-            module.training = was_training
-
-
-def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """:func:`training_mode` with ``training=False``."""
-    return training_mode(model, False)
-
-
 def _as_tuple(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
@@ -137,13 +110,6 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
     return f"a {type(module).__name__} (a parametrised module of unsupported type) is not supported"
-
-
-def _weight_dim(module: nn.Module, kind: MemberKind) -> int:
-    """The weight dimension holding a Conv/Linear's ``kind`` channels (a transposed conv's weight is
-    ``(in, out / groups, *kernel)``)."""
-    out_dim = 1 if isinstance(module, _ConvNd) and module.transposed else 0
-    return out_dim if kind == "out" else 1 - out_dim
 
 
 def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) -> int:
@@ -344,6 +310,9 @@ class RefusedGroup:
 def _discover(
     model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
 ) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    check_module("model", model)
+    check_example_input("example_input", example_input)
+    check_patterns("ignored_layers", ignored_layers)
     ignored = _resolve(model, ignored_layers or [], "ignored_layers")
     traced = _Graph(model, example_input)
     found, refused = [], []
@@ -408,27 +377,6 @@ def refused_channel_groups(
     return _discover(model, example_input, ignored_layers)[1]
 
 
-def _removed(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
-    """Boolean vector over the group's channels: True where the channel is removed."""
-    removed = torch.ones(group.size, dtype=torch.bool)
-    removed[keep.cpu()] = False
-    return removed
-
-
-def check_plan(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> None:
-    """Raise ``ValueError`` unless every entry of ``plan`` names a group and keeps 1..size distinct channels."""
-    for index, keep in plan.items():
-        if not 0 <= index < len(groups):
-            raise ValueError(f"`plan` has group index {index!r}; valid indices are 0..{len(groups) - 1}.")
-        size = groups[index].size
-        if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.dtype != torch.long:
-            raise ValueError(f"`plan[{index}]` must be a 1-D LongTensor of kept channels, got {keep!r}.")
-        if keep.numel() == 0:
-            raise ValueError(f"`plan[{index}]` keeps no channel; a group keeps at least one.")
-        if int(keep.min()) < 0 or int(keep.max()) >= size or keep.unique().numel() != keep.numel():
-            raise ValueError(f"`plan[{index}]` must hold distinct channel indices in [0, {size}), got {keep.tolist()}.")
-
-
 def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     for group in groups:
@@ -440,239 +388,3 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
                 f"{group.size} output channels); find the groups again on the model's current shape."
             )
     return modules
-
-
-def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str, int]]:
-    """(parameter name in the module, dimension) pairs that removing the member's positions slices."""
-    if member.kind == "in":
-        return [("weight", _weight_dim(module, "in"))]
-    if member.kind == "out":
-        return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if module.bias is not None else [])
-    return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
-
-
-def _qualified(module: str, parameter: str) -> str:
-    return f"{module}.{parameter}" if module else parameter
-
-
-def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, torch.Tensor]:
-    """0/1 masks (name as in ``model.named_parameters()`` -> mask of that parameter's shape and dtype)
-    that zero exactly what :func:`apply_plan` would remove: output slices of producing Conv/Linear
-    weights and biases, input slices of consuming ones, and BatchNorm weights and biases. The masked
-    model computes what the physically pruned one computes. Only affected parameters appear."""
-    check_plan(groups, plan)
-    modules = _check_groups_match(model, groups)
-    parameters = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
-    for group in groups:
-        if group.index not in plan:
-            continue
-        removed = _removed(group, plan[group.index])
-        if not removed.any():
-            continue
-        for member in group.members:
-            positions = member.positions[removed[member.channels]]
-            for attribute, dim in _sliced_parameters(member, modules[member.module]):
-                name = _qualified(member.module, attribute)
-                mask = masks.setdefault(name, torch.ones_like(parameters[name], requires_grad=False))
-                mask.index_fill_(dim, positions.to(mask.device), 0.0)
-    return masks
-
-
-def channel_norms(
-    model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1"
-) -> list[torch.Tensor]:
-    """Per group, each channel's importance ``s_c = sum over out-layers l of ||W_l[c]||_p`` (p = 1 or 2),
-    the norm of output channel ``c``'s weights (biases excluded). Float32 CPU tensors of length ``size``."""
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"`norm` must be 'l1' or 'l2', got {norm!r}.")
-    modules = _check_groups_match(model, groups)
-    scores = []
-    for group in groups:
-        score = torch.zeros(group.size)
-        for member in group.members:
-            if member.kind != "out":
-                continue
-            module = modules[member.module]
-            weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)
-            rows = weight.flatten(1)[member.positions.to(weight.device)]
-            values = rows.abs().sum(1) if norm == "l1" else rows.norm(dim=1)
-            score.index_add_(0, member.channels, values.float().cpu())
-        scores.append(score)
-    return scores
-
-
-def plan_from_scores(scores: Sequence[torch.Tensor], threshold: float, min_channels: int = 1) -> ChannelPlan:
-    """Keep channel ``c`` of group ``g`` iff ``scores[g][c] >= threshold``, and always the ``min_channels``
-    top-scored channels of each group (ties go to the lower index). Every group appears in the plan."""
-    if min_channels < 1:
-        raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
-    plan: ChannelPlan = {}
-    for index, score in enumerate(scores):
-        score = score.detach().float().cpu()
-        keep = score >= threshold
-        keep[torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
-        plan[index] = keep.nonzero().flatten()
-    return plan
-
-
-def zeroed_channel_plan(model: nn.Module, groups: Sequence[ChannelGroup]) -> ChannelPlan:
-    """The plan that removes every channel whose slices :func:`channel_masks` would zero are all zero
-    already, so applying it changes no output (e.g. after channel-granular magnitude pruning). A
-    group whose channels are all zero keeps channel 0, so no layer is emptied."""
-    modules = _check_groups_match(model, groups)
-    plan: ChannelPlan = {}
-    for group in groups:
-        alive = torch.zeros(group.size, dtype=torch.bool)
-        for member in group.members:
-            module = modules[member.module]
-            for attribute, dim in _sliced_parameters(member, module):
-                values = getattr(module, attribute).detach()
-                nonzero = values.movedim(dim, 0).reshape(values.shape[dim], -1).ne(0).any(1).cpu()
-                alive[member.channels[nonzero[member.positions]]] = True
-        if not alive.any():
-            alive[0] = True
-        plan[group.index] = alive.nonzero().flatten()
-    return plan
-
-
-def layer_channel_ratios(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, float]:
-    """Layer name -> kept / original output channels, for every out-layer of every group, in model order."""
-    check_plan(groups, plan)
-    ratios = []
-    for group in groups:
-        ratio = len(plan[group.index]) / group.size if group.index in plan else 1.0
-        ratios += [(member.order, member.module, ratio) for member in group.members if member.kind == "out"]
-    return {name: ratio for _, name, ratio in sorted(ratios)}
-
-
-def channel_ratio_vector(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> list[float]:
-    """The channel-ratio vector (Pruning from Scratch's structure): kept / original channels per prunable
-    layer in model order; :func:`layer_channel_ratios` gives the layer names alongside."""
-    return list(layer_channel_ratios(groups, plan).values())
-
-
-_SHAPE_FIELDS = {
-    "conv": ("in_channels", "out_channels", "groups"),
-    "linear": ("in_features", "out_features"),
-    "batchnorm": ("num_features",),
-}
-
-
-def _layer_family(module: nn.Module) -> Optional[str]:
-    if isinstance(module, _ConvNd):
-        return "conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, _BatchNorm):
-        return "batchnorm"
-    return None
-
-
-def structure_record(model: nn.Module) -> StructureRecord:
-    """Type and shape of every Conv, Linear and BatchNorm module of ``model``, e.g.
-    ``{"layers.0.conv1": {"type": "Conv2d", "in_channels": 16, "out_channels": 9, "groups": 1}}``.
-    It covers all of them (not only the changed ones), so the latest record alone restores a model
-    pruned several times."""
-    record: StructureRecord = {}
-    for name, module in model.named_modules():
-        family = _layer_family(module)
-        if family is not None:
-            record[name] = {"type": type(module).__name__, **{f: getattr(module, f) for f in _SHAPE_FIELDS[family]}}
-    return record
-
-
-def apply_plan(
-    model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan, example_input: ExampleInput
-) -> StructureRecord:
-    """Remove the channels ``plan`` drops, in place, with torch-pruning: every coupled Conv, BatchNorm and
-    Linear gets smaller parameters (and buffers), so ``model`` stays a plain ``nn.Module`` that runs and
-    trains without this package. ``requires_grad`` flags and training modes are kept. Parameters are new
-    tensors: re-create optimizers (``training_state.rebuild_training_state`` inside ``Trainer.fit``), and find the
-    groups again before the next plan. Returns :func:`structure_record` of the pruned model."""
-    check_plan(groups, plan)
-    modules = _check_groups_match(model, groups)
-    requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    traced = _Graph(model, example_input)
-    for group in groups:
-        if group.index in plan:
-            removed = _removed(group, plan[group.index]).nonzero().flatten().tolist()
-            if removed:
-                traced.pruning_group(modules[group.root], removed).prune()
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(requires_grad[name])
-    return structure_record(model)
-
-
-def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
-    """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place."""
-    family = _layer_family(module)
-    for field in _SHAPE_FIELDS[family]:
-        setattr(module, field, shape[field])
-    if family == "batchnorm":
-        width, weight_shape = module.num_features, (module.num_features,)
-        if module.track_running_stats:
-            module.running_mean = module.running_mean.new_zeros(width)
-            module.running_var = module.running_var.new_ones(width)
-    elif family == "conv":
-        width = module.out_channels
-        weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-        if module.transposed:
-            weight_shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
-    else:
-        width, weight_shape = module.out_features, (module.out_features, module.in_features)
-    if module.weight is not None:
-        module.weight = nn.Parameter(module.weight.new_empty(weight_shape))
-    if module.bias is not None:
-        module.bias = nn.Parameter(module.bias.new_empty(width))
-    module.reset_parameters()
-
-
-def restore_structure(model: nn.Module, record: StructureRecord) -> None:
-    """Reshape a fresh dense ``model`` to the recorded shapes so that the pruned ``state_dict`` loads
-    strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
-    weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
-    already of the recorded shape are left untouched."""
-    modules = dict(model.named_modules())
-    for name, shape in record.items():
-        module = modules.get(name)
-        if module is None or type(module).__name__ != shape.get("type"):
-            found = "no such module" if module is None else type(module).__name__
-            raise ValueError(f"`record` expects a {shape.get('type')} at {name!r}, the model has {found}.")
-        family = _layer_family(module)
-        if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
-            _resize(module, shape)
-
-
-def structure_from_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
-) -> StructureRecord:
-    """The :data:`StructureRecord` that a (pruned) ``state_dict`` implies for ``model``, read from the
-    weight (or running-mean) shapes; a depthwise conv stays depthwise. For state dicts that travel
-    without a record, e.g. Lightning's ``ddp_spawn`` copying the workers' weights back into the main
-    process's dense module. As a ``load_state_dict`` pre-hook (module-level, so that spawning pickles it)::
-
-        def reshape(module, state_dict, prefix, *_):
-            restore_structure(module, structure_from_state_dict(module, state_dict, prefix))
-
-        model.register_load_state_dict_pre_hook(reshape)
-    """
-    record = structure_record(model)
-    modules = dict(model.named_modules())
-    for name, shape in record.items():
-        module, key = modules[name], prefix + _qualified(name, "weight")
-        weight = state_dict.get(key, state_dict.get(prefix + _qualified(name, "running_mean")))
-        if weight is None:
-            continue
-        family = _layer_family(module)
-        if family == "conv" and module.transposed:  # weight (in, out / groups, *kernel)
-            shape.update(in_channels=weight.shape[0], out_channels=weight.shape[1] * module.groups)
-        elif family == "conv":
-            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            groups = weight.shape[0] if depthwise else module.groups
-            shape.update(out_channels=weight.shape[0], in_channels=weight.shape[1] * groups, groups=groups)
-        elif family == "linear":
-            shape.update(out_features=weight.shape[0], in_features=weight.shape[1])
-        else:
-            shape.update(num_features=weight.shape[0])
-    return record

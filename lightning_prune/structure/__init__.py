@@ -1,0 +1,81 @@
+"""Coupled channel groups, channel plans and physical channel removal.
+
+Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
+BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`; the groups come
+from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group, which channels stay.
+:func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
+:func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the
+returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
+loads (:func:`restore_structure`; the Lightning layer's checkpoint helpers are in ``training_state.py``).
+
+One module per job, all public names re-exported here:
+
+- ``groups``: group discovery (:func:`find_channel_groups`, :func:`refused_channel_groups`,
+  :class:`ChannelGroup`, :class:`GroupMember`, :class:`RefusedGroup`, :data:`MAX_GROUP_ITEMS`) with the
+  consistency checks every group passes, and :data:`ExampleInput`.
+- ``plans``: plans and masks (:data:`ChannelPlan`, :func:`check_plan`, :func:`plan_from_scores`,
+  :func:`zeroed_channel_plan`, :func:`channel_masks`, :func:`channel_norms`, :func:`layer_channel_ratios`,
+  :func:`channel_ratio_vector`).
+- ``removal``: physical removal (:func:`apply_plan`).
+- ``records``: structure records (:data:`StructureRecord`, :data:`STRUCTURE_KEY`, :func:`structure_record`,
+  :func:`restore_structure`, :func:`structure_from_state_dict`).
+
+``training_mode``/``eval_mode`` live in :mod:`lightning_prune.modes` (re-exported here for older imports).
+"""
+
+from lightning_prune.modes import eval_mode, training_mode
+from lightning_prune.structure.groups import (
+    MAX_GROUP_ITEMS,
+    ChannelGroup,
+    ExampleInput,
+    GroupMember,
+    MemberKind,
+    RefusedGroup,
+    find_channel_groups,
+    refused_channel_groups,
+)
+from lightning_prune.structure.plans import (
+    ChannelPlan,
+    channel_masks,
+    channel_norms,
+    channel_ratio_vector,
+    check_plan,
+    layer_channel_ratios,
+    plan_from_scores,
+    zeroed_channel_plan,
+)
+from lightning_prune.structure.records import (
+    STRUCTURE_KEY,
+    StructureRecord,
+    restore_structure,
+    structure_from_state_dict,
+    structure_record,
+)
+from lightning_prune.structure.removal import apply_plan
+
+__all__ = [
+    "MAX_GROUP_ITEMS",
+    "STRUCTURE_KEY",
+    "ChannelGroup",
+    "ChannelPlan",
+    "ExampleInput",
+    "GroupMember",
+    "MemberKind",
+    "RefusedGroup",
+    "StructureRecord",
+    "apply_plan",
+    "channel_masks",
+    "channel_norms",
+    "channel_ratio_vector",
+    "check_plan",
+    "eval_mode",
+    "find_channel_groups",
+    "layer_channel_ratios",
+    "plan_from_scores",
+    "refused_channel_groups",
+    "restore_structure",
+    "structure_from_state_dict",
+    "structure_record",
+    "training_mode",
+    "zeroed_channel_plan",
+]

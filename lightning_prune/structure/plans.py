@@ -1,0 +1,154 @@
+"""Channel plans and what follows from one: checking a plan, making one from scores or from already
+zeroed channels, the 0/1 masks and channel norms of groups, and the kept-channel ratios per layer.
+
+A :data:`ChannelPlan` says, per group, which channels stay. :func:`channel_masks` gives the 0/1 masks
+that make the dense model compute what :func:`~lightning_prune.structure.removal.apply_plan` leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match
+from lightning_prune.structure.records import _qualified
+
+ChannelPlan = dict[int, torch.Tensor]
+"""Group index -> sorted ``LongTensor`` of the channels that stay; a missing group keeps all."""
+
+
+def _weight_dim(module: nn.Module, kind: MemberKind) -> int:
+    """The weight dimension holding a Conv/Linear's ``kind`` channels (a transposed conv's weight is
+    ``(in, out / groups, *kernel)``)."""
+    out_dim = 1 if isinstance(module, _ConvNd) and module.transposed else 0
+    return out_dim if kind == "out" else 1 - out_dim
+
+
+def _removed(group: ChannelGroup, keep: torch.Tensor) -> torch.Tensor:
+    """Boolean vector over the group's channels: True where the channel is removed."""
+    removed = torch.ones(group.size, dtype=torch.bool)
+    removed[keep.cpu()] = False
+    return removed
+
+
+def check_plan(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> None:
+    """Raise ``ValueError`` unless every entry of ``plan`` names a group and keeps 1..size distinct channels."""
+    for index, keep in plan.items():
+        if not 0 <= index < len(groups):
+            raise ValueError(f"`plan` has group index {index!r}; valid indices are 0..{len(groups) - 1}.")
+        size = groups[index].size
+        if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.dtype != torch.long:
+            raise ValueError(f"`plan[{index}]` must be a 1-D LongTensor of kept channels, got {keep!r}.")
+        if keep.numel() == 0:
+            raise ValueError(f"`plan[{index}]` keeps no channel; a group keeps at least one.")
+        if int(keep.min()) < 0 or int(keep.max()) >= size or keep.unique().numel() != keep.numel():
+            raise ValueError(f"`plan[{index}]` must hold distinct channel indices in [0, {size}), got {keep.tolist()}.")
+
+
+def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str, int]]:
+    """(parameter name in the module, dimension) pairs that removing the member's positions slices."""
+    if member.kind == "in":
+        return [("weight", _weight_dim(module, "in"))]
+    if member.kind == "out":
+        return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if module.bias is not None else [])
+    return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
+
+
+def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, torch.Tensor]:
+    """0/1 masks (name as in ``model.named_parameters()`` -> mask of that parameter's shape and dtype)
+    that zero exactly what :func:`apply_plan` would remove: output slices of producing Conv/Linear
+    weights and biases, input slices of consuming ones, and BatchNorm weights and biases. The masked
+    model computes what the physically pruned one computes. Only affected parameters appear."""
+    check_plan(groups, plan)
+    modules = _check_groups_match(model, groups)
+    parameters = dict(model.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        if group.index not in plan:
+            continue
+        removed = _removed(group, plan[group.index])
+        if not removed.any():
+            continue
+        for member in group.members:
+            positions = member.positions[removed[member.channels]]
+            for attribute, dim in _sliced_parameters(member, modules[member.module]):
+                name = _qualified(member.module, attribute)
+                mask = masks.setdefault(name, torch.ones_like(parameters[name], requires_grad=False))
+                mask.index_fill_(dim, positions.to(mask.device), 0.0)
+    return masks
+
+
+def channel_norms(
+    model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1"
+) -> list[torch.Tensor]:
+    """Per group, each channel's importance ``s_c = sum over out-layers l of ||W_l[c]||_p`` (p = 1 or 2),
+    the norm of output channel ``c``'s weights (biases excluded). Float32 CPU tensors of length ``size``."""
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"`norm` must be 'l1' or 'l2', got {norm!r}.")
+    modules = _check_groups_match(model, groups)
+    scores = []
+    for group in groups:
+        score = torch.zeros(group.size)
+        for member in group.members:
+            if member.kind != "out":
+                continue
+            module = modules[member.module]
+            weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)
+            rows = weight.flatten(1)[member.positions.to(weight.device)]
+            values = rows.abs().sum(1) if norm == "l1" else rows.norm(dim=1)
+            score.index_add_(0, member.channels, values.float().cpu())
+        scores.append(score)
+    return scores
+
+
+def plan_from_scores(scores: Sequence[torch.Tensor], threshold: float, min_channels: int = 1) -> ChannelPlan:
+    """Keep channel ``c`` of group ``g`` iff ``scores[g][c] >= threshold``, and always the ``min_channels``
+    top-scored channels of each group (ties go to the lower index). Every group appears in the plan."""
+    if min_channels < 1:
+        raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
+    plan: ChannelPlan = {}
+    for index, score in enumerate(scores):
+        score = score.detach().float().cpu()
+        keep = score >= threshold
+        keep[torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
+        plan[index] = keep.nonzero().flatten()
+    return plan
+
+
+def zeroed_channel_plan(model: nn.Module, groups: Sequence[ChannelGroup]) -> ChannelPlan:
+    """The plan that removes every channel whose slices :func:`channel_masks` would zero are all zero
+    already, so applying it changes no output (e.g. after channel-granular magnitude pruning). A
+    group whose channels are all zero keeps channel 0, so no layer is emptied."""
+    modules = _check_groups_match(model, groups)
+    plan: ChannelPlan = {}
+    for group in groups:
+        alive = torch.zeros(group.size, dtype=torch.bool)
+        for member in group.members:
+            module = modules[member.module]
+            for attribute, dim in _sliced_parameters(member, module):
+                values = getattr(module, attribute).detach()
+                nonzero = values.movedim(dim, 0).reshape(values.shape[dim], -1).ne(0).any(1).cpu()
+                alive[member.channels[nonzero[member.positions]]] = True
+        if not alive.any():
+            alive[0] = True
+        plan[group.index] = alive.nonzero().flatten()
+    return plan
+
+
+def layer_channel_ratios(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, float]:
+    """Layer name -> kept / original output channels, for every out-layer of every group, in model order."""
+    check_plan(groups, plan)
+    ratios = []
+    for group in groups:
+        ratio = len(plan[group.index]) / group.size if group.index in plan else 1.0
+        ratios += [(member.order, member.module, ratio) for member in group.members if member.kind == "out"]
+    return {name: ratio for _, name, ratio in sorted(ratios)}
+
+
+def channel_ratio_vector(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> list[float]:
+    """The channel-ratio vector (Pruning from Scratch's structure): kept / original channels per prunable
+    layer in model order; :func:`layer_channel_ratios` gives the layer names alongside."""
+    return list(layer_channel_ratios(groups, plan).values())

@@ -1,0 +1,127 @@
+"""Structure records: the type and shape of every Conv, Linear and BatchNorm module of a (pruned)
+model, read off the model or off a ``state_dict``, and a fresh dense model reshaped to one so that the
+pruned ``state_dict`` loads (the Lightning layer's checkpoint helpers are in ``training_state.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+StructureRecord = dict[str, dict[str, Any]]
+"""Module name -> its layer type and shape (JSON/pickle friendly), see :func:`structure_record`."""
+
+STRUCTURE_KEY = "lightning_prune_structure"
+"""Checkpoint key under which the :data:`StructureRecord` of a pruned model is stored."""
+
+
+def _qualified(module: str, parameter: str) -> str:
+    return f"{module}.{parameter}" if module else parameter
+
+
+_SHAPE_FIELDS = {
+    "conv": ("in_channels", "out_channels", "groups"),
+    "linear": ("in_features", "out_features"),
+    "batchnorm": ("num_features",),
+}
+
+
+def _layer_family(module: nn.Module) -> Optional[str]:
+    if isinstance(module, _ConvNd):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _BatchNorm):
+        return "batchnorm"
+    return None
+
+
+def structure_record(model: nn.Module) -> StructureRecord:
+    """Type and shape of every Conv, Linear and BatchNorm module of ``model``, e.g.
+    ``{"layers.0.conv1": {"type": "Conv2d", "in_channels": 16, "out_channels": 9, "groups": 1}}``.
+    It covers all of them (not only the changed ones), so the latest record alone restores a model
+    pruned several times."""
+    record: StructureRecord = {}
+    for name, module in model.named_modules():
+        family = _layer_family(module)
+        if family is not None:
+            record[name] = {"type": type(module).__name__, **{f: getattr(module, f) for f in _SHAPE_FIELDS[family]}}
+    return record
+
+
+def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
+    """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place."""
+    family = _layer_family(module)
+    for field in _SHAPE_FIELDS[family]:
+        setattr(module, field, shape[field])
+    if family == "batchnorm":
+        width, weight_shape = module.num_features, (module.num_features,)
+        if module.track_running_stats:
+            module.running_mean = module.running_mean.new_zeros(width)
+            module.running_var = module.running_var.new_ones(width)
+    elif family == "conv":
+        width = module.out_channels
+        weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        if module.transposed:
+            weight_shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+    else:
+        width, weight_shape = module.out_features, (module.out_features, module.in_features)
+    if module.weight is not None:
+        module.weight = nn.Parameter(module.weight.new_empty(weight_shape))
+    if module.bias is not None:
+        module.bias = nn.Parameter(module.bias.new_empty(width))
+    module.reset_parameters()
+
+
+def restore_structure(model: nn.Module, record: StructureRecord) -> None:
+    """Reshape a fresh dense ``model`` to the recorded shapes so that the pruned ``state_dict`` loads
+    strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
+    weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
+    already of the recorded shape are left untouched."""
+    modules = dict(model.named_modules())
+    for name, shape in record.items():
+        module = modules.get(name)
+        if module is None or type(module).__name__ != shape.get("type"):
+            found = "no such module" if module is None else type(module).__name__
+            raise ValueError(f"`record` expects a {shape.get('type')} at {name!r}, the model has {found}.")
+        family = _layer_family(module)
+        if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
+            _resize(module, shape)
+
+
+def structure_from_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = ""
+) -> StructureRecord:
+    """The :data:`StructureRecord` that a (pruned) ``state_dict`` implies for ``model``, read from the
+    weight (or running-mean) shapes; a depthwise conv stays depthwise. For state dicts that travel
+    without a record, e.g. Lightning's ``ddp_spawn`` copying the workers' weights back into the main
+    process's dense module. As a ``load_state_dict`` pre-hook (module-level, so that spawning pickles it)::
+
+        def reshape(module, state_dict, prefix, *_):
+            restore_structure(module, structure_from_state_dict(module, state_dict, prefix))
+
+        model.register_load_state_dict_pre_hook(reshape)
+    """
+    record = structure_record(model)
+    modules = dict(model.named_modules())
+    for name, shape in record.items():
+        module, key = modules[name], prefix + _qualified(name, "weight")
+        weight = state_dict.get(key, state_dict.get(prefix + _qualified(name, "running_mean")))
+        if weight is None:
+            continue
+        family = _layer_family(module)
+        if family == "conv" and module.transposed:  # weight (in, out / groups, *kernel)
+            shape.update(in_channels=weight.shape[0], out_channels=weight.shape[1] * module.groups)
+        elif family == "conv":
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            groups = weight.shape[0] if depthwise else module.groups
+            shape.update(out_channels=weight.shape[0], in_channels=weight.shape[1] * groups, groups=groups)
+        elif family == "linear":
+            shape.update(out_features=weight.shape[0], in_features=weight.shape[1])
+        else:
+            shape.update(num_features=weight.shape[0])
+    return record
