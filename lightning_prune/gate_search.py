@@ -49,6 +49,11 @@ from lightning_prune.gates import (
 from lightning_prune.structure import ChannelGroup, ChannelPlan
 
 Mode = Literal["min", "max"]
+"""Whether a lower or a higher monitored value is better."""
+Select = Literal["best_val", "last"]
+"""Which gates decide the structure: the best validated snapshot, or the last gates."""
+Init = Literal["random", "inherit"]
+"""Weights of the pruned network: re-initialised, or the surviving ones kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
 

@@ -12,12 +12,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import (
-    AUX_OPTIMIZERS,
-    GRANULARITIES,
-    STES,
     AuxiliaryParameters,
     AuxOptimizer,
-    Granularity,
     LearningWindow,
     Ste,
 )
@@ -36,7 +32,9 @@ from lightning_prune.callbacks._module_io import (
     module_loss,
     one_sample,
 )
-from lightning_prune.callbacks._shared import check_choice, check_range, optional_flop_count
+from lightning_prune.callbacks._shared import check_range, optional_flop_count
+from lightning_prune.choices import check_choice
+from lightning_prune.criteria import Granularity
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
@@ -116,9 +114,9 @@ class AutoPruneCallback(pl.Callback):
             check_range(name, value, 0.0, math.inf, low_open=True)
         for name, value in (("reg", reg), ("ste_slope", ste_slope)):
             check_range(name, value, 0.0, math.inf)
-        check_choice("ste", ste, STES)
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_choice("aux_optimizer", aux_optimizer, AUX_OPTIMIZERS)
+        check_choice("ste", ste, Ste)
+        check_choice("granularity", granularity, Granularity)
+        check_choice("aux_optimizer", aux_optimizer, AuxOptimizer)
         check_flags(sensitivity=sensitivity, correlation=correlation, direction=direction, physical=physical, verbose=verbose)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"`start_epoch` must be an integer >= 0, got {start_epoch!r}.")
