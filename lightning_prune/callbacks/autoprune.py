@@ -38,7 +38,7 @@ from lightning_prune.criteria import Granularity
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
-from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
+from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
@@ -313,16 +313,13 @@ class AutoPruneCallback(pl.Callback):
         if plan is not None:
             self.structure = apply_plan(pl_module, self.groups, plan, self.example)
             rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
-        lines = ["AutoPrune summary", str(report)]
-        if report.total.nonzero:
-            lines.append(f"compression (total / non-zero): {report.total.total / report.total.nonzero:.2f}x")
-        if flops_ratio is not None:
-            lines.append(f"FLOPs kept: {flops_ratio:.2%} of {self.dense_flops:,} multiply-adds per sample")
+        notes = []
         if self._fine_tune_steps == 0:
-            lines.append("warning: training ended before the fine-tuning phase (no step under fixed masks)")
-            rank_zero_warn(f"AutoPruneCallback: {lines[-1][9:]}; see `end_epoch`, `max_epochs`, `max_steps`.")
+            notes.append("training ended before the fine-tuning phase (no step under fixed masks)")
+            rank_zero_warn(f"AutoPruneCallback: {notes[-1]}; see `end_epoch`, `max_epochs`, `max_steps`.")
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info("\n".join(lines))
+            flops = None if flops_ratio is None else (self.dense_flops, round(flops_ratio * self.dense_flops))
+            rank_zero_info(pruning_summary("AutoPrune summary", report, flops=flops, notes=notes))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -32,9 +32,10 @@ from lightning_prune.callbacks._shared import check_range
 from lightning_prune.choices import check_choice
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise_changed, structure_table
+from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise_changed
 from lightning_prune.gates import GatePhaseResult, GatePosition, gate_scores
 from lightning_prune.loggers import log_metrics, log_pruning_event
+from lightning_prune.report import channel_rows, pruning_summary
 from lightning_prune.structure import (
     STRUCTURE_KEY,
     ChannelGroup,
@@ -377,7 +378,13 @@ class GatePruningFromScratch(pl.Callback):
             extra=extra,
         )
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
+            snapshot = f"gate snapshot: {result.selected} at gate step {result.step}/{result.steps}"
+            facts = [snapshot + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")]
+            if self.budget_epochs is not None:
+                facts.append(f"budget training: max_epochs -> {self.budget_epochs}")
+            flops = (self._dense_flops, round(self.reached_flops_ratio * self._dense_flops))
+            rank_zero_info(pruning_summary("GatePruningFromScratch structure", channels=channel_rows(self._groups, self.plan),
+                                           parameters=(self._dense_params, params), flops=flops, facts=facts, kept="remaining"))
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -262,8 +262,8 @@ class IterativeMagnitude(pl.Callback):
         if self.verbose and trainer.is_global_zero:
             score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
             nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
-            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, (self.dense_parameters, nonzero), flops, self.monitor,
-                                           (self.dense_score, None if score is None else float(score)), notes))
+            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, parameters=(self.dense_parameters, nonzero), flops=flops,
+                                           monitor=self.monitor, scores=(self.dense_score, None if score is None else float(score)), notes=notes))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
