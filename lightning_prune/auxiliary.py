@@ -30,14 +30,12 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from lightning_prune.choices import check_choice, choices
+from lightning_prune.criteria import Granularity
 from lightning_prune.structure import ChannelGroup
 
 Ste = Literal["linear", "leaky_relu", "softplus"]
-STES: tuple[str, ...] = ("linear", "leaky_relu", "softplus")
-Granularity = Literal["element", "channel"]
-GRANULARITIES: tuple[str, ...] = ("element", "channel")
 AuxOptimizer = Literal["sgd", "adam"]
-AUX_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 _EPS = 1e-12
 
 
@@ -53,7 +51,7 @@ def ste_derivative(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.
         return torch.where(aux > 0, 1.0, slope).to(aux.dtype)
     if ste == "softplus":
         return torch.sigmoid(aux)
-    raise ValueError(f"`ste` must be one of {STES}, got {ste!r}.")
+    raise ValueError(f"`ste` must be one of {choices(Ste)}, got {ste!r}.")
 
 
 class _Indicator(torch.autograd.Function):
@@ -248,10 +246,8 @@ class AuxiliaryParameters:
         slope: float = 0.5,
         init: float = 1.0,
     ) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
-        if ste not in STES:
-            raise ValueError(f"`ste` must be one of {STES}, got {ste!r}.")
+        check_choice("granularity", granularity, Granularity)
+        check_choice("ste", ste, Ste)
         self.model = model
         self.granularity = granularity
         self.ste, self.slope = ste, slope

@@ -11,9 +11,18 @@ are dropped.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import torch
+
+Scope = Literal["global", "layer"]
+"""One threshold over all pruned layers, or one per layer."""
+Criterion = Literal["magnitude", "sensitivity"]
+"""|w| ranking, or Distiller's threshold λ = s·σ."""
+Granularity = Literal["element", "channel"]
+"""Single weights, or whole output channels (with every coupled layer)."""
+ChannelNorm = Literal["l1", "l2"]
+"""The norm that ranks a channel."""
 
 _HIGH_BINS = 1 << 15  # bit 31 (sign) is cleared, so the high half holds 15 bits
 _LOW_BINS = 1 << 16

@@ -49,6 +49,11 @@ from lightning_prune.gates import (
 from lightning_prune.structure import ChannelGroup, ChannelPlan
 
 Mode = Literal["min", "max"]
+"""Whether a lower or a higher monitored value is better."""
+Select = Literal["best_val", "last"]
+"""Which gates decide the structure: the best validated snapshot, or the last gates."""
+Init = Literal["random", "inherit"]
+"""Weights of the pruned network: re-initialised, or the surviving ones kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
 
@@ -305,32 +310,3 @@ def reinitialise_changed(model: nn.Module, groups: list[ChannelGroup], plan: Cha
         module = model.get_submodule(name)
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-
-
-def structure_table(
-    groups: list[ChannelGroup],
-    plan: ChannelPlan,
-    flops_ratio: float,
-    params_ratio: float,
-    result: GatePhaseResult,
-    budget_epochs: Optional[int],
-) -> str:
-    """The printed summary: kept channels per layer, FLOPs (MACs per sample) and params ratios, the snapshot."""
-    rows = []
-    for group in groups:
-        kept = len(plan.get(group.index, range(group.size)))
-        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
-    rows.sort()
-    width = max(len(name) for _, name, _, _ in rows)
-    lines = [
-        "GatePruningFromScratch structure",
-        f"{'layer':<{width}}  {'channels':>8}  {'kept':>6}  {'ratio':>6}",
-    ]
-    lines += [f"{name:<{width}}  {size:>8}  {kept:>6}  {kept / size:>6.2f}" for _, name, size, kept in rows]
-    lines.append(
-        f"FLOPs ratio {flops_ratio:.4f} (MACs per sample), params ratio {params_ratio:.4f}; gate snapshot: {result.selected} "
-        f"at gate step {result.step}/{result.steps}" + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")
-    )
-    if budget_epochs is not None:
-        lines.append(f"budget training: max_epochs -> {budget_epochs}")
-    return "\n".join(lines)

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_prune.choices import check_choice
 from lightning_prune.modes import training_mode
 from lightning_prune.structure import ChannelGroup
 
 GatePosition = Literal["bn", "conv", "bn_weight"]
-GATE_POSITIONS: tuple[str, ...] = ("bn", "conv", "bn_weight")
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -129,8 +129,7 @@ class ChannelGates:
     def __init__(
         self, model: nn.Module, sites: Sequence[GateSite], group_sizes: Mapping[int, int], position: GatePosition = "bn"
     ) -> None:
-        if position not in GATE_POSITIONS:
-            raise ValueError(f"`gate_position` must be one of {GATE_POSITIONS}, got {position!r}.")
+        check_choice("gate_position", position, GatePosition)
         if not sites:
             raise ValueError(f"The model has no prunable channel to gate at `gate_position={position!r}`.")
         self.model = model

@@ -21,12 +21,12 @@ masks even if its weights drifted.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from lightning_prune.criteria import count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
+from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.masks import MaskSet
 from lightning_prune.structure import ChannelGroup, ChannelPlan, channel_masks, find_channel_groups, layer_channel_ratios
 from lightning_prune.targets import PRUNABLE_TYPES, stored_weight
@@ -104,7 +104,7 @@ class ChannelMagnitude:
     """
 
     def __init__(
-        self, groups: Sequence[ChannelGroup], weights: Sequence[str], shapes: Mapping[str, torch.Size], norm: Literal["l1", "l2"], max_layer_sparsity: float
+        self, groups: Sequence[ChannelGroup], weights: Sequence[str], shapes: Mapping[str, torch.Size], norm: ChannelNorm, max_layer_sparsity: float
     ) -> None:
         self.groups = list(groups)
         self.weights = list(weights)
@@ -124,7 +124,7 @@ class ChannelMagnitude:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, example_input: tuple, layers: Sequence[str], norm: Literal["l1", "l2"], max_layer_sparsity: float
+        cls, model: nn.Module, example_input: tuple, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float
     ) -> "ChannelMagnitude":
         """Find the coupled channel groups whose out-layers are all among ``layers`` (tracing ``model(*example_input)``)."""
         unselected = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in layers]
@@ -208,8 +208,8 @@ class MagnitudePruner:
         model: nn.Module,
         layers: Sequence[str],
         sparsity: Union[float, Mapping[str, float]],
-        scope: Literal["global", "layer"] = "global",
-        criterion: Literal["magnitude", "sensitivity"] = "magnitude",
+        scope: Scope = "global",
+        criterion: Criterion = "magnitude",
         sensitivity: Union[float, Mapping[str, float], None] = None,
         max_layer_sparsity: float = 0.99,
         channels: Optional[ChannelMagnitude] = None,

@@ -1,14 +1,18 @@
-"""Sparsity tables: per-layer total weights, non-zeros (the L0 norm), sparsity and the total."""
+"""Sparsity tables (per-layer total weights, non-zeros (the L0 norm), sparsity and the total) and the one
+renderer of the callbacks' end-of-pruning summaries (:func:`pruning_summary`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from torch import nn
 
 from lightning_prune.flops import FlopCount
 from lightning_prune.targets import select_modules, stored_weight
+
+if TYPE_CHECKING:  # annotations only: the report needs no channel-group machinery at import
+    from lightning_prune.structure import ChannelGroup, ChannelPlan
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,30 @@ class SparsityReport:
         ]
 
     def __str__(self) -> str:
-        width = max(len(r.layer) for r in [*self.layers, self.total])
-        lines = [f"{'layer':<{width}}  {'weights':>10}  {'non-zero':>10}  {'sparsity':>8}"]
-        for row in [*self.layers, self.total]:
-            lines.append(f"{row.layer:<{width}}  {row.total:>10,}  {row.nonzero:>10,}  {row.sparsity:>8.2%}")
-        return "\n".join(lines)
+        return table(
+            ("layer", "weights", "non-zero", "sparsity"),
+            [(r.layer, f"{r.total:,}", f"{r.nonzero:,}", f"{r.sparsity:.2%}") for r in [*self.layers, self.total]],
+        )
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """The one table format of every printout: the first column left-aligned, the others right-aligned,
+    two spaces apart, each as wide as its widest cell."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join(
+        "  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in [header, *rows]
+    )
+
+
+def channel_rows(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> list[tuple[str, int, int]]:
+    """``(layer, channels, kept)`` for every out-layer of every channel group, in model order (a group
+    missing from ``plan`` keeps all its channels)."""
+    rows = []
+    for group in groups:
+        kept = len(plan.get(group.index, range(group.size)))
+        rows += [(m.order, m.module, group.size, kept) for m in group.members if m.kind == "out"]
+    return [(name, size, kept) for _, name, size, kept in sorted(rows)]
 
 
 def sparsity_report(
@@ -90,24 +113,38 @@ def nonzero_flops(count: FlopCount, report: SparsityReport) -> int:
 
 def pruning_summary(
     title: str,
-    report: SparsityReport,
-    parameters: tuple[int, int],
+    report: Optional[SparsityReport] = None,
+    channels: Sequence[tuple[str, int, int]] = (),
+    parameters: Optional[tuple[int, int]] = None,
     flops: Optional[tuple[int, int]] = None,
     monitor: Optional[str] = None,
     scores: tuple[Optional[float], Optional[float]] = (None, None),
+    facts: Sequence[str] = (),
     notes: Sequence[str] = (),
+    kept: str = "non-zero",
 ) -> str:
-    """The table printed at the end of a pruning run: per-layer sparsity, then parameters
-    (dense → non-zero), FLOPs (fvcore, multiply-adds of one sample, dense → pruned), the monitored metric
-    and ``notes`` (e.g. a schedule that did not complete)."""
+    """The summary every callback prints at the end of pruning, one format for all: per-layer weight
+    sparsity (``report``, with the compression total / non-zero) and/or per-layer kept channels
+    (``channels``, rows of :func:`channel_rows`), parameters (dense -> ``kept``), FLOPs as fvcore's
+    multiply-adds of one sample (dense -> pruned), the monitored metric (dense -> pruned), other ``facts``
+    (one line each) and ``notes`` (warnings, e.g. a schedule that did not complete)."""
 
     def fmt(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
-    lines = [title, str(report), f"parameters: {parameters[0]:,} -> {parameters[1]:,} non-zero"]
+    lines = [title]
+    if report is not None:
+        lines.append(str(report))
+        if report.total.nonzero:
+            lines.append(f"compression (total / non-zero): {report.total.total / report.total.nonzero:.2f}x")
+    if channels:
+        lines.append(table(("layer", "channels", "kept", "ratio"), [(n, str(c), str(k), f"{k / c:.2f}") for n, c, k in channels]))
+    if parameters is not None:
+        lines.append(f"parameters: {parameters[0]:,} -> {parameters[1]:,} {kept} ({parameters[1] / parameters[0]:.2%})")
     if flops is not None:
         lines.append(f"MACs per sample (fvcore): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
     if monitor:
         lines.append(f"{monitor}: dense {fmt(scores[0])} -> pruned {fmt(scores[1])}")
+    lines += list(facts)
     lines += [f"WARNING: {note}" for note in notes]
     return "\n".join(lines)

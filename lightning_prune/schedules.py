@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from lightning_prune.choices import check_choice
+
 ScheduleKind = Literal["one_shot", "iterative", "agp"]
-SCHEDULES = ("one_shot", "iterative", "agp")
+Interval = Literal["epoch", "step"]
+"""The unit of a schedule: epochs, or optimizer steps."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,7 @@ class PruningSchedule:
     frequency: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {self.kind!r}.")
+        check_choice("schedule", self.kind, ScheduleKind)
         if self.start_epoch < 0:
             raise ValueError(f"`start_epoch` must be >= 0, got {self.start_epoch!r}.")
         if self.frequency < 1:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from lightning_prune.callbacks._shared import check_choice, check_range
-from lightning_prune.schedules import SCHEDULES, PruningSchedule
+from lightning_prune.callbacks._shared import check_range
+from lightning_prune.choices import check_choice
+from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
+from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -35,13 +37,12 @@ def _check_per_layer(name: str, value: Any, high: float, high_open: bool) -> Non
 def check_arguments(a: Mapping[str, Any]) -> None:
     """Validate the arguments of ``IterativeMagnitude.__init__`` (by name)."""
     _check_per_layer("sparsity", a["sparsity"], 1.0, True)
-    check_choice("schedule", a["schedule"], SCHEDULES)
-    for name in ("interval",):
-        check_choice(name, a[name], ("epoch", "step"))
-    check_choice("scope", a["scope"], ("global", "layer"))
-    check_choice("criterion", a["criterion"], ("magnitude", "sensitivity"))
-    check_choice("granularity", a["granularity"], ("element", "channel"))
-    check_choice("channel_norm", a["channel_norm"], ("l1", "l2"))
+    check_choice("schedule", a["schedule"], ScheduleKind)
+    check_choice("interval", a["interval"], Interval)
+    check_choice("scope", a["scope"], Scope)
+    check_choice("criterion", a["criterion"], Criterion)
+    check_choice("granularity", a["granularity"], Granularity)
+    check_choice("channel_norm", a["channel_norm"], ChannelNorm)
     if not _is_int(a["start_epoch"]) or a["start_epoch"] < 0:
         _fail("start_epoch", a["start_epoch"], "an integer >= 0")
     if a["end_epoch"] is not None and not _is_int(a["end_epoch"]):

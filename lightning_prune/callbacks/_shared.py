@@ -16,11 +16,6 @@ Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)], 
 """A float in [0, 1): as a type hint, LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
-def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
-
-
 def check_range(
     name: str,
     value: Union[float, Mapping[str, float]],

@@ -12,12 +12,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import (
-    AUX_OPTIMIZERS,
-    GRANULARITIES,
-    STES,
     AuxiliaryParameters,
     AuxOptimizer,
-    Granularity,
     LearningWindow,
     Ste,
 )
@@ -36,11 +32,13 @@ from lightning_prune.callbacks._module_io import (
     module_loss,
     one_sample,
 )
-from lightning_prune.callbacks._shared import check_choice, check_range, optional_flop_count
+from lightning_prune.callbacks._shared import check_range, optional_flop_count
+from lightning_prune.choices import check_choice
+from lightning_prune.criteria import Granularity
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
-from lightning_prune.report import SparsityReport, nonzero_flops, sparsity_report
+from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan, find_channel_groups
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
@@ -116,9 +114,9 @@ class AutoPruneCallback(pl.Callback):
             check_range(name, value, 0.0, math.inf, low_open=True)
         for name, value in (("reg", reg), ("ste_slope", ste_slope)):
             check_range(name, value, 0.0, math.inf)
-        check_choice("ste", ste, STES)
-        check_choice("granularity", granularity, GRANULARITIES)
-        check_choice("aux_optimizer", aux_optimizer, AUX_OPTIMIZERS)
+        check_choice("ste", ste, Ste)
+        check_choice("granularity", granularity, Granularity)
+        check_choice("aux_optimizer", aux_optimizer, AuxOptimizer)
         check_flags(sensitivity=sensitivity, correlation=correlation, direction=direction, physical=physical, verbose=verbose)
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(f"`start_epoch` must be an integer >= 0, got {start_epoch!r}.")
@@ -315,16 +313,13 @@ class AutoPruneCallback(pl.Callback):
         if plan is not None:
             self.structure = apply_plan(pl_module, self.groups, plan, self.example)
             rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
-        lines = ["AutoPrune summary", str(report)]
-        if report.total.nonzero:
-            lines.append(f"compression (total / non-zero): {report.total.total / report.total.nonzero:.2f}x")
-        if flops_ratio is not None:
-            lines.append(f"FLOPs kept: {flops_ratio:.2%} of {self.dense_flops:,} multiply-adds per sample")
+        notes = []
         if self._fine_tune_steps == 0:
-            lines.append("warning: training ended before the fine-tuning phase (no step under fixed masks)")
-            rank_zero_warn(f"AutoPruneCallback: {lines[-1][9:]}; see `end_epoch`, `max_epochs`, `max_steps`.")
+            notes.append("training ended before the fine-tuning phase (no step under fixed masks)")
+            rank_zero_warn(f"AutoPruneCallback: {notes[-1]}; see `end_epoch`, `max_epochs`, `max_steps`.")
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info("\n".join(lines))
+            flops = None if flops_ratio is None else (self.dense_flops, round(flops_ratio * self.dense_flops))
+            rank_zero_info(pruning_summary("AutoPrune summary", report, flops=flops, notes=notes))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

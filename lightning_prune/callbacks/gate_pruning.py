@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 import weakref
-from typing import Any, Iterator, Literal, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -28,12 +28,14 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, example_input, module_loss, one_sample
 from lightning_prune.callbacks._monitor import monitored_value, validation_metrics
-from lightning_prune.callbacks._shared import check_choice, check_range
+from lightning_prune.callbacks._shared import check_range
+from lightning_prune.choices import check_choice
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.gate_search import GateSearch, Mode, check_target, reinitialise_changed, structure_table
-from lightning_prune.gates import GATE_POSITIONS, GatePhaseResult, GatePosition, gate_scores
+from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise_changed
+from lightning_prune.gates import GatePhaseResult, GatePosition, gate_scores
 from lightning_prune.loggers import log_metrics, log_pruning_event
+from lightning_prune.report import channel_rows, pruning_summary
 from lightning_prune.structure import (
     STRUCTURE_KEY,
     ChannelGroup,
@@ -118,11 +120,11 @@ class GatePruningFromScratch(pl.Callback):
         gate_epochs: int = 10,
         gate_lr: float = 0.01,
         gate_position: GatePosition = "bn",
-        select: Literal["best_val", "last"] = "best_val",
+        select: Select = "best_val",
         gate_val_every: Optional[int] = None,
         monitor: Optional[str] = None,
         mode: Mode = "min",
-        init: Literal["random", "inherit"] = "random",
+        init: Init = "random",
         budget_training: bool = False,
         expansion: float = 1.0,
         loss_fn: Optional[LossFn] = None,
@@ -139,10 +141,10 @@ class GatePruningFromScratch(pl.Callback):
         _check_int("gate_epochs", gate_epochs, 0)
         if gate_val_every is not None:
             _check_int("gate_val_every", gate_val_every, 1)
-        check_choice("gate_position", gate_position, GATE_POSITIONS)
-        check_choice("select", select, ("best_val", "last"))
-        check_choice("mode", mode, ("min", "max"))
-        check_choice("init", init, ("random", "inherit"))
+        check_choice("gate_position", gate_position, GatePosition)
+        check_choice("select", select, Select)
+        check_choice("mode", mode, Mode)
+        check_choice("init", init, Init)
         if monitor is not None and not (isinstance(monitor, str) and monitor):
             raise ValueError(f"`monitor` must be None or the name of a logged validation metric (a non-empty str), got {monitor!r}.")
         for name, value in (("budget_training", budget_training), ("verbose", verbose)):
@@ -376,7 +378,13 @@ class GatePruningFromScratch(pl.Callback):
             extra=extra,
         )
         if self.verbose and trainer.is_global_zero:
-            rank_zero_info(structure_table(self._groups, self.plan, self.reached_flops_ratio, params / self._dense_params, result, self.budget_epochs))
+            snapshot = f"gate snapshot: {result.selected} at gate step {result.step}/{result.steps}"
+            facts = [snapshot + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")]
+            if self.budget_epochs is not None:
+                facts.append(f"budget training: max_epochs -> {self.budget_epochs}")
+            flops = (self._dense_flops, round(self.reached_flops_ratio * self._dense_flops))
+            rank_zero_info(pruning_summary("GatePruningFromScratch structure", channels=channel_rows(self._groups, self.plan),
+                                           parameters=(self._dense_params, params), flops=flops, facts=facts, kept="remaining"))
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -20,12 +20,13 @@ from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, chec
 from lightning_prune.callbacks._magnitude_args import check_arguments
 from lightning_prune.callbacks._shared import Fraction, check_keys, optional_flop_count
 from lightning_prune.callbacks._strategy import prepare_module
+from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
-from lightning_prune.schedules import PruningSchedule, ScheduleKind
+from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, zeroed_channel_plan
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
@@ -81,12 +82,12 @@ class IterativeMagnitude(pl.Callback):
         start_epoch: NonNegativeInt = 0,
         end_epoch: Optional[NonNegativeInt] = None,
         frequency: PositiveInt = 1,
-        interval: Literal["epoch", "step"] = "epoch",
-        scope: Literal["global", "layer"] = "global",
-        criterion: Literal["magnitude", "sensitivity"] = "magnitude",
+        interval: Interval = "epoch",
+        scope: Scope = "global",
+        criterion: Criterion = "magnitude",
         sensitivity: Optional[Sensitivity] = None,
-        granularity: Literal["element", "channel"] = "element",
-        channel_norm: Literal["l1", "l2"] = "l1",
+        granularity: Granularity = "element",
+        channel_norm: ChannelNorm = "l1",
         parameters: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         max_layer_sparsity: LayerCap = 0.99,
@@ -261,8 +262,8 @@ class IterativeMagnitude(pl.Callback):
         if self.verbose and trainer.is_global_zero:
             score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
             nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
-            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, (self.dense_parameters, nonzero), flops, self.monitor,
-                                           (self.dense_score, None if score is None else float(score)), notes))
+            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, parameters=(self.dense_parameters, nonzero), flops=flops,
+                                           monitor=self.monitor, scores=(self.dense_score, None if score is None else float(score)), notes=notes))
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:

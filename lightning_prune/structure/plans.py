@@ -7,12 +7,14 @@ that make the dense model compute what :func:`~lightning_prune.structure.removal
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_prune.choices import check_choice
+from lightning_prune.criteria import ChannelNorm
 from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match
 from lightning_prune.structure.records import _qualified
 
@@ -82,12 +84,11 @@ def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: Channe
 
 
 def channel_norms(
-    model: nn.Module, groups: Sequence[ChannelGroup], norm: Literal["l1", "l2"] = "l1"
+    model: nn.Module, groups: Sequence[ChannelGroup], norm: ChannelNorm = "l1"
 ) -> list[torch.Tensor]:
     """Per group, each channel's importance ``s_c = sum over out-layers l of ||W_l[c]||_p`` (p = 1 or 2),
     the norm of output channel ``c``'s weights (biases excluded). Float32 CPU tensors of length ``size``."""
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"`norm` must be 'l1' or 'l2', got {norm!r}.")
+    check_choice("norm", norm, ChannelNorm)
     modules = _check_groups_match(model, groups)
     scores = []
     for group in groups:
