@@ -17,12 +17,12 @@ def check_module(name: str, value: Any) -> None:
 
 
 def check_patterns(name: str, value: Any) -> None:
-    """``None`` or a list/tuple of strings (module-name globs or names); a plain string would be read
-    character by character, so it is refused."""
+    """``None`` or a list/tuple of non-empty strings (module-name globs or names); a plain string would be
+    read character by character, so it is refused."""
     if value is not None and (
-        isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)
+        isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value)
     ):
-        raise ValueError(f"`{name}` must be None or a list of module-name strings (e.g. ['network.fc*']), got {value!r}.")
+        raise ValueError(f"`{name}` must be None or a list of module-name glob patterns (strings), e.g. ['network.fc*'], got {value!r}.")
 
 
 def check_example_input(name: str, value: Any) -> None:

@@ -12,14 +12,6 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, SequentialSampler
 
 
-def check_patterns(name: str, value: Any) -> None:
-    """``None`` or a list/tuple of glob strings (a plain string would be read character by character)."""
-    if value is not None and (
-        isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)
-    ):
-        raise ValueError(f"`{name}` must be None or a list of module-name glob patterns (strings), got {value!r}.")
-
-
 def check_loader(name: str, value: Any) -> None:
     """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
     if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lightning_prune.callbacks._shared import check_range
+from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
@@ -19,13 +20,6 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_patterns(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
-        _fail(name, value, "None or a list of module-name glob patterns (strings), e.g. ['network.fc*']")
 
 
 def _check_per_layer(name: str, value: Any, high: float, high_open: bool) -> None:
@@ -51,7 +45,7 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         _fail("frequency", a["frequency"], "an integer >= 1")
     PruningSchedule(a["schedule"], a["start_epoch"], a["start_epoch"] if a["end_epoch"] is None else a["end_epoch"], a["frequency"])
     for name in ("parameters", "exclude"):
-        _check_patterns(name, a[name])
+        check_patterns(name, a[name])
     if isinstance(a["max_layer_sparsity"], bool) or not isinstance(a["max_layer_sparsity"], (int, float)):
         _fail("max_layer_sparsity", a["max_layer_sparsity"], "a number in (0, 1]")
     check_range("max_layer_sparsity", a["max_layer_sparsity"], 0.0, 1.0, low_open=True, high_open=False)

@@ -21,7 +21,6 @@ from lightning_prune.callbacks._held_out import (
     HeldOutBatches,
     check_flags,
     check_loader,
-    check_patterns,
 )
 from lightning_prune.callbacks._module_io import (
     ExampleInputFn,
@@ -36,6 +35,7 @@ from lightning_prune.callbacks._shared import check_range, optional_flop_count
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity
 from lightning_prune.callbacks._strategy import prepare_module
+from lightning_prune.checks import check_patterns
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
