@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.auxiliary import AuxiliaryParameters
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.targets import select_modules
 
 CONSISTENCY = dict(sensitivity=True, correlation=True, direction=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import ChannelGroup, apply_plan, find_channel_groups
 
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.criteria import global_magnitude_masks
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, max_zeros
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import find_channel_groups
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, sparsity_report
 from lightning_prune.auxiliary import AuxiliaryParameters, auxiliary_gradient, indicator, loss_signal, ste_derivative
-from lightning_prune.models import LeNet5, LeNet300100
+from lightning_prune.demo.models import LeNet5, LeNet300100
 from lightning_prune.structure import find_channel_groups
 
 FALLBACK = "learn from the training batches"

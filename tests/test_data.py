@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_prune import DigitsDataModule, ImageClassifier
-from lightning_prune.models import ARCHITECTURES
+from lightning_prune.demo.models import ARCHITECTURES
 
 
 def test_splits_are_disjoint_deterministic_and_cover_the_data():

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune import ImageClassifier, flops
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
 
 

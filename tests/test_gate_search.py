@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.gate_search import GateSearch, snapshot_is_better
 from lightning_prune.gates import NonFiniteGateLoss
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, find_channel_groups
 
 X = torch.randn(6, 3, 16, 16)

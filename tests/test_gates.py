@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_prune.flops import FlopsPredictor, search_threshold
 from lightning_prune.gates import ChannelGates, GatePhaseResult, gate_scores
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import find_channel_groups
 
 X = torch.randn(6, 3, 16, 16)

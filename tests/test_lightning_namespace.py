@@ -17,7 +17,7 @@ from wandb_reader import latest_run  # noqa: E402
 
 import lightning_prune.lightning as lp_lightning  # noqa: E402
 from lightning_prune import DigitsDataModule, callbacks, sparsity_report  # noqa: E402
-from lightning_prune.models import build_network  # noqa: E402
+from lightning_prune.demo.models import build_network  # noqa: E402
 
 
 class LitNet(L.LightningModule):

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.criteria import count_to_prune, global_magnitude_masks, kth_smallest_key, layer_magnitude_masks
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, pack_bits, unpack_bits
-from lightning_prune.models import build_network
+from lightning_prune.demo.models import build_network
 from lightning_prune.structure import channel_masks, find_channel_groups
 
 

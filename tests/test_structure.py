@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_prune import DigitsDataModule, ImageClassifier
 from lightning_prune.flops import FlopsPredictor, count_flops
-from lightning_prune.models import build_network, conv_bn_relu
+from lightning_prune.demo.models import build_network, conv_bn_relu
 from lightning_prune.structure import (
     STRUCTURE_KEY,
     apply_plan,

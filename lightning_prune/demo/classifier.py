@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_prune.models import ARCHITECTURES, build_network
+from lightning_prune.demo.models import ARCHITECTURES, build_network
 from lightning_prune.training_state import reshape_on_load
 
 Architecture = Literal[
