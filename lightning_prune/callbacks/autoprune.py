@@ -1,4 +1,5 @@
-"""``AutoPruneCallback``: pruning by auxiliary parameters (Xiao, Wang, Rajasekaran, NeurIPS 2019)."""
+"""``AutoPruneCallback``: AutoPrune-style pruning by auxiliary parameters (experimental; after Xiao, Wang,
+Rajasekaran, NeurIPS 2019)."""
 
 from __future__ import annotations
 
@@ -45,32 +46,48 @@ from lightning_prune.training_state import rebuild_training_state
 
 
 class AutoPruneCallback(pl.Callback):
-    r"""AutoPrune: learn which weights to use through auxiliary parameters ``M`` (T = W ⊙ h(M), h(m) = 1[m > 0]).
+    r"""AutoPrune-style pruning (experimental): learn which weights to use through auxiliary parameters ``M``.
 
-    The algorithm is :class:`lightning_prune.auxiliary.AuxiliaryParameters` (formulas there); this
-    callback wires it into the Trainer. The model's optimizers train ``W`` on the training batches
-    (around every optimizer step, manual optimization included, switched-off weights keep their
-    values), and after each training batch with an optimizer step, ``M`` takes one step from one
-    held-out batch. Its loss is the module's own ``training_step`` on that batch (its returned loss or
-    ``loss`` of a returned dict, logging silenced; metrics the step updates see the held-out batch —
-    pass ``loss_fn`` where that matters), or ``loss_fn(pl_module, batch)``. Held-out batches come from
-    ``aux_dataloader``, else ``aux_dataloader()`` of the module or the DataModule
-    (``DigitsDataModule(aux_fraction=0.5)`` is the paper's 1:1 split), else — with a warning — the
-    training batch itself. Under DDP the held-out loader is sharded per rank (as Lightning shards the
-    training loader) and the gradient of ``M`` is averaged over ranks, so every rank holds the same ``M``.
+    A documented reconstruction of AutoPrune (Xiao, Wang, Rajasekaran, NeurIPS 2019), not the paper's
+    exact method: its R(M) and its consistency rules are not public in reach (``PAPERS.md``).
+
+    - From the paper: T = W ⊙ h(M), h(m) = 1[m > 0], so switched-off weights keep their values; the
+      straight-through estimators of h (linear, leaky ReLU, softplus); bi-level updates, ``W`` on the
+      training batches and ``M`` on a held-out split; µ = 5e-2 and the auxiliary learning rate 1.5e-2.
+    - Our reconstruction and calibration: the loss signal's normalisation by its mean over the network
+      (µ then is relative to it), R(M) = Σ h(M), the three consistency rules as implemented in
+      :func:`lightning_prune.auxiliary.auxiliary_gradient` (correlation: the signal per unit of ‖w‖;
+      sensitivity: the pull weighted by 1/(1 + ‖w‖/mean‖w‖); direction: the pull through the STE), and
+      the defaults (``reg=1.25``, ``ste_slope=0.5``, ``init=1.0``, calibrated on the digits data).
+
+    The algorithm is :class:`lightning_prune.auxiliary.AuxiliaryParameters`; this callback wires it into
+    the Trainer. The model's optimizers train ``W`` on the training batches (around every optimizer
+    step, manual optimization included, switched-off weights keep their values), and after each
+    training batch with an optimizer step, ``M`` takes one step from one held-out batch. Its loss is the
+    module's own ``training_step`` on that batch (its returned loss or ``loss`` of a returned dict,
+    logging silenced; metrics the step updates see the held-out batch — pass ``loss_fn`` where that
+    matters), or ``loss_fn(pl_module, batch)``. Held-out batches come from ``aux_dataloader``, else
+    ``aux_dataloader()`` of the module or the DataModule (``DigitsDataModule(aux_fraction=0.5)`` is the
+    paper's 1:1 split), else — with a warning — the training batch itself. Under DDP the held-out
+    loader is sharded per rank and the gradient of ``M`` is averaged over ranks, so every rank holds the
+    same ``M``.
 
     ``M`` is created in ``setup``, before the strategy wraps the model (DDP), from an example input:
     ``example_input_array``/``datamodule.example_input()``, else the first training batch
     (``example_input_fn(batch)`` picks the input; it then comes first). Channel groups and FLOPs
-    (multiply-adds per sample) are taken on it. A checkpoint's ``M`` is loaded at ``on_train_start``. At the end of fit the masks are made permanent; ``M`` leaves
-    the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are removed.
+    (multiply-adds per sample) are taken on it. At the end of fit the masks are made permanent; ``M``
+    leaves the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are
+    removed.
 
     Args:
         aux_lr: learning rate of ``M`` (the paper's 1.5e-2).
         reg: coefficient of the regulariser R(M) = Σ h(M), relative to the normalised loss signal.
         ste: straight-through estimator of h: ``"leaky_relu"``, ``"linear"`` or ``"softplus"``.
         ste_slope: slope of the leaky-ReLU STE for m ≤ 0 (how fast a switched-off weight can return).
-        sensitivity, correlation, direction: the paper's three consistency rules.
+        sensitivity: the pull weighted by 1/(1 + ‖w‖/mean‖w‖), so large weights are harder to switch off
+            (our reading of the paper's sensitivity consistency).
+        correlation: the loss signal divided by ‖w‖ (our reading of correlation consistency).
+        direction: the pull taken through the same STE as the loss (our reading of direction consistency).
         granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group; at
             least one channel of every group is kept, with a warning when that floor was needed).
         init: initial value of every ``m``.
