@@ -16,7 +16,8 @@ For each network and seed, with the same epoch budget:
   bi-level AutoPrune run of that seed reached; "half": the same on W's half of the split (the
   data the bi-level AutoPrune run trains W on);
 - ablations of the bi-level run: each consistency term off, the leaky-ReLU STE's former default
-  slope 0.1, the other two STEs, and the paper's literal ``reg=5e-2``.
+  slope 0.1, the other two STEs, the paper's ``reg=5e-2`` with our normalisation, and
+  ``paper_defaults=True`` (µ = 5e-2 on the unnormalised loss signal).
 
 Compression = total / non-zero weights of the Conv/Linear layers; FLOPs kept = non-zero
 multiply-adds / dense (fvcore's per-layer counts, one multiply-add = one FLOP, times each layer's
@@ -48,6 +49,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ste=linear": {"ste": "linear"},
     "ste=softplus": {"ste": "softplus"},
     "paper reg=5e-2": {"reg": 5e-2},
+    "paper_defaults=True": {"paper_defaults": True},
 }
 
 

@@ -101,6 +101,7 @@ def auxiliary_gradient(
     direction: bool = True,
     scale: Optional[Union[float, torch.Tensor]] = None,
     mean_magnitude: Optional[torch.Tensor] = None,
+    normalize: bool = True,
 ) -> torch.Tensor:
     r"""The update direction of one auxiliary tensor ``M`` (what its optimizer steps along).
 
@@ -112,7 +113,8 @@ def auxiliary_gradient(
       layers whose weights matter more keep more of them); ``None``: the mean over this tensor.
       ``reg`` is relative to it: without normalising, the paper's ``reg`` switches every weight
       off on the digits data. It is taken before the STE factor, so it does not drift as weights
-      switch off.
+      switch off. ``normalize=False``: ``s = 1``, the loss signal in its own units (the paper's
+      literal reading, ``paper_defaults=True`` of the callback).
     - The regulariser is R(M) = Σ h(M), the number of weights kept (‖T‖₀ of the pruned tensors).
       Direction consistency (``direction``): its gradient goes through the same STE as the loss,
       ``D(M) = h̃'(M)``, so below zero the pull is as weak as the loss's push back (a switched-off
@@ -123,7 +125,12 @@ def auxiliary_gradient(
       (its value at the mean).
     """
     signal = loss_signal(gate_grad, magnitude, correlation)
-    scale = signal.abs().mean() if scale is None else torch.as_tensor(scale, device=signal.device)
+    if not normalize:
+        scale = torch.ones((), device=signal.device)
+    elif scale is None:
+        scale = signal.abs().mean()
+    else:
+        scale = torch.as_tensor(scale, device=signal.device)
     derivative = ste_derivative(aux.float(), ste, slope)
     magnitude = magnitude.float()
     if sensitivity:
@@ -458,7 +465,9 @@ class AuxiliaryParameters:
             self._pending_optimizer = None
         return self.optimizer
 
-    def learn(self, compute_loss: LossClosure, reg: float, reduce: Optional[Reduce] = None, **consistency: bool) -> None:
+    def learn(
+        self, compute_loss: LossClosure, reg: float, reduce: Optional[Reduce] = None, normalize: bool = True, **consistency: bool
+    ) -> None:
         """One auxiliary step on one held-out batch: ``compute_loss()`` through the gated model, ``∂L/∂h(M)``
         (averaged by ``reduce`` across processes), then :meth:`step`. ``W`` and its gradients are untouched
         and the model's buffers (BatchNorm statistics) are restored; nothing is read back to the host."""
@@ -478,12 +487,12 @@ class AuxiliaryParameters:
         grad = torch.zeros_like(self._flat) if grad is None else grad.float()
         if reduce is not None:
             grad = reduce(grad)
-        self.step(grad, reg, **consistency)
+        self.step(grad, reg, normalize, **consistency)
 
     @torch.no_grad()
-    def step(self, gate_grad: torch.Tensor, reg: float, **consistency: bool) -> None:
+    def step(self, gate_grad: torch.Tensor, reg: float, normalize: bool = True, **consistency: bool) -> None:
         """One optimizer step of the flat ``M`` along :func:`auxiliary_gradient` (``gate_grad``: flat
-        ``∂L/∂h``). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
+        ``∂L/∂h``; ``normalize``: divide the loss signal by its mean over the network). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
         (:meth:`take_counts` reports it). With channel granularity a group whose every channel would be
         switched off keeps its largest-``m`` channel on (``m`` set to 1e-6) and raises a device flag."""
         if self.optimizer is None:
@@ -499,7 +508,7 @@ class AuxiliaryParameters:
             )
         update = auxiliary_gradient(
             gate_grad, self._flat, magnitudes, reg, self.ste, self.slope,
-            **consistency, mean_magnitude=means,
+            **consistency, mean_magnitude=means, normalize=normalize,
         )
         self._flat.grad = torch.where(finite, update, 0.0)
         self.optimizer.step()

@@ -18,6 +18,7 @@ from lightning_prune.auxiliary import (
     LearningWindow,
     Ste,
 )
+from lightning_prune.callbacks._autoprune_args import resolve_rates
 from lightning_prune.callbacks._held_out import (
     HeldOutBatches,
     check_flags,
@@ -53,7 +54,8 @@ class AutoPruneCallback(pl.Callback):
 
     - From the paper: T = W ⊙ h(M), h(m) = 1[m > 0], so switched-off weights keep their values; the
       straight-through estimators of h (linear, leaky ReLU, softplus); bi-level updates, ``W`` on the
-      training batches and ``M`` on a held-out split; µ = 5e-2 and the auxiliary learning rate 1.5e-2.
+      training batches and ``M`` on a held-out split; µ = 5e-2 and the auxiliary learning rate 1.5e-2
+      (``paper_defaults=True``, for comparison).
     - Our reconstruction and calibration: the loss signal's normalisation by its mean over the network
       (µ then is relative to it), R(M) = Σ h(M), the three consistency rules as implemented in
       :func:`lightning_prune.auxiliary.auxiliary_gradient` (correlation: the signal per unit of ‖w‖;
@@ -80,8 +82,12 @@ class AutoPruneCallback(pl.Callback):
     removed.
 
     Args:
-        aux_lr: learning rate of ``M`` (the paper's 1.5e-2).
-        reg: coefficient of the regulariser R(M) = Σ h(M), relative to the normalised loss signal.
+        aux_lr: learning rate of ``M``. ``None``: 1.5e-2, the paper's (with either set of defaults).
+        reg: coefficient µ of the regulariser R(M) = Σ h(M), relative to the normalised loss signal.
+            ``None``: the calibrated 1.25, or the paper's 5e-2 with ``paper_defaults``.
+        paper_defaults: use the paper's numbers for comparison: µ = 5e-2, auxiliary learning rate 1.5e-2 and
+            no loss-signal normalisation. They replace only what is left at ``None``: an explicit
+            ``aux_lr`` or ``reg`` other than the paper's is a ``ValueError`` naming both arguments.
         ste: straight-through estimator of h: ``"leaky_relu"``, ``"linear"`` or ``"softplus"``.
         ste_slope: slope of the leaky-ReLU STE for m ≤ 0 (how fast a switched-off weight can return).
         sensitivity: the pull weighted by 1/(1 + ‖w‖/mean‖w‖), so large weights are harder to switch off
@@ -106,8 +112,9 @@ class AutoPruneCallback(pl.Callback):
 
     def __init__(
         self,
-        aux_lr: float = 1.5e-2,
-        reg: float = 1.25,
+        aux_lr: Optional[float] = None,
+        reg: Optional[float] = None,
+        paper_defaults: bool = False,
         ste: Ste = "leaky_relu",
         ste_slope: float = 0.5,
         sensitivity: bool = True,
@@ -127,10 +134,9 @@ class AutoPruneCallback(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("aux_lr", aux_lr), ("init", init)):
-            check_range(name, value, 0.0, math.inf, low_open=True)
-        for name, value in (("reg", reg), ("ste_slope", ste_slope)):
-            check_range(name, value, 0.0, math.inf)
+        rates = resolve_rates(paper_defaults, aux_lr, reg)
+        check_range("init", init, 0.0, math.inf, low_open=True)
+        check_range("ste_slope", ste_slope, 0.0, math.inf)
         check_choice("ste", ste, Ste)
         check_choice("granularity", granularity, Granularity)
         check_choice("aux_optimizer", aux_optimizer, AuxOptimizer)
@@ -146,7 +152,8 @@ class AutoPruneCallback(pl.Callback):
         check_patterns("exclude", exclude)
         if physical and granularity != "channel":
             raise ValueError("`physical=True` removes channels: it needs `granularity='channel'`.")
-        self.aux_lr, self.reg, self.ste, self.ste_slope = float(aux_lr), float(reg), ste, float(ste_slope)
+        self.aux_lr, self.reg, self.normalize = rates
+        self.paper_defaults, self.ste, self.ste_slope = paper_defaults, ste, float(ste_slope)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.granularity, self.init, self.aux_optimizer = granularity, float(init), aux_optimizer
         self.window = LearningWindow(start_epoch, end_epoch)
@@ -265,6 +272,7 @@ class AutoPruneCallback(pl.Callback):
             lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx),
             self.reg,
             reduce=lambda grad: trainer.strategy.reduce(grad, reduce_op="mean"),
+            normalize=self.normalize,
             **self.consistency,
         )
 
