@@ -156,6 +156,13 @@ class LearningWindow:
     end_epoch: Optional[int] = None
     fraction: float = 0.75
 
+    def __post_init__(self) -> None:
+        start, end = self.start_epoch, self.end_epoch
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"`start_epoch` must be an integer >= 0, got {start!r}.")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
+            raise ValueError(f"`end_epoch` must be None or an integer >= `start_epoch` ({start}), got {end!r}.")
+
     def last_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
         if self.end_epoch is not None:
             return self.end_epoch
@@ -257,6 +264,7 @@ class AuxiliaryParameters:
         check_choice("ste", ste, Ste)
         self.model = model
         self.granularity = granularity
+        self.groups = list(groups) if granularity == "channel" else []
         self.ste, self.slope = ste, slope
         self._backward_ste: Ste = ste
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
@@ -342,6 +350,11 @@ class AuxiliaryParameters:
             self._hard_float.copy_(self._hard_bool)
             self._hard_version = self._flat._version
         return self._hard_float
+
+    def plan(self) -> dict[int, torch.Tensor]:
+        """Channel granularity: the kept channels of every gated group, ``{group index: indices}`` on the CPU
+        (the floor of :meth:`step` keeps at least one); a host read, for the end of an epoch."""
+        return {group.index: (self.values[group.root].detach() > 0).nonzero().flatten().cpu() for group in self.groups}
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
@@ -527,13 +540,19 @@ class AuxiliaryParameters:
         self._switched_off += changed.sum() - revived
         self._on, self._on_next = self._on_next, self._on
 
-    def take_counts(self) -> dict[str, Any]:
+    def take_counts(self, raise_nonfinite: Optional[str] = None) -> dict[str, Any]:
         """Read (one host synchronisation) and reset the device counters since the last call: ``revived``,
         ``switched_off`` (entries of ``M``), ``nonfinite`` (a step met a NaN/inf ``∂L/∂h`` and was skipped),
-        ``collapsed`` (a channel group was kept alive by the one-channel floor)."""
+        ``collapsed`` (a channel group was kept alive by the one-channel floor). With ``raise_nonfinite``
+        (where those steps were, e.g. a step range), a skipped step raises ``FloatingPointError`` instead."""
         values = torch.stack([self._revived, self._switched_off, self._nonfinite.long(), self._collapsed.long()]).tolist()
         for counter in (self._revived, self._switched_off, self._nonfinite, self._collapsed):
             counter.zero_()
+        if raise_nonfinite is not None and values[2]:
+            raise FloatingPointError(
+                f"AutoPrune auxiliary step {raise_nonfinite}: the loss gradient of the auxiliary parameters was NaN or "
+                "infinite; M was not updated on those steps. Check the held-out batches, the loss and the learning rates."
+            )
         return dict(zip(("revived", "switched_off", "nonfinite", "collapsed"), (values[0], values[1], bool(values[2]), bool(values[3]))))
 
     # ------------------------------------------------------------------ device and checkpoints
