@@ -23,7 +23,7 @@ from benchmarks.overhead import GATE, VARIANTS, run as run_variant  # noqa: E402
 from benchmarks.report import Behind, Section, Suite, anchor, table  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"models": ["resnet20"], "rounds": 2, "steps": 4, "batch": 8},
+    "quick": {"models": ["resnet20"], "rounds": 3, "steps": 4, "batch": 8},
     "full": {"models": ["resnet20", "resnet50"], "rounds": 5, "steps": 8, "batch": 16},
 }
 DENSE, LIGHTNING = "dense", "ModelPruning (Lightning)"
