@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
@@ -113,11 +114,13 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         for total, r in events.items() if r["magnitude_event_s"] > 1.10 * r["torch_global_s"]
     ]
     figure, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    xs = [r["weights"] for r in widths.values()]
+    xs = list(widths)
     left.plot(xs, [r["dense_step_s"] * 1e3 for r in widths.values()], marker="o", label="dense step")
     left.plot(xs, [r["masked_step_s"] * 1e3 for r in widths.values()], marker="o", label="step with 90% masks")
     left.plot(xs, [r["event_s"] * 1e3 for r in widths.values()], marker="s", label="pruning event")
-    left.set(xscale="log", yscale="log", xlabel="ResNet-20 weights (width x1, x2, x4)", ylabel="ms", title=f"batch {size['batch']}")
+    left.set(xscale="log", yscale="log", xlabel="ResNet-20 width (Conv/Linear weights)", ylabel="ms", title=f"batch {size['batch']}")
+    left.set_xticks(xs, [f"x{w} ({r['weights'] / 1e6:.2f} M)" for w, r in widths.items()])
+    left.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     left.legend(fontsize=7)
     totals = list(events)
     right.plot(totals, [events[t]["magnitude_event_s"] for t in totals], marker="o", label="MagnitudePruner.prune (global)")

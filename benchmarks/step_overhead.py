@@ -67,7 +67,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
             if name in WHY_SLOWER and count.syncs > counts[LIGHTNING].syncs:
                 found.append(Behind(anchor(f"behind syncs {arch} {name}"),
                                     f"{arch}: {name} synchronises with the host {count.syncs}x per step (ModelPruning {counts[LIGHTNING].syncs}x)",
-                                    ", ".join(f"{k} x{v}" for k, v in count.sync_ops.items())))
+                                    "host reads in its per-step path, by source: " + ", ".join(f"{k} x{v}" for k, v in count.sync_ops.items())))
         data["models"][arch] = model_data
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     width = 0.8 / len(size["models"])
