@@ -35,6 +35,10 @@ def model_pruning(
     ``parameters_to_prune`` and ``use_lottery_ticket_hypothesis`` go to ``ModelPruning`` (its defaults: every
     module's ``weight``, BatchNorm included, and rewinding the kept weights to their initial values at each event).
     """
+    if schedule.events[0] < 1:
+        raise ValueError(
+            f"`schedule` must start at epoch >= 1 for ModelPruning (it prunes at the end of the epoch before), got {schedule.events}."
+        )
     targets = {epoch: schedule.fraction(epoch) * sparsity for epoch in schedule.events}
 
     def amount(epoch: int) -> float:

@@ -26,8 +26,9 @@ from benchmarks.report import (
     render_results,
     replace_readme_section,
 )
+from benchmarks.magnitude_digits import model_pruning
 from benchmarks.unstructured_quality import AUTOPRUNE, DENSE, RANDOM, RandomPruning, Setting, behind
-from lightning_prune import DigitsDataModule, ImageClassifier, sparsity_report
+from lightning_prune import DigitsDataModule, ImageClassifier, PruningSchedule, sparsity_report
 from lightning_prune.demo.models import build_network
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -138,3 +139,14 @@ def test_behind_flags_a_clear_gap_to_a_baseline_and_not_noise() -> None:
     results[AUTOPRUNE] = {0.0: runs(96.0)}
     results["AGP (global)"] = {4.0: runs(95.0 - 200 / 270)}  # exactly two test images: noise
     assert behind(setting, results, test_images=270) == []
+
+
+def test_model_pruning_reaches_the_absolute_targets_and_refuses_an_event_at_epoch_0() -> None:
+    amount = model_pruning(PruningSchedule("agp", 1, 3, 1), 0.75).amount
+    remaining = 1.0
+    for epoch, target in zip((0, 1, 2), PruningSchedule("agp", 1, 3, 1).events):
+        remaining *= 1.0 - amount(epoch)  # ModelPruning prunes `amount` of the remaining weights at the end of `epoch`
+        assert 1.0 - remaining == pytest.approx(0.75 * PruningSchedule("agp", 1, 3, 1).fraction(target))
+    with pytest.raises(ValueError, match="`schedule` must start at epoch >= 1"):
+        model_pruning(PruningSchedule("agp", 0, 2, 1), 0.75)
+
