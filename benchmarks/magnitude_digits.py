@@ -23,8 +23,6 @@ from torch import nn
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, PruningSchedule, sparsity_report
 
-warnings.filterwarnings("ignore")
-
 
 def model_pruning(
     schedule: PruningSchedule, sparsity: float, parameters_to_prune: Optional[list[tuple[nn.Module, str]]] = None,
@@ -78,6 +76,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--arch", default="lenet300100")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     schedule = PruningSchedule("agp", start_epoch=4, end_epoch=12, frequency=2)
     results: dict[str, list[tuple[float, float, float, float]]] = {"dense": [], "IterativeMagnitude": [], "ModelPruning": []}

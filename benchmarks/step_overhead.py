@@ -46,6 +46,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     for arch in size["models"]:
         times: dict[str, list[float]] = {name: [] for name in names}
         counts: dict[str, Any] = {}
+        run_variant(arch, DENSE, size["batch"], size["steps"], seed=0)  # warm-up (the first fit in a process is slower), discarded
         for round_ in range(size["rounds"]):
             for name in names:
                 step_times, counts[name] = run_variant(arch, name, size["batch"], size["steps"], seed=round_)

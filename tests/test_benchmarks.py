@@ -4,10 +4,8 @@ the experiment contract, the random baseline and the "behind" detection."""
 import importlib
 import inspect
 import json
-import logging
 import pathlib
 import typing
-import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -107,9 +105,8 @@ def test_run_names_an_unknown_experiment(tmp_path) -> None:
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore")
 def test_random_pruning_zeroes_exactly_round_s_n_weights_and_keeps_them_zero() -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     pl.seed_everything(0, verbose=False)
     model = ImageClassifier("lenet300100")
     total = sparsity_report(model).total.total
