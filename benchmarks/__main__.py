@@ -32,14 +32,15 @@ def write_readme(results_json: pathlib.Path) -> None:
 
 
 def run(suite: str, out_dir: pathlib.Path, only: list[str]) -> pathlib.Path:
-    unknown = sorted(set(only) - {name.rsplit(".", 1)[1] for name in EXPERIMENTS})
+    short = {name: name.rsplit(".", 1)[-1] for name in EXPERIMENTS}
+    unknown = sorted(set(only) - set(short.values()))
     if unknown:
-        raise ValueError(f"`--only` must name experiments of {[n.rsplit('.', 1)[1] for n in EXPERIMENTS]}, got {unknown}.")
+        raise ValueError(f"`--only` must name experiments of {list(short.values())}, got {unknown}.")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"suite": suite, "seeds": SEEDS[suite], "machine": machine(), "sections": [], "seconds": 0.0}
     start = time.perf_counter()
     for name in EXPERIMENTS:
-        if only and name.rsplit(".", 1)[1] not in only:
+        if only and short[name] not in only:
             continue
         began = time.perf_counter()
         print(f"[benchmarks] {name} ({suite}) ...", flush=True)

@@ -147,3 +147,24 @@ def test_model_pruning_reaches_the_absolute_targets_and_refuses_an_event_at_epoc
     with pytest.raises(ValueError, match="`schedule` must start at epoch >= 1"):
         model_pruning(PruningSchedule("agp", 0, 2, 1), 0.75)
 
+
+
+def test_run_writes_results_json_results_md_and_figures_of_every_experiment(tmp_path, monkeypatch) -> None:
+    (tmp_path / "tiny_experiment.py").write_text(
+        "import pathlib\n"
+        "from benchmarks.report import Section\n"
+        "def run(suite, out_dir: pathlib.Path) -> Section:\n"
+        "    (out_dir / 'tiny.png').write_bytes(b'png')\n"
+        "    return Section('Tiny', f'| a |\\n|---|\\n| {suite} |', ['tiny.png'], {'suite': suite})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("benchmarks.__main__.EXPERIMENTS", ["tiny_experiment"])
+    out = tmp_path / "out"
+    main(["run", "--suite", "full", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["suite"] == "full" and results["seeds"] == [0, 1, 2]
+    assert {"cpu", "cores", "torch", "date", "git_commit"} <= set(results["machine"])
+    [section] = results["sections"]
+    assert section["title"] == "Tiny" and section["data"] == {"suite": "full"} and section["figures"] == ["tiny.png"]
+    assert (out / "RESULTS.md").read_text() == render_results(results)
+    assert "## Tiny" in render_results(results) and "![tiny.png](tiny.png)" in render_results(results)
