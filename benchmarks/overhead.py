@@ -34,10 +34,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude, build_network
 from lightning_prune.diagnostics import OpCount, _Dispatch, _Function
 
-warnings.filterwarnings("ignore")
-for _logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-    logging.getLogger(_logger).setLevel(logging.ERROR)
-
 
 class Net(pl.LightningModule):
     def __init__(self, arch: str) -> None:
@@ -177,6 +173,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
     if args.quick:
         args.rounds, args.steps, args.batch, args.models = 1, 3, 2, ["resnet20"]
     if args.threads:
