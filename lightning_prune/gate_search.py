@@ -19,7 +19,7 @@ is better than the best so far (``mode``: ``"min"`` or ``"max"``); with no kept 
 
 **Threshold**: :meth:`GateSearch.search` ranks channels by their selected gate (ties by the gate's
 mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
-threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.flops.search_threshold`).
+threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.channel_search.search_threshold`).
 
 A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
 gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.flops import FlopsPredictor, ThresholdSearch, search_threshold
+from lightning_prune.channel_search import ThresholdSearch, search_threshold
+from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gates import (
     ChannelGates,
     GatePhaseResult,

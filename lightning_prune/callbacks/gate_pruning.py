@@ -31,7 +31,8 @@ from lightning_prune.callbacks._monitor import monitored_value, validation_metri
 from lightning_prune.callbacks._shared import check_range
 from lightning_prune.choices import check_choice
 from lightning_prune.callbacks._strategy import prepare_module
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise_changed
 from lightning_prune.gates import GatePhaseResult, GatePosition, gate_scores
 from lightning_prune.loggers import log_metrics, log_pruning_event
