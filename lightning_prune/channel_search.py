@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from lightning_prune.flops import FlopsPredictor
-from lightning_prune.structure import ChannelPlan, plan_from_scores
+from lightning_prune.structure import ChannelPlan
+from lightning_prune.structure.plans import check_round_to, kept_counts, plan_from_scores
 
 
 @dataclass(frozen=True)
@@ -27,48 +28,54 @@ class ThresholdSearch:
 
 
 def search_threshold(
-    scores: Sequence[torch.Tensor], flops_ratio: float, predictor: FlopsPredictor, min_channels: int = 1
+    scores: Sequence[torch.Tensor],
+    flops_ratio: float,
+    predictor: FlopsPredictor,
+    min_channels: int = 1,
+    round_to: Optional[int] = None,
 ) -> ThresholdSearch:
     """The lowest global threshold whose plan meets a FLOPs budget (Pruning from Scratch, Sec. 3.3).
 
-    Channel ``c`` of group ``g`` stays iff ``scores[g][c] >= t`` (plus each group's ``min_channels``
-    top-scored channels). FLOPs fall as ``t`` rises, so a binary search over the sorted distinct score
-    values finds the smallest ``t`` with ``FLOPs(t) <= flops_ratio * dense`` in ``log2(#channels)``
-    predictions: the plan lands at or below the target and as close as the global threshold allows
-    (only equal scores move together).
+    Channel ``c`` of group ``g`` stays iff ``scores[g][c] >= t``, plus each group's ``min_channels``
+    top-scored channels; with ``round_to`` each group's count is rounded up to a multiple of it with its next
+    best channels (:func:`~lightning_prune.structure.plans.kept_counts`; as Torch-Pruning's ``round_to``).
+    A score of ``+inf`` (a group without a gate) always stays. FLOPs fall as ``t`` rises, so a binary search
+    over the sorted distinct finite scores finds the smallest ``t`` with ``FLOPs(t) <= flops_ratio * dense``
+    in ``log2(#channels)`` predictions, every one of them on the rounded counts: the plan lands at or below
+    the target and as close as the global threshold (and the rounding) allows.
 
     Raises:
-        ValueError: ``flops_ratio`` outside (0, 1]; scores that do not match the groups; or a target
-            below the smallest reachable structure (the message gives the smallest reachable ratio).
+        ValueError: ``flops_ratio`` outside (0, 1]; ``round_to`` not a positive integer; scores that do not
+            match the groups; or a target below the smallest reachable structure (the message gives the
+            smallest reachable ratio).
     """
     if not 0.0 < flops_ratio <= 1.0:
         raise ValueError(f"`flops_ratio` must be in (0, 1], got {flops_ratio!r}.")
-    sizes = [int(size) for size in predictor.sizes]
-    if [len(score) for score in scores] != sizes:
-        raise ValueError(f"`scores` must hold one score per channel of each group (sizes {sizes}).")
+    check_round_to(round_to)
+    sizes = torch.as_tensor(predictor.sizes, dtype=torch.long)
+    if [len(score) for score in scores] != sizes.tolist():
+        raise ValueError(f"`scores` must hold one score per channel of each group (sizes {sizes.tolist()}).")
     flat = torch.cat([score.detach().float().cpu().flatten() for score in scores])
     if torch.isnan(flat).any():
         raise ValueError("`scores` contain NaN.")
+    group_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    candidates = torch.unique(flat[torch.isfinite(flat)])  # sorted; position len(candidates): above every finite score
+    above_all = float(torch.nextafter(candidates[-1], torch.tensor(math.inf))) if len(candidates) else math.inf
+
+    def threshold_at(position: int) -> float:
+        return float(candidates[position]) if position < len(candidates) else above_all
+
+    def flops_at(position: int) -> int:
+        counts = torch.bincount(group_of[flat >= threshold_at(position)], minlength=len(sizes))
+        return predictor.predict_counts(kept_counts(counts, sizes, min_channels, round_to).numpy())
+
     budget = flops_ratio * predictor.dense
-    smallest = predictor.min_flops(min_channels)
+    smallest = flops_at(len(candidates))
     if smallest > budget:
         raise ValueError(
             f"`flops_ratio`={flops_ratio} is below the smallest reachable ratio {smallest / predictor.dense:.6f} "
-            f"(every group at `min_channels`={min_channels})."
+            f"(every group at `min_channels`={min_channels}, `round_to`={round_to}; groups without a finite score kept whole)."
         )
-    group_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    # each group's min_channels top scores (ties to the lower index, as in plan_from_scores)
-    by_score = torch.argsort(flat, descending=True, stable=True)
-    by_group_then_score = by_score[torch.argsort(group_of[by_score], stable=True)]
-    rank = torch.arange(len(flat)) - torch.tensor([0] + sizes[:-1]).cumsum(0)[group_of]
-    protected = torch.zeros_like(flat, dtype=torch.bool)
-    protected[by_group_then_score[rank < min_channels]] = True
-    candidates = torch.unique(flat)  # sorted; position len(candidates) stands for "above every score"
-
-    def flops_at(position: int) -> int:
-        keep = protected if position == len(candidates) else protected | (flat >= candidates[position])
-        return predictor.predict_counts(torch.bincount(group_of[keep], minlength=len(sizes)).numpy())
-
     low, high = 0, len(candidates)  # invariant: flops_at(high) <= budget
     while low < high:
         middle = (low + high) // 2
@@ -76,8 +83,7 @@ def search_threshold(
             high = middle
         else:
             low = middle + 1
-    above_all = torch.nextafter(candidates[-1], torch.tensor(math.inf))
-    threshold = float(candidates[high] if high < len(candidates) else above_all)
-    plan = plan_from_scores(scores, threshold, min_channels)
+    threshold = threshold_at(high)
+    plan = plan_from_scores(scores, threshold, min_channels, round_to)
     flops = predictor.predict(plan)
     return ThresholdSearch(plan=plan, flops=flops, ratio=flops / predictor.dense, threshold=threshold)

@@ -47,14 +47,16 @@ from lightning_prune.gates import (
     gate_scores,
     gate_sites,
 )
-from lightning_prune.structure import ChannelGroup, ChannelPlan
+from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure.plans import kept_counts
 
 Mode = Literal["min", "max"]
 """Whether a lower or a higher monitored value is better."""
 Select = Literal["best_val", "last"]
 """Which gates decide the structure: the best validated snapshot, or the last gates."""
 Init = Literal["random", "inherit"]
-"""Weights of the pruned network: re-initialised, or the surviving ones kept."""
+"""Weights of the pruned network: the whole network freshly initialised (the authors'), or the surviving
+random weights kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
 
@@ -76,6 +78,8 @@ class GateSearch:
         model: the randomly initialised network (its channel ``groups`` found on it).
         groups: :func:`~lightning_prune.structure.find_channel_groups` of ``model``.
         position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; see ``gates``).
+        gated: the groups that get gates (:func:`~lightning_prune.gates.gated_groups`; default: all of
+            ``groups``); the others keep every channel.
         lr: Adam learning rate of the gates.
         gamma, gate_ratio, l1: ``γ``, ``r`` and ``l_1`` of the objective.
         mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
@@ -89,6 +93,7 @@ class GateSearch:
         groups: Sequence[ChannelGroup],
         *,
         position: GatePosition = "bn",
+        gated: Optional[Sequence[ChannelGroup]] = None,
         lr: float = 0.01,
         gamma: float = 0.5,
         gate_ratio: float = 0.2,
@@ -98,7 +103,7 @@ class GateSearch:
     ) -> None:
         self.model = model
         self.groups = list(groups)
-        self.gates = ChannelGates.for_groups(model, self.groups, position)
+        self.gates = ChannelGates.for_groups(model, self.groups if gated is None else gated, position)
         self.gamma, self.gate_ratio, self.l1, self.mode = gamma, gate_ratio, l1, mode
         self.reduce: Reduce = reduce or (lambda tensor, op: tensor)
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr, foreach=True)
@@ -241,11 +246,18 @@ class GateSearch:
         chosen.steps = self.steps
         return chosen
 
-    def search(self, predictor: FlopsPredictor, flops_ratio: float, scores: Optional[list[torch.Tensor]] = None) -> ThresholdSearch:
-        """The largest structure of the selected gates within ``flops_ratio`` × ``predictor.dense`` FLOPs
-        (``scores``: :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
+    def search(
+        self,
+        predictor: FlopsPredictor,
+        flops_ratio: float,
+        scores: Optional[list[torch.Tensor]] = None,
+        round_to: Optional[int] = None,
+    ) -> ThresholdSearch:
+        """The largest structure of the selected gates within ``flops_ratio`` × ``predictor.dense`` FLOPs,
+        each group's count a multiple of ``round_to`` or the whole group (``scores``:
+        :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
         scores = scores if scores is not None else gate_scores(self.result(), self.groups)
-        return search_threshold(scores, flops_ratio, predictor)
+        return search_threshold(scores, flops_ratio, predictor, round_to=round_to)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -272,27 +284,39 @@ class GateSearch:
 
 
 def check_target(
-    model: nn.Module, groups: Sequence[ChannelGroup], position: GatePosition, predictor: FlopsPredictor, dense_flops: int, flops_ratio: float
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    gated: Sequence[ChannelGroup],
+    position: GatePosition,
+    predictor: FlopsPredictor,
+    dense_flops: int,
+    flops_ratio: float,
+    round_to: Optional[int] = None,
 ) -> Optional[str]:
-    """Refuse, before any weight changes, a model with no channel to gate at ``position`` and a FLOPs target
-    below the smallest structure (one channel per group; ``dense_flops`` of the unexpanded model). Returns a
-    warning when ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
-    if not gate_sites(model, groups, position):
+    """Refuse, before any weight changes, a model with no channel to gate at ``position`` among the ``gated``
+    groups, and a FLOPs target below the smallest structure (every gated group at one channel, or
+    ``round_to``; the other groups whole; ``dense_flops`` of the unexpanded model). Returns a warning when
+    ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
+    if not gate_sites(model, gated, position):
         raise ValueError(
             f"The model has no prunable channel to gate at `gate_position`={position!r}"
-            + (" (no BatchNorm in a prunable channel group; try 'conv')." if position != "conv" else ".")
+            + (" (no BatchNorm in a gated channel group; try 'conv')" if position != "conv" else "")
+            + f" among {len(gated)} of {len(groups)} channel groups (`gate_sites='all'` gates every group)."
         )
-    smallest = predictor.min_flops() / dense_flops
+    indices = {group.index for group in gated}
+    fixed = torch.tensor([0 if group.index in indices else group.size for group in groups])
+    sizes = torch.tensor([group.size for group in groups])
+    smallest = predictor.predict_counts(kept_counts(fixed, sizes, 1, round_to).numpy()) / dense_flops
     if smallest > flops_ratio:
         raise ValueError(
             f"`flops_ratio`={flops_ratio} is unreachable: the smallest structure of the gated network (one channel "
-            f"per group) has {smallest:.4f} of the dense FLOPs."
+            f"per gated group, `round_to`={round_to}, the other groups whole) has {smallest:.4f} of the dense FLOPs."
         )
     if position != "conv":
         return None
     normalised = [
         group.root
-        for group in groups
+        for group in gated
         if any(isinstance(model.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
     ]
     if not normalised:
@@ -304,10 +328,11 @@ def check_target(
 
 
 @torch.no_grad()
-def reinitialise_changed(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
-    """PyTorch's default initialisation for every module whose shape the plan changed."""
-    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
-    for name in sorted(changed):
-        module = model.get_submodule(name)
-        if hasattr(module, "reset_parameters"):
+def reinitialise(model: nn.Module) -> None:
+    """A fresh initialisation of the whole network, as the authors' ``train_pruned.py`` builds the pruned
+    configuration anew: every submodule with a ``reset_parameters`` (Conv, Linear, BatchNorm with its running
+    statistics, ...) gets PyTorch's default initialisation, pruned or not; parameters of modules without
+    one keep their values."""
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()

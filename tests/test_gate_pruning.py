@@ -105,9 +105,9 @@ def test_one_fit_ends_with_a_physically_smaller_model_at_the_flops_target_that_t
 def test_pruned_vgg_learns_the_digits(trainer_factory) -> None:
     model = classifier("vgg_small", width=0.5)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=3, limit_train_batches=10, num_sanity_val_steps=0)
+    trainer = trainer_factory([pruning], max_epochs=5, limit_train_batches=10, num_sanity_val_steps=0)
     trainer.fit(model, digits(batch_size=64))
-    assert float(trainer.callback_metrics["val/acc"]) > 0.4  # chance is 0.1
+    assert float(trainer.callback_metrics["val/acc"]) > 0.4  # chance is 0.1; 3 epochs left 1 of 4 seeds at chance
 
 
 @pytest.mark.parametrize("position", ["bn", "conv", "bn_weight"])

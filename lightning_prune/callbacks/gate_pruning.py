@@ -33,8 +33,8 @@ from lightning_prune.choices import check_choice
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor, count_flops
-from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise_changed
-from lightning_prune.gates import GatePhaseResult, GatePosition, gate_scores
+from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_target, reinitialise
+from lightning_prune.gates import GatePhaseResult, GatePosition, GateSites, gate_scores, gated_groups
 from lightning_prune.loggers import log_metrics, log_pruning_event
 from lightning_prune.report import channel_rows, pruning_summary
 from lightning_prune.structure import (
@@ -55,8 +55,8 @@ class GatePruningFromScratch(pl.Callback):
     At the start of training (``on_train_start``, inside the same ``fit``):
 
     1. **Gate phase** (:class:`~lightning_prune.gate_search.GateSearch`, which holds the objective
-       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel (coupled channels
-       share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
+       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel of the ``gate_sites``
+       groups (coupled channels share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
        its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
        data. The task loss is the module's own ``training_step`` loss (its returned tensor or the
        ``loss`` of a returned dict, logging silenced), or ``loss_fn(pl_module, batch)``: any batch
@@ -70,9 +70,15 @@ class GatePruningFromScratch(pl.Callback):
        kept, else the last gates; without validation data, the last gates.
     3. **Threshold**: one global threshold over all gates for the largest structure whose fvcore
        FLOPs (multiply-adds per sample) are at most ``flops_ratio`` × the dense (unexpanded) model's.
-    4. **Prune and re-initialise**: the structure is built physically, re-initialised (``init``),
-       and the optimizers and schedulers of ``configure_optimizers`` are re-created on the new
-       parameters; the Trainer trains the pruned network (``budget_training``: ``round(max_epochs / flops_ratio)`` epochs).
+    4. **Prune and re-initialise**: the structure is built physically; with ``init="random"`` the whole
+       network is freshly initialised (PyTorch's default initialisation of every module with
+       ``reset_parameters``, pruned or not), as the authors' ``train_pruned.py`` builds the pruned
+       configuration anew; the optimizers and schedulers of ``configure_optimizers`` are re-created on the new
+       parameters; the Trainer trains the pruned network (``budget_training``: ``round(max_epochs / flops_ratio)`` epochs)
+       on its training data, the data the gates learned on. The authors learn the gates on 45k of
+       CIFAR-10's training images (the other 5k select the snapshot) and train the pruned network on all
+       50k; in one ``fit`` both phases read the Trainer's training and validation data, so the DataModule's
+       split holds for both (the example config keeps 5k for validation throughout).
 
     Logged: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction`` and ``gate/step``
     every ``log_every_n_steps`` gate steps and at each gate epoch's end; ``gate/<monitor>`` after each
@@ -94,6 +100,11 @@ class GatePruningFromScratch(pl.Callback):
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
         gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``).
         gate_lr: Adam learning rate of the gates.
+        gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
+            layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every
+            conv-BN-ReLU of a plain net; the stem and the residual stream stay unpruned, see
+            ``gates.inner_groups``) or ``"all"`` (every coupled group). Default ``"all"``: it works on any
+            model whose groups are found (also one without inner groups) and lets the target cut the stream.
         gate_position: ``"bn"`` (after BatchNorm, before the activation: the authors'), ``"conv"``
             (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
             BatchNorm scale is the gate).
@@ -102,7 +113,7 @@ class GatePruningFromScratch(pl.Callback):
         monitor: the key ``validation_step`` logs that selects the snapshot (default: the first key
             ending in ``loss``).
         mode: ``"min"`` (lower ``monitor`` is better) or ``"max"``.
-        init: ``"random"`` (modules whose shape changed get PyTorch's default initialisation) or
+        init: ``"random"`` (the whole pruned network freshly initialised, the authors') or
             ``"inherit"`` (the surviving random weights stay).
         budget_training: "Scratch-B": train for ``round(max_epochs / flops_ratio)`` epochs.
         expansion: channel expansion factor (>= 1) of the network the gates are learned on.
@@ -121,6 +132,7 @@ class GatePruningFromScratch(pl.Callback):
         gate_epochs: int = 10,
         gate_lr: float = 0.01,
         gate_position: GatePosition = "bn",
+        gate_sites: GateSites = "all",
         select: Select = "best_val",
         gate_val_every: Optional[int] = None,
         monitor: Optional[str] = None,
@@ -143,6 +155,7 @@ class GatePruningFromScratch(pl.Callback):
         if gate_val_every is not None:
             _check_int("gate_val_every", gate_val_every, 1)
         check_choice("gate_position", gate_position, GatePosition)
+        check_choice("gate_sites", gate_sites, GateSites)
         check_choice("select", select, Select)
         check_choice("mode", mode, Mode)
         check_choice("init", init, Init)
@@ -154,7 +167,7 @@ class GatePruningFromScratch(pl.Callback):
         check_function("loss_fn", loss_fn, 2, "loss_fn(pl_module, batch) -> loss")
         check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch) -> model input")
         self.flops_ratio, self.gate_ratio, self.gamma, self.l1 = flops_ratio, gate_ratio, gamma, l1
-        self.gate_epochs, self.gate_lr, self.gate_position = gate_epochs, gate_lr, gate_position
+        self.gate_epochs, self.gate_lr, self.gate_position, self.gate_sites = gate_epochs, gate_lr, gate_position, gate_sites
         self.select, self.gate_val_every, self.monitor, self.mode = select, gate_val_every, monitor, mode
         self.init, self.budget_training, self.expansion = init, budget_training, expansion
         self.loss_fn, self.example_input_fn, self.verbose = loss_fn, example_input_fn, verbose
@@ -163,6 +176,7 @@ class GatePruningFromScratch(pl.Callback):
     def _reset(self) -> None:
         """A fresh state: nothing chosen yet (also when the instance is reused on another model)."""
         self._groups: list[ChannelGroup] = []
+        self._gated: list[ChannelGroup] = []
         self._predictor: Optional[FlopsPredictor] = None
         self._dense_flops = self._dense_params = 0
         self._original: Optional[tuple[float, dict[str, torch.Tensor]]] = None  # (width, state) before expansion
@@ -186,7 +200,7 @@ class GatePruningFromScratch(pl.Callback):
 
     def _arguments(self) -> dict[str, Any]:
         """The arguments that decide the structure and its training budget."""
-        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "select",
+        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites", "select",
                  "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
         return {name: getattr(self, name) for name in names}
 
@@ -278,7 +292,8 @@ class GatePruningFromScratch(pl.Callback):
             pl_module.set_width(pl_module.width * self.expansion)
         self._groups = find_channel_groups(pl_module, x)
         self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
-        warning = check_target(pl_module, self._groups, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio)
+        self._gated = gated_groups(pl_module, self._groups, x, self.gate_sites)
+        warning = check_target(pl_module, self._groups, self._gated, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio)
         if warning:
             rank_zero_warn(warning)
         return x
@@ -296,7 +311,7 @@ class GatePruningFromScratch(pl.Callback):
             return trainer.strategy.reduce(tensor, reduce_op=op) if trainer.world_size > 1 else tensor
 
         search = GateSearch(
-            pl_module, self._groups, position=self.gate_position, lr=self.gate_lr, gamma=self.gamma,
+            pl_module, self._groups, position=self.gate_position, gated=self._gated, lr=self.gate_lr, gamma=self.gamma,
             gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode, reduce=reduce,
         )
         limit = _limit(trainer.num_training_batches)
@@ -341,7 +356,7 @@ class GatePruningFromScratch(pl.Callback):
         apply_plan(pl_module, self._groups, found.plan, x)
         self._original = None  # the widened model is now the pruned one: nothing to restore
         if self.init == "random":
-            reinitialise_changed(pl_module, self._groups, found.plan)
+            reinitialise(pl_module)
         self.pruned, self._model = True, weakref.ref(pl_module)
         for callback in _averaging_callbacks(trainer):
             callback.setup(trainer, pl_module, "fit")  # its average starts from the pruned model, as it would have from the dense one
