@@ -165,6 +165,19 @@ def test_init_inherit_keeps_surviving_random_weights_random_redraws_them(init, t
     assert torch.equal(recorder.pruned[name], expected) == (init == "inherit")
 
 
+def test_round_to_keeps_every_group_at_a_multiple_and_meets_the_target(trainer_factory) -> None:
+    model = classifier("resnet20", width=0.5)  # groups of 8, 16, 32 channels
+    dense_flops = flops(model)
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, round_to=8, verbose=False)
+    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+    kept = [len(keep) for keep in pruning.plan.values()]
+    assert all(k % 8 == 0 for k in kept) and any(k < len(pruning.gates[g]) for g, k in zip(pruning.plan, kept))
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)
+    assert flops(model) <= 0.5 * dense_flops
+    assert flops(model) / dense_flops == pytest.approx(pruning.reached_flops_ratio, rel=1e-12)  # predicted == recount
+
+
 def test_budget_training_extends_max_epochs_and_logs_it(trainer_factory) -> None:
     logger = ListLogger()
     pruning = GatePruningFromScratch(flops_ratio=0.4, gate_epochs=1, budget_training=True, verbose=False)
@@ -271,6 +284,9 @@ def test_nan_gate_loss_stops_with_a_clear_error_and_leaves_the_model(trainer_fac
         (dict(init="zeros"), "init"),
         (dict(expansion=0.5), "expansion"),
         (dict(gate_val_every=0), "gate_val_every"),
+        (dict(round_to=0), "round_to"),
+        (dict(round_to=8.0), "round_to"),
+        (dict(gate_sites="outer"), "gate_sites"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument) -> None:

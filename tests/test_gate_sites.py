@@ -77,8 +77,3 @@ def test_random_init_draws_the_whole_pruned_network_afresh(init, trainer_factory
     assert "network.stem.0.weight" in unpruned and "network.fc.weight" in unpruned
     same = [torch.equal(recorder.pruned[k], recorder.dense[k]) for k in unpruned if recorder.dense[k].dim() > 1]  # conv, linear
     assert all(same) if init == "inherit" else not any(same)
-
-
-def test_gate_sites_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"`gate_sites` must be one of \('inner', 'all'\), got 'outer'"):
-        GatePruningFromScratch(gate_sites="outer")

@@ -37,6 +37,7 @@ from lightning_prune.gate_search import GateSearch, Init, Mode, Select, check_ta
 from lightning_prune.gates import GatePhaseResult, GatePosition, GateSites, gate_scores, gated_groups
 from lightning_prune.loggers import log_metrics, log_pruning_event
 from lightning_prune.report import channel_rows, pruning_summary
+from lightning_prune.structure.plans import check_round_to
 from lightning_prune.structure import (
     STRUCTURE_KEY,
     ChannelGroup,
@@ -105,6 +106,9 @@ class GatePruningFromScratch(pl.Callback):
             conv-BN-ReLU of a plain net; the stem and the residual stream stay unpruned, see
             ``gates.inner_groups``) or ``"all"`` (every coupled group). Default ``"all"``: it works on any
             model whose groups are found (also one without inner groups) and lets the target cut the stream.
+        round_to: keep each group's channel count a multiple of this (e.g. 8 or 16 for tensor cores; as
+            Torch-Pruning's ``round_to``), or the whole group where it is smaller; the threshold search
+            counts the rounded structure, so the FLOPs target still holds. ``None``: any count.
         gate_position: ``"bn"`` (after BatchNorm, before the activation: the authors'), ``"conv"``
             (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
             BatchNorm scale is the gate).
@@ -133,6 +137,7 @@ class GatePruningFromScratch(pl.Callback):
         gate_lr: float = 0.01,
         gate_position: GatePosition = "bn",
         gate_sites: GateSites = "all",
+        round_to: Optional[int] = None,
         select: Select = "best_val",
         gate_val_every: Optional[int] = None,
         monitor: Optional[str] = None,
@@ -156,6 +161,7 @@ class GatePruningFromScratch(pl.Callback):
             _check_int("gate_val_every", gate_val_every, 1)
         check_choice("gate_position", gate_position, GatePosition)
         check_choice("gate_sites", gate_sites, GateSites)
+        check_round_to(round_to)
         check_choice("select", select, Select)
         check_choice("mode", mode, Mode)
         check_choice("init", init, Init)
@@ -169,7 +175,7 @@ class GatePruningFromScratch(pl.Callback):
         self.flops_ratio, self.gate_ratio, self.gamma, self.l1 = flops_ratio, gate_ratio, gamma, l1
         self.gate_epochs, self.gate_lr, self.gate_position, self.gate_sites = gate_epochs, gate_lr, gate_position, gate_sites
         self.select, self.gate_val_every, self.monitor, self.mode = select, gate_val_every, monitor, mode
-        self.init, self.budget_training, self.expansion = init, budget_training, expansion
+        self.init, self.budget_training, self.expansion, self.round_to = init, budget_training, expansion, round_to
         self.loss_fn, self.example_input_fn, self.verbose = loss_fn, example_input_fn, verbose
         self._reset()
 
@@ -200,7 +206,7 @@ class GatePruningFromScratch(pl.Callback):
 
     def _arguments(self) -> dict[str, Any]:
         """The arguments that decide the structure and its training budget."""
-        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites", "select",
+        names = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites", "round_to", "select",
                  "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
         return {name: getattr(self, name) for name in names}
 
@@ -293,7 +299,7 @@ class GatePruningFromScratch(pl.Callback):
         self._groups = find_channel_groups(pl_module, x)
         self._predictor = FlopsPredictor(pl_module, x, self._groups, dense_count if self.expansion == 1 else None)
         self._gated = gated_groups(pl_module, self._groups, x, self.gate_sites)
-        warning = check_target(pl_module, self._groups, self._gated, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio)
+        warning = check_target(pl_module, self._groups, self._gated, self.gate_position, self._predictor, self._dense_flops, self.flops_ratio, self.round_to)
         if warning:
             rank_zero_warn(warning)
         return x
@@ -352,7 +358,7 @@ class GatePruningFromScratch(pl.Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult, x: tuple[Any, ...]) -> None:
         scores = trainer.strategy.broadcast(gate_scores(result, self._groups), src=0)
         target = min(1.0, self.flops_ratio * self._dense_flops / self._predictor.dense)
-        found = search_threshold(scores, target, self._predictor)
+        found = search_threshold(scores, target, self._predictor, round_to=self.round_to)
         apply_plan(pl_module, self._groups, found.plan, x)
         self._original = None  # the widened model is now the pruned one: nothing to restore
         if self.init == "random":
