@@ -30,6 +30,7 @@ processes in one collective (``reduce``), Adam and the clamp touch one tensor.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -37,17 +38,19 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_prune.channel_search import ThresholdSearch, search_threshold
-from lightning_prune.flops import FlopsPredictor
+from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.gates import (
     ChannelGates,
     GatePhaseResult,
     GatePosition,
+    GateSites,
     NonFiniteGateLoss,
     frozen_network,
     gate_scores,
     gate_sites,
+    gated_groups,
 )
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure import ChannelGroup, ChannelPlan, ExampleInput, apply_plan, find_channel_groups
 from lightning_prune.structure.plans import kept_counts
 
 Mode = Literal["min", "max"]
@@ -336,3 +339,72 @@ def reinitialise(model: nn.Module) -> None:
     for module in model.modules():
         if module is not model and callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()
+
+
+@dataclass
+class GatePruned:
+    """The structure :meth:`GatePruning.prune` chose: the plan, the selected gates, the lowest kept gate
+    (``threshold``) and the FLOPs of the pruned model / the dense (unexpanded) model's."""
+
+    plan: ChannelPlan
+    gates: dict[int, torch.Tensor]
+    threshold: float
+    flops_ratio: float
+
+
+class GatePruning:
+    """Pruning from Scratch's decisions around the gate phase, without a Trainer.
+
+    Built on the model the gates learn on (widened already when there is an expansion): its channel groups,
+    the groups that get gates (``sites``, :func:`~lightning_prune.gates.gated_groups`) and the FLOPs
+    predictor; an unreachable target or a model without a channel to gate is refused here, before any
+    weight changes (:func:`check_target`; its warning in :attr:`warning`). :meth:`search` builds the
+    :class:`GateSearch`; :meth:`prune` turns the selected gates into the pruned network.
+
+    Args:
+        model: the randomly initialised network (widened by any expansion).
+        example_input: one sample of its input.
+        dense: :func:`~lightning_prune.flops.count_flops` of the dense, unexpanded model: the FLOPs target is
+            ``flops_ratio`` × ``dense.total``.
+        expanded: whether ``model`` is wider than the model ``dense`` counted (else its count is reused).
+        flops_ratio, position, sites, round_to: as ``GatePruningFromScratch``'s arguments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: ExampleInput,
+        dense: FlopCount,
+        *,
+        expanded: bool = False,
+        flops_ratio: float = 0.5,
+        position: GatePosition = "bn",
+        sites: GateSites = "all",
+        round_to: Optional[int] = None,
+    ) -> None:
+        self.model, self.example_input, self.dense_flops = model, example_input, dense.total
+        self.flops_ratio, self.position, self.round_to = flops_ratio, position, round_to
+        self.groups = find_channel_groups(model, example_input)
+        self.gated = gated_groups(model, self.groups, example_input, sites)
+        self.predictor = FlopsPredictor(model, example_input, self.groups, None if expanded else dense)
+        self.warning = check_target(model, self.groups, self.gated, position, self.predictor, self.dense_flops, flops_ratio, round_to)
+
+    def search(self, **options: Any) -> GateSearch:
+        """The :class:`GateSearch` of the gated groups (``options``: its ``lr``, ``gamma``, ``gate_ratio``,
+        ``l1``, ``mode``, ``reduce``)."""
+        return GateSearch(self.model, self.groups, position=self.position, gated=self.gated, **options)
+
+    def prune(self, result: GatePhaseResult, scores: Optional[list[torch.Tensor]] = None, init: Init = "random") -> GatePruned:
+        """The largest structure of the selected gates within ``flops_ratio`` × the dense FLOPs (one global
+        threshold, :func:`~lightning_prune.channel_search.search_threshold`, counts rounded to ``round_to``),
+        removed physically, then initialised (``init="random"``: :func:`reinitialise`). ``scores``:
+        :func:`~lightning_prune.gates.gate_scores` of ``result`` (e.g. broadcast from rank 0)."""
+        scores = scores if scores is not None else gate_scores(result, self.groups)
+        target = min(1.0, self.flops_ratio * self.dense_flops / self.predictor.dense)
+        found = search_threshold(scores, target, self.predictor, round_to=self.round_to)
+        apply_plan(self.model, self.groups, found.plan, self.example_input)
+        if init == "random":
+            reinitialise(self.model)
+        threshold = float(torch.cat([result.gates[g][found.plan[g].cpu()] for g in result.gates]).min())
+        plan = {index: keep.cpu() for index, keep in found.plan.items()}
+        return GatePruned(plan, result.gates, threshold, found.flops / self.dense_flops)

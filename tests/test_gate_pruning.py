@@ -227,7 +227,7 @@ def test_resume_reshapes_before_loading_and_never_reruns_the_gate_phase(tmp_path
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the gate phase ran again")
 
-    monkeypatch.setattr(module, "GateSearch", forbidden)
+    monkeypatch.setattr(module, "GatePruning", forbidden)
     resumed_model, resumed = classifier(), GatePruningFromScratch(**options)  # a dense, unexpanded model
     trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
     trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
