@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_prune import GatePruningFromScratch
 from lightning_prune.demo.models import build_network
+from lightning_prune.flops import count_flops
+from lightning_prune.gate_search import GatePruning
 from lightning_prune.gates import gate_sites, gated_groups
 from lightning_prune.structure import find_channel_groups
 from test_gate_pruning import LIMITS, Recorder, classifier, digits, flops
@@ -77,3 +80,24 @@ def test_random_init_draws_the_whole_pruned_network_afresh(init, trainer_factory
     assert "network.stem.0.weight" in unpruned and "network.fc.weight" in unpruned
     same = [torch.equal(recorder.pruned[k], recorder.dense[k]) for k in unpruned if recorder.dense[k].dim() > 1]  # conv, linear
     assert all(same) if init == "inherit" else not any(same)
+
+
+@pytest.mark.parametrize("arch, round_to", [("resnet20", None), ("mobilenetv2", None), ("resnet20", 4)])
+def test_gate_pruning_core_prunes_only_inner_groups_to_the_unexpanded_target_without_a_trainer(arch, round_to) -> None:
+    x = torch.randn(1, 3, 16, 16)
+    dense = count_flops(build_network(arch, 10, 3, 16, width=0.5), x)  # the unexpanded model's FLOPs
+    model = build_network(arch, 10, 3, 16, width=0.75)  # the gates learn on a 1.5x wider network
+    core = GatePruning(model, x, dense, expanded=True, flops_ratio=0.5, sites="inner", round_to=round_to)
+    search = core.search(lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(3)]
+    result = search.run(lambda: batches, lambda batch, index: F.cross_entropy(model(batch[0]), batch[1]), epochs=1)
+    pruned = core.prune(result)
+    inner = {group.index for group in core.gated}
+    assert set(result.gates) == inner and len(inner) == GROUPS[arch][0]
+    for group in core.groups:  # the stream and other ungated groups whole; each count a multiple of round_to
+        kept = len(pruned.plan[group.index])
+        assert kept == group.size if group.index not in inner else (round_to is None or kept % round_to == 0 or kept == group.size)
+    assert any(len(pruned.plan[g]) < core.groups[g].size for g in inner)
+    recount = count_flops(model, x).total
+    assert recount <= 0.5 * dense.total and recount == round(pruned.flops_ratio * dense.total)  # predicted == fvcore recount
