@@ -19,7 +19,13 @@ is better than the best so far (``mode``: ``"min"`` or ``"max"``); with no kept 
 
 **Threshold**: :meth:`GateSearch.search` ranks channels by their selected gate (ties by the gate's
 mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
-threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.channel_search.search_threshold`).
+threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.channel_search.search_threshold`;
+with ``round_to``, each group's count a multiple of it).
+
+**Around it** (:class:`GatePruning`): the groups that get gates (``sites``: the authors' ``"inner"``
+placement or ``"all"``), the refusal of an unreachable target before any weight changes, the FLOPs target
+relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
+network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
 A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
 gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
