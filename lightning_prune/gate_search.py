@@ -310,7 +310,8 @@ def check_target(
         raise ValueError(
             f"The model has no prunable channel to gate at `gate_position`={position!r}"
             + (" (no BatchNorm in a gated channel group; try 'conv')" if position != "conv" else "")
-            + f" among {len(gated)} of {len(groups)} channel groups (`gate_sites='all'` gates every group)."
+            + f" among the {len(gated)} gated of {len(groups)} channel groups (`gate_sites`: 'inner' leaves out the"
+            " groups of residual connections and linear bottlenecks, 'all' gates every group)."
         )
     indices = {group.index for group in gated}
     fixed = torch.tensor([0 if group.index in indices else group.size for group in groups])

@@ -101,3 +101,13 @@ def test_gate_pruning_core_prunes_only_inner_groups_to_the_unexpanded_target_wit
     assert any(len(pruned.plan[g]) < core.groups[g].size for g in inner)
     recount = count_flops(model, x).total
     assert recount <= 0.5 * dense.total and recount == round(pruned.flops_ratio * dense.total)  # predicted == fvcore recount
+
+
+def test_inner_without_an_inner_group_is_refused_before_any_weight_changes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))  # no activation: a linear bottleneck
+    x = torch.randn(1, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`gate_position`='conv' among the 0 gated of 1 channel groups \(`gate_sites`"):
+        GatePruning(model, x, count_flops(model, x), position="conv", sites="inner")
+    assert GatePruning(model, x, count_flops(model, x), position="conv", sites="all").gated
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
