@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import ChannelGroup, apply_plan, find_channel_groups
 
