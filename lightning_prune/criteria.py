@@ -83,11 +83,12 @@ def _bracket(tensors: Sequence[torch.Tensor], k: int, total: int) -> tuple[int, 
         generator = torch.Generator(device=weight.device).manual_seed(0)
         index = torch.randint(weight.numel(), (count,), generator=generator, device=weight.device)
         samples.append(magnitude_keys(weight.detach().reshape(-1)[index]).to(tensors[0].device))
-    keys = torch.cat(samples).sort().values
+    keys = torch.cat(samples)
     rank, margin = k / total * keys.numel(), 6 * (keys.numel() * k / total * (1 - k / total)) ** 0.5 + 16
     first, last = int(rank - margin), int(rank + margin)
-    low, high = keys[[max(0, first), min(keys.numel() - 1, last)]].tolist()
-    return (low if first > 0 else 0), (high if last < keys.numel() - 1 else 0x7FFFFFFF)
+    low = int(keys.kthvalue(first + 1).values) if first > 0 else 0
+    high = int(keys.kthvalue(last + 1).values) if last < keys.numel() - 1 else 0x7FFFFFFF
+    return low, high
 
 
 def _sparse_nonzero(flags: torch.Tensor) -> torch.Tensor:
@@ -144,11 +145,15 @@ def _select_in_bracket(
     below = sum(t.numel() for t in tensors) - sum(kept_) - held
     if not below <= k <= below + held:
         return None
-    # rank the keys inside the bracket by (key, layer, position); drop the first k - below
+    # rank the keys inside the bracket by (key, layer, position) and drop the first k - below: all keys below
+    # the (k - below)-th, then the first of its ties by position (the candidates are in layer, position order)
     candidates = torch.cat([magnitude_keys(t.detach().reshape(-1)[p]).to(tensors[0].device) for t, p in zip(tensors, inside)])
-    order = torch.sort(candidates, stable=True).indices
     survive = torch.ones(held, dtype=torch.bool, device=candidates.device)
-    survive[order[: k - below]] = False
+    if k > below:
+        threshold = candidates.kthvalue(k - below).values
+        torch.ge(candidates, threshold, out=survive)
+        ties = k - below - (held - int(survive.sum()))
+        survive[(candidates == threshold).nonzero().reshape(-1)[:ties]] = False
     dropped = []
     for mask, positions, part, count in zip(masks, inside, survive.split([p.numel() for p in inside]), kept_):
         part = part.to(mask.device)
