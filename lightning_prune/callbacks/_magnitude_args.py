@@ -107,9 +107,9 @@ def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
 def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedule:
     """The schedule in this fit's unit; ``end_epoch=None`` ends halfway to the Trainer's end (``max_epochs``, or with
     ``interval="step"`` the optimizer steps of the fit: ``max_steps`` or ``max_epochs`` × steps per epoch).
-    ``fast_dev_run`` prunes once, to the final target, at the first epoch."""
+    ``fast_dev_run`` prunes once, to the final target, at the start."""
     if trainer.fast_dev_run:
-        rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the first epoch.")
+        rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the start.")
         return PruningSchedule("one_shot", 0, 0)
     limit_name, limit = ("max_epochs", trainer.max_epochs) if a["interval"] == "epoch" else ("max_steps", trainer.max_steps)
     if a["interval"] == "step" and (limit is None or limit < 0) and trainer.max_epochs not in (None, -1):

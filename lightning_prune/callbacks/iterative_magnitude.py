@@ -109,7 +109,6 @@ class IterativeMagnitude(pl.Callback):
         self.predictor: Optional[FlopsPredictor] = None
         self.example: Optional[ModelArgs] = None
         self.structure: Optional[StructureRecord] = None
-        self.unit = interval  # the schedule's unit in this fit ("epoch" under fast_dev_run)
         self._stepped = False
 
     @property
@@ -129,7 +128,6 @@ class IterativeMagnitude(pl.Callback):
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         args.check_layer_keys(self.arguments, self.layers)
         self.schedule = args.resolve_schedule(self.arguments, trainer)
-        self.unit = "epoch" if trainer.fast_dev_run else self.interval
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
@@ -154,7 +152,7 @@ class IterativeMagnitude(pl.Callback):
         if self.granularity == "channel" and self.pruner.channels is None:
             self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, self.channel_norm, self.max_layer_sparsity)
             self.predictor = FlopsPredictor(pl_module, self.example, self.pruner.channels.groups, self.dense_flops)
-        args.warn_if_too_short(trainer, self.schedule, self.unit)
+        args.warn_if_too_short(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         first = self.pruner.last_event < 0
@@ -176,12 +174,12 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.unit == "epoch":
+        if self.interval == "epoch":
             self._event(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.unit == "step":
+        if self.interval == "step":
             self._event(trainer, pl_module, trainer.global_step)
 
     @override
@@ -203,7 +201,7 @@ class IterativeMagnitude(pl.Callback):
         report = sparsity_report(pl_module, self.layers)
         notes = []
         if not self.pruner.schedule_complete:
-            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.unit} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
+            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.interval} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
