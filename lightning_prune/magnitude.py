@@ -331,6 +331,8 @@ class MagnitudePruner:
     def step(self, time: int, broadcast: Optional[Broadcast] = None) -> Optional[float]:
         """At time ``time`` of :attr:`schedule` (epoch or step): snapshot for rewinding at ``rewind_at``, and
         prune if it is an event not yet run. Returns the event's progress fraction, else ``None``."""
+        if self.schedule is None:
+            raise ValueError("`schedule` is None: `step` needs MagnitudePruner(..., schedule=PruningSchedule(...)).")
         if self.rewind_at == time and self.rewind_state is None:
             self.remember()
         fraction = self.schedule.fraction(time)
