@@ -69,12 +69,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "readme":
         write_readme(args.results)
         return
-    warnings.filterwarnings("ignore")
     import pytorch_lightning  # noqa: F401 - it sets its loggers' levels on import; ours come after
 
-    for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric", "lightning_prune"):
-        logging.getLogger(logger).setLevel(logging.ERROR)
-    path = run(args.suite, args.out, args.only)
+    quiet = [logging.getLogger(name) for name in
+             ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric", "lightning_prune")]
+    levels = [logger.level for logger in quiet]
+    try:  # quiet for this run only: main() also runs inside a test session
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = run(args.suite, args.out, args.only)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     if args.out.resolve() == RESULTS_DIR.resolve() and not args.only:
         write_readme(path)
     print(f"[benchmarks] wrote {path.parent}", file=sys.stderr)
