@@ -3,7 +3,7 @@
 Prints, in one run on one machine:
   (a) the time of ``search_threshold`` on ResNet-56 (CIFAR shapes) with the ``FlopsPredictor`` vs. the
       same search when every candidate plan is physically applied to a copy and re-counted by fvcore,
-      as a ratio (both searches must return the same plan), plus one prediction's time on ResNet-50;
+      as a ratio (both searches must return the same plan), plus one candidate's time both ways on ResNet-50;
   (b) CPU inference latency of ResNet-56 pruned to 50% FLOPs vs. dense (batch 64, 32x32), as a
       ratio next to the FLOPs ratio.
 
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import ChannelGroup, apply_plan, find_channel_groups
 
@@ -62,7 +63,24 @@ def uniform_scores(groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
     return [torch.rand(group.size, generator=generator) for group in groups]
 
 
-def search_speed(repeats: int) -> None:
+def per_candidate(arch: str, image_size: int, num_classes: int, repeats: int, recounts: int) -> dict[str, float]:
+    """Time of one candidate's FLOPs: the fast predictor vs pruning a copy and re-counting it with fvcore (same number)."""
+    model = build_network(arch, num_classes=num_classes, in_channels=3, image_size=image_size).eval()
+    x = torch.randn(1, 3, image_size, image_size)
+    groups = find_channel_groups(model, x)
+    start = time.perf_counter()
+    predictor = FlopsPredictor(model, x, groups)
+    trace = time.perf_counter() - start
+    kept = np.array([max(1, group.size // 2) for group in groups])
+    fast = seconds(lambda: predictor.predict_counts(kept), repeats)
+    slow_predictor = RecountingPredictor(model, x, groups)
+    slow = seconds(lambda: slow_predictor.predict_counts(kept), recounts)
+    assert predictor.predict_counts(kept) == slow_predictor.predict_counts(kept)
+    return {"groups": len(groups), "channels": int(predictor.sizes.sum()), "trace_s": trace, "predict_s": fast, "recount_s": slow}
+
+
+def search_speed(repeats: int) -> dict[str, float]:
+    """``search_threshold`` to 50% FLOPs on ResNet-56 (32x32): fast predictor vs fvcore per candidate (same plan)."""
     model = build_network("resnet56", num_classes=10, in_channels=3, image_size=32).eval()
     x = torch.randn(1, 3, 32, 32)
     groups = find_channel_groups(model, x)
@@ -77,18 +95,20 @@ def search_speed(repeats: int) -> None:
     slow_result = search_threshold(scores, 0.5, slow_predictor)
     slow = time.perf_counter() - start
     assert slow_result.flops == fast_result.flops and slow_result.threshold == fast_result.threshold
-    print(f"(a) ResNet-56 32x32, search_threshold to 50% FLOPs, {len(groups)} groups, {int(predictor.sizes.sum())} channels")
-    print(f"    fvcore per candidate: {slow * 1e3:9.1f} ms ({slow_predictor.evaluations} prune + fvcore recounts)")
-    print(f"    fast predictor:       {fast * 1e3:9.3f} ms (median of {repeats}; one fvcore trace beforehand: {trace * 1e3:.0f} ms)")
-    print(f"    speed-up: x{slow / fast:,.0f} (x{slow / (fast + trace):,.1f} counting the one trace); same plan, ratio {fast_result.ratio:.4f}")
+    return {"groups": len(groups), "channels": int(predictor.sizes.sum()), "trace_s": trace, "fast_s": fast, "slow_s": slow,
+            "evaluations": slow_predictor.evaluations, "ratio": fast_result.ratio}
 
-    resnet50 = build_network("resnet50", num_classes=1000, in_channels=3, image_size=224).eval()
-    x50 = torch.randn(1, 3, 224, 224)
-    groups50 = find_channel_groups(resnet50, x50)
-    predictor50 = FlopsPredictor(resnet50, x50, groups50)
-    plan = {g.index: torch.arange(max(1, g.size // 2)) for g in groups50}
-    per_call = seconds(lambda: predictor50.predict(plan), 1000)
-    print(f"    ResNet-50 224x224 ({len(groups50)} groups): predict(plan) {per_call * 1e6:.1f} us per call")
+
+def print_search_speed(repeats: int) -> None:
+    r = search_speed(repeats)
+    slow, fast, trace = r["slow_s"], r["fast_s"], r["trace_s"]
+    print(f"(a) ResNet-56 32x32, search_threshold to 50% FLOPs, {r['groups']} groups, {r['channels']} channels")
+    print(f"    fvcore per candidate: {slow * 1e3:9.1f} ms ({r['evaluations']} prune + fvcore recounts)")
+    print(f"    fast predictor:       {fast * 1e3:9.3f} ms (median of {repeats}; one fvcore trace beforehand: {trace * 1e3:.0f} ms)")
+    print(f"    speed-up: x{slow / fast:,.0f} (x{slow / (fast + trace):,.1f} counting the one trace); same plan, ratio {r['ratio']:.4f}")
+    c = per_candidate("resnet50", 224, 1000, 1000, 1)
+    print(f"    ResNet-50 224x224 ({c['groups']} groups): one candidate {c['predict_s'] * 1e6:.1f} us predicted, "
+          f"{c['recount_s']:.2f} s pruned + recounted")
 
 
 def latency(repeats: int) -> None:
@@ -122,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    search_speed(args.repeats)
+    print_search_speed(args.repeats)
     latency(args.repeats)
 
 

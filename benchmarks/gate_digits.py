@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
 
 

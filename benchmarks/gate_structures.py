@@ -32,7 +32,8 @@ from torch import nn
 
 from lightning_prune.correlation import mean_off_diagonal, plot_correlation, structure_correlation
 from lightning_prune.demo.data import DigitsDataModule
-from lightning_prune.flops import FlopsPredictor, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gate_search import GateSearch
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import ChannelGroup, channel_ratio_vector, find_channel_groups

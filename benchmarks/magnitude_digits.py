@@ -14,18 +14,29 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelPruning
+from torch import nn
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, PruningSchedule, sparsity_report
 
-warnings.filterwarnings("ignore")
 
+def model_pruning(
+    schedule: PruningSchedule, sparsity: float, parameters_to_prune: Optional[list[tuple[nn.Module, str]]] = None,
+    use_lottery_ticket_hypothesis: bool = True,
+) -> ModelPruning:
+    """Lightning's callback with `amount` (a fraction of the *remaining* weights) made equivalent to absolute targets.
 
-def model_pruning(schedule: PruningSchedule, sparsity: float) -> ModelPruning:
-    """Lightning's callback with `amount` (a fraction of the *remaining* weights) made equivalent to absolute targets."""
+    ``parameters_to_prune`` and ``use_lottery_ticket_hypothesis`` go to ``ModelPruning`` (its defaults: every
+    module's ``weight``, BatchNorm included, and rewinding the kept weights to their initial values at each event).
+    """
+    if schedule.events[0] < 1:
+        raise ValueError(
+            f"`schedule` must start at epoch >= 1 for ModelPruning (it prunes at the end of the epoch before), got {schedule.events}."
+        )
     targets = {epoch: schedule.fraction(epoch) * sparsity for epoch in schedule.events}
 
     def amount(epoch: int) -> float:
@@ -36,7 +47,10 @@ def model_pruning(schedule: PruningSchedule, sparsity: float) -> ModelPruning:
         previous = max([t for e, t in targets.items() if e < epoch + 1], default=0.0)
         return 1.0 - (1.0 - target) / (1.0 - previous)
 
-    return ModelPruning("l1_unstructured", amount=amount, use_global_unstructured=True, verbose=0)
+    return ModelPruning(
+        "l1_unstructured", parameters_to_prune=parameters_to_prune, amount=amount, use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=use_lottery_ticket_hypothesis, verbose=0,
+    )
 
 
 def run(arch: str, seed: int, epochs: int, callback: pl.Callback | None) -> tuple[float, float, float, float]:
@@ -62,6 +76,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--arch", default="lenet300100")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     schedule = PruningSchedule("agp", start_epoch=4, end_epoch=12, frequency=2)
     results: dict[str, list[tuple[float, float, float, float]]] = {"dense": [], "IterativeMagnitude": [], "ModelPruning": []}

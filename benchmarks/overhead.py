@@ -11,8 +11,10 @@ from the first ``on_train_batch_start`` to the last ``on_train_batch_end`` hook 
 optimizer step and every callback's batch hooks), in the second epoch only (every callback is active
 by then: IterativeMagnitude and ModelPruning prune 90% at epoch 0); the ratio is the median step time
 over the median dense step time of the same round, then the median over rounds. The gate phase step
-(``learn_gates``, its own loop) is its wall time / its steps. Op and sync counts are taken on one
-further step (the gate phase: all its steps / their number) and are device-independent.
+(``GateSearch.run``, its own loop) is its wall time / its steps (metric reads every ``log_every_n_steps``
+and at the epoch's end included). Op and sync counts are taken on one further step (the gate phase: its
+per-step path, the loss and ``GateSearch.step``, over all its steps / their number) and are
+device-independent.
 """
 
 from __future__ import annotations
@@ -33,10 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude, build_network
 from lightning_prune.diagnostics import OpCount, _Dispatch, _Function
-
-warnings.filterwarnings("ignore")
-for _logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-    logging.getLogger(_logger).setLevel(logging.ERROR)
+from lightning_prune.gate_search import GateSearch
 
 
 class Net(pl.LightningModule):
@@ -121,18 +120,29 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[lis
     start = StepStart(count_step=steps)
     if variant == GATE:
         gate = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, select="last", verbose=False)
-        learn = gate._gate_phase
         timing: dict[str, Any] = {}
+        run_phase = GateSearch.run
 
-        def timed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:  # the gate phase alone
+        def timed(search: GateSearch, batches: Any, task_loss: Callable[..., Any], **kwargs: Any) -> Any:
+            """The gate phase alone, timed whole; ops counted in its per-step path (loss + gate step)."""
             count = OpCount()
+            step = search.step
+
+            def counted_loss(batch: Any, index: int) -> Any:
+                with _Function(count), _Dispatch(count):
+                    return task_loss(batch, index)
+
+            def counted_step(loss: Any) -> None:
+                with _Function(count), _Dispatch(count):
+                    step(loss)
+
+            search.step = counted_step  # type: ignore[method-assign]
             began = time.perf_counter()
-            with _Function(count), _Dispatch(count):
-                result = learn(trainer, pl_module)
+            result = run_phase(search, batches, counted_loss, **kwargs)
             timing.update(seconds=time.perf_counter() - began, count=count, steps=result.steps)
             return result
 
-        gate._gate_phase = timed
+        GateSearch.run = timed  # type: ignore[method-assign]
         callbacks: list[pl.Callback] = [gate]
         epochs, limit = 1, steps  # max_steps=1: the pruned network trains one step after the gate phase
     else:
@@ -154,7 +164,10 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[lis
         max_steps=1 if variant == GATE else -1,
     )
     if variant == GATE:
-        trainer.fit(model, train)
+        try:
+            trainer.fit(model, train)
+        finally:
+            GateSearch.run = run_phase  # type: ignore[method-assign]
         steps_run = timing["steps"]
         count = timing["count"]
         per_step = OpCount(
@@ -177,6 +190,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
     if args.quick:
         args.rounds, args.steps, args.batch, args.models = 1, 3, 2, ["resnet20"]
     if args.threads:

@@ -11,7 +11,8 @@ from lightning_prune.callbacks import AutoPruneCallback, GatePruningFromScratch,
 from lightning_prune.correlation import structure_correlation
 from lightning_prune.diagnostics import count_ops
 from lightning_prune.export import export_sparse, load_sparse
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import PruningSchedule

@@ -19,7 +19,13 @@ is better than the best so far (``mode``: ``"min"`` or ``"max"``); with no kept 
 
 **Threshold**: :meth:`GateSearch.search` ranks channels by their selected gate (ties by the gate's
 mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
-threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.flops.search_threshold`).
+threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.channel_search.search_threshold`;
+with ``round_to``, each group's count a multiple of it).
+
+**Around it** (:class:`GatePruning`): the groups that get gates (``sites``: the authors' ``"inner"``
+placement or ``"all"``), the refusal of an unreachable target before any weight changes, the FLOPs target
+relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
+network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
 A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
 gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
@@ -30,30 +36,36 @@ processes in one collective (``reduce``), Adam and the clamp touch one tensor.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_prune.flops import FlopsPredictor, ThresholdSearch, search_threshold
+from lightning_prune.channel_search import ThresholdSearch, search_threshold
+from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.gates import (
     ChannelGates,
     GatePhaseResult,
     GatePosition,
+    GateSites,
     NonFiniteGateLoss,
     frozen_network,
     gate_scores,
     gate_sites,
+    gated_groups,
 )
-from lightning_prune.structure import ChannelGroup, ChannelPlan
+from lightning_prune.structure import ChannelGroup, ChannelPlan, ExampleInput, apply_plan, find_channel_groups
+from lightning_prune.structure.plans import kept_counts
 
 Mode = Literal["min", "max"]
 """Whether a lower or a higher monitored value is better."""
 Select = Literal["best_val", "last"]
 """Which gates decide the structure: the best validated snapshot, or the last gates."""
 Init = Literal["random", "inherit"]
-"""Weights of the pruned network: re-initialised, or the surviving ones kept."""
+"""Weights of the pruned network: the whole network freshly initialised (the authors'), or the surviving
+random weights kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
 
@@ -75,6 +87,8 @@ class GateSearch:
         model: the randomly initialised network (its channel ``groups`` found on it).
         groups: :func:`~lightning_prune.structure.find_channel_groups` of ``model``.
         position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; see ``gates``).
+        gated: the groups that get gates (:func:`~lightning_prune.gates.gated_groups`; default: all of
+            ``groups``); the others keep every channel.
         lr: Adam learning rate of the gates.
         gamma, gate_ratio, l1: ``γ``, ``r`` and ``l_1`` of the objective.
         mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
@@ -88,6 +102,7 @@ class GateSearch:
         groups: Sequence[ChannelGroup],
         *,
         position: GatePosition = "bn",
+        gated: Optional[Sequence[ChannelGroup]] = None,
         lr: float = 0.01,
         gamma: float = 0.5,
         gate_ratio: float = 0.2,
@@ -97,7 +112,7 @@ class GateSearch:
     ) -> None:
         self.model = model
         self.groups = list(groups)
-        self.gates = ChannelGates.for_groups(model, self.groups, position)
+        self.gates = ChannelGates.for_groups(model, self.groups if gated is None else gated, position)
         self.gamma, self.gate_ratio, self.l1, self.mode = gamma, gate_ratio, l1, mode
         self.reduce: Reduce = reduce or (lambda tensor, op: tensor)
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr, foreach=True)
@@ -240,11 +255,18 @@ class GateSearch:
         chosen.steps = self.steps
         return chosen
 
-    def search(self, predictor: FlopsPredictor, flops_ratio: float, scores: Optional[list[torch.Tensor]] = None) -> ThresholdSearch:
-        """The largest structure of the selected gates within ``flops_ratio`` × ``predictor.dense`` FLOPs
-        (``scores``: :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
+    def search(
+        self,
+        predictor: FlopsPredictor,
+        flops_ratio: float,
+        scores: Optional[list[torch.Tensor]] = None,
+        round_to: Optional[int] = None,
+    ) -> ThresholdSearch:
+        """The largest structure of the selected gates within ``flops_ratio`` × ``predictor.dense`` FLOPs,
+        each group's count a multiple of ``round_to`` or the whole group (``scores``:
+        :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
         scores = scores if scores is not None else gate_scores(self.result(), self.groups)
-        return search_threshold(scores, flops_ratio, predictor)
+        return search_threshold(scores, flops_ratio, predictor, round_to=round_to)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -271,27 +293,40 @@ class GateSearch:
 
 
 def check_target(
-    model: nn.Module, groups: Sequence[ChannelGroup], position: GatePosition, predictor: FlopsPredictor, dense_flops: int, flops_ratio: float
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    gated: Sequence[ChannelGroup],
+    position: GatePosition,
+    predictor: FlopsPredictor,
+    dense_flops: int,
+    flops_ratio: float,
+    round_to: Optional[int] = None,
 ) -> Optional[str]:
-    """Refuse, before any weight changes, a model with no channel to gate at ``position`` and a FLOPs target
-    below the smallest structure (one channel per group; ``dense_flops`` of the unexpanded model). Returns a
-    warning when ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
-    if not gate_sites(model, groups, position):
+    """Refuse, before any weight changes, a model with no channel to gate at ``position`` among the ``gated``
+    groups, and a FLOPs target below the smallest structure (every gated group at one channel, or
+    ``round_to``; the other groups whole; ``dense_flops`` of the unexpanded model). Returns a warning when
+    ``position="conv"`` gates layers whose BatchNorm normalises the gate away, else ``None``."""
+    if not gate_sites(model, gated, position):
         raise ValueError(
             f"The model has no prunable channel to gate at `gate_position`={position!r}"
-            + (" (no BatchNorm in a prunable channel group; try 'conv')." if position != "conv" else ".")
+            + (" (no BatchNorm in a gated channel group; try 'conv')" if position != "conv" else "")
+            + f" among the {len(gated)} gated of {len(groups)} channel groups (`gate_sites`: 'inner' leaves out the"
+            " groups of residual connections and linear bottlenecks, 'all' gates every group)."
         )
-    smallest = predictor.min_flops() / dense_flops
+    indices = {group.index for group in gated}
+    fixed = torch.tensor([0 if group.index in indices else group.size for group in groups])
+    sizes = torch.tensor([group.size for group in groups])
+    smallest = predictor.predict_counts(kept_counts(fixed, sizes, 1, round_to).numpy()) / dense_flops
     if smallest > flops_ratio:
         raise ValueError(
             f"`flops_ratio`={flops_ratio} is unreachable: the smallest structure of the gated network (one channel "
-            f"per group) has {smallest:.4f} of the dense FLOPs."
+            f"per gated group, `round_to`={round_to}, the other groups whole) has {smallest:.4f} of the dense FLOPs."
         )
     if position != "conv":
         return None
     normalised = [
         group.root
-        for group in groups
+        for group in gated
         if any(isinstance(model.get_submodule(m.module), _BatchNorm) for m in group.members if m.kind == "channel")
     ]
     if not normalised:
@@ -303,10 +338,80 @@ def check_target(
 
 
 @torch.no_grad()
-def reinitialise_changed(model: nn.Module, groups: list[ChannelGroup], plan: ChannelPlan) -> None:
-    """PyTorch's default initialisation for every module whose shape the plan changed."""
-    changed = {m.module for g in groups if len(plan.get(g.index, range(g.size))) < g.size for m in g.members}
-    for name in sorted(changed):
-        module = model.get_submodule(name)
-        if hasattr(module, "reset_parameters"):
+def reinitialise(model: nn.Module) -> None:
+    """A fresh initialisation of the whole network, as the authors' ``train_pruned.py`` builds the pruned
+    configuration anew: every submodule with a ``reset_parameters`` (Conv, Linear, BatchNorm with its running
+    statistics, ...) gets PyTorch's default initialisation, pruned or not; parameters of modules without
+    one keep their values."""
+    for module in model.modules():
+        if module is not model and callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()
+
+
+@dataclass
+class GatePruned:
+    """The structure :meth:`GatePruning.prune` chose: the plan, the selected gates, the lowest kept gate
+    (``threshold``) and the FLOPs of the pruned model / the dense (unexpanded) model's."""
+
+    plan: ChannelPlan
+    gates: dict[int, torch.Tensor]
+    threshold: float
+    flops_ratio: float
+
+
+class GatePruning:
+    """Pruning from Scratch's decisions around the gate phase, without a Trainer.
+
+    Built on the model the gates learn on (widened already when there is an expansion): its channel groups,
+    the groups that get gates (``sites``, :func:`~lightning_prune.gates.gated_groups`) and the FLOPs
+    predictor; an unreachable target or a model without a channel to gate is refused here, before any
+    weight changes (:func:`check_target`; its warning in :attr:`warning`). :meth:`search` builds the
+    :class:`GateSearch`; :meth:`prune` turns the selected gates into the pruned network.
+
+    Args:
+        model: the randomly initialised network (widened by any expansion).
+        example_input: one sample of its input.
+        dense: :func:`~lightning_prune.flops.count_flops` of the dense, unexpanded model: the FLOPs target is
+            ``flops_ratio`` × ``dense.total``.
+        expanded: whether ``model`` is wider than the model ``dense`` counted (else its count is reused).
+        flops_ratio, position, sites, round_to: as ``GatePruningFromScratch``'s arguments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: ExampleInput,
+        dense: FlopCount,
+        *,
+        expanded: bool = False,
+        flops_ratio: float = 0.5,
+        position: GatePosition = "bn",
+        sites: GateSites = "all",
+        round_to: Optional[int] = None,
+    ) -> None:
+        self.model, self.example_input, self.dense_flops = model, example_input, dense.total
+        self.flops_ratio, self.position, self.round_to = flops_ratio, position, round_to
+        self.groups = find_channel_groups(model, example_input)
+        self.gated = gated_groups(model, self.groups, example_input, sites)
+        self.predictor = FlopsPredictor(model, example_input, self.groups, None if expanded else dense)
+        self.warning = check_target(model, self.groups, self.gated, position, self.predictor, self.dense_flops, flops_ratio, round_to)
+
+    def search(self, **options: Any) -> GateSearch:
+        """The :class:`GateSearch` of the gated groups (``options``: its ``lr``, ``gamma``, ``gate_ratio``,
+        ``l1``, ``mode``, ``reduce``)."""
+        return GateSearch(self.model, self.groups, position=self.position, gated=self.gated, **options)
+
+    def prune(self, result: GatePhaseResult, scores: Optional[list[torch.Tensor]] = None, init: Init = "random") -> GatePruned:
+        """The largest structure of the selected gates within ``flops_ratio`` × the dense FLOPs (one global
+        threshold, :func:`~lightning_prune.channel_search.search_threshold`, counts rounded to ``round_to``),
+        removed physically, then initialised (``init="random"``: :func:`reinitialise`). ``scores``:
+        :func:`~lightning_prune.gates.gate_scores` of ``result`` (e.g. broadcast from rank 0)."""
+        scores = scores if scores is not None else gate_scores(result, self.groups)
+        target = min(1.0, self.flops_ratio * self.dense_flops / self.predictor.dense)
+        found = search_threshold(scores, target, self.predictor, round_to=self.round_to)
+        apply_plan(self.model, self.groups, found.plan, self.example_input)
+        if init == "random":
+            reinitialise(self.model)
+        threshold = float(torch.cat([result.gates[g][found.plan[g].cpu()] for g in result.gates]).min())
+        plan = {index: keep.cpu() for index, keep in found.plan.items()}
+        return GatePruned(plan, result.gates, threshold, found.flops / self.dense_flops)

@@ -16,6 +16,12 @@ Three gate positions:
 - ``"bn_weight"`` (network-slimming style): the gate *is* the BatchNorm scale,
   ``y = λ · x̂ + β``; the shift β is not gated.
 
+Which groups get gates (``sites``, :func:`gated_groups`): ``"all"`` gates every coupled group;
+``"inner"`` is the authors' placement (their ``gate.py``): on a residual net only the channels inside a
+block (bn1 of a CIFAR basic block, bn1 and bn2 of a bottleneck, MobileNetV2's expansion channels), never
+the stem or the residual stream, which stay unpruned at the (expanded) width; on a plain net (VGG) every
+conv-BN-ReLU. :func:`inner_groups` defines it on the groups, not on class names.
+
 Gates live outside the model (one flat ``nn.Parameter``, not registered on it): its
 ``state_dict``, parameters and optimizers never see them, and ``remove()`` leaves the model
 exactly as it was.
@@ -26,17 +32,19 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_prune.choices import check_choice
-from lightning_prune.modes import training_mode
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.modes import eval_mode, training_mode
+from lightning_prune.structure import ChannelGroup, ExampleInput
 
 GatePosition = Literal["bn", "conv", "bn_weight"]
+GateSites = Literal["inner", "all"]
+"""Which channel groups get gates: the authors' placement (:func:`inner_groups`) or every group."""
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -66,6 +74,99 @@ def gate_sites(model: nn.Module, groups: Sequence[ChannelGroup], position: GateP
             if gated:
                 sites.append(GateSite(member.module, group.index, tuple(member.positions.tolist()), tuple(member.channels.tolist())))
     return sites
+
+
+def _layers(model: nn.Module, group: ChannelGroup, kind: str) -> list[str]:
+    """The group's Conv/Linear members carrying its channels as ``kind`` ("out": producing, "in": reading);
+    a depthwise conv acts per channel and is neither."""
+    return [
+        member.module
+        for member in group.members
+        if member.kind == kind
+        and isinstance(module := model.get_submodule(member.module), _LAYERS)
+        and getattr(module, "groups", 1) == 1
+    ]
+
+
+def _feeds_activation(model: nn.Module, example_input: ExampleInput, names: set[str]) -> dict[str, bool]:
+    """For each module in ``names``: whether every use of its output in one forward pass is a one-input
+    operation (an activation), not a layer (which also reads its weight) or an add. Read from the autograd
+    graph of one pass in eval mode, every parameter requiring its gradient for the while."""
+    produced: dict[str, Any] = {}
+
+    def record(name: str):  # noqa: ANN202 - a forward hook
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            produced.setdefault(name, output.grad_fn)
+
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(parameter.is_floating_point())
+        with eval_mode(model), torch.enable_grad():
+            output = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    users: dict[Any, list[Any]] = {}
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for previous, _ in node.next_functions:
+            if previous is not None:
+                users.setdefault(previous, []).append(node)
+                if previous not in seen:
+                    seen.add(previous)
+                    stack.append(previous)
+    one_input = lambda node: sum(previous is not None for previous, _ in node.next_functions) == 1  # noqa: E731
+    return {name: bool(users.get(fn)) and all(map(one_input, users[fn])) for name, fn in produced.items()}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return [t for item in value for t in _tensors(item)] if isinstance(value, (list, tuple)) else []
+
+
+def inner_groups(model: nn.Module, groups: Sequence[ChannelGroup], example_input: ExampleInput) -> list[ChannelGroup]:
+    """The authors' gate sites on the coupled groups: the groups whose channels go from one layer, through
+    a nonlinearity, into one layer, i.e. that take no part in a residual connection:
+
+    - one producing Conv/Linear: several mean the channels are added (a residual stream, with the stem
+      that feeds it);
+    - at most one reading Conv/Linear: several mean the input of a residual block, read by its branch and by
+      its projection shortcut (ResNet-50's stem);
+    - each of the group's BatchNorms (without one: its producing layer) feeds an activation, not a layer or
+      an add: a linear bottleneck (MobileNetV2's block output) is the stream of a stage with one block.
+
+    On the built-in networks this is exactly the authors' placement: resnet20/56 bn1 of each block,
+    resnet50 bn1 and bn2 of each bottleneck, mobilenetv2 the expansion channels plus the stem and the last
+    conv (their ImageNet script gates every ConvBNReLU too), VGG every conv-BN-ReLU
+    (``tests/test_gate_sites.py``). A group leaving the network (DenseNet's concatenations) is read by several
+    layers and left out as well.
+    """
+    candidates = [g for g in groups if len(_layers(model, g, "out")) == 1 and len(_layers(model, g, "in")) <= 1]
+    checked = {
+        g.index: [m.module for m in g.members if isinstance(model.get_submodule(m.module), _BATCHNORMS)] or _layers(model, g, "out")
+        for g in candidates
+    }
+    activated = _feeds_activation(model, example_input, {name for names in checked.values() for name in names})
+    return [g for g in candidates if all(activated.get(name, False) for name in checked[g.index])]
+
+
+def gated_groups(
+    model: nn.Module, groups: Sequence[ChannelGroup], example_input: ExampleInput, sites: GateSites = "all"
+) -> list[ChannelGroup]:
+    """The groups that get gates: every group (``"all"``) or :func:`inner_groups` (``"inner"``)."""
+    check_choice("gate_sites", sites, GateSites)
+    return list(groups) if sites == "all" else inner_groups(model, groups, example_input)
 
 
 class _Multiplier:

@@ -28,7 +28,10 @@ from torch import nn
 
 from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.masks import MaskSet
-from lightning_prune.structure import ChannelGroup, ChannelPlan, channel_masks, find_channel_groups, layer_channel_ratios
+from lightning_prune.schedules import PruningSchedule
+from lightning_prune.structure import (
+    ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, zeroed_channel_plan,
+)
 from lightning_prune.targets import PRUNABLE_TYPES, stored_weight
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
@@ -89,6 +92,15 @@ def max_zeros(numel: int, max_layer_sparsity: float) -> int:
     if max_layer_sparsity >= 1.0:
         return numel
     return min(int(max_layer_sparsity * numel), numel - 1)
+
+
+def check_initial_sparsity(initial_sparsity: float, sparsity: Union[float, Mapping[str, float]], criterion: Criterion) -> None:
+    """AGP's s_i must not exceed any final sparsity s_f and is a sparsity, which the sensitivity criterion has not."""
+    if initial_sparsity > 0 and criterion == "sensitivity":
+        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) is a sparsity: it needs `criterion`='magnitude', got 'sensitivity'.")
+    finals = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
+    if finals and initial_sparsity > min(finals):
+        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed the final `sparsity` ({sparsity!r}).")
 
 
 class ChannelMagnitude:
@@ -200,7 +212,11 @@ class MagnitudePruner:
         scope, criterion, sensitivity: as in :class:`~lightning_prune.IterativeMagnitude`.
         max_layer_sparsity: the per-layer floor: no layer holds more than this fraction of zeros.
         channels: a :class:`ChannelMagnitude` for ``granularity="channel"``.
-        rewind: keep a snapshot (:meth:`remember`) and put the surviving weights back to it after each event.
+        schedule: when to prune (:meth:`step`); its ``initial_sparsity`` s_i makes an event at progress f
+            ask each layer for s_i + (s_l - s_i)·f (Zhu & Gupta's AGP; per layer as Distiller's
+            AutomatedGradualPruner; layers without a target stay dense).
+        rewind_at: :meth:`step` snapshots the parameters (:meth:`remember`) at this time; the surviving
+            weights are put back to a snapshot after each event.
     """
 
     def __init__(
@@ -213,7 +229,10 @@ class MagnitudePruner:
         sensitivity: Union[float, Mapping[str, float], None] = None,
         max_layer_sparsity: float = 0.99,
         channels: Optional[ChannelMagnitude] = None,
+        schedule: Optional[PruningSchedule] = None,
+        rewind_at: Optional[int] = None,
     ) -> None:
+        check_initial_sparsity(0.0 if schedule is None else schedule.initial_sparsity, sparsity, criterion)
         self.model = model
         self.weights = unique_weights(model, layers)
         self.sparsity = sparsity
@@ -222,6 +241,9 @@ class MagnitudePruner:
         self.sensitivity = sensitivity
         self.max_layer_sparsity = max_layer_sparsity
         self.channels = channels
+        self.schedule = schedule
+        self.rewind_at = rewind_at
+        self.last_event = -1
         self.masks = MaskSet(model)
         self.sigmas: dict[str, float] = {}
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
@@ -242,12 +264,26 @@ class MagnitudePruner:
             return {name: fraction * value.get(layer, 0.0) for name, layer in self.weights.items()}
         return {name: fraction * float(value or 0.0) for name in self.weights}
 
+    def _blend(self, final: float, fraction: float) -> float:
+        """s_i + (s_f - s_i)·f, exactly s_f at f = 1 (and exactly f·s_f when s_i = 0)."""
+        s_i = 0.0 if self.schedule is None else self.schedule.initial_sparsity
+        return final if fraction == 1.0 else s_i + (final - s_i) * fraction
+
+    def _sparsity(self, fraction: float) -> dict[str, float]:
+        """``{weight name: s_i + (s_l - s_i)·fraction}`` (0 for a layer without a target)."""
+        if isinstance(self.sparsity, Mapping):
+            return {name: self._blend(self.sparsity[layer], fraction) if layer in self.sparsity else 0.0 for name, layer in self.weights.items()}
+        return {name: self._blend(float(self.sparsity), fraction) for name in self.weights}
+
+    def _global_sparsity(self, fraction: float) -> float:
+        return self._blend(float(self.sparsity), fraction)  # type: ignore[arg-type]
+
     def target_sparsity(self, fraction: float) -> float:
         """Fraction of zeros among the pruned weights that an event with this schedule fraction asks for."""
         if self.criterion == "sensitivity":
             return float("nan")
         sizes = {name: self.model.get_parameter(name).numel() for name in self.weights}
-        targets = self._per_layer(self.sparsity, fraction)
+        targets = self._sparsity(fraction)
         return sum(targets[name] * n for name, n in sizes.items()) / sum(sizes.values())
 
     @torch.no_grad()
@@ -270,16 +306,16 @@ class MagnitudePruner:
                 masks[name] = keep
             return masks
         if self.scope == "global":
-            return global_magnitude_masks(weights, fraction * float(self.sparsity), previous, self.max_drop)  # type: ignore[arg-type]
-        return layer_magnitude_masks(weights, self._per_layer(self.sparsity, fraction), previous)
+            return global_magnitude_masks(weights, self._global_sparsity(fraction), previous, self.max_drop)
+        return layer_magnitude_masks(weights, self._sparsity(fraction), previous)
 
     @torch.no_grad()
     def prune(self, fraction: float, broadcast: Optional[Broadcast] = None) -> None:
         """One pruning event: decide, take rank 0's decision (``broadcast``), mask, and rewind if asked."""
         if self.channels is not None:
-            target = self._per_layer(self.sparsity, fraction) if self.scope == "layer" else fraction * float(self.sparsity)  # type: ignore[arg-type]
-            if isinstance(target, dict):
-                target = {self.weights[name]: value for name, value in target.items()}
+            target: Union[float, dict[str, float]] = self._global_sparsity(fraction)
+            if self.scope == "layer":
+                target = {self.weights[name]: value for name, value in self._sparsity(fraction).items()}
             drop = broadcast_flags(self.channels.decide(self.model, target), broadcast)
             self.plan = self.channels.plan(drop)
             masks = {name: mask != 0 for name, mask in channel_masks(self.model, self.channels.groups, self.plan).items()}
@@ -291,6 +327,32 @@ class MagnitudePruner:
             for name, parameter in self.model.named_parameters():
                 parameter.copy_(self.rewind_state[name])
             self.masks.apply_to_weights()
+
+    def step(self, time: int, broadcast: Optional[Broadcast] = None) -> Optional[float]:
+        """At time ``time`` of :attr:`schedule` (epoch or step): snapshot for rewinding at ``rewind_at``, and
+        prune if it is an event not yet run. Returns the event's progress fraction, else ``None``."""
+        if self.schedule is None:
+            raise ValueError("`schedule` is None: `step` needs MagnitudePruner(..., schedule=PruningSchedule(...)).")
+        if self.rewind_at == time and self.rewind_state is None:
+            self.remember()
+        fraction = self.schedule.fraction(time)
+        if fraction is None or time <= self.last_event:
+            return None
+        self.prune(fraction, broadcast)
+        self.last_event = time
+        return fraction
+
+    @property
+    def schedule_complete(self) -> bool:
+        """Whether the last event of :attr:`schedule` has run."""
+        return self.last_event >= self.schedule.last_event
+
+    def remove_channels(self, example_input: tuple) -> StructureRecord:
+        """Physically remove the zeroed channels (``granularity="channel"``); the record reshapes a fresh model."""
+        device = next(self.model.parameters()).device
+        example = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_input)
+        groups = self.channels.groups
+        return apply_plan(self.model, groups, zeroed_channel_plan(self.model, groups), example)
 
     def remember(self) -> None:
         """Snapshot every parameter (on the host) for rewinding (lottery ticket: at init, or at epoch k)."""
@@ -310,10 +372,12 @@ class MagnitudePruner:
             "sigmas": dict(self.sigmas),
             "rewind_state": self.rewind_state,
             "plan": dict(self.plan),
+            "last_event": self.last_event,
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.sigmas = dict(state["sigmas"])  # type: ignore[arg-type]
         self.rewind_state = state["rewind_state"]  # type: ignore[assignment]
         self.plan = dict(state["plan"])  # type: ignore[arg-type]
+        self.last_event = int(state.get("last_event", state.get("last_event_epoch", -1)))  # type: ignore[call-overload]
         self.masks.load_state_dict(dict(state["masks"]))  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from lightning_prune import ImageClassifier, flops
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
 
@@ -221,3 +222,45 @@ def test_any_plan_is_predicted_exactly(name):
         assert predictor.predict(plan) == count_flops(pruned, x).total
 
     check()
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_keeps_multiples_and_still_meets_the_target_by_an_fvcore_recount(resnet56_search, round_to):
+    model, x, groups, predictor = resnet56_search
+    scores = channel_norms(model, groups, "l1")
+    result = search_threshold(scores, 0.5, predictor, round_to=round_to)
+    kept = [len(result.plan[g.index]) for g in groups]
+    assert all(k % round_to == 0 and k >= round_to for k in kept)  # resnet56's groups: 16, 32, 64 channels
+    assert any(k < g.size for k, g in zip(kept, groups))
+    assert 0.5 - 0.05 <= result.ratio <= 0.5
+    for group, score in zip(groups, scores):  # each group keeps its best channels
+        chosen = score[result.plan[group.index]]
+        dropped = torch.ones(group.size, dtype=torch.bool)
+        dropped[result.plan[group.index]] = False
+        assert not dropped.any() or float(chosen.min()) >= float(score[dropped].max())
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, groups, result.plan, x)
+    assert count_flops(pruned, x).total == result.flops
+
+
+def test_round_to_keeps_a_group_smaller_than_the_multiple_whole():
+    model = build_network("vgg_small", num_classes=10, in_channels=3, image_size=8, width=0.375)  # groups of 12, 24, 48
+    x = torch.randn(1, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    predictor = FlopsPredictor(model, x, groups)
+    result = search_threshold([torch.rand(g.size) for g in groups], 0.6, predictor, round_to=16)
+    kept = [len(result.plan[g.index]) for g in groups]
+    assert kept[:2] == [12, 12]  # smaller than 16: whole
+    assert all(k % 16 == 0 or k == g.size for k, g in zip(kept, groups)) and kept[-1] < groups[-1].size
+    assert result.ratio <= 0.6
+
+
+def test_groups_scored_inf_stay_whole_and_a_target_below_them_is_refused(resnet56_search):
+    _, _, groups, predictor = resnet56_search
+    scores = [torch.full((g.size,), math.inf) if g.index % 2 == 0 else torch.rand(g.size) for g in groups]
+    result = search_threshold(scores, 0.7, predictor)
+    assert all(len(result.plan[g.index]) == g.size for g in groups if g.index % 2 == 0)
+    assert result.ratio <= 0.7
+    fixed = predictor.predict_counts([g.size if g.index % 2 == 0 else 1 for g in groups]) / predictor.dense
+    with pytest.raises(ValueError, match=f"smallest reachable ratio {fixed:.6f}"):
+        search_threshold(scores, fixed * 0.99, predictor)

@@ -105,9 +105,9 @@ def test_one_fit_ends_with_a_physically_smaller_model_at_the_flops_target_that_t
 def test_pruned_vgg_learns_the_digits(trainer_factory) -> None:
     model = classifier("vgg_small", width=0.5)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=3, limit_train_batches=10, num_sanity_val_steps=0)
+    trainer = trainer_factory([pruning], max_epochs=5, limit_train_batches=10, num_sanity_val_steps=0)
     trainer.fit(model, digits(batch_size=64))
-    assert float(trainer.callback_metrics["val/acc"]) > 0.4  # chance is 0.1
+    assert float(trainer.callback_metrics["val/acc"]) > 0.4  # chance is 0.1; 3 epochs left 1 of 4 seeds at chance
 
 
 @pytest.mark.parametrize("position", ["bn", "conv", "bn_weight"])
@@ -165,6 +165,19 @@ def test_init_inherit_keeps_surviving_random_weights_random_redraws_them(init, t
     assert torch.equal(recorder.pruned[name], expected) == (init == "inherit")
 
 
+def test_round_to_keeps_every_group_at_a_multiple_and_meets_the_target(trainer_factory) -> None:
+    model = classifier("resnet20", width=0.5)  # groups of 8, 16, 32 channels
+    dense_flops = flops(model)
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, round_to=8, verbose=False)
+    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+    kept = [len(keep) for keep in pruning.plan.values()]
+    assert all(k % 8 == 0 for k in kept) and any(k < len(pruning.gates[g]) for g, k in zip(pruning.plan, kept))
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)
+    assert flops(model) <= 0.5 * dense_flops
+    assert flops(model) / dense_flops == pytest.approx(pruning.reached_flops_ratio, rel=1e-12)  # predicted == recount
+
+
 def test_budget_training_extends_max_epochs_and_logs_it(trainer_factory) -> None:
     logger = ListLogger()
     pruning = GatePruningFromScratch(flops_ratio=0.4, gate_epochs=1, budget_training=True, verbose=False)
@@ -214,7 +227,7 @@ def test_resume_reshapes_before_loading_and_never_reruns_the_gate_phase(tmp_path
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the gate phase ran again")
 
-    monkeypatch.setattr(module, "GateSearch", forbidden)
+    monkeypatch.setattr(module, "GatePruning", forbidden)
     resumed_model, resumed = classifier(), GatePruningFromScratch(**options)  # a dense, unexpanded model
     trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
     trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
@@ -271,6 +284,9 @@ def test_nan_gate_loss_stops_with_a_clear_error_and_leaves_the_model(trainer_fac
         (dict(init="zeros"), "init"),
         (dict(expansion=0.5), "expansion"),
         (dict(gate_val_every=0), "gate_val_every"),
+        (dict(round_to=0), "round_to"),
+        (dict(round_to=8.0), "round_to"),
+        (dict(gate_sites="outer"), "gate_sites"),
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs, argument) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.flops import FlopsPredictor, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gates import ChannelGates, GatePhaseResult, gate_scores
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import find_channel_groups

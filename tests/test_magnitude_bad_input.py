@@ -60,6 +60,16 @@ from conftest import make_trainer
         (dict(name=""), "name"),
         (dict(example_input_fn="first"), "example_input_fn"),
         (dict(example_input_fn=lambda: None), "example_input_fn"),
+        # AGP's initial sparsity s_i: in [0, 1), a number, at most s_f, only for AGP on a sparsity criterion
+        (dict(initial_sparsity=0.6, sparsity=0.5), "initial_sparsity"),
+        (dict(initial_sparsity=0.3, sparsity={"network.fc1": 0.5, "network.fc2": 0.2}, scope="layer"), "initial_sparsity"),
+        (dict(initial_sparsity=1.0, sparsity=0.9), "initial_sparsity"),
+        (dict(initial_sparsity=-0.1), "initial_sparsity"),
+        (dict(initial_sparsity="0.1"), "initial_sparsity"),
+        (dict(initial_sparsity=True), "initial_sparsity"),
+        (dict(initial_sparsity=0.1, schedule="iterative"), "initial_sparsity"),
+        (dict(initial_sparsity=0.1, criterion="sensitivity", sensitivity=1.0), "initial_sparsity"),
+        (dict(initial_sparsity=0.1, start_epoch=2, end_epoch=2), "initial_sparsity"),
     ],
 )
 def test_bad_arguments_raise_at_construction_naming_the_argument(kwargs, argument):

@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_prune.criteria import count_to_prune, global_magnitude_masks, kth_smallest_key, layer_magnitude_masks
+from lightning_prune.criteria import (
+    _bracket, _lowest_k, _lowest_k_radix, _select_in_bracket, count_to_prune, global_magnitude_masks, kth_smallest_key, layer_magnitude_masks,
+)
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, pack_bits, unpack_bits
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import channel_masks, find_channel_groups
@@ -61,6 +63,49 @@ def test_radix_select_finds_the_kth_smallest_magnitude():
         expected = values.abs().sort().values[k - 1]
         assert torch.tensor(key, dtype=torch.int32).view(torch.float32) == expected
         assert below == int((values.abs() < expected).sum()) and equal == int((values.abs() == expected).sum())
+
+
+def reference_masks(weights, k, keep):
+    """The definition: previously masked weights first, then (|w|, layer, position) ascending; drop the first k."""
+    flat = torch.cat([w.detach().float().abs().flatten() for w in weights.values()])
+    masked = torch.cat([~keep[n].flatten() for n in weights])
+    order = torch.sort(torch.where(masked, -1.0, flat), stable=True).indices
+    kept = torch.ones_like(flat, dtype=torch.bool)
+    kept[order[:k]] = False
+    return dict(zip(weights, (part.view_as(w) for part, w in zip(kept.split([w.numel() for w in weights.values()]), weights.values()))))
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_one_pass_bracket_select_drops_exactly_the_k_smallest_and_the_radix_fallback_agrees(levels, dtype):
+    """Big enough for the sampled bracket (> 65,536 weights, several CPU chunks), with ties and previous masks."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(300_001, generator=generator), "b": torch.randn(70, 1_000, generator=generator) * 3}
+    if levels is not None:  # coarse grid: many ties at the threshold
+        weights = {n: (w * levels).round() / levels for n, w in weights.items()}
+    weights = {n: w.to(dtype) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    previous = _lowest_k(weights, total // 2)[0]
+    weights = {n: w * previous[n] for n, w in weights.items()}
+    for k in (total // 2, total // 2 + 1, int(0.6 * total) + 7, total - 3):
+        tensors = list(weights.values())
+        found = _select_in_bracket(tensors, k, list(previous.values()), *_bracket(tensors, k, total))
+        assert found is not None  # the sampled bracket held the k-th key
+        expected = reference_masks(weights, k, previous)
+        assert all(torch.equal(mask.view_as(expected[n]), expected[n]) for n, mask in zip(weights, found[0]))
+        assert found[1] == [int((~expected[n]).sum()) for n in weights]
+        radix = _lowest_k_radix(weights, k, previous)
+        assert all(torch.equal(radix[n], expected[n]) for n in weights)
+
+
+def test_a_bracket_that_misses_falls_back_to_the_radix_select():
+    weights = {"a": torch.randn(100_000, generator=torch.Generator().manual_seed(1))}
+    previous = _lowest_k(weights, 60_000)[0]
+    weights = {"a": weights["a"] * previous["a"]}
+    tensors = list(weights.values())
+    assert _select_in_bracket(tensors, 50_000, [previous["a"]], *_bracket(tensors, 50_000, 100_000)) is None  # k < masked
+    masks, drops = _lowest_k(weights, 50_000, previous)
+    assert torch.equal(masks["a"], previous["a"]) and drops == {"a": 60_000}  # the previous drops stay
 
 
 def test_the_per_layer_floor_keeps_every_layer_alive_and_the_total_exact():

@@ -27,6 +27,7 @@ CASES = [
     ("build_network", lambda: lp.build_network("alexnet"), "`arch` must be one of"),
     ("build_network", lambda: lp.build_network("lenet300100", width=0), "`width` must be positive"),
     ("search_threshold", lambda: lp.search_threshold([], 1.5, None), "`flops_ratio` must be in"),
+    ("search_threshold", lambda: lp.search_threshold([], 0.5, None, round_to=0), "`round_to` must be None or a positive"),
     ("structure_correlation", lambda: lp.structure_correlation([[1.0, 0.5]]), "`vectors` needs at least two"),
     ("channel_ratio_vector", lambda: lp.channel_ratio_vector([], {0: torch.tensor([0])}), "`plan` has group index 0"),
     ("reshape_on_load", lambda: lp.reshape_on_load("net"), "`module` must be a torch.nn.Module"),

@@ -31,6 +31,9 @@ def test_iterative_steps_are_equal_and_one_shot_is_a_single_event():
         (dict(kind="agp", start_epoch=3, end_epoch=1), "start_epoch"),
         (dict(kind="agp", start_epoch=0, end_epoch=3, frequency=2), "frequency"),
         (dict(kind="agp", start_epoch=0, end_epoch=3, frequency=0), "frequency"),
+        (dict(kind="agp", start_epoch=0, end_epoch=3, initial_sparsity=1.0), "initial_sparsity"),
+        (dict(kind="agp", start_epoch=0, end_epoch=3, initial_sparsity=None), "initial_sparsity"),
+        (dict(kind="one_shot", start_epoch=0, end_epoch=0, initial_sparsity=0.2), "initial_sparsity"),
     ],
 )
 def test_bad_schedules_name_the_argument(kwargs, argument):

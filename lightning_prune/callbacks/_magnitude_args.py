@@ -1,17 +1,31 @@
-"""Construction-time checks of every ``IterativeMagnitude`` argument: type, range and combination.
+"""``IterativeMagnitude``'s arguments: construction-time checks (type, range, combination), the schedule they
+give on a Trainer, and their form in checkpoints.
 
-Each error is a ``ValueError`` naming the argument, the value and what is allowed; nothing has run yet.
+Each error is a ``ValueError`` naming the argument, the value and what is allowed, raised before any weight changes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Collection, Mapping, Optional, Union
 
-from lightning_prune.callbacks._shared import check_range
+import pytorch_lightning as pl
+from jsonargparse.typing import NonNegativeFloat, restricted_number_type
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from lightning_prune.callbacks._module_io import check_function
+from lightning_prune.callbacks._shared import Fraction, check_keys, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
+from lightning_prune.magnitude import check_initial_sparsity
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
+
+PerLayer = Union[Fraction, dict[str, Fraction]]
+Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
+LayerCap = restricted_number_type("LayerCap", float, [(">", 0.0), ("<=", 1.0)], join="and")
+"""A float in (0, 1]: LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -43,7 +57,10 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         _fail("end_epoch", a["end_epoch"], "None or an integer")
     if not _is_int(a["frequency"]) or a["frequency"] < 1:
         _fail("frequency", a["frequency"], "an integer >= 1")
-    PruningSchedule(a["schedule"], a["start_epoch"], a["start_epoch"] if a["end_epoch"] is None else a["end_epoch"], a["frequency"])
+    end = a["start_epoch"] + a["frequency"] if a["end_epoch"] is None else a["end_epoch"]  # None: resolved at setup
+    PruningSchedule(a["schedule"], a["start_epoch"], end, a["frequency"], a["initial_sparsity"])
+    check_initial_sparsity(a["initial_sparsity"], a["sparsity"], a["criterion"])
+    check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch)")
     for name in ("parameters", "exclude"):
         check_patterns(name, a[name])
     if isinstance(a["max_layer_sparsity"], bool) or not isinstance(a["max_layer_sparsity"], (int, float)):
@@ -78,3 +95,70 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         raise ValueError(f"`physical`=True removes channels: it needs `granularity`='channel', got {a['granularity']!r}.")
     if a["physical"] and not a["make_permanent"]:
         raise ValueError("`physical`=True needs `make_permanent`=True.")
+
+
+def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
+    """Every key of a per-layer ``sparsity`` or ``sensitivity`` mapping must name a selected layer (at setup)."""
+    for name in ("sparsity", "sensitivity"):
+        if isinstance(a[name], Mapping):
+            check_keys(name, a[name], layers)
+
+
+def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedule:
+    """The schedule in this fit's unit; ``end_epoch=None`` ends halfway to the Trainer's end (``max_epochs``, or with
+    ``interval="step"`` the optimizer steps of the fit: ``max_steps`` or ``max_epochs`` × steps per epoch).
+    ``fast_dev_run`` prunes once, to the final target, at the start."""
+    if trainer.fast_dev_run:
+        rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the start.")
+        return PruningSchedule("one_shot", 0, 0)
+    limit_name, limit = ("max_epochs", trainer.max_epochs) if a["interval"] == "epoch" else ("max_steps", trainer.max_steps)
+    if a["interval"] == "step" and (limit is None or limit < 0) and trainer.max_epochs not in (None, -1):
+        limit_name, limit = "max_epochs × steps per epoch", trainer.estimated_stepping_batches
+    limit = int(limit) if limit is not None and 0 <= limit < math.inf else None
+    return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"], limit, limit_name)
+
+
+def warn_if_too_short(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
+    """Warn when EarlyStopping, or the Trainer's step or epoch limit, may end training before the last event."""
+    if any(c.__name__ == "EarlyStopping" for cb in trainer.callbacks for c in type(cb).__mro__):
+        rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")
+    if math.isinf(trainer.num_training_batches):
+        return
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    last = schedule.last_event * (per_epoch if unit == "epoch" else 1)
+    limits = {"max_steps": trainer.max_steps, "max_epochs": (trainer.max_epochs or -1) * per_epoch}
+    for limit, steps in limits.items():
+        if 0 <= steps <= last:
+            rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({unit} {schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
+
+
+def state_under_other_key(checkpoint: Mapping[str, Any], own_key: str, keys: set[str]) -> Optional[dict[str, Any]]:
+    """IterativeMagnitude state saved under another key (an older version's key, or another `name`) to adopt when
+    the checkpoint holds none under ``own_key`` and exactly one not claimed by ``keys``; refused when ambiguous."""
+    states = checkpoint.get("callbacks", {})
+    others = [key for key in states if isinstance(key, str) and key.startswith("IterativeMagnitude") and key not in keys]
+    if own_key in states or not others:
+        return None
+    if len(others) > 1:
+        raise MisconfigurationException(f"The checkpoint holds IterativeMagnitude state under {others}, none under this callback's key {own_key!r}: pass the `name` it was saved with.")
+    rank_zero_warn(f"IterativeMagnitude: resuming the state saved under {others[0]!r} (masks and schedule progress kept).")
+    return states[others[0]]
+
+
+def plain(value: Any) -> Any:
+    """Built-in types only (parse-time types such as ``NonNegativeInt`` are subclasses), so checkpoints load anywhere."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def warn_if_changed(saved: Mapping[str, Any], arguments: Mapping[str, Any]) -> None:
+    """Warn on resume about arguments that differ from those saved in the checkpoint."""
+    changed = sorted(k for k, v in saved.items() if plain(arguments.get(k)) != v)
+    if changed:
+        rank_zero_warn(f"IterativeMagnitude: resumed with changed arguments {changed}; the saved masks are kept and the new settings apply from the next pruning event.")

@@ -6,19 +6,18 @@ Hook wiring only: the decisions are :class:`~lightning_prune.magnitude.Magnitude
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
-import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt, restricted_number_type
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, check_function, example_input, one_sample
-from lightning_prune.callbacks._magnitude_args import check_arguments
-from lightning_prune.callbacks._shared import Fraction, check_keys, optional_flop_count
+from lightning_prune.callbacks import _magnitude_args as args
+from lightning_prune.callbacks._magnitude_args import LayerCap, PerLayer, Sensitivity
+from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, example_input, one_sample
+from lightning_prune.callbacks._shared import Fraction, optional_flop_count
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.flops import FlopCount, FlopsPredictor
@@ -27,14 +26,9 @@ from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, distrib
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, zeroed_channel_plan
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
-
-PerLayer = Union[Fraction, dict[str, Fraction]]
-Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
-LayerCap = restricted_number_type("LayerCap", float, [(">", 0.0), ("<=", 1.0)], join="and")
-"""A float in (0, 1]: LightningCLI rejects an out-of-range YAML value at parse time."""
 
 
 class IterativeMagnitude(pl.Callback):
@@ -51,10 +45,12 @@ class IterativeMagnitude(pl.Callback):
         schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
         start_epoch: first pruning event (at the start of that epoch, or before that optimizer step).
         end_epoch: last event; ``None`` = halfway between ``start_epoch`` and the Trainer's end
-            (``max_epochs``, or ``max_steps`` with ``interval="step"``). Must come before that end.
+            (``max_epochs``, or with ``interval="step"`` ``max_steps`` or all steps of ``max_epochs``). Must come before that end.
         frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start_epoch``/``end_epoch``/``frequency``
             (optimizer steps, ``trainer.global_step``; Zhu & Gupta prune every Δt steps).
+        initial_sparsity: AGP's s_i in [0, sparsity]: with s_i > 0 the event at ``start_epoch`` (t0) prunes to s_i and
+            every later one to s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))^3, per layer toward its own s_f.
         scope: ``"global"`` (one threshold) or ``"layer"`` (each layer to the same sparsity).
         criterion: ``"magnitude"`` (|w|) or ``"sensitivity"`` (drop |w| < s·σ of the dense layer).
         sensitivity: ``s`` of the sensitivity criterion: one number or ``{module name: s}``.
@@ -83,6 +79,7 @@ class IterativeMagnitude(pl.Callback):
         end_epoch: Optional[NonNegativeInt] = None,
         frequency: PositiveInt = 1,
         interval: Interval = "epoch",
+        initial_sparsity: Fraction = 0.0,
         scope: Scope = "global",
         criterion: Criterion = "magnitude",
         sensitivity: Optional[Sensitivity] = None,
@@ -101,21 +98,17 @@ class IterativeMagnitude(pl.Callback):
     ) -> None:
         super().__init__()
         self.arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_arguments(self.arguments)
-        check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch)")
+        args.check_arguments(self.arguments)
         self.__dict__.update(self.arguments)
-        self.schedule_kind = schedule
         self.schedule: Optional[PruningSchedule] = None
         self.pruner: Optional[MagnitudePruner] = None
         self.layers: list[str] = []
-        self.last_event = -1
         self.dense_score: Optional[float] = None
         self.dense_flops: Optional[FlopCount] = None  # fvcore, MACs per sample
+        self.dense_parameters = 0
         self.predictor: Optional[FlopsPredictor] = None
         self.example: Optional[ModelArgs] = None
-        self.dense_parameters = 0
         self.structure: Optional[StructureRecord] = None
-        self.unit = interval  # the schedule's unit in this fit ("epoch" under fast_dev_run)
         self._stepped = False
 
     @property
@@ -133,37 +126,13 @@ class IterativeMagnitude(pl.Callback):
             return
         prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
-        for argument in ("sparsity", "sensitivity"):
-            if isinstance(getattr(self, argument), Mapping):
-                check_keys(argument, getattr(self, argument), self.layers)
-        self.schedule = self._resolve_schedule(trainer)
+        args.check_layer_keys(self.arguments, self.layers)
+        self.schedule = args.resolve_schedule(self.arguments, trainer)
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
-        if any(c.__name__ == "EarlyStopping" for cb in trainer.callbacks for c in type(cb).__mro__):
-            rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({self.unit} {self.schedule.last_event}); the summary says if it did.")
-
-    def _resolve_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
-        if trainer.fast_dev_run:
-            rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the first epoch.")
-            self.unit = "epoch"
-            return PruningSchedule("one_shot", 0, 0)
-        self.unit = self.interval
-        limit_name = "max_epochs" if self.interval == "epoch" else "max_steps"
-        limit = getattr(trainer, limit_name)
-        limit = limit if limit is not None and limit >= 0 else None
-        end = self.end_epoch
-        if end is None:
-            if self.schedule_kind == "one_shot":
-                end = self.start_epoch
-            elif limit is None:
-                raise ValueError(f"`end_epoch`=None needs the Trainer's `{limit_name}` (the schedule ends halfway to it); give `end_epoch`.")
-            else:
-                span = max(0, (limit - self.start_epoch) // 2)
-                end = self.start_epoch + span - span % self.frequency
-        if limit is not None and max(end, self.start_epoch) >= limit:
-            raise ValueError(f"`end_epoch` ({end}) must be before the Trainer's `{limit_name}` ({limit}), or the final `sparsity` is never reached.")
-        return PruningSchedule(self.schedule_kind, self.start_epoch, end, self.frequency)
+        self.pruner.schedule = self.schedule
+        self.pruner.rewind_at = self.rewind if isinstance(self.rewind, int) else None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -183,30 +152,16 @@ class IterativeMagnitude(pl.Callback):
         if self.granularity == "channel" and self.pruner.channels is None:
             self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, self.channel_norm, self.max_layer_sparsity)
             self.predictor = FlopsPredictor(pl_module, self.example, self.pruner.channels.groups, self.dense_flops)
-        self._warn_if_too_short(trainer)
-
-    def _warn_if_too_short(self, trainer: pl.Trainer) -> None:
-        """Warn when the Trainer's step or epoch limit ends training before the last pruning event."""
-        if math.isinf(trainer.num_training_batches):
-            return
-        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        last = self.schedule.last_event * (per_epoch if self.unit == "epoch" else 1)
-        limits = {"max_steps": trainer.max_steps, "max_epochs": (trainer.max_epochs or -1) * per_epoch}
-        for limit, steps in limits.items():
-            if 0 <= steps <= last:
-                rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({self.unit} {self.schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
+        args.warn_if_too_short(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
-        if self.rewind == time and self.pruner.rewind_state is None:
-            self.pruner.remember()
-        fraction = self.schedule.fraction(time)
-        if fraction is None or time <= self.last_event:
+        first = self.pruner.last_event < 0
+        fraction = self.pruner.step(time, distributed_broadcast())
+        if fraction is None:
             return
-        if self.last_event < 0 and self.monitor in trainer.callback_metrics:
+        if first and self.monitor in trainer.callback_metrics:
             self.dense_score = float(trainer.callback_metrics[self.monitor])
-        self.pruner.prune(fraction, distributed_broadcast())
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
-        self.last_event = time
         for layer in self.pruner.emptied_layers():
             rank_zero_warn(f"IterativeMagnitude: every weight of {layer!r} is pruned (`max_layer_sparsity`={self.max_layer_sparsity}); the layer outputs only its bias.")
         report = sparsity_report(pl_module, self.layers)
@@ -219,12 +174,12 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.unit == "epoch":
+        if self.interval == "epoch":
             self._event(trainer, pl_module, trainer.current_epoch)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.unit == "step":
+        if self.interval == "step":
             self._event(trainer, pl_module, trainer.global_step)
 
     @override
@@ -245,20 +200,17 @@ class IterativeMagnitude(pl.Callback):
             return
         report = sparsity_report(pl_module, self.layers)
         notes = []
-        if self.last_event < self.schedule.last_event:
-            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.unit} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
+        if not self.pruner.schedule_complete:
+            notes.append(f"schedule incomplete: training ended before the last pruning event ({self.interval} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
         flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
         if self.make_permanent:
             if self.physical:
-                device = next(pl_module.parameters()).device
-                groups = self.pruner.channels.groups
-                self.structure = apply_plan(pl_module, groups, zeroed_channel_plan(pl_module, groups), tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in self.example))
+                self.structure = self.pruner.remove_channels(self.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.pruner = None
-            self.last_event = -1
         if self.verbose and trainer.is_global_zero:
             score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
             nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
@@ -272,41 +224,20 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint holding IterativeMagnitude state under another key (arguments of an older version's
-        key changed, or another `name`) is adopted when it is the only one, else the resume is refused."""
-        states = checkpoint.get("callbacks", {})
-        others = [key for key in states if isinstance(key, str) and key.startswith("IterativeMagnitude") and key not in {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)}]
-        if self.state_key in states or not others:
-            return
-        if len(others) > 1:
-            raise MisconfigurationException(f"The checkpoint holds IterativeMagnitude state under {others}, none under this callback's key {self.state_key!r}: pass the `name` it was saved with.")
-        rank_zero_warn(f"IterativeMagnitude: resuming the state saved under {others[0]!r} (masks and schedule progress kept).")
-        self.load_state_dict(states[others[0]])
+        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused)."""
+        state = args.state_under_other_key(checkpoint, self.state_key, {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)})
+        if state is not None:
+            self.load_state_dict(state)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = self.pruner.state_dict() if self.pruner is not None else {}
-        arguments = {k: _plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
-        return {**state, "last_event": self.last_event, "dense_score": self.dense_score, "arguments": arguments}
+        state = self.pruner.state_dict() if self.pruner is not None else {"last_event": -1}
+        arguments = {k: args.plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
+        return {**state, "dense_score": self.dense_score, "arguments": arguments}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_event = state_dict.get("last_event", state_dict.get("last_event_epoch", -1))
         self.dense_score = state_dict["dense_score"]
-        changed = sorted(k for k, v in state_dict.get("arguments", {}).items() if _plain(self.arguments.get(k)) != v)
-        if changed:
-            rank_zero_warn(f"IterativeMagnitude: resumed with changed arguments {changed}; the saved masks are kept and the new settings apply from the next pruning event.")
+        args.warn_if_changed(state_dict.get("arguments", {}), self.arguments)
         if self.pruner is not None and "masks" in state_dict:
             self.pruner.load_state_dict(state_dict)
-
-
-def _plain(value: Any) -> Any:
-    """Built-in types only (parse-time types such as ``NonNegativeInt`` are subclasses), so checkpoints load anywhere."""
-    for kind in (bool, int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -13,7 +13,8 @@ from lightning_prune.demo.models import ARCHITECTURES, build_network
 from lightning_prune.training_state import reshape_on_load
 
 Architecture = Literal[
-    "lenet300100", "lenet5", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "mobilenetv2", "resnet50"
+    "lenet300100", "lenet5", "lenet5_caffe", "resnet20", "resnet56", "vgg_small", "vgg11", "vgg16", "vgg_like", "mobilenetv2",
+    "resnet50",
 ]
 
 

@@ -1,7 +1,7 @@
 """Built-in networks a user can prune at once.
 
-LeNet-300-100 (MLP), a LeNet-5-style CNN, CIFAR-style ResNet-20/56 (He et al. 2016, 1x1-conv
-projection shortcuts), a VGG-style net and a MobileNetV2-style net (inverted residuals, depthwise
+LeNet-300-100 (MLP), a LeNet-5-style CNN, Caffe's LeNet-5 (the pruning papers' "LeNet-5"), CIFAR-style ResNet-20/56 (He et al. 2016, 1x1-conv
+projection shortcuts), VGG-style nets (one of them the "VGG-like" CIFAR net of Zagoruyko's cifar.torch) and a MobileNetV2-style net (inverted residuals, depthwise
 convolutions). Every convolutional net takes ``width`` (a channel multiplier), ``in_channels`` and
 ``num_classes``; all are plain ``nn.Module`` s with no dependency on this package.
 """
@@ -56,6 +56,36 @@ class LeNet5(nn.Module):
             nn.Linear(_scaled(120, width), _scaled(84, width)),
             nn.ReLU(),
             nn.Linear(_scaled(84, width), num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LeNet5Caffe(nn.Module):
+    """Caffe's LeNet-5 (``examples/mnist/lenet.prototxt``), the "LeNet-5" of Han et al. 2015 and AutoPrune:
+    conv(20, 5x5) - max pool - conv(50, 5x5) - max pool - fc 500 - ReLU - fc classes, no padding.
+
+    431,080 parameters on 1x28x28 inputs (conv 520 + 25,050, fc 400,500 + 5,010).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: float = 1.0) -> None:
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(f"`image_size` must be at least 16 for lenet5_caffe (two unpadded 5x5 convs and pools), got {image_size!r}.")
+        c1, c2, hidden = _scaled(20, width), _scaled(50, width), _scaled(500, width)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 5),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5),
+            nn.MaxPool2d(2),
+        )
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * side * side, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +185,49 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+VGG_LIKE = [(64, 0.3), (64, None), "M", (128, 0.4), (128, None), "M", (256, 0.4), (256, 0.4), (256, None), "M",
+            (512, 0.4), (512, 0.4), (512, None), "M", (512, 0.4), (512, 0.4), (512, None), "M"]
+
+
+class VGGLike(nn.Module):
+    """The "VGG-like" CIFAR net of Zagoruyko's cifar.torch (``models/vgg_bn_drop.lua``), measured by AutoPrune.
+
+    13 conv3x3 (bias) - BN (eps 1e-3) - ReLU layers, 64-64-M-128-128-M-256-256-256-M-512-512-512-M-512-512-512-M
+    (``M``: 2x2 max pool, ceil mode; dropout 0.3 after the first conv, 0.4 after the others of a stage but its
+    last), then dropout 0.5 - fc 512 - BN - ReLU - dropout 0.5 - fc classes. Made for 32x32 inputs
+    (the five pools leave 1x1); 14,991,946 parameters at width 1 with 10 classes.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        current = in_channels
+        for item in VGG_LIKE:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+                continue
+            channels, dropout = item
+            out_channels = _scaled(channels, width)
+            layers += [nn.Conv2d(current, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels, eps=1e-3), nn.ReLU(inplace=True)]
+            if dropout is not None:
+                layers.append(nn.Dropout(dropout))
+            current = out_channels
+        self.features = nn.Sequential(*layers)
+        hidden = _scaled(512, width)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(0.5),
+            nn.Linear(current, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expansion, 3x3 depthwise, 1x1 linear projection, residual when shapes match."""
 
@@ -207,11 +280,13 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
         in_channels * image_size * image_size, num_classes, width
     ),
     "lenet5": lambda num_classes, in_channels, image_size, width: LeNet5(in_channels, num_classes, image_size, width),
+    "lenet5_caffe": lambda num_classes, in_channels, image_size, width: LeNet5Caffe(in_channels, num_classes, image_size, width),
     "resnet20": lambda num_classes, in_channels, image_size, width: CifarResNet(20, num_classes, in_channels, width),
     "resnet56": lambda num_classes, in_channels, image_size, width: CifarResNet(56, num_classes, in_channels, width),
     "vgg_small": lambda num_classes, in_channels, image_size, width: VGG("vgg_small", num_classes, in_channels, width),
     "vgg11": lambda num_classes, in_channels, image_size, width: VGG("vgg11", num_classes, in_channels, width),
     "vgg16": lambda num_classes, in_channels, image_size, width: VGG("vgg16", num_classes, in_channels, width),
+    "vgg_like": lambda num_classes, in_channels, image_size, width: VGGLike(num_classes, in_channels, width),
     "mobilenetv2": lambda num_classes, in_channels, image_size, width: MobileNetV2(num_classes, in_channels, width),
 }
 

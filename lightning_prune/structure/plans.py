@@ -7,7 +7,7 @@ that make the dense model compute what :func:`~lightning_prune.structure.removal
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,17 +105,39 @@ def channel_norms(
     return scores
 
 
-def plan_from_scores(scores: Sequence[torch.Tensor], threshold: float, min_channels: int = 1) -> ChannelPlan:
-    """Keep channel ``c`` of group ``g`` iff ``scores[g][c] >= threshold``, and always the ``min_channels``
-    top-scored channels of each group (ties go to the lower index). Every group appears in the plan."""
+def kept_counts(
+    counts: torch.Tensor, sizes: torch.Tensor, min_channels: int = 1, round_to: Optional[int] = None
+) -> torch.Tensor:
+    """Channels each group keeps when ``counts[g]`` of its ``sizes[g]`` pass a threshold: at least
+    ``min_channels``, rounded up to a multiple of ``round_to`` (hence never below ``round_to``), and at most
+    the whole group (so a group smaller than ``round_to``, or whose next multiple exceeds it, keeps all)."""
+    check_round_to(round_to)
     if min_channels < 1:
         raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
+    kept = counts.clamp(min=min_channels)
+    if round_to is not None:
+        kept = (kept + round_to - 1) // round_to * round_to
+    return torch.minimum(kept, sizes)
+
+
+def check_round_to(round_to: Optional[int]) -> None:
+    """``round_to`` must be ``None`` or a positive integer."""
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"`round_to` must be None or a positive integer (e.g. 8 or 16), got {round_to!r}.")
+
+
+def plan_from_scores(
+    scores: Sequence[torch.Tensor], threshold: float, min_channels: int = 1, round_to: Optional[int] = None
+) -> ChannelPlan:
+    """Keep channel ``c`` of group ``g`` iff ``scores[g][c] >= threshold``, and always the ``min_channels``
+    top-scored channels of each group (ties go to the lower index); with ``round_to``, the next best channels
+    until the count is a multiple of it (:func:`kept_counts`). Every group appears in the plan."""
     plan: ChannelPlan = {}
     for index, score in enumerate(scores):
         score = score.detach().float().cpu()
-        keep = score >= threshold
-        keep[torch.argsort(score, descending=True, stable=True)[:min_channels]] = True
-        plan[index] = keep.nonzero().flatten()
+        count = kept_counts((score >= threshold).sum().view(1), torch.tensor([len(score)]), min_channels, round_to)
+        best = torch.argsort(score, descending=True, stable=True)[: int(count)]
+        plan[index] = best.sort().values
     return plan
 
 

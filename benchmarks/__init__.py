@@ -1,0 +1,30 @@
+"""lightning_prune's benchmarks: one command, one report.
+
+    python -m benchmarks run --suite quick|full [--out DIR] [--only NAME ...]
+    python -m benchmarks readme [--results benchmarks/results/results.json]
+
+``run`` calls every experiment in :data:`EXPERIMENTS` in turn and writes, into ``--out`` (default
+``benchmarks/results/``): ``results.json`` (every figure, the machine, torch version, seeds, date,
+git commit), ``RESULTS.md`` and the experiments' PNG plots; with the default ``--out`` it also rewrites
+the README's ``Benchmarks`` section (between the ``benchmarks:begin``/``benchmarks:end`` markers).
+``readme`` rewrites that section from a committed ``results.json`` (``tests/test_benchmarks.py``
+checks that the README equals it).
+
+The experiment contract: a module under ``benchmarks/`` with
+
+    def run(suite: Literal["quick", "full"], out_dir: pathlib.Path) -> benchmarks.report.Section
+
+``quick`` is the CI smoke size (all experiments together under 6 minutes on 2 CPU cores), ``full``
+the publication size (3 seeds, ``benchmarks.report.SEEDS``). The module writes its figures into
+``out_dir`` and returns a :class:`benchmarks.report.Section`: ``title``, ``markdown`` (definitions and
+tables, no heading), ``figures`` (file names relative to ``out_dir``), ``data`` (JSON-able: every number
+shown), ``notes`` and ``behind`` (where lightning_prune does worse than a baseline, with the reason).
+To add an experiment, write the module and add its name to :data:`EXPERIMENTS`.
+"""
+
+EXPERIMENTS: list[str] = [
+    "benchmarks.unstructured_quality",
+    "benchmarks.step_overhead",
+    "benchmarks.search_speed",
+    "benchmarks.scaling",
+]
