@@ -63,8 +63,22 @@ class _Indicator(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:  # noqa: ANN401
+        if ctx.ste == "linear":  # h̃' = 1: no pass over M
+            return grad, None, None
         (aux,) = ctx.saved_tensors
         return grad * ste_derivative(aux, ctx.ste, ctx.slope), None, None
+
+
+class _PassThrough(torch.autograd.Function):
+    """``hard`` (a precomputed h(M)) forward, the identity to ``aux`` backward: the linear STE without a pass over M."""
+
+    @staticmethod
+    def forward(ctx: Any, aux: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:  # noqa: ANN401
+        return hard.view_as(hard)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN401
+        return grad, None
 
 
 def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) -> torch.Tensor:
@@ -72,21 +86,25 @@ def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) ->
     return _Indicator.apply(aux, ste, slope)
 
 
-def loss_signal(gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: bool = True) -> torch.Tensor:
+def loss_signal(
+    gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: bool = True, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     r"""The loss part ``C`` of the auxiliary update, before normalisation.
 
     ``gate_grad`` is ``∂L/∂h = Σ ∂L/∂T ⊙ W`` (summed over the weights an entry of ``M`` gates);
     ``magnitude`` is ``‖w‖`` of those weights (``|w|``, or a channel's L2 norm). Correlation
     consistency: ``C = ∂L/∂h / ‖w‖ = Σ ∂L/∂T ⊙ ∂‖w‖/∂w``, the rate at which the weights' own
     loss-descent update would grow (−) or shrink (+) their magnitude, so ``m`` moves the way the
-    weights' magnitude would, whatever its size. Off: ``C = ∂L/∂h``, the literal chain rule (the
-    first-order loss change of switching the weights off, scaled by ``‖w‖``).
+    weights' magnitude would, whatever its size (‖w‖ is taken at least 1e-12; where ‖w‖ = 0 the weights
+    are 0 and so is ``∂L/∂h``). Off: ``C = ∂L/∂h``, the literal chain rule (the first-order loss change
+    of switching the weights off, scaled by ``‖w‖``). ``out``: write ``C`` there (float32) and clamp
+    ``magnitude`` (float32) in place.
     """
-    signal = gate_grad.float()
+    if out is None:
+        out, magnitude = torch.empty(gate_grad.shape, dtype=torch.float32, device=gate_grad.device), magnitude.float().clone()
     if not correlation:
-        return signal
-    magnitude = magnitude.float()
-    return torch.where(magnitude > 0, signal / magnitude.clamp_min(_EPS), 0.0)
+        return out.copy_(gate_grad)
+    return torch.div(gate_grad, magnitude.clamp_min_(_EPS), out=out)
 
 
 def auxiliary_gradient(
@@ -100,7 +118,10 @@ def auxiliary_gradient(
     correlation: bool = True,
     direction: bool = True,
     scale: Optional[Union[float, torch.Tensor]] = None,
-    mean_magnitude: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+    segments: Optional[Sequence[int]] = None,
+    out: Optional[torch.Tensor] = None,
+    positive: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""The update direction of one auxiliary tensor ``M`` (what its optimizer steps along).
 
@@ -112,28 +133,55 @@ def auxiliary_gradient(
       layers whose weights matter more keep more of them); ``None``: the mean over this tensor.
       ``reg`` is relative to it: without normalising, the paper's ``reg`` switches every weight
       off on the digits data. It is taken before the STE factor, so it does not drift as weights
-      switch off.
+      switch off. ``normalize=False``: ``s = 1``, the loss signal in its own units (the paper's
+      literal reading, ``paper_defaults=True`` of the callback).
     - The regulariser is R(M) = Σ h(M), the number of weights kept (‖T‖₀ of the pruned tensors).
       Direction consistency (``direction``): its gradient goes through the same STE as the loss,
       ``D(M) = h̃'(M)``, so below zero the pull is as weak as the loss's push back (a switched-off
       weight can return; with the linear STE this term changes nothing). Off: ``D = 1``
       (R = Σ m, a constant pull that drives switched-off entries ever lower).
-    - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)`` (mean over the
-      tensor, or ``mean_magnitude`` per entry when several tensors are stepped as one flat tensor), so an important, large-magnitude weight is harder to switch off. Off: ``S = 1/2``
-      (its value at the mean).
+    - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)``, so an important,
+      large-magnitude weight is harder to switch off. Off: ``S = 1/2`` (its value at the mean).
+
+    ``segments``: the lengths of the tensors laid end to end in flat inputs (the mean of ``S`` is then
+    per tensor). ``out``: write the result there (float32, ``aux``'s shape) and use ``magnitude``
+    (float32) as scratch — it is overwritten; ``positive``: ``aux > 0``, when at hand.
+    :meth:`AuxiliaryParameters.step` passes its own buffers and cached mask, so a step allocates nothing of
+    ``M``'s size and makes about eight elementwise passes over it.
     """
-    signal = loss_signal(gate_grad, magnitude, correlation)
-    scale = signal.abs().mean() if scale is None else torch.as_tensor(scale, device=signal.device)
-    derivative = ste_derivative(aux.float(), ste, slope)
-    magnitude = magnitude.float()
-    if sensitivity:
-        mean = magnitude.mean() if mean_magnitude is None else mean_magnitude.float()
-        pull = (magnitude / mean.clamp_min(_EPS)).add_(1.0).reciprocal_().mul_(reg)
+    check_choice("ste", ste, Ste)
+    if out is None:
+        out, magnitude = torch.empty(aux.shape, dtype=torch.float32, device=aux.device), magnitude.float().clone()
+    loss_signal(gate_grad, magnitude, correlation, out=out)  # C, in out
+    if not normalize:
+        scale = torch.ones((), device=out.device)
+    elif scale is None:
+        scale = torch.linalg.vector_norm(out, 1).div_(out.numel())
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=out.device).clamp_min(_EPS)
+    # direction: ∂M = (C + s·reg·S) ⊙ h̃'/s; otherwise ∂M = C ⊙ h̃'/s + reg·S
+    if not direction:
+        out.mul_(ste_derivative(aux.float(), ste, slope).div_(scale))
+    pull = scale * reg if direction else torch.full((), float(reg), device=out.device)
+    if sensitivity:  # reg·S = reg·mean / (mean + ‖w‖), per tensor
+        sizes = [magnitude.numel()] if segments is None else list(segments)
+        pieces, outs = magnitude.reshape(-1).split(sizes), out.view(-1).split(sizes)
+        means = [piece.sum() for piece in pieces]  # ‖w‖ ≥ 0; sum is several times faster than a 1-norm on CPU
+        torch._foreach_div_(means, sizes)
+        torch._foreach_clamp_min_(means, _EPS)
+        torch._foreach_add_(pieces, means)
+        torch._foreach_addcdiv_(outs, torch._foreach_mul(means, pull), pieces)
     else:
-        pull = torch.full_like(signal, 0.5 * reg)
+        out.add_(pull * 0.5)
     if direction:
-        pull = pull.mul_(derivative)
-    return (signal * derivative).div_(scale.clamp_min(_EPS)).add_(pull).to(aux.dtype)
+        if ste == "linear":
+            out.div_(scale)
+        else:
+            if ste == "leaky_relu":  # h̃'/s = (slope + (1 − slope)·h(m)) / s
+                torch.mul((aux > 0) if positive is None else positive, (1.0 - slope) / scale, out=magnitude).add_(slope / scale)
+            else:  # softplus
+                torch.sigmoid(aux, out=magnitude).div_(scale)
+            out.mul_(magnitude)
+    return out.to(aux.dtype)
 
 
 @dataclass(frozen=True)
@@ -148,6 +196,13 @@ class LearningWindow:
     start_epoch: int = 0
     end_epoch: Optional[int] = None
     fraction: float = 0.75
+
+    def __post_init__(self) -> None:
+        start, end = self.start_epoch, self.end_epoch
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"`start_epoch` must be an integer >= 0, got {start!r}.")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
+            raise ValueError(f"`end_epoch` must be None or an integer >= `start_epoch` ({start}), got {end!r}.")
 
     def last_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
         if self.end_epoch is not None:
@@ -216,6 +271,8 @@ class AuxiliaryParameters:
     model keep the switched-off weights' values. All of ``M`` lives in one flat float32 tensor (``values``
     holds views of it), so a step is a handful of fused tensor ops without host synchronisation:
     revived/switched-off counts and the non-finite flag stay on the device until :meth:`take_counts`.
+    A step writes into preallocated ``M``-sized buffers (no temporaries of ``M``'s size), and ``h(M)`` is
+    recomputed only when ``M`` changed (its version counter), so the gates cost no compare per forward.
 
     Args:
         model: the model; parameters are addressed by their names in it.
@@ -250,6 +307,7 @@ class AuxiliaryParameters:
         check_choice("ste", ste, Ste)
         self.model = model
         self.granularity = granularity
+        self.groups = list(groups) if granularity == "channel" else []
         self.ste, self.slope = ste, slope
         self._backward_ste: Ste = ste
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
@@ -289,15 +347,15 @@ class AuxiliaryParameters:
         self._tracked: Optional[dict[str, torch.Tensor]] = None
 
     def _views(self) -> None:
-        """``values``, per-key views of the flat ``M``; device-side masks and counters."""
+        """``values``, per-key views of the flat ``M``; device-side masks, buffers and counters."""
         self.values: dict[str, torch.Tensor] = dict(zip(self._shapes, (
             chunk.view(shape) for chunk, shape in zip(self._flat.split(self._counts), self._shapes.values())
         )))
         device = self._flat.device
-        self._lengths = torch.tensor(self._counts, device=device)
-        self._on = self._flat > 0
-        self._on_next = torch.empty_like(self._on)
-        self._hard_bool, self._hard_float, self._hard_version = torch.empty_like(self._on), torch.empty_like(self._flat), -1
+        self._on, self._on_version = self._flat > 0, self._flat._version
+        self._on_next, self._changed = torch.empty_like(self._on), torch.empty_like(self._on)
+        self._hard_float, self._hard_version = torch.empty_like(self._flat), -1
+        self._work, self._scratch, self._grad = (torch.empty_like(self._flat) for _ in range(3))  # the step's buffers
         self._revived = torch.zeros((), dtype=torch.long, device=device)
         self._switched_off = torch.zeros((), dtype=torch.long, device=device)
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -318,23 +376,35 @@ class AuxiliaryParameters:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
         slices = self.targets[target]
         if self.granularity == "element":
-            if self._tracked is None:  # M is not learning here: h(M) from the cache, no compare per forward
-                return self._hard()[self._spans[slices[0].key]].view(self._shapes[slices[0].key]).to(like.dtype)
-            return indicator(self._segment(slices[0].key), self._backward_ste, self.slope).to(like.dtype)
+            hard = self._hard()[self._spans[slices[0].key]].view(self._shapes[slices[0].key])  # cached: no compare
+            if self._tracked is not None:  # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
+                hard = _PassThrough.apply(self._segment(slices[0].key), hard)
+            return hard.to(like.dtype)
         gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         for piece in slices:
             h = indicator(self._segment(piece.key), self._backward_ste, self.slope).to(like.dtype)
             gate = gate.index_copy(0, piece.positions, h[piece.channels])
         return gate.view(-1, *([1] * (like.dim() - 1)))
 
+    def _current_on(self) -> torch.Tensor:
+        """Flat boolean ``h(M)``, recomputed only when ``M`` changed (its version counter moved: a step, a load,
+        a direct write into ``values``); :meth:`step` leaves it current."""
+        if self._on_version != self._flat._version:
+            torch.gt(self._flat, 0, out=self._on)
+            self._on_version = self._flat._version
+        return self._on
+
     def _hard(self) -> torch.Tensor:
-        """Flat float ``h(M)``, recomputed only when ``M`` changed (its version counter moved: a step, a load,
-        a direct write into ``values``)."""
+        """Flat float ``h(M)`` (the gates of every forward), copied from :meth:`_current_on` when ``M`` changed."""
         if self._hard_version != self._flat._version:
-            torch.gt(self._flat, 0, out=self._hard_bool)
-            self._hard_float.copy_(self._hard_bool)
+            self._hard_float.copy_(self._current_on())
             self._hard_version = self._flat._version
         return self._hard_float
+
+    def plan(self) -> dict[int, torch.Tensor]:
+        """Channel granularity: the kept channels of every gated group, ``{group index: indices}`` on the CPU
+        (the floor of :meth:`step` keeps at least one); a host read, for the end of an epoch."""
+        return {group.index: (self.values[group.root].detach() > 0).nonzero().flatten().cpu() for group in self.groups}
 
     def keep_masks(self) -> dict[str, torch.Tensor]:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
@@ -360,7 +430,7 @@ class AuxiliaryParameters:
 
     @torch.no_grad()
     def _refresh_masks(self) -> None:
-        torch.gt(self._flat, 0, out=self._on)
+        self._current_on()
         if self.granularity == "channel":
             self._row_on = {target: self.gate(target, self.original(target)) > 0 for target in self.targets}
 
@@ -417,14 +487,15 @@ class AuxiliaryParameters:
     # ------------------------------------------------------------------ the auxiliary step
     @contextlib.contextmanager
     def tracking(self) -> Iterator[list[torch.Tensor]]:
-        """Let autograd track ``M`` (it does not while the model trains); yields ``[flat M]``. Inside,
-        the gates back-propagate with the identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE
-        is applied in :func:`auxiliary_gradient`."""
+        """Let autograd track ``M`` (it does not while the model trains); yields the per-key pieces of the
+        flat ``M`` (outputs of one ``split``: gradients taken with respect to them skip the split's backward,
+        a concatenation into a fresh ``M``-sized tensor). Inside, the gates back-propagate with the
+        identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE is applied in :func:`auxiliary_gradient`."""
         self._flat.requires_grad_(True)
         self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
         self._backward_ste = "linear"
         try:
-            yield [self._flat]
+            yield list(self._tracked.values())
         finally:
             self._tracked = None
             self._backward_ste = self.ste
@@ -434,21 +505,24 @@ class AuxiliaryParameters:
     @torch.no_grad()
     def magnitudes(self) -> dict[str, torch.Tensor]:
         """``‖w‖`` behind every entry of every ``M``: ``|w|`` (element) or each channel's L2 norm (channel)."""
-        flat = self._flat_magnitudes()
+        flat = self._flat_magnitudes(torch.empty_like(self._flat))
         return dict(zip(self._shapes, (c.view(s) for c, s in zip(flat.split(self._counts), self._shapes.values()))))
 
     @torch.no_grad()
-    def _flat_magnitudes(self) -> torch.Tensor:
+    def _flat_magnitudes(self, out: torch.Tensor) -> torch.Tensor:
+        """``‖w‖`` of every entry of the flat ``M``, written into ``out`` (one pass over the weights)."""
         if self.granularity == "element":
-            owners = [self.original((key, "weight")) for key in self._shapes]
-            return torch.cat([w.reshape(-1) for w in torch._foreach_abs(owners)]).float()
-        squares = torch.zeros_like(self._flat)
+            for key, piece in zip(self._shapes, out.split(self._counts)):
+                weight = self.original((key, "weight")).reshape(-1)
+                torch.abs(weight, out=piece) if weight.dtype == piece.dtype else piece.copy_(weight).abs_()
+            return out
+        out.zero_()
         for target, slices in self.targets.items():
             weight = self.original(target)
             rows = weight.float().pow(2).reshape(weight.shape[0], -1).sum(1)
             for piece in slices:
-                squares[self._span(piece.key)].index_add_(0, piece.channels, rows[piece.positions])
-        return squares.sqrt()
+                out[self._span(piece.key)].index_add_(0, piece.channels, rows[piece.positions])
+        return out.sqrt_()
 
     def build_optimizer(self, kind: AuxOptimizer, lr: float) -> torch.optim.Optimizer:
         """The optimizer of ``M`` (plain SGD or Adam at ``lr``, one flat tensor)."""
@@ -458,7 +532,9 @@ class AuxiliaryParameters:
             self._pending_optimizer = None
         return self.optimizer
 
-    def learn(self, compute_loss: LossClosure, reg: float, reduce: Optional[Reduce] = None, **consistency: bool) -> None:
+    def learn(
+        self, compute_loss: LossClosure, reg: float, reduce: Optional[Reduce] = None, normalize: bool = True, **consistency: bool
+    ) -> None:
         """One auxiliary step on one held-out batch: ``compute_loss()`` through the gated model, ``∂L/∂h(M)``
         (averaged by ``reduce`` across processes), then :meth:`step`. ``W`` and its gradients are untouched
         and the model's buffers (BatchNorm statistics) are restored; nothing is read back to the host."""
@@ -469,39 +545,35 @@ class AuxiliaryParameters:
             if buffers:
                 torch._foreach_copy_(self._buffer_store, buffers)
         try:
-            with torch.enable_grad(), self.tracking() as tensors:
-                (grad,) = torch.autograd.grad(compute_loss(), tensors, allow_unused=True)
+            with torch.enable_grad(), self.tracking() as pieces:
+                grads = torch.autograd.grad(compute_loss(), pieces, allow_unused=True)
         finally:
             if buffers:
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, self._buffer_store)
-        grad = torch.zeros_like(self._flat) if grad is None else grad.float()
+        with torch.no_grad():  # flat ∂L/∂h(M) in a preallocated buffer
+            grads = [torch.zeros(n, device=self._grad.device) if g is None else g.reshape(-1) for g, n in zip(grads, self._counts)]
+            grad = torch.cat(grads, out=self._grad)
         if reduce is not None:
             grad = reduce(grad)
-        self.step(grad, reg, **consistency)
+        self.step(grad, reg, normalize, **consistency)
 
     @torch.no_grad()
-    def step(self, gate_grad: torch.Tensor, reg: float, **consistency: bool) -> None:
+    def step(self, gate_grad: torch.Tensor, reg: float, normalize: bool = True, **consistency: bool) -> None:
         """One optimizer step of the flat ``M`` along :func:`auxiliary_gradient` (``gate_grad``: flat
-        ``∂L/∂h``). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
+        ``∂L/∂h``; ``normalize``: divide the loss signal by its mean over the network). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
         (:meth:`take_counts` reports it). With channel granularity a group whose every channel would be
         switched off keeps its largest-``m`` channel on (``m`` set to 1e-6) and raises a device flag."""
         if self.optimizer is None:
             raise RuntimeError("AuxiliaryParameters.step needs build_optimizer() first.")
-        torch.gt(self._flat, 0, out=self._on)
+        before = self._current_on()
         finite = torch.isfinite(gate_grad.sum())  # NaN/inf anywhere makes the sum non-finite: one reduction
         self._nonfinite |= ~finite
-        magnitudes = self._flat_magnitudes()
-        means = None
-        if consistency.get("sensitivity", True):
-            means = torch.segment_reduce(magnitudes, "mean", lengths=self._lengths).repeat_interleave(
-                self._lengths, output_size=self._flat.numel()
-            )
         update = auxiliary_gradient(
-            gate_grad, self._flat, magnitudes, reg, self.ste, self.slope,
-            **consistency, mean_magnitude=means,
+            gate_grad, self._flat, self._flat_magnitudes(self._scratch), reg, self.ste, self.slope,
+            **consistency, normalize=normalize, segments=self._counts, out=self._work, positive=before,
         )
-        self._flat.grad = torch.where(finite, update, 0.0)
+        self._flat.grad = update.masked_fill_(~finite, 0.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.granularity == "channel":
@@ -512,19 +584,25 @@ class AuxiliaryParameters:
                 self._collapsed |= collapsed
                 segment.index_put_((top,), torch.where(collapsed, 1e-6, segment[top]))
         torch.gt(self._flat, 0, out=self._on_next)
-        changed = self._on_next != self._on
-        revived = (changed & self._on_next).sum()
+        changed = torch.count_nonzero(torch.ne(self._on_next, before, out=self._changed))  # faster than a bool sum
+        revived = torch.count_nonzero(torch.logical_and(self._changed, self._on_next, out=self._changed))
         self._revived += revived
-        self._switched_off += changed.sum() - revived
-        self._on, self._on_next = self._on_next, self._on
+        self._switched_off += changed - revived
+        self._on, self._on_next, self._on_version = self._on_next, self._on, self._flat._version
 
-    def take_counts(self) -> dict[str, Any]:
+    def take_counts(self, raise_nonfinite: Optional[str] = None) -> dict[str, Any]:
         """Read (one host synchronisation) and reset the device counters since the last call: ``revived``,
         ``switched_off`` (entries of ``M``), ``nonfinite`` (a step met a NaN/inf ``∂L/∂h`` and was skipped),
-        ``collapsed`` (a channel group was kept alive by the one-channel floor)."""
+        ``collapsed`` (a channel group was kept alive by the one-channel floor). With ``raise_nonfinite``
+        (where those steps were, e.g. a step range), a skipped step raises ``FloatingPointError`` instead."""
         values = torch.stack([self._revived, self._switched_off, self._nonfinite.long(), self._collapsed.long()]).tolist()
         for counter in (self._revived, self._switched_off, self._nonfinite, self._collapsed):
             counter.zero_()
+        if raise_nonfinite is not None and values[2]:
+            raise FloatingPointError(
+                f"AutoPrune auxiliary step {raise_nonfinite}: the loss gradient of the auxiliary parameters was NaN or "
+                "infinite; M was not updated on those steps. Check the held-out batches, the loss and the learning rates."
+            )
         return dict(zip(("revived", "switched_off", "nonfinite", "collapsed"), (values[0], values[1], bool(values[2]), bool(values[3]))))
 
     # ------------------------------------------------------------------ device and checkpoints

@@ -369,3 +369,32 @@ def test_the_flat_step_is_the_per_tensor_formula_with_one_network_scale():
     counts = core.take_counts()
     assert counts["revived"] == int(((before["fc1"] <= 0) & (core.values["fc1"] > 0)).sum()) + int(
         ((before["fc2"] <= 0) & (core.values["fc2"] > 0)).sum())
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Ops that return a fresh tensor of at least ``size`` elements (not a view, not in place, no ``out=``)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.fresh = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if not (func.is_view or name.endswith("_") or "out" in kwargs) and isinstance(result, torch.Tensor):
+            if result.numel() >= self.size:
+                self.fresh.append(name)
+        return result
+
+
+@pytest.mark.parametrize("ste", ["leaky_relu", "linear", "softplus"])
+def test_an_auxiliary_step_allocates_nothing_of_the_size_of_m(ste):
+    core = _element_core(LeNet300100())
+    core.ste = ste
+    core.build_optimizer("sgd", 0.1)
+    grad = torch.randn(sum(value.numel() for value in core.values.values()))
+    core.step(grad, reg=1.0)
+    with _Allocations(grad.numel() // 4) as allocations:  # a quarter of M: no single layer is larger here
+        core.step(grad, reg=1.0)
+    assert allocations.fresh == []

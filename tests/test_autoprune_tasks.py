@@ -45,7 +45,7 @@ def test_token_tagger_learns_masks_through_its_own_training_step(trainer_factory
     trainer = trainer_factory([callback, probe], max_epochs=4, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=token_loader())
     assert all(math.isfinite(loss) for loss in probe.losses) and len(probe.losses) == 16
-    assert callback.dense_flops and callback.flop_count is not None  # per sample, from the first training batch
+    assert callback.figures.dense_flops and callback.figures.flop_count is not None  # per sample, from the first training batch
     assert any(off.any() for off in probe.off.values())  # M learned: some weights switched off
     for name, off in probe.off.items():  # masks hold: switched-off weights compute as zero
         assert torch.all(probe.effective[name][off] == 0), name
@@ -62,7 +62,7 @@ def test_pixel_regressor_channels_masked_output_equals_physically_pruned(trainer
     trainer = trainer_factory([callback, probe], max_epochs=4, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=pixel_loader())
     assert all(math.isfinite(loss) for loss in probe.losses)
-    assert callback.dense_flops and callback.example is not None  # FLOPs per sample from the first training batch
+    assert callback.figures.dense_flops and callback.figures.example is not None  # FLOPs per sample from the first training batch
     convs = [m for m in model.net if isinstance(m, nn.Conv2d)]
     removed = sum(int(off.sum()) for off in probe.off.values())
     assert removed > 0 and [c.out_channels for c in convs[:2]] != [8, 8] and convs[2].out_channels == 1
@@ -110,4 +110,4 @@ def test_element_pruning_without_a_usable_example_warns_and_prunes(trainer_facto
     model = KeywordOnly()
     with pytest.warns(UserWarning, match="FLOPs are not reported"):
         trainer_factory([callback], max_epochs=4, limit_val_batches=0).fit(model, train_dataloaders=pixel_loader())
-    assert callback.dense_flops is None and sparsity_report(model, callback.layers).sparsity > 0
+    assert callback.figures.dense_flops is None and sparsity_report(model, callback.layers).sparsity > 0

@@ -1,28 +1,14 @@
-"""AutoPrune's data access: held-out batches (sharded per rank under DDP, one per call), and the
-argument checks of its data arguments."""
+"""AutoPrune's data access: held-out batches (sharded per rank under DDP, one per call)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, SequentialSampler
-
-
-def check_loader(name: str, value: Any) -> None:
-    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
-    if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
-        raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
-
-
-def check_flags(**flags: Any) -> None:
-    """Each value must be a bool (``1`` or ``"yes"`` is refused)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 class HeldOutBatches:

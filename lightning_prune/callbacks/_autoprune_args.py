@@ -1,0 +1,82 @@
+"""Construction-time checks of ``AutoPruneCallback``'s arguments, and its two sets of defaults.
+
+Each error is a ``ValueError`` naming the argument, the value and what is allowed; nothing has run yet.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+
+from lightning_prune.auxiliary import AuxOptimizer, LearningWindow, Ste
+from lightning_prune.callbacks._module_io import check_function
+from lightning_prune.callbacks._shared import check_range
+from lightning_prune.checks import check_patterns
+from lightning_prune.choices import check_choice
+from lightning_prune.criteria import Granularity
+
+CALIBRATED = {"aux_lr": 1.5e-2, "reg": 1.25}
+"""The defaults calibrated on the digits data (``reg`` relative to the normalised loss signal)."""
+PAPER = {"aux_lr": 1.5e-2, "reg": 5e-2}
+"""The paper's numbers for all its models: auxiliary learning rate 1.5e-2, µ = 5e-2 (no normalisation)."""
+
+
+def check_loader(name: str, value: Any) -> None:
+    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
+    if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
+        raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
+
+
+def check_flags(**flags: Any) -> None:
+    """Each value must be a bool (``1`` or ``"yes"`` is refused)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+class Rates(NamedTuple):
+    """What the auxiliary step uses: ``M``'s learning rate, the pull's coefficient, the normalisation."""
+
+    aux_lr: float
+    reg: float
+    normalize: bool
+
+
+def resolve_rates(paper_defaults: bool, aux_lr: Optional[float], reg: Optional[float]) -> Rates:
+    """``aux_lr``/``reg`` left at ``None`` take the calibrated defaults, or the paper's with ``paper_defaults``
+    (which also turns the loss-signal normalisation off). With ``paper_defaults=True`` an explicit value
+    other than the paper's is refused, naming both arguments (as Lightning refuses contradicting arguments)."""
+    check_flags(paper_defaults=paper_defaults)
+    chosen = {"aux_lr": aux_lr, "reg": reg}
+    for name, value in chosen.items():
+        if value is not None:
+            check_range(name, value, 0.0, math.inf, low_open=name == "aux_lr")
+    defaults = PAPER if paper_defaults else CALIBRATED
+    if paper_defaults:
+        for name, value in chosen.items():
+            if value is not None and value != PAPER[name]:
+                raise ValueError(
+                    f"`{name}`={value!r} contradicts `paper_defaults`=True, which sets `{name}`={PAPER[name]!r}: "
+                    f"leave `{name}` unset (None) or pass `paper_defaults`=False."
+                )
+    return Rates(*(float(defaults[name] if value is None else value) for name, value in chosen.items()), not paper_defaults)
+
+
+def check_arguments(a: Mapping[str, Any]) -> Rates:
+    """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
+    rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"])
+    check_range("init", a["init"], 0.0, math.inf, low_open=True)
+    check_range("ste_slope", a["ste_slope"], 0.0, math.inf)
+    check_choice("ste", a["ste"], Ste)
+    check_choice("granularity", a["granularity"], Granularity)
+    check_choice("aux_optimizer", a["aux_optimizer"], AuxOptimizer)
+    check_flags(**{name: a[name] for name in ("sensitivity", "correlation", "direction", "physical", "verbose")})
+    LearningWindow(a["start_epoch"], a["end_epoch"])  # checks both epochs
+    check_loader("aux_dataloader", a["aux_dataloader"])
+    check_function("loss_fn", a["loss_fn"], 2, "loss_fn(pl_module, batch) -> loss")
+    check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch) -> model input")
+    check_patterns("parameters", a["parameters"])
+    check_patterns("exclude", a["exclude"])
+    if a["physical"] and a["granularity"] != "channel":
+        raise ValueError(f"`physical=True` removes channels: it needs `granularity='channel'`, got {a['granularity']!r}.")
+    return rates
