@@ -25,6 +25,7 @@ from torch import nn
 from benchmarks.gate_digits import BatchNormL1
 from benchmarks.gate_structures import bn_scale_scores
 from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.modes import eval_mode
 from lightning_prune.structure import ChannelGroup, ChannelPlan
 
 __all__ = ["BatchNormL1", "slimming_plan", "slimming_scores", "torch_pruning_l1", "uniform_plan"]
@@ -91,11 +92,12 @@ def slimming_plan(
 def _tp_pruned(model: nn.Module, example_input: torch.Tensor, ignored: list[str], ratio: float) -> nn.Module:
     """``model`` pruned by Torch-Pruning: every group drops ``ratio`` of its channels, lowest L1 norm first."""
     importance = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first", normalizer=None)
-    pruner = tp.pruner.MetaPruner(
-        model, example_input, importance=importance, pruning_ratio=ratio, global_pruning=False,
-        ignored_layers=[model.get_submodule(name) for name in ignored],
-    )
-    pruner.step()
+    with eval_mode(model):  # Torch-Pruning traces in eval mode and leaves the model there; give the flags back
+        pruner = tp.pruner.MetaPruner(
+            model, example_input, importance=importance, pruning_ratio=ratio, global_pruning=False,
+            ignored_layers=[model.get_submodule(name) for name in ignored],
+        )
+        pruner.step()
     return model
 
 
@@ -108,7 +110,7 @@ def torch_pruning_l1(
     group_reduction="first")``, Torch-Pruning's "standard L1-norm"); every coupled group drops the same
     fraction ``p`` of its channels, lowest ``s_c`` first (``global_pruning=False``). ``p`` is the smallest
     value on a ``steps``-step bisection of [0, 1) whose fvcore count meets ``F <= flops_ratio * F(dense)``.
-    ``ignored``: module names Torch-Pruning must not shrink (the classifier). Returns ``p``.
+    ``ignored``: module names Torch-Pruning must not shrink (the classifier). Training flags are kept. Returns ``p``.
     """
     _check_ratio(flops_ratio)
     budget = flops_ratio * count_flops(model, example_input).total

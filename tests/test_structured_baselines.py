@@ -64,6 +64,7 @@ def test_torch_pruning_l1_meets_the_target_and_keeps_the_largest_l1_filters(resn
     norms = model.layers[0].conv1.weight.detach().abs().flatten(1).sum(1)
     assert torch.equal(kept.sort().values, torch.topk(norms, len(kept)).indices.sort().values)
     assert len(kept) < 16 and pruned.fc.out_features == 10
+    assert all(module.training for module in pruned.modules())  # BatchNorm must train on batch statistics again
 
 
 def test_torch_pruning_l1_refuses_a_bad_ratio_before_pruning(resnet20) -> None:
