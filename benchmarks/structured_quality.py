@@ -55,7 +55,7 @@ class Setting:
 
     arch: str = "resnet20"
     width: float = 0.5
-    epochs: int = 6
+    epochs: int = 8
     gate_epochs: int = 4
     seeds: tuple[int, ...] = (0, 1, 2)
     ratios: tuple[float, ...] = (0.75, 0.5, 0.25)
@@ -65,7 +65,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "quick": Setting(arch="vgg_small", epochs=2, gate_epochs=1, seeds=(0,)),
-    "full": Setting(epochs=8, gate_epochs=4),
+    "full": Setting(),
 }
 
 
