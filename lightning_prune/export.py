@@ -42,12 +42,17 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def _encode(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The weight as an (out × rest) sparse matrix whose index and value storages hold exactly their contents
+    (``to_sparse_csr`` may keep larger index storages, and ``torch.save`` writes whole storages)."""
     matrix = weight.detach().cpu().reshape(weight.shape[0], -1)
     if fmt == "csr":
-        return matrix.to_sparse_csr()
+        csr = matrix.to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), csr.shape)
     if fmt == "csc":
-        return matrix.to_sparse_csc()
-    return matrix.to_sparse_coo().coalesce()
+        csc = matrix.to_sparse_csc()
+        return torch.sparse_csc_tensor(csc.ccol_indices().clone(), csc.row_indices().clone(), csc.values().clone(), csc.shape)
+    coo = matrix.to_sparse_coo().coalesce()
+    return torch.sparse_coo_tensor(coo.indices().clone(), coo.values().clone(), coo.shape, is_coalesced=True)
 
 
 def export_sparse(
@@ -71,7 +76,7 @@ def export_sparse(
             shapes[name] = tuple(tensor.shape)
             tensor = _encode(tensor, format)
         else:
-            tensor = tensor.detach().cpu()
+            tensor = tensor.detach().cpu().clone()  # its own storage: a view would save the whole of its base
         sparse_bytes += _nbytes(tensor)
         tensors[name] = tensor
     path = Path(path)
