@@ -27,4 +27,7 @@ EXPERIMENTS: list[str] = [
     "benchmarks.step_overhead",
     "benchmarks.search_speed",
     "benchmarks.scaling",
+    "benchmarks.structured_quality",
+    "benchmarks.time_to_structure",
+    "benchmarks.real_speedup",
 ]

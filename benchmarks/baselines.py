@@ -24,7 +24,8 @@ from torch import nn
 
 from benchmarks.gate_digits import BatchNormL1
 from benchmarks.gate_structures import bn_scale_scores
-from lightning_prune.flops import FlopsPredictor, count_flops, search_threshold
+from lightning_prune.channel_search import search_threshold
+from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.modes import eval_mode
 from lightning_prune.structure import ChannelGroup, ChannelPlan
 
