@@ -35,7 +35,7 @@ from torch import nn
 
 from benchmarks.baselines import torch_pruning_l1, uniform_plan
 from benchmarks.report import Behind, Section, anchor, table
-from benchmarks.structured_quality import Suite, main, one_thread, quiet
+from benchmarks.structured_quality import Suite, main, one_thread, start
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier, build_network, export_sparse
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.magnitude import MagnitudePruner
@@ -134,12 +134,8 @@ def saved_bytes(model: nn.Module) -> int:
 @one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     """Build the pruned structures, time them against the dense net, and compare file sizes."""
-    if suite not in SETTINGS:
-        raise ValueError(f"`suite` must be one of {sorted(SETTINGS)}, got {suite!r}.")
-    quiet()
-    setting = SETTINGS[suite]
+    setting = start(suite, out_dir, SETTINGS)
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     models = {"dense": dense_network(setting)}
     models.update({name: build(setting) for name, build in PLANS.items()})

@@ -82,11 +82,16 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def quiet() -> None:
-    """Silence Lightning's and fvcore's per-fit chatter (benchmarks print their own tables)."""
+def start(suite: Suite, out_dir: pathlib.Path, settings: dict[str, Any]) -> Any:
+    """A module's ``run`` begins here: ``suite`` checked, Lightning's and fvcore's per-fit chatter silenced
+    (benchmarks print their own tables), ``out_dir`` created; returns the suite's setting."""
+    if suite not in settings:
+        raise ValueError(f"`suite` must be one of {sorted(settings)}, got {suite!r}.")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_prune").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return settings[suite]
 
 
 class TrainLoopTimer(pl.Callback):
@@ -260,12 +265,8 @@ def plot(results: Results, setting: Setting, dense_acc: list[float], path: pathl
 @one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     """Train every method at every FLOPs target for each seed of ``suite``; tables, figure and numbers."""
-    if suite not in SETTINGS:
-        raise ValueError(f"`suite` must be one of {sorted(SETTINGS)}, got {suite!r}.")
-    quiet()
-    setting = SETTINGS[suite]
+    setting = start(suite, out_dir, SETTINGS)
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results, dense_acc = Results(), []
     for seed in setting.seeds:

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from benchmarks.baselines import slimming_plan
 from benchmarks.structured_quality import SETTINGS as QUALITY_SETTINGS
 from benchmarks.report import Behind, Section, anchor, table
-from benchmarks.structured_quality import SeedRun, Setting, Suite, main, mean_std, one_thread, quiet
+from benchmarks.structured_quality import SeedRun, Setting, Suite, main, mean_std, one_thread, start
 from lightning_prune import GatePruningFromScratch
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.structure import find_channel_groups
@@ -42,11 +42,7 @@ SETTINGS: dict[str, Setting] = {
 @one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     """Time both structure searches per seed of ``suite``, then re-train both structures equally."""
-    if suite not in SETTINGS:
-        raise ValueError(f"`suite` must be one of {sorted(SETTINGS)}, got {suite!r}.")
-    quiet()
-    setting = SETTINGS[suite]
-    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    setting = start(suite, out_dir, SETTINGS)
     started = time.perf_counter()
     numbers: dict[str, list[float]] = {}
 
