@@ -47,12 +47,12 @@ def _encode(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     matrix = weight.detach().cpu().reshape(weight.shape[0], -1)
     if fmt == "csr":
         csr = matrix.to_sparse_csr()
-        return torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), csr.shape)
+        return torch.sparse_csr_tensor(csr.crow_indices().clone(), csr.col_indices().clone(), csr.values().clone(), csr.shape, check_invariants=True)
     if fmt == "csc":
         csc = matrix.to_sparse_csc()
-        return torch.sparse_csc_tensor(csc.ccol_indices().clone(), csc.row_indices().clone(), csc.values().clone(), csc.shape)
+        return torch.sparse_csc_tensor(csc.ccol_indices().clone(), csc.row_indices().clone(), csc.values().clone(), csc.shape, check_invariants=True)
     coo = matrix.to_sparse_coo().coalesce()
-    return torch.sparse_coo_tensor(coo.indices().clone(), coo.values().clone(), coo.shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(coo.indices().clone(), coo.values().clone(), coo.shape, is_coalesced=True, check_invariants=True)
 
 
 def export_sparse(
