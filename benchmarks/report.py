@@ -156,7 +156,8 @@ def render_readme(results: dict[str, Any], results_dir: str = "benchmarks/result
         "figure and the machine, PNG plots) and this section:",
         "",
         "    python -m benchmarks run --suite quick   # under 6 minutes on 2 CPU cores; CI runs it as a smoke test",
-        "    python -m benchmarks run --suite full    # about an hour (estimated): 3 seeds, every target, ResNet-20 too",
+        "    python -m benchmarks run --suite full    # " + (f"{results['seconds'] / 60:.0f} minutes here" if results["suite"] == "full"
+                                                         else "about an hour (estimated)") + ": 3 seeds, every target, ResNet-20 too",
         "    python -m benchmarks readme              # this section again from benchmarks/results/results.json",
         "",
         "Adding an experiment: a module with `run(suite, out_dir) -> benchmarks.report.Section`, named in",
