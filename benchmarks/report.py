@@ -64,9 +64,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
-    mean, std = mean_std(values)
+def fmt_mean_std(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``mean ± std`` of ``scale * values`` (the mean alone for one value)."""
+    mean, std = mean_std([scale * value for value in values])
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def save_figure(figure: Any, path: pathlib.Path, dpi: int = 110) -> None:
+    """Lay out, write (PNG) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

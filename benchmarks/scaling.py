@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
-from benchmarks.report import Behind, Section, Suite, anchor, table  # noqa: E402
+from benchmarks.report import Behind, Section, Suite, anchor, save_figure, table  # noqa: E402
 from lightning_prune.demo.models import build_network  # noqa: E402
 from lightning_prune.magnitude import MagnitudePruner  # noqa: E402
 from lightning_prune.targets import select_modules  # noqa: E402
@@ -129,9 +129,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     right.legend(fontsize=7)
     for axis in (left, right):
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out_dir / "scaling.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out_dir / "scaling.png")
     markdown = "\n".join([
         f"ResNet-20 at width x1/x2/x4, batch {size['batch']}x3x32x32, plain SGD loop, 1 torch thread: median of {size['steps']} "
         "interleaved steps dense and with `MagnitudePruner`'s masks held (`apply_to_grads` before, `apply_to_weights` after "

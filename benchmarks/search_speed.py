@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.flops_search import per_candidate, search_speed  # noqa: E402
-from benchmarks.report import Section, Suite, table  # noqa: E402
+from benchmarks.report import Section, Suite, save_figure, table  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"search_repeats": 5, "predict_repeats": 200, "recounts": {"resnet56": 2, "resnet50": 1}},
@@ -44,9 +44,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
     axis.set_xlabel("seconds per candidate plan (log scale)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out_dir / "search_speed.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out_dir / "search_speed.png")
     markdown = "\n".join([
         "A candidate is a channel plan (here: the first half of every coupled channel group's channels); its FLOPs are fvcore's "
         "multiply-adds per sample of the physically pruned network. **Predictor**: `lightning_prune.flops.FlopsPredictor.predict_counts` "

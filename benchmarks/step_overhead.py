@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.overhead import GATE, VARIANTS, run as run_variant  # noqa: E402
-from benchmarks.report import Behind, Section, Suite, anchor, table  # noqa: E402
+from benchmarks.report import Behind, Section, Suite, anchor, save_figure, table  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"models": ["resnet20"], "rounds": 3, "steps": 4, "batch": 8},
@@ -84,9 +84,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     axis.set_yticks([i + width * (len(size["models"]) - 1) / 2 for i in range(len(names))], names, fontsize=7)
     axis.set_xlabel("step time / dense step time (median over rounds)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out_dir / "step_overhead.png", dpi=110)
-    plt.close(figure)
+    save_figure(figure, out_dir / "step_overhead.png")
     markdown = "\n".join([
         f"Per training step, {size['batch']}x3x32x32 random inputs, {size['rounds']} rounds of {size['steps']} timed steps per variant, "
         "1 torch thread. **/ dense** = median over rounds of (median step time / median dense step time of the same round); "

@@ -40,7 +40,7 @@ from torch import nn
 
 from benchmarks.baselines import BatchNormL1, slimming_plan, torch_pruning_l1, uniform_plan
 from benchmarks.gate_digits import flops, make_trainer
-from benchmarks.report import Behind, Section, anchor, table
+from benchmarks.report import Behind, Section, anchor, fmt_mean_std, save_figure, table
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gate_search import reinitialise
@@ -231,12 +231,6 @@ class Results:
         return out
 
 
-def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
-    """``mean ± std`` (sample std; 0 for one value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"
-
-
 def plot(results: Results, setting: Setting, dense_acc: list[float], path: pathlib.Path) -> None:
     import matplotlib
 
@@ -257,9 +251,7 @@ def plot(results: Results, setting: Setting, dense_acc: list[float], path: pathl
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(f"{setting.arch} x{setting.width}, digits 32x32, {setting.epochs} epochs, {len(setting.seeds)} seed(s)")
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 @one_thread()
@@ -283,12 +275,12 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
                 log.info("seed %d, r=%s, %s: %.0f s", seed, ratio, name, method_seconds)
         dense_acc.append(seed_run.test(seed_run.dense[0]))
     header = ["method"] + [f"r = {r}: acc (%)" for r in setting.ratios] + [f"r = {r}: FLOPs ratio" for r in setting.ratios]
-    rows = [["dense"] + [mean_std(dense_acc, 100)] * len(setting.ratios) + ["1.000"] * len(setting.ratios)]
+    rows = [["dense"] + [fmt_mean_std(dense_acc, 2, scale=100)] * len(setting.ratios) + ["1.000"] * len(setting.ratios)]
     for method in METHODS:
         entries = [results.values[(method, r)] for r in setting.ratios]
-        rows.append([method] + [mean_std(e["acc"], 100) for e in entries] + [mean_std(e["flops_ratio"], 1, 3) for e in entries])
+        rows.append([method] + [fmt_mean_std(e["acc"], 2, scale=100) for e in entries] + [fmt_mean_std(e["flops_ratio"], 3) for e in entries])
     narrowest = [
-        [method] + [mean_std([min(widths) for widths in results.values[(method, r)]["conv_width_ratios"]], 1, 3) for r in setting.ratios]
+        [method] + [fmt_mean_std([min(widths) for widths in results.values[(method, r)]["conv_width_ratios"]], 3) for r in setting.ratios]
         for method in METHODS
     ]
     behind = []
@@ -301,7 +293,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
             theirs = results.values[(best, r)]["acc"]
             spread = (statistics.stdev(ours) if len(ours) > 1 else 0.0) + (statistics.stdev(theirs) if len(theirs) > 1 else 0.0)
             if statistics.mean(ours) < statistics.mean(theirs) - spread - 0.0075:  # beyond the seeds' spread plus 2 test images
-                lost.append(f"{r}: {mean_std(ours, 100)}% vs {best} {mean_std(theirs, 100)}%")
+                lost.append(f"{r}: {fmt_mean_std(ours, 2, scale=100)}% vs {best} {fmt_mean_std(theirs, 2, scale=100)}%")
                 narrowest_kept.append(statistics.mean(min(w) for w in results.values[(method, r)]["conv_width_ratios"]))
         if lost:
             behind.append(Behind(

@@ -26,8 +26,8 @@ from dataclasses import asdict
 
 from benchmarks.baselines import slimming_plan
 from benchmarks.structured_quality import SETTINGS as QUALITY_SETTINGS
-from benchmarks.report import Behind, Section, anchor, table
-from benchmarks.structured_quality import SeedRun, Setting, Suite, main, mean_std, one_thread, start
+from benchmarks.report import Behind, Section, anchor, fmt_mean_std, table
+from benchmarks.structured_quality import SeedRun, Setting, Suite, main, one_thread, start
 from lightning_prune import GatePruningFromScratch
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.structure import find_channel_groups
@@ -73,10 +73,10 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         add("paper-schedule ratio", per_epoch * PAPER_PRETRAIN_EPOCHS / PAPER_GATE_EPOCHS)
     seconds = time.perf_counter() - started
     rows = [
-        ["gates (random weights)", f"gate phase, {setting.gate_epochs} epoch(s)", mean_std(numbers["gate phase s"]),
-         mean_std(numbers["gates acc"], 100)],
-        ["network slimming", f"pre-training with L1 on the BatchNorm scales, {setting.epochs} epoch(s)", mean_std(numbers["slimming pre-training s"]),
-         mean_std(numbers["slimming acc"], 100)],
+        ["gates (random weights)", f"gate phase, {setting.gate_epochs} epoch(s)", fmt_mean_std(numbers["gate phase s"]),
+         fmt_mean_std(numbers["gates acc"], 2, scale=100)],
+        ["network slimming", f"pre-training with L1 on the BatchNorm scales, {setting.epochs} epoch(s)", fmt_mean_std(numbers["slimming pre-training s"]),
+         fmt_mean_std(numbers["slimming acc"], 2, scale=100)],
     ]
     markdown = "\n\n".join([
         f"**Time to find a structure at {RATIO} FLOPs** ({setting.arch} width {setting.width}, digits 32x32, "
@@ -86,8 +86,8 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         table(
             ["slimming time / gate time", "per epoch", f"extrapolated to the paper's schedules ({PAPER_PRETRAIN_EPOCHS} vs "
              f"{PAPER_GATE_EPOCHS} epochs)", "slimming threshold search (s)"],
-            [[mean_std(numbers["ratio"]), mean_std(numbers["per-epoch ratio"]), mean_std(numbers["paper-schedule ratio"], 1, 1),
-              mean_std(numbers["slimming search s"])]],
+            [[fmt_mean_std(numbers["ratio"]), fmt_mean_std(numbers["per-epoch ratio"]), fmt_mean_std(numbers["paper-schedule ratio"], 1),
+              fmt_mean_std(numbers["slimming search s"])]],
         ),
         "Measured: slimming's pre-training loop over the gate phase, both wall time on this machine. Per epoch: the "
         "same divided by each one's epochs. The extrapolated column multiplies the per-epoch ratio by "

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.magnitude_digits import model_pruning  # noqa: E402
-from benchmarks.report import SEEDS, Behind, Section, Suite, anchor, fmt_mean_std, mean_std, table  # noqa: E402
+from benchmarks.report import Behind, SEEDS, Section, Suite, anchor, fmt_mean_std, mean_std, save_figure, table  # noqa: E402
 from lightning_prune import (  # noqa: E402
     AutoPruneCallback,
     DigitsDataModule,
@@ -239,9 +239,7 @@ def plot(setting: Setting, results: dict[str, dict[float, list[dict[str, float]]
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend(fontsize=7)
     figure.suptitle(setting.label)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:

@@ -139,11 +139,13 @@ def test_behind_flags_a_clear_gap_to_a_baseline_and_not_noise() -> None:
 
 
 def test_model_pruning_reaches_the_absolute_targets_and_refuses_an_event_at_epoch_0() -> None:
-    amount = model_pruning(PruningSchedule("agp", 1, 3, 1), 0.75).amount
-    remaining = 1.0
-    for epoch, target in zip((0, 1, 2), PruningSchedule("agp", 1, 3, 1).events):
+    schedule = PruningSchedule("agp", 1, 3, 1)
+    amount = model_pruning(schedule, 0.75).amount
+    remaining, reached = 1.0, []
+    for epoch in (0, 1, 2):
         remaining *= 1.0 - amount(epoch)  # ModelPruning prunes `amount` of the remaining weights at the end of `epoch`
-        assert 1.0 - remaining == pytest.approx(0.75 * PruningSchedule("agp", 1, 3, 1).fraction(target))
+        reached.append(1.0 - remaining)
+    assert reached == pytest.approx([0.75 * schedule.fraction(target) for target in schedule.events])
     with pytest.raises(ValueError, match="`schedule` must start at epoch >= 1"):
         model_pruning(PruningSchedule("agp", 0, 2, 1), 0.75)
 
