@@ -217,6 +217,6 @@ def test_a_model_fvcore_cannot_trace_still_prunes_without_flops(tmp_path):
     model = Untraceable()
     with pytest.warns(UserWarning, match="FLOPs are not reported"):
         make_trainer(tmp_path, [pruning], max_epochs=2).fit(model, DigitsDataModule())
-    assert pruning.dense_flops is None
+    assert pruning.figures.dense_flops is None
     report = sparsity_report(model)
     assert report.total.total - report.total.nonzero == round(0.5 * report.total.total)

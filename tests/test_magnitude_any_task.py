@@ -41,7 +41,7 @@ def test_element_pruning_reaches_the_exact_target_and_the_zeros_hold(tmp_path, t
     batch = next(iter(loader))
     example = (batch,) if task == "pixel" else (batch["tokens"],)
     one = tuple({k: v[:1] for k, v in a.items()} if isinstance(a, dict) else a[:1] for a in example)
-    assert pruning.dense_flops.total == count_flops(model, one).total > 0
+    assert pruning.figures.dense_flops.total == count_flops(model, one).total > 0
 
 
 def test_channel_pruning_without_an_example_input_array_is_exact_after_physical_removal(tmp_path):
@@ -64,7 +64,7 @@ def test_channel_pruning_without_an_example_input_array_is_exact_after_physical_
     assert torch.allclose(masked.output, physical.output, atol=1e-5)
     assert model.net[0].out_channels < 8 or model.net[3].out_channels < 8
     one_sample = ({"image": batch["image"][:1]},)
-    assert count_flops(model, one_sample).total == pruning.predictor.predict(masked.plan) < pruning.dense_flops.total
+    assert count_flops(model, one_sample).total == pruning.figures.predictor.predict(masked.plan) < pruning.figures.dense_flops.total
 
 
 def test_element_pruning_needs_no_example_at_all(tmp_path):
@@ -81,5 +81,5 @@ def test_element_pruning_needs_no_example_at_all(tmp_path):
     pruning = IterativeMagnitude(0.6, "one_shot", start_epoch=1, monitor=None, verbose=False)
     with pytest.warns(UserWarning, match="FLOPs are not reported"):
         make_trainer(tmp_path, [pruning], max_epochs=2).fit(model, pixel_loader())
-    assert pruning.dense_flops is None
+    assert pruning.figures.dense_flops is None
     assert exact_zeros(model, 0.6)

@@ -50,7 +50,7 @@ def test_physical_removal_keeps_the_function_and_meets_the_predicted_flops(tmp_p
     assert torch.allclose(masked.logits, physical.logits, atol=1e-5)
     assert model.network.fc.out_features == 10
     recount = count_flops(model, model.example_input_array).total
-    assert recount == pruning.predictor.predict(plan) < dense_flops
+    assert recount == pruning.figures.predictor.predict(plan) < dense_flops
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in resnet().parameters())
     assert sparsity_report(model).sparsity == 0.0  # every zeroed channel is gone, no zero left behind
     # the pruned model is a plain module that keeps training
@@ -125,6 +125,6 @@ def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp
     assert whole_plan.keys() == resumed_plan.keys()
     for index, keep in whole_plan.items():
         assert torch.equal(keep, resumed_plan[index])
-    assert resumed_pruning.predictor.predict(resumed_plan) == whole_pruning.predictor.predict(whole_plan) < resumed_pruning.dense_flops.total
+    assert resumed_pruning.figures.predictor.predict(resumed_plan) == whole_pruning.figures.predictor.predict(whole_plan) < resumed_pruning.figures.dense_flops.total
     for name, mask in whole_pruning.masks.masks.items():
         assert torch.equal(mask, resumed_pruning.masks.masks[name]), name

@@ -10,21 +10,19 @@ from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune.callbacks import _magnitude_args as args
 from lightning_prune.callbacks._magnitude_args import LayerCap, PerLayer, Sensitivity
-from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, example_input, one_sample
-from lightning_prune.callbacks._shared import Fraction, optional_flop_count
+from lightning_prune.callbacks._magnitude_report import MagnitudeFigures
+from lightning_prune.callbacks._module_io import ExampleInputFn
+from lightning_prune.callbacks._shared import Fraction
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
-from lightning_prune.flops import FlopCount, FlopsPredictor
-from lightning_prune.loggers import log_pruning_event
-from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner, distributed_broadcast
+from lightning_prune.magnitude import MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
-from lightning_prune.report import nonzero_flops, pruning_summary, sparsity_report
+from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules
@@ -103,11 +101,7 @@ class IterativeMagnitude(pl.Callback):
         self.schedule: Optional[PruningSchedule] = None
         self.pruner: Optional[MagnitudePruner] = None
         self.layers: list[str] = []
-        self.dense_score: Optional[float] = None
-        self.dense_flops: Optional[FlopCount] = None  # fvcore, MACs per sample
-        self.dense_parameters = 0
-        self.predictor: Optional[FlopsPredictor] = None
-        self.example: Optional[ModelArgs] = None
+        self.figures = MagnitudeFigures(self.layers, monitor)
         self.structure: Optional[StructureRecord] = None
         self._stepped = False
 
@@ -128,7 +122,7 @@ class IterativeMagnitude(pl.Callback):
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         args.check_layer_keys(self.arguments, self.layers)
         self.schedule = args.resolve_schedule(self.arguments, trainer)
-        self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
+        self.figures = MagnitudeFigures(self.layers, self.monitor, self.figures.dense_score)
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
         self.pruner.schedule = self.schedule
@@ -142,16 +136,7 @@ class IterativeMagnitude(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The example input (the first training batch is loaded now): dense FLOPs, channel groups."""
-        try:
-            self.example = one_sample(example_input(trainer, pl_module, self.example_input_fn))
-        except MisconfigurationException as error:
-            if self.granularity == "channel":
-                raise
-            rank_zero_warn(f"FLOPs are not reported: no example input ({error}).")
-        self.dense_flops = optional_flop_count(pl_module, self.example)
-        if self.granularity == "channel" and self.pruner.channels is None:
-            self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, self.channel_norm, self.max_layer_sparsity)
-            self.predictor = FlopsPredictor(pl_module, self.example, self.pruner.channels.groups, self.dense_flops)
+        self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
         args.warn_if_too_short(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
@@ -159,18 +144,12 @@ class IterativeMagnitude(pl.Callback):
         fraction = self.pruner.step(time, distributed_broadcast())
         if fraction is None:
             return
-        if first and self.monitor in trainer.callback_metrics:
-            self.dense_score = float(trainer.callback_metrics[self.monitor])
+        if first:
+            self.figures.remember_dense_score(trainer)
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
         for layer in self.pruner.emptied_layers():
             rank_zero_warn(f"IterativeMagnitude: every weight of {layer!r} is pruned (`max_layer_sparsity`={self.max_layer_sparsity}); the layer outputs only its bias.")
-        report = sparsity_report(pl_module, self.layers)
-        log_pruning_event(trainer, report=report, flops_ratio=None if self.dense_flops is None else self._pruned_flops(report) / self.dense_flops.total,
-                          channel_ratios=self.pruner.channel_ratios() or None, extra={"target_sparsity": self.pruner.target_sparsity(fraction)})
-
-    def _pruned_flops(self, report: Any) -> int:
-        """MACs per sample of the physically pruned channel plan, or those left when zero weights are skipped."""
-        return self.predictor.predict(self.pruner.plan) if self.predictor is not None else nonzero_flops(self.dense_flops, report)
+        self.figures.log_event(trainer, pl_module, self.pruner, fraction)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -205,17 +184,14 @@ class IterativeMagnitude(pl.Callback):
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
-        flops = None if self.dense_flops is None else (self.dense_flops.total, self._pruned_flops(report))
+        flops = self.figures.pruned_flops(self.pruner, report)
         if self.make_permanent:
             if self.physical:
-                self.structure = self.pruner.remove_channels(self.example)
+                self.structure = self.pruner.remove_channels(self.figures.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.pruner = None
-        if self.verbose and trainer.is_global_zero:
-            score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-            nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
-            rank_zero_info(pruning_summary("IterativeMagnitude summary", report, parameters=(self.dense_parameters, nonzero), flops=flops,
-                                           monitor=self.monitor, scores=(self.dense_score, None if score is None else float(score)), notes=notes))
+        if self.verbose:
+            self.figures.summary(trainer, pl_module, report, flops, notes)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -233,11 +209,11 @@ class IterativeMagnitude(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         state = self.pruner.state_dict() if self.pruner is not None else {"last_event": -1}
         arguments = {k: args.plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
-        return {**state, "dense_score": self.dense_score, "arguments": arguments}
+        return {**state, "dense_score": self.figures.dense_score, "arguments": arguments}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.dense_score = state_dict["dense_score"]
+        self.figures.dense_score = state_dict["dense_score"]
         args.warn_if_changed(state_dict.get("arguments", {}), self.arguments)
         if self.pruner is not None and "masks" in state_dict:
             self.pruner.load_state_dict(state_dict)
