@@ -86,9 +86,7 @@ def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) ->
     return _Indicator.apply(aux, ste, slope)
 
 
-def loss_signal(
-    gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: bool = True, out: Optional[torch.Tensor] = None
-) -> torch.Tensor:
+def loss_signal(gate_grad: torch.Tensor, magnitude: torch.Tensor, correlation: bool = True) -> torch.Tensor:
     r"""The loss part ``C`` of the auxiliary update, before normalisation.
 
     ``gate_grad`` is ``∂L/∂h = Σ ∂L/∂T ⊙ W`` (summed over the weights an entry of ``M`` gates);
@@ -97,14 +95,22 @@ def loss_signal(
     loss-descent update would grow (−) or shrink (+) their magnitude, so ``m`` moves the way the
     weights' magnitude would, whatever its size (‖w‖ is taken at least 1e-12; where ‖w‖ = 0 the weights
     are 0 and so is ``∂L/∂h``). Off: ``C = ∂L/∂h``, the literal chain rule (the first-order loss change
-    of switching the weights off, scaled by ``‖w‖``). ``out``: write ``C`` there (float32) and clamp
-    ``magnitude`` (float32) in place.
+    of switching the weights off, scaled by ``‖w‖``).
     """
-    if out is None:
-        out, magnitude = torch.empty(gate_grad.shape, dtype=torch.float32, device=gate_grad.device), magnitude.float().clone()
-    if not correlation:
-        return out.copy_(gate_grad)
-    return torch.div(gate_grad, magnitude.clamp_min_(_EPS), out=out)
+    out = torch.empty(gate_grad.numel(), dtype=torch.float32, device=gate_grad.device)
+    _write_loss_signal([gate_grad.reshape(-1)], magnitude.reshape(-1).float().clone(), correlation, [out.numel()], out)
+    return out.view(gate_grad.shape)
+
+
+def _write_loss_signal(
+    gate_grads: Sequence[torch.Tensor], magnitude: torch.Tensor, correlation: bool, segments: Sequence[int], out: torch.Tensor
+) -> None:
+    """:func:`loss_signal` of flat segments (``gate_grads``, lengths ``segments``) written into the flat ``out``,
+    without concatenating them first; ``magnitude`` (flat float32) is clamped in place."""
+    if correlation:
+        magnitude.clamp_min_(_EPS)
+    for grad, piece, target in zip(gate_grads, magnitude.split(segments), out.split(segments)):
+        torch.div(grad, piece, out=target) if correlation else target.copy_(grad)
 
 
 def auxiliary_gradient(
@@ -119,9 +125,6 @@ def auxiliary_gradient(
     direction: bool = True,
     scale: Optional[Union[float, torch.Tensor]] = None,
     normalize: bool = True,
-    segments: Optional[Sequence[int]] = None,
-    out: Optional[torch.Tensor] = None,
-    positive: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""The update direction of one auxiliary tensor ``M`` (what its optimizer steps along).
 
@@ -143,45 +146,78 @@ def auxiliary_gradient(
     - Sensitivity consistency (``sensitivity``): ``S = 1 / (1 + ‖w‖ / mean‖w‖)``, so an important,
       large-magnitude weight is harder to switch off. Off: ``S = 1/2`` (its value at the mean).
 
-    ``segments``: the lengths of the tensors laid end to end in flat inputs (the mean of ``S`` is then
-    per tensor). ``out``: write the result there (float32, ``aux``'s shape) and use ``magnitude``
-    (float32) as scratch — it is overwritten; ``positive``: ``aux > 0``, when at hand.
-    :meth:`AuxiliaryParameters.step` passes its own buffers and cached mask, so a step allocates nothing of
-    ``M``'s size and makes about eight elementwise passes over it.
+    A non-finite ``C`` anywhere gives a zero update. :meth:`AuxiliaryParameters.step` computes the same
+    with its own buffers (:func:`_factored_gradient`).
     """
     check_choice("ste", ste, Ste)
-    if out is None:
-        out, magnitude = torch.empty(aux.shape, dtype=torch.float32, device=aux.device), magnitude.float().clone()
-    loss_signal(gate_grad, magnitude, correlation, out=out)  # C, in out
+    flat = aux.detach().reshape(-1).float()
+    out, magnitude = torch.empty_like(flat), magnitude.reshape(-1).float().clone()
+    base, factor, _ = _factored_gradient(
+        [gate_grad.reshape(-1)], flat, magnitude, torch.empty_like(flat), (flat > 0).float(), reg, ste, slope,
+        [flat.numel()], out, sensitivity, correlation, direction, scale, normalize,
+    )
+    return base.mul_(factor).view(aux.shape).to(aux.dtype)
+
+
+def _factored_gradient(
+    gate_grads: Sequence[torch.Tensor],
+    aux: torch.Tensor,
+    magnitude: torch.Tensor,
+    scratch: torch.Tensor,
+    hard: torch.Tensor,
+    reg: float,
+    ste: Ste,
+    slope: float,
+    segments: Sequence[int],
+    out: torch.Tensor,
+    sensitivity: bool = True,
+    correlation: bool = True,
+    direction: bool = True,
+    scale: Optional[Union[float, torch.Tensor]] = None,
+    normalize: bool = True,
+    reduce: Optional[Reduce] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r""":func:`auxiliary_gradient` of a flat ``M`` (``aux``, float32) as ``∂M = base ⊙ factor``, so that plain SGD
+    takes its step in one ``addcmul``, and a 0-dim ``finite`` flag (``base`` is zero where it is false).
+
+    With direction consistency ``base = C + s·reg·S`` and ``factor = h̃'(M)/s`` (0-dim for the linear STE);
+    without it ``base = C ⊙ h̃'/s + reg·S`` and ``factor = 1``. ``gate_grads``: flat ``∂L/∂h`` per segment
+    (``segments``: their lengths; the mean of ``S`` is per segment); ``hard``: ``h(M)`` as float;
+    ``reduce``: averages ``C`` over processes (``‖w‖`` is the same on every rank). Buffers (float32, ``M``'s
+    size): ``out`` gets ``base``, ``magnitude`` holds ``‖w‖`` and is overwritten (it ends holding ``factor``),
+    ``scratch`` is overwritten. Nothing else of ``M``'s size is allocated and nothing is read to the host.
+    """
+    _write_loss_signal(gate_grads, magnitude, correlation, segments, out)  # C, in out
+    if reduce is not None:
+        out = reduce(out)
+    # ‖C‖₁ (abs into scratch, then sum: twice as fast as a 1-norm on CPU); NaN/inf anywhere makes it non-finite
+    total = torch.abs(out, out=scratch).sum() if normalize and scale is None else out.sum()
+    finite = torch.isfinite(total)
     if not normalize:
         scale = torch.ones((), device=out.device)
     elif scale is None:
-        scale = torch.linalg.vector_norm(out, 1).div_(out.numel())
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=out.device).clamp_min(_EPS)
-    # direction: ∂M = (C + s·reg·S) ⊙ h̃'/s; otherwise ∂M = C ⊙ h̃'/s + reg·S
-    if not direction:
-        out.mul_(ste_derivative(aux.float(), ste, slope).div_(scale))
+        scale = total / out.numel()
+    scale = torch.where(finite, torch.as_tensor(scale, dtype=torch.float32, device=out.device).clamp_min(_EPS), 1.0)
+    if not direction:  # ∂M = C ⊙ h̃'/s + reg·S
+        out.mul_(ste_derivative(aux, ste, slope).div_(scale))
     pull = scale * reg if direction else torch.full((), float(reg), device=out.device)
-    if sensitivity:  # reg·S = reg·mean / (mean + ‖w‖), per tensor
-        sizes = [magnitude.numel()] if segments is None else list(segments)
-        pieces, outs = magnitude.reshape(-1).split(sizes), out.view(-1).split(sizes)
+    if sensitivity:  # reg·S = reg·mean / (mean + ‖w‖), per segment
+        pieces, outs = magnitude.split(segments), out.split(segments)
         means = [piece.sum() for piece in pieces]  # ‖w‖ ≥ 0; sum is several times faster than a 1-norm on CPU
-        torch._foreach_div_(means, sizes)
+        torch._foreach_div_(means, list(segments))
         torch._foreach_clamp_min_(means, _EPS)
         torch._foreach_add_(pieces, means)
         torch._foreach_addcdiv_(outs, torch._foreach_mul(means, pull), pieces)
     else:
         out.add_(pull * 0.5)
-    if direction:
-        if ste == "linear":
-            out.div_(scale)
-        else:
-            if ste == "leaky_relu":  # h̃'/s = (slope + (1 − slope)·h(m)) / s
-                torch.mul((aux > 0) if positive is None else positive, (1.0 - slope) / scale, out=magnitude).add_(slope / scale)
-            else:  # softplus
-                torch.sigmoid(aux, out=magnitude).div_(scale)
-            out.mul_(magnitude)
-    return out.to(aux.dtype)
+    out.masked_fill_(~finite, 0.0)
+    if not direction:
+        return out, torch.ones((), device=out.device), finite
+    if ste == "linear":
+        return out, scale.reciprocal(), finite
+    if ste == "leaky_relu":  # h̃'/s = (slope + (1 − slope)·h(m)) / s
+        return out, torch.mul(hard, (1.0 - slope) / scale, out=magnitude).add_(slope / scale), finite
+    return out, torch.sigmoid(aux, out=magnitude).div_(scale), finite  # softplus
 
 
 @dataclass(frozen=True)
@@ -269,10 +305,14 @@ class AuxiliaryParameters:
     One call per held-out batch, :meth:`learn` (loss → ``∂L/∂h`` → :func:`auxiliary_gradient` → one
     optimizer step of ``M``); :meth:`freeze`/:meth:`restore_frozen` around every optimizer step of the
     model keep the switched-off weights' values. All of ``M`` lives in one flat float32 tensor (``values``
-    holds views of it), so a step is a handful of fused tensor ops without host synchronisation:
-    revived/switched-off counts and the non-finite flag stay on the device until :meth:`take_counts`.
-    A step writes into preallocated ``M``-sized buffers (no temporaries of ``M``'s size), and ``h(M)`` is
-    recomputed only when ``M`` changed (its version counter), so the gates cost no compare per forward.
+    holds views of it), so a step is a handful of fused tensor ops without host synchronisation: the
+    non-finite flag stays on the device until :meth:`take_counts`, which also counts the weights revived
+    and switched off since its last call. A step writes into preallocated ``M``-sized buffers (no
+    temporaries of ``M``'s size), and the float ``h(M)`` is recomputed only when ``M`` changed (its version
+    counter), so the gates cost no compare per forward. Per step and training batch that is about 19
+    elementwise passes over ``M``-sized tensors (``benchmarks/autoprune_step.py`` counts them): the gating
+    multiply in two forwards and two backwards, the copy and ``lerp`` around the model's optimizer step,
+    and 13 in :meth:`step`.
 
     Args:
         model: the model; parameters are addressed by their names in it.
@@ -352,12 +392,9 @@ class AuxiliaryParameters:
             chunk.view(shape) for chunk, shape in zip(self._flat.split(self._counts), self._shapes.values())
         )))
         device = self._flat.device
-        self._on, self._on_version = self._flat > 0, self._flat._version
-        self._on_next, self._changed = torch.empty_like(self._on), torch.empty_like(self._on)
-        self._hard_float, self._hard_version = torch.empty_like(self._flat), -1
-        self._work, self._scratch, self._grad = (torch.empty_like(self._flat) for _ in range(3))  # the step's buffers
-        self._revived = torch.zeros((), dtype=torch.long, device=device)
-        self._switched_off = torch.zeros((), dtype=torch.long, device=device)
+        self._hard, self._hard_version = torch.empty_like(self._flat), -1
+        self._reported = self._hard_mask() > 0  # h(M) at the last take_counts
+        self._work, self._scratch, self._abs = (torch.empty_like(self._flat) for _ in range(3))  # the step's buffers
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._collapsed = torch.zeros((), dtype=torch.bool, device=device)
         self.targets = defaultdict(list, {
@@ -376,7 +413,7 @@ class AuxiliaryParameters:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
         slices = self.targets[target]
         if self.granularity == "element":
-            hard = self._hard()[self._spans[slices[0].key]].view(self._shapes[slices[0].key])  # cached: no compare
+            hard = self._hard_mask()[self._spans[slices[0].key]].view(self._shapes[slices[0].key])  # cached: no compare
             if self._tracked is not None:  # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
                 hard = _PassThrough.apply(self._segment(slices[0].key), hard)
             return hard.to(like.dtype)
@@ -386,20 +423,14 @@ class AuxiliaryParameters:
             gate = gate.index_copy(0, piece.positions, h[piece.channels])
         return gate.view(-1, *([1] * (like.dim() - 1)))
 
-    def _current_on(self) -> torch.Tensor:
-        """Flat boolean ``h(M)``, recomputed only when ``M`` changed (its version counter moved: a step, a load,
-        a direct write into ``values``); :meth:`step` leaves it current."""
-        if self._on_version != self._flat._version:
-            torch.gt(self._flat, 0, out=self._on)
-            self._on_version = self._flat._version
-        return self._on
-
-    def _hard(self) -> torch.Tensor:
-        """Flat float ``h(M)`` (the gates of every forward), copied from :meth:`_current_on` when ``M`` changed."""
+    def _hard_mask(self) -> torch.Tensor:
+        """Flat float ``h(M)`` (the gates of every forward, 0.0 or 1.0), recomputed only when ``M`` changed (its
+        version counter moved: a step, a load, a direct write into ``values``); one compare written as float
+        (several times faster on CPU than a boolean mask, which the gates would convert anyway)."""
         if self._hard_version != self._flat._version:
-            self._hard_float.copy_(self._current_on())
+            torch.gt(self._flat, 0, out=self._hard)
             self._hard_version = self._flat._version
-        return self._hard_float
+        return self._hard
 
     def plan(self) -> dict[int, torch.Tensor]:
         """Channel granularity: the kept channels of every gated group, ``{group index: indices}`` on the CPU
@@ -420,9 +451,9 @@ class AuxiliaryParameters:
         return self.gate(target, self.original(target)).expand_as(self.original(target))
 
     def _on_mask(self, target: tuple[str, str]) -> torch.Tensor:
-        """Where ``target`` is switched on, broadcastable to it, as of the last :meth:`freeze` (a view for element)."""
+        """``h(M)`` of ``target`` (float 0/1), broadcastable to it, as of the last :meth:`freeze` (a view for element)."""
         if self.granularity == "element":
-            return self._on[self._span(self.targets[target][0].key)].view(self.original(target).shape)
+            return self._hard_mask()[self._span(self.targets[target][0].key)].view(self.original(target).shape)
         return self._row_on[target]
 
     def _span(self, key: str) -> slice:
@@ -430,9 +461,9 @@ class AuxiliaryParameters:
 
     @torch.no_grad()
     def _refresh_masks(self) -> None:
-        self._current_on()
+        self._hard_mask()
         if self.granularity == "channel":
-            self._row_on = {target: self.gate(target, self.original(target)) > 0 for target in self.targets}
+            self._row_on = {target: self.gate(target, self.original(target)) for target in self.targets}
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -473,7 +504,9 @@ class AuxiliaryParameters:
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        """Write the saved values back where the gate is 0, undoing weight decay and momentum there (in place)."""
+        """Write the saved values back where the gate is 0, undoing weight decay and momentum there (in place:
+        ``lerp(saved, W, h)`` is exactly ``saved`` at h = 0 and ``W`` at h = 1, and on CPU three times as fast as
+        a ``where`` on a boolean mask)."""
         if self._saved is None:
             return
         saved = dict(zip(map(id, self._originals), self._saved))
@@ -482,7 +515,7 @@ class AuxiliaryParameters:
             weight = self.original(target)
             if id(weight) not in done:
                 done.add(id(weight))
-                torch.where(self._on_mask(target), weight, saved[id(weight)], out=weight)
+                torch.lerp(saved[id(weight)], weight, self._on_mask(target).to(weight.dtype), out=weight)
 
     # ------------------------------------------------------------------ the auxiliary step
     @contextlib.contextmanager
@@ -551,31 +584,44 @@ class AuxiliaryParameters:
             if buffers:
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, self._buffer_store)
-        with torch.no_grad():  # flat ∂L/∂h(M) in a preallocated buffer
-            grads = [torch.zeros(n, device=self._grad.device) if g is None else g.reshape(-1) for g, n in zip(grads, self._counts)]
-            grad = torch.cat(grads, out=self._grad)
-        if reduce is not None:
-            grad = reduce(grad)
-        self.step(grad, reg, normalize, **consistency)
+        zero = torch.zeros((), device=self._flat.device)
+        grads = [zero.expand(n) if g is None else g for g, n in zip(grads, self._counts)]  # unused: no allocation
+        self.step(grads, reg, normalize, reduce=reduce, **consistency)
 
     @torch.no_grad()
-    def step(self, gate_grad: torch.Tensor, reg: float, normalize: bool = True, **consistency: bool) -> None:
-        """One optimizer step of the flat ``M`` along :func:`auxiliary_gradient` (``gate_grad``: flat
-        ``∂L/∂h``; ``normalize``: divide the loss signal by its mean over the network). A non-finite ``gate_grad`` leaves ``M`` as it is and raises a device flag
-        (:meth:`take_counts` reports it). With channel granularity a group whose every channel would be
-        switched off keeps its largest-``m`` channel on (``m`` set to 1e-6) and raises a device flag."""
+    def step(
+        self,
+        gate_grad: Union[torch.Tensor, Sequence[torch.Tensor]],
+        reg: float,
+        normalize: bool = True,
+        reduce: Optional[Reduce] = None,
+        **consistency: bool,
+    ) -> None:
+        """One optimizer step of the flat ``M`` along :func:`auxiliary_gradient`.
+
+        ``gate_grad``: ``∂L/∂h``, flat or one tensor per key; ``normalize``: divide the loss signal by its mean
+        over the network; ``reduce``: averages the loss signal over processes. Plain SGD (the ``"sgd"`` of
+        :meth:`build_optimizer`) steps ``M ← M − lr · base ⊙ factor`` in one ``addcmul`` (what ``SGD.step``
+        does with that gradient, without writing it first); other optimizers step on the gradient. A
+        non-finite loss signal leaves ``M`` as it is and raises a device flag (:meth:`take_counts` reports
+        it). With channel granularity a group whose every channel would be switched off keeps its
+        largest-``m`` channel on (``m`` set to 1e-6) and raises a device flag."""
         if self.optimizer is None:
             raise RuntimeError("AuxiliaryParameters.step needs build_optimizer() first.")
-        before = self._current_on()
-        finite = torch.isfinite(gate_grad.sum())  # NaN/inf anywhere makes the sum non-finite: one reduction
-        self._nonfinite |= ~finite
-        update = auxiliary_gradient(
-            gate_grad, self._flat, self._flat_magnitudes(self._scratch), reg, self.ste, self.slope,
-            **consistency, normalize=normalize, segments=self._counts, out=self._work, positive=before,
+        grads = gate_grad.split(self._counts) if isinstance(gate_grad, torch.Tensor) else gate_grad
+        base, factor, finite = _factored_gradient(
+            [grad.reshape(-1) for grad in grads], self._flat, self._flat_magnitudes(self._scratch), self._abs,
+            self._hard_mask(), reg, self.ste, self.slope, self._counts, self._work, **consistency,
+            normalize=normalize, reduce=reduce,
         )
-        self._flat.grad = update.masked_fill_(~finite, 0.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite |= ~finite
+        lr = self._plain_sgd_lr()
+        if lr is not None:
+            self._flat.addcmul_(base, factor, value=-lr)
+        else:
+            self._flat.grad = base.mul_(factor)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.granularity == "channel":
             for key in self._shapes:
                 segment = self.values[key]
@@ -583,21 +629,30 @@ class AuxiliaryParameters:
                 collapsed = segment.max() <= 0
                 self._collapsed |= collapsed
                 segment.index_put_((top,), torch.where(collapsed, 1e-6, segment[top]))
-        torch.gt(self._flat, 0, out=self._on_next)
-        changed = torch.count_nonzero(torch.ne(self._on_next, before, out=self._changed))  # faster than a bool sum
-        revived = torch.count_nonzero(torch.logical_and(self._changed, self._on_next, out=self._changed))
-        self._revived += revived
-        self._switched_off += changed - revived
-        self._on, self._on_next, self._on_version = self._on_next, self._on, self._flat._version
+
+    def _plain_sgd_lr(self) -> Optional[float]:
+        """The learning rate of a plain SGD optimizer of ``M`` (no momentum, weight decay, Nesterov or maximize), else ``None``."""
+        if type(self.optimizer) is not torch.optim.SGD:
+            return None
+        group = self.optimizer.param_groups[0]
+        plain = not (group["momentum"] or group["weight_decay"] or group["nesterov"] or group["maximize"])
+        return float(group["lr"]) if plain and not isinstance(group["lr"], torch.Tensor) else None
 
     def take_counts(self, raise_nonfinite: Optional[str] = None) -> dict[str, Any]:
-        """Read (one host synchronisation) and reset the device counters since the last call: ``revived``,
-        ``switched_off`` (entries of ``M``), ``nonfinite`` (a step met a NaN/inf ``∂L/∂h`` and was skipped),
-        ``collapsed`` (a channel group was kept alive by the one-channel floor). With ``raise_nonfinite``
-        (where those steps were, e.g. a step range), a skipped step raises ``FloatingPointError`` instead."""
-        values = torch.stack([self._revived, self._switched_off, self._nonfinite.long(), self._collapsed.long()]).tolist()
-        for counter in (self._revived, self._switched_off, self._nonfinite, self._collapsed):
-            counter.zero_()
+        """Read (one host synchronisation) and reset what happened since the last call: ``revived`` and
+        ``switched_off``, the entries of ``M`` switched on (off) now that were off (on) at the last call — net
+        changes, counted here rather than per step; ``nonfinite`` (a step met a NaN/inf loss signal and was
+        skipped), ``collapsed`` (a channel group was kept alive by the one-channel floor). With
+        ``raise_nonfinite`` (where those steps were, e.g. a step range), a skipped step raises
+        ``FloatingPointError`` instead."""
+        on = self._hard_mask() > 0
+        changed = on != self._reported
+        revived = torch.count_nonzero(changed & on)
+        counts = torch.stack([revived, torch.count_nonzero(changed) - revived, self._nonfinite.long(), self._collapsed.long()])
+        values = counts.tolist()
+        self._reported = on
+        for flag in (self._nonfinite, self._collapsed):
+            flag.zero_()
         if raise_nonfinite is not None and values[2]:
             raise FloatingPointError(
                 f"AutoPrune auxiliary step {raise_nonfinite}: the loss gradient of the auxiliary parameters was NaN or "
@@ -650,6 +705,7 @@ class AuxiliaryParameters:
                 )
             self.values[key].copy_(value)
         self._refresh_masks()
+        self._reported = self._hard_mask() > 0  # counts after a resume start from the checkpoint's M
         for target, values in state["switched_off"].items():
             weight = self.original(tuple(target))
             weight[self._gate_value(tuple(target)) == 0] = values.to(weight.device, weight.dtype)

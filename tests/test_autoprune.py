@@ -355,6 +355,8 @@ def test_the_flat_step_is_the_per_tensor_formula_with_one_network_scale():
     core = _element_core(LeNet300100())
     core.build_optimizer("sgd", 0.1)
     core.values["fc1"][:5] = -0.3
+    core.values["fc1"][5:2000] = -1e-4  # switched off, close enough to return
+    core.take_counts()  # counts start here
     grads = {key: torch.randn_like(value) for key, value in core.values.items()}
     magnitudes, before = core.magnitudes(), {key: value.clone() for key, value in core.values.items()}
     signals = torch.cat([loss_signal(grads[key], magnitudes[key]).flatten() for key in core.values])
@@ -367,8 +369,37 @@ def test_the_flat_step_is_the_per_tensor_formula_with_one_network_scale():
     for key, value in core.values.items():
         torch.testing.assert_close(value, expected[key])
     counts = core.take_counts()
-    assert counts["revived"] == int(((before["fc1"] <= 0) & (core.values["fc1"] > 0)).sum()) + int(
-        ((before["fc2"] <= 0) & (core.values["fc2"] > 0)).sum())
+    revived = sum(int(((before[key] <= 0) & (core.values[key] > 0)).sum()) for key in before)
+    switched_off = sum(int(((before[key] > 0) & (core.values[key] <= 0)).sum()) for key in before)
+    assert (counts["revived"], counts["switched_off"]) == (revived, switched_off) and revived > 0 and switched_off > 0
+    assert core.take_counts()["revived"] == core.take_counts()["switched_off"] == 0  # read once, then reset
+
+
+@pytest.mark.parametrize("ste", ["leaky_relu", "linear", "softplus"])
+def test_the_fused_sgd_step_is_sgd_on_the_gradient(ste, monkeypatch):
+    fused, stepped = (_element_core(torch.manual_seed(0) and LeNet300100()) for _ in range(2))  # the same weights
+    for core in (fused, stepped):
+        core.ste = ste
+        core.build_optimizer("sgd", 0.1)
+        core.values["fc1"][:300] = -0.05
+    grad = torch.randn(sum(value.numel() for value in fused.values.values()))
+    fused.step(grad, reg=1.0)
+    monkeypatch.setattr(stepped, "_plain_sgd_lr", lambda: None)  # through SGD.step on the written gradient
+    stepped.step(grad, reg=1.0)
+    torch.testing.assert_close(fused._flat, stepped._flat)
+    assert not torch.equal(fused._flat, torch.full_like(fused._flat, 0.1))
+
+
+def test_a_pruned_layer_outside_the_held_out_loss_gets_the_pull_alone():
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)})
+    core = AuxiliaryParameters(net, ["used", "unused"], "element", init=1.0)
+    core.attach()
+    core.build_optimizer("sgd", 0.1)
+    core.learn(lambda: net["used"](torch.randn(8, 4)).pow(2).mean(), reg=1.0, sensitivity=False)
+    # no loss signal: ∂M = (0 + s·reg/2)·h̃'/s = reg/2 for switched-on entries
+    assert torch.allclose(core.values["unused"], torch.full((3, 4), 1.0 - 0.1 * 0.5))
+    assert not torch.allclose(core.values["used"], torch.full((3, 4), 1.0 - 0.1 * 0.5))
 
 
 class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
