@@ -176,7 +176,8 @@ def main() -> None:
     for step in steps.values():  # warm-up (allocations, lazily built buffers)
         step()
         step()
-    weights = [pruned_model.get_submodule(name).weight for name in select_modules(pruned_model)]
+    weights = [dense_model.get_submodule(name).weight for name in select_modules(dense_model)]  # not the gated net: reading its
+    # `.weight` would compute the gates (and h(M)) outside the counted step
     entries = sum(value.numel() for value in aux.values.values())
     shapes = {tuple(w.shape) for w in weights} | {(w.numel(),) for w in weights} | {(entries,)}
     counts = {}
