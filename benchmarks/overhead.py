@@ -1,10 +1,10 @@
 """Per-step overhead of each pruning callback: step time with the callback active / the same dense step,
 plus aten ops and host synchronisations per training step (``lightning_prune.diagnostics.count_ops``).
 
-    python benchmarks/overhead.py [--quick] [--rounds 5] [--steps 8] [--models resnet20 resnet50] [--threads N]
+    python benchmarks/overhead.py [--quick] [--rounds 5] [--steps 8] [--models resnet20 resnet50] [--threads N] [--size 32]
 
-For each model (``build_network("resnet20")``, ``build_network("resnet50")``, 3x32x32 inputs, random data
-in memory) every round runs one short ``Trainer.fit`` per variant, in turn (dense, IterativeMagnitude
+For each model (``build_network("resnet20")``, ``build_network("resnet50")``, 3x32x32 inputs (``--size``),
+random data in memory) every round runs one short ``Trainer.fit`` per variant, in turn (dense, IterativeMagnitude
 element, IterativeMagnitude channel, AutoPrune element, Lightning's ``ModelPruning``, and the gate
 phase of GatePruningFromScratch), so all variants see the same machine load. A training step is timed
 from the first ``on_train_batch_start`` to the last ``on_train_batch_end`` hook (forward, backward,
@@ -39,10 +39,10 @@ from lightning_prune.gate_search import GateSearch
 
 
 class Net(pl.LightningModule):
-    def __init__(self, arch: str) -> None:
+    def __init__(self, arch: str, size: int = 32) -> None:
         super().__init__()
-        self.network = build_network(arch, num_classes=10, in_channels=3, image_size=32)
-        self.example_input_array = torch.zeros(1, 3, 32, 32)
+        self.network = build_network(arch, num_classes=10, in_channels=3, image_size=size)
+        self.example_input_array = torch.zeros(1, 3, size, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -89,9 +89,9 @@ class StepEnd(pl.Callback):
             self.start.times.append(elapsed)
 
 
-def loader(batch: int, steps: int, seed: int) -> DataLoader:
+def loader(batch: int, steps: int, seed: int, size: int = 32) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch * steps, 3, 32, 32, generator=generator)
+    x = torch.randn(batch * steps, 3, size, size, generator=generator)
     y = torch.randint(0, 10, (batch * steps,), generator=generator)
     return DataLoader(TensorDataset(x, y), batch_size=batch)
 
@@ -112,11 +112,11 @@ VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
 GATE = "GatePruningFromScratch gate phase"
 
 
-def run(arch: str, variant: str, batch: int, steps: int, seed: int) -> tuple[list[float], Optional[OpCount]]:
-    """Step times (seconds) of epoch 1 and the op count of one step of ``variant``."""
+def run(arch: str, variant: str, batch: int, steps: int, seed: int, size: int = 32) -> tuple[list[float], Optional[OpCount]]:
+    """Step times (seconds) of epoch 1 and the op count of one step of ``variant`` (inputs 3 x ``size`` x ``size``)."""
     pl.seed_everything(seed, workers=True)
-    model = Net(arch)
-    train, aux = loader(batch, steps + 1, seed), loader(batch, steps + 1, seed + 1)
+    model = Net(arch, size)
+    train, aux = loader(batch, steps + 1, seed, size), loader(batch, steps + 1, seed + 1, size)
     start = StepStart(count_step=steps)
     if variant == GATE:
         gate = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, select="last", verbose=False)
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--size", type=int, default=32, help="input height and width (224: ImageNet's)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -198,7 +199,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [*VARIANTS, GATE]
-    print(f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x32x32, CPU threads {torch.get_num_threads()}")
+    print(f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x{args.size}x{args.size}, CPU threads {torch.get_num_threads()}")
     print()
     print("| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -210,7 +211,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             medians = {}
             for name in names:
-                step_times, counts[name] = run(arch, name, args.batch, args.steps, seed=round_)
+                step_times, counts[name] = run(arch, name, args.batch, args.steps, seed=round_, size=args.size)
                 medians[name] = statistics.median(step_times)
                 times[name].append(medians[name])
             for name in names:

@@ -326,7 +326,7 @@ class MagnitudePruner:
         if self.rewind_state is not None:
             for name, parameter in self.model.named_parameters():
                 parameter.copy_(self.rewind_state[name])
-            self.masks.apply_to_weights()
+            self.masks.write_zeros()
 
     def step(self, time: int, broadcast: Optional[Broadcast] = None) -> Optional[float]:
         """At time ``time`` of :attr:`schedule` (epoch or step): snapshot for rewinding at ``rewind_at``, and

@@ -15,9 +15,12 @@ class MaskSet:
 
     The per-step work (:meth:`apply_to_grads`, :meth:`apply_to_weights`) is a fused multi-tensor
     multiply by 0/1 factors held in each parameter's dtype and device (``torch._foreach_mul_``): no
-    allocation, no host synchronisation. Masked weights are then written as ``+0.0`` (adding ``+0.0``
-    turns the ``-0.0`` of a negative weight times 0 into ``+0.0``), which keeps sparse exports
-    bit-exact. The factors follow the parameters when the module moves to another device.
+    allocation, no host synchronisation. When masks change (:meth:`update`, :meth:`write_zeros`) masked
+    weights are written as ``+0.0`` (adding ``+0.0`` turns the ``-0.0`` of a negative weight times 0 into
+    ``+0.0``), which keeps sparse exports bit-exact; the per-step multiply leaves them so, as the masked
+    gradients and zeroed optimizer state leave them untouched (an optimizer that still moved one would
+    leave ``-0.0`` or ``+0.0``: zero either way). The factors follow the parameters when the module moves
+    to another device.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -48,16 +51,22 @@ class MaskSet:
         for name, mask in masks.items():
             self.masks[name] = mask.to(device=self.parameter(name).device, dtype=torch.bool)
         self._parameters = []
-        self.apply_to_weights()
+        self.write_zeros()
+
+    @torch.no_grad()
+    def write_zeros(self) -> None:
+        """Write +0.0 into every masked weight (when masks change or weights are rewound)."""
+        if self.masks:
+            self.apply_to_weights()
+            torch._foreach_add_(self._parameters, 0.0)
 
     @torch.no_grad()
     def apply_to_weights(self) -> None:
-        """Write +0.0 into every masked weight."""
+        """Zero every masked weight (after each optimizer step): one fused multiply."""
         if not self.masks:
             return
         self._refresh()
         torch._foreach_mul_(self._parameters, self._factors)
-        torch._foreach_add_(self._parameters, 0.0)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:

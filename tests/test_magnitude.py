@@ -121,6 +121,7 @@ def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, model_kwarg
     masks = pruning.masks.masks
     for name, mask in masks.items():
         assert not model.get_parameter(name)[~mask].any()
+        assert not torch.signbit(model.get_parameter(name)[~mask]).any()  # still the +0.0 the event wrote
     # no optimizer state builds up on pruned weights: momentum / Adam moments stay zero there
     optimizer = trainer.optimizers[0]
     for name, mask in masks.items():
