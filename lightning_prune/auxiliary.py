@@ -402,6 +402,7 @@ class AuxiliaryParameters:
             for target, slices in self.targets.items()
         })
         self._row_on: dict[tuple[str, str], torch.Tensor] = {}
+        self._channel_gates: dict[tuple[tuple[str, str], torch.dtype], tuple[int, torch.Tensor]] = {}
 
     def _segment(self, key: str) -> torch.Tensor:
         """The entries of one key: inside :meth:`tracking` an output of one ``split`` of the tracked flat ``M``
@@ -417,11 +418,17 @@ class AuxiliaryParameters:
             if self._tracked is not None:  # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
                 hard = _PassThrough.apply(self._segment(slices[0].key), hard)
             return hard.to(like.dtype)
+        cached = self._channel_gates.get((target, like.dtype)) if self._tracked is None else None
+        if cached is not None and cached[0] == self._flat._version:  # M unchanged since: no index ops per forward
+            return cached[1]
         gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         for piece in slices:
             h = indicator(self._segment(piece.key), self._backward_ste, self.slope).to(like.dtype)
             gate = gate.index_copy(0, piece.positions, h[piece.channels])
-        return gate.view(-1, *([1] * (like.dim() - 1)))
+        gate = gate.view(-1, *([1] * (like.dim() - 1)))
+        if self._tracked is None:  # a constant while M does not learn: kept until M's version counter moves
+            self._channel_gates[(target, like.dtype)] = (self._flat._version, gate)
+        return gate
 
     def _hard_mask(self) -> torch.Tensor:
         """Flat float ``h(M)`` (the gates of every forward, 0.0 or 1.0), recomputed only when ``M`` changed (its

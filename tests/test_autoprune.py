@@ -146,6 +146,25 @@ def test_channel_granularity_gates_whole_channels_with_their_biases():
     assert magnitude[1].item() == pytest.approx(float((original[1].pow(2).sum() + bias[1].pow(2)).sqrt()), rel=1e-5)
 
 
+def test_channel_gates_are_computed_once_per_change_of_m():
+    from lightning_prune.diagnostics import count_ops
+
+    net = LeNet5()
+    groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8))
+    core = AuxiliaryParameters(net, granularity="channel", groups=groups)
+    core.attach()
+    x = torch.randn(2, 1, 8, 8)
+    dense, unchanged = count_ops(net, x)
+    assert unchanged.by_op["aten::index_copy"] == 0  # computed when attached, reused since
+    core.values[groups[0].root][2] = -1.0  # M changed: the gates follow at once
+    pruned, changed = count_ops(net, x)
+    assert changed.by_op["aten::index_copy"] > 0 and not torch.equal(pruned, dense)
+    again, reused = count_ops(net, x)
+    assert reused.by_op["aten::index_copy"] == 0 and torch.equal(again, pruned)
+    weight = net.get_submodule(groups[0].root).weight
+    assert torch.equal(weight[2], torch.zeros_like(weight[2])) and weight[1].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------- callback: arguments
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
