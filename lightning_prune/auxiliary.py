@@ -393,6 +393,7 @@ class AuxiliaryParameters:
         )))
         device = self._flat.device
         self._hard, self._hard_version = torch.empty_like(self._flat), -1
+        self._hard_casts: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
         self._reported = self._hard_mask() > 0  # h(M) at the last take_counts
         self._work, self._scratch, self._abs = (torch.empty_like(self._flat) for _ in range(3))  # the step's buffers
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -414,10 +415,11 @@ class AuxiliaryParameters:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
         slices = self.targets[target]
         if self.granularity == "element":
-            hard = self._hard_mask()[self._spans[slices[0].key]].view(self._shapes[slices[0].key])  # cached: no compare
-            if self._tracked is not None:  # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
-                hard = _PassThrough.apply(self._segment(slices[0].key), hard)
-            return hard.to(like.dtype)
+            span, shape = self._spans[slices[0].key], self._shapes[slices[0].key]
+            if self._tracked is None:  # cached, in the weights' dtype: no compare, no cast
+                return self._hard_as(like.dtype)[span].view(shape)
+            # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
+            return _PassThrough.apply(self._segment(slices[0].key), self._hard_mask()[span].view(shape)).to(like.dtype)
         cached = self._channel_gates.get((target, like.dtype)) if self._tracked is None else None
         if cached is not None and cached[0] == self._flat._version:  # M unchanged since: no index ops per forward
             return cached[1]
@@ -439,6 +441,19 @@ class AuxiliaryParameters:
             self._hard_version = self._flat._version
         return self._hard
 
+    def _hard_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`_hard_mask` in ``dtype`` (bf16/fp16 weights): a buffer of that dtype, refreshed once per change of ``M``."""
+        hard = self._hard_mask()
+        if dtype == hard.dtype:
+            return hard
+        version, buffer = self._hard_casts.get(dtype, (-1, None))
+        if buffer is None:
+            buffer = torch.empty_like(hard, dtype=dtype)
+        if version != self._hard_version:
+            buffer.copy_(hard)
+        self._hard_casts[dtype] = (self._hard_version, buffer)
+        return buffer
+
     def plan(self) -> dict[int, torch.Tensor]:
         """Channel granularity: the kept channels of every gated group, ``{group index: indices}`` on the CPU
         (the floor of :meth:`step` keeps at least one); a host read, for the end of an epoch."""
@@ -459,8 +474,9 @@ class AuxiliaryParameters:
 
     def _on_mask(self, target: tuple[str, str]) -> torch.Tensor:
         """``h(M)`` of ``target`` (float 0/1), broadcastable to it, as of the last :meth:`freeze` (a view for element)."""
+        weight = self.original(target)
         if self.granularity == "element":
-            return self._hard_mask()[self._span(self.targets[target][0].key)].view(self.original(target).shape)
+            return self._hard_as(weight.dtype)[self._span(self.targets[target][0].key)].view(weight.shape)
         return self._row_on[target]
 
     def _span(self, key: str) -> slice:
@@ -522,7 +538,7 @@ class AuxiliaryParameters:
             weight = self.original(target)
             if id(weight) not in done:
                 done.add(id(weight))
-                torch.lerp(saved[id(weight)], weight, self._on_mask(target).to(weight.dtype), out=weight)
+                torch.lerp(saved[id(weight)], weight, self._on_mask(target), out=weight)
 
     # ------------------------------------------------------------------ the auxiliary step
     @contextlib.contextmanager

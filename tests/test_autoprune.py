@@ -438,6 +438,21 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return result
 
 
+def test_bf16_weights_gate_with_a_cast_of_h_kept_until_m_changes():
+    net = LeNet300100().to(torch.bfloat16)
+    core = AuxiliaryParameters(net, ["fc1"], "element", init=0.1)
+    core.attach()
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    dense = net(x)
+    core.values["fc1"][0] = -1.0
+    assert not net.fc1.weight[0].any() and not torch.equal(net(x), dense)
+    core.values["fc1"][0] = 1.0
+    assert torch.equal(net(x), dense)
+    with _Allocations(core.values["fc1"].numel()) as allocations:
+        net.fc1.weight  # W ⊙ h(M): the product is the only new tensor (no cast of h per forward)
+    assert allocations.fresh == ["mul"]
+
+
 @pytest.mark.parametrize("ste", ["leaky_relu", "linear", "softplus"])
 def test_an_auxiliary_step_allocates_nothing_of_the_size_of_m(ste):
     core = _element_core(LeNet300100())
