@@ -42,7 +42,7 @@ class MagnitudeFigures:
         example_input_fn: Optional[ExampleInputFn],
     ) -> None:
         """The example input (the first training batch is loaded by now), dense FLOPs and, for channel
-        granularity, the pruner's channel groups (unless a resumed pruner has them) and their predictor."""
+        granularity, the pruner's channel groups (unless it has them from an earlier fit) and their predictor."""
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         try:
             self.example = one_sample(example_input(trainer, pl_module, example_input_fn))
@@ -51,8 +51,9 @@ class MagnitudeFigures:
                 raise
             rank_zero_warn(f"FLOPs are not reported: no example input ({error}).")
         self.dense_flops = optional_flop_count(pl_module, self.example)
-        if granularity == "channel" and pruner.channels is None:
-            pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, channel_norm, pruner.max_layer_sparsity)
+        if granularity == "channel":
+            if pruner.channels is None:
+                pruner.channels = ChannelMagnitude.for_model(pl_module, self.example, self.layers, channel_norm, pruner.max_layer_sparsity)
             self.predictor = FlopsPredictor(pl_module, self.example, pruner.channels.groups, self.dense_flops)
 
     def remember_dense_score(self, trainer: pl.Trainer) -> None:
