@@ -142,6 +142,15 @@ def _behind_list(sections: Sequence[Section]) -> list[str]:
     return [f'- <a id="{b.anchor}"></a>**{b.claim}** — {b.reason}' for b in items]
 
 
+def _section_lines(section: Section, heading: str, figure_dir: str) -> list[str]:
+    """One section: its ``heading`` line, its markdown, its figures (under ``figure_dir``) and notes."""
+    lines = [f"{heading} {section.title}", "", section.markdown, ""]
+    lines += [f"![{name}]({figure_dir}{name})" for name in section.figures]
+    lines += [""] if section.figures else []
+    lines += [f"- {note}" for note in section.notes]
+    return lines + ([""] if section.notes else [])
+
+
 def render_results(results: dict[str, Any]) -> str:
     """``RESULTS.md``: every section in full, figures beside it."""
     sections = [Section.from_dict(s) for s in results["sections"]]
@@ -149,11 +158,7 @@ def render_results(results: dict[str, Any]) -> str:
              "Reproduce: `python -m benchmarks run --suite " + results["suite"] + "`.", ""]
     lines += ["## Where lightning_prune is behind", "", *_behind_list(sections), ""]
     for section in sections:
-        lines += [f"## {section.title}", "", section.markdown, ""]
-        lines += [f"![{name}]({name})" for name in section.figures]
-        lines += [""] if section.figures else []
-        lines += [f"- {note}" for note in section.notes]
-        lines += [""] if section.notes else []
+        lines += _section_lines(section, "##", "")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -183,11 +188,7 @@ def render_readme(results: dict[str, Any], results_dir: str = "benchmarks/result
         "",
     ]
     for section in sections:
-        lines += [f"### {section.title}", "", section.markdown, ""]
-        lines += [f"![{name}]({results_dir}/{name})" for name in section.figures]
-        lines += [""] if section.figures else []
-        lines += [f"- {note}" for note in section.notes]
-        lines += [""] if section.notes else []
+        lines += _section_lines(section, "###", f"{results_dir}/")
     return "\n".join(lines).rstrip() + "\n" + README_END
 
 

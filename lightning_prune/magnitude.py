@@ -313,9 +313,10 @@ class MagnitudePruner:
     def prune(self, fraction: float, broadcast: Optional[Broadcast] = None) -> None:
         """One pruning event: decide, take rank 0's decision (``broadcast``), mask, and rewind if asked."""
         if self.channels is not None:
-            target: Union[float, dict[str, float]] = self._global_sparsity(fraction)
-            if self.scope == "layer":
-                target = {self.weights[name]: value for name, value in self._sparsity(fraction).items()}
+            target: Union[float, dict[str, float]] = (
+                {self.weights[name]: value for name, value in self._sparsity(fraction).items()}
+                if self.scope == "layer" else self._global_sparsity(fraction)
+            )
             drop = broadcast_flags(self.channels.decide(self.model, target), broadcast)
             self.plan = self.channels.plan(drop)
             masks = {name: mask != 0 for name, mask in channel_masks(self.model, self.channels.groups, self.plan).items()}

@@ -181,6 +181,17 @@ def test_channel_zero_counts_from_channel_sizes_equal_the_masks(target):
     assert sum(int((masks[n] == 0).sum()) for n in names if n in masks) < count_to_prune(total, target)
 
 
+def test_channel_pruning_takes_a_per_layer_sparsity_mapping_under_layer_scope():
+    model = build_network("vgg_small", num_classes=10, in_channels=3, image_size=8)
+    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    channels = ChannelMagnitude.for_model(model, torch.zeros(1, 3, 8, 8), layers, "l1", 0.99)
+    pruner = MagnitudePruner(model, layers, {layers[0]: 0.5}, scope="layer", channels=channels)
+    pruner.prune(1.0)
+    first = model.get_submodule(layers[0]).weight
+    assert (first.flatten(1).abs().sum(1) == 0).float().mean() >= 0.5  # half its output channels, as asked
+    assert all(model.get_submodule(name).weight.flatten(1).abs().sum(1).all() for name in layers[2:])  # the rest untouched
+
+
 class OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
