@@ -35,7 +35,8 @@ from torch import nn
 
 from benchmarks.baselines import torch_pruning_l1, uniform_plan
 from benchmarks.report import Behind, Section, anchor, table
-from benchmarks.structured_quality import Suite, main, one_thread, start
+from benchmarks.report import Suite, one_thread
+from benchmarks.structured_quality import main, start
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier, build_network, export_sparse
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.magnitude import MagnitudePruner
@@ -139,7 +140,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     started = time.perf_counter()
     models = {"dense": dense_network(setting)}
     models.update({name: build(setting) for name, build in PLANS.items()})
-    dense_flops = count_flops(models["dense"], example()).total
+    flops = {name: count_flops(model, example()).total for name, model in models.items()}
     timing = {
         batch: latencies(models, batch, setting.warmup, repeats)
         for batch, repeats in ((64, setting.repeats_batch64), (1, setting.repeats_batch1))
@@ -156,7 +157,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
 
     rows, data_models = [], {}
     for name, model in models.items():
-        flops_ratio = count_flops(model, example()).total / dense_flops
+        flops_ratio = flops[name] / flops["dense"]
         params = sum(p.numel() for p in model.parameters())
         speedups = {batch: medians[batch]["dense"] / medians[batch][name] for batch in medians}
         data_models[name] = {"flops_ratio": flops_ratio, "params": params, "bytes": sizes[name],

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune  # noqa: E402
 
-from benchmarks.report import Behind, Section, Suite, anchor, save_figure, table  # noqa: E402
+from benchmarks.report import Behind, Section, Suite, anchor, one_thread, save_figure, table  # noqa: E402
 from lightning_prune.demo.models import build_network  # noqa: E402
 from lightning_prune.magnitude import MagnitudePruner  # noqa: E402
 from lightning_prune.targets import select_modules  # noqa: E402
@@ -87,8 +87,8 @@ def torch_global_seconds(model: nn.Module) -> float:
     return seconds
 
 
+@one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
-    torch.set_num_threads(1)
     size = SIZES[suite]
     widths = {width: step_seconds(width, size["batch"], size["steps"]) for width in size["widths"]}
     events = {}

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.flops_search import per_candidate, search_speed  # noqa: E402
-from benchmarks.report import Section, Suite, save_figure, table  # noqa: E402
+from benchmarks.report import Section, Suite, one_thread, save_figure, table  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"search_repeats": 5, "predict_repeats": 200, "recounts": {"resnet56": 2, "resnet50": 1}},
@@ -22,8 +22,8 @@ SIZES: dict[str, dict[str, Any]] = {
 GRAPHS = {"resnet56": ("ResNet-56, 3x32x32", 32, 10), "resnet50": ("ResNet-50, 3x224x224", 224, 1000)}
 
 
+@one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     size = SIZES[suite]
     candidates = {

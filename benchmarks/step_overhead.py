@@ -17,10 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from benchmarks.overhead import GATE, VARIANTS, run as run_variant  # noqa: E402
-from benchmarks.report import Behind, Section, Suite, anchor, save_figure, table  # noqa: E402
+from benchmarks.report import Behind, Section, Suite, anchor, one_thread, save_figure, table  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"models": ["resnet20"], "rounds": 3, "steps": 4, "batch": 8},
@@ -37,8 +36,8 @@ WHY_SLOWER = {
 }
 
 
+@one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
-    torch.set_num_threads(1)
     size = SIZES[suite]
     names = [*VARIANTS, GATE]
     data: dict[str, Any] = {"size": size, "models": {}}

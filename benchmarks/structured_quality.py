@@ -23,7 +23,6 @@ is what ``benchmarks/time_to_structure.py`` compares with the gate phase.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import pathlib
@@ -32,21 +31,19 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
-import torch
 from torch import nn
 
 from benchmarks.baselines import BatchNormL1, slimming_plan, torch_pruning_l1, uniform_plan
 from benchmarks.gate_digits import flops, make_trainer
-from benchmarks.report import Behind, Section, anchor, fmt_mean_std, save_figure, table
+from benchmarks.report import Behind, Section, Suite, anchor, fmt_mean_std, mean_std, one_thread, save_figure, table
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gate_search import reinitialise
 from lightning_prune.structure import ChannelPlan, apply_plan, find_channel_groups
 
-Suite = Literal["quick", "full"]
 log = logging.getLogger(__name__)
 
 
@@ -68,18 +65,6 @@ SETTINGS: dict[str, Setting] = {
     "quick": Setting(arch="vgg_small", epochs=2, gate_epochs=1, seeds=(0,)),
     "full": Setting(),
 }
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run on one intra-op thread, then give the previous count back: on a small shared machine two
-    threads per process oversubscribe the cores (measured here: 2 epochs 52 s with two threads, 6.6 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def start(suite: Suite, out_dir: pathlib.Path, settings: dict[str, Any]) -> Any:
@@ -150,10 +135,11 @@ class SeedRun:
         return model
 
     @cached_property
-    def dense(self) -> tuple[ImageClassifier, float]:
-        """The dense net trained for ``epochs``, and its training-loop seconds."""
+    def dense(self) -> ImageClassifier:
+        """The dense net trained for ``epochs``."""
         model = self.classifier()
-        return model, self.fit(model)
+        self.fit(model)
+        return model
 
     @cached_property
     def slimming(self) -> tuple[ImageClassifier, float]:
@@ -189,7 +175,7 @@ def uniform(run: SeedRun, ratio: float) -> ImageClassifier:
 
 
 def l1_torch_pruning(run: SeedRun, ratio: float) -> ImageClassifier:
-    model = copy.deepcopy(run.dense[0])
+    model = copy.deepcopy(run.dense)
     classifier = [name for name, module in model.network.named_modules() if isinstance(module, nn.Linear)][-1]
     torch_pruning_l1(model.network, model.example_input_array, ratio, ignored=[classifier])
     return run.fine_tuned(model)
@@ -243,7 +229,7 @@ def plot(results: Results, setting: Setting, dense_acc: list[float], path: pathl
         axes.errorbar(
             [statistics.mean(e["flops_ratio"]) for e in entries],
             [100 * statistics.mean(e["acc"]) for e in entries],
-            yerr=[100 * statistics.stdev(e["acc"]) if len(e["acc"]) > 1 else 0.0 for e in entries],
+            yerr=[100 * mean_std(e["acc"])[1] for e in entries],
             marker="o", capsize=3, label=method,
         )
     axes.axhline(100 * statistics.mean(dense_acc), color="black", linestyle="--", label="dense")
@@ -273,7 +259,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
                             params_ratio=params / seed_run.dense_params, seconds=method_seconds,
                             conv_width_ratios=[k / n for k, n in zip(conv_widths(model), seed_run.dense_widths)])
                 log.info("seed %d, r=%s, %s: %.0f s", seed, ratio, name, method_seconds)
-        dense_acc.append(seed_run.test(seed_run.dense[0]))
+        dense_acc.append(seed_run.test(seed_run.dense))
     header = ["method"] + [f"r = {r}: acc (%)" for r in setting.ratios] + [f"r = {r}: FLOPs ratio" for r in setting.ratios]
     rows = [["dense"] + [fmt_mean_std(dense_acc, 2, scale=100)] * len(setting.ratios) + ["1.000"] * len(setting.ratios)]
     for method in METHODS:
@@ -291,7 +277,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
             ours = results.values[(method, r)]["acc"]
             best = max(baselines, key=lambda b: statistics.mean(results.values[(b, r)]["acc"]))
             theirs = results.values[(best, r)]["acc"]
-            spread = (statistics.stdev(ours) if len(ours) > 1 else 0.0) + (statistics.stdev(theirs) if len(theirs) > 1 else 0.0)
+            spread = mean_std(ours)[1] + mean_std(theirs)[1]
             if statistics.mean(ours) < statistics.mean(theirs) - spread - 0.0075:  # beyond the seeds' spread plus 2 test images
                 lost.append(f"{r}: {fmt_mean_std(ours, 2, scale=100)}% vs {best} {fmt_mean_std(theirs, 2, scale=100)}%")
                 narrowest_kept.append(statistics.mean(min(w) for w in results.values[(method, r)]["conv_width_ratios"]))

@@ -27,7 +27,8 @@ from dataclasses import asdict
 from benchmarks.baselines import slimming_plan
 from benchmarks.structured_quality import SETTINGS as QUALITY_SETTINGS
 from benchmarks.report import Behind, Section, anchor, fmt_mean_std, table
-from benchmarks.structured_quality import SeedRun, Setting, Suite, main, one_thread, start
+from benchmarks.report import Suite, one_thread
+from benchmarks.structured_quality import SeedRun, Setting, main, start
 from lightning_prune import GatePruningFromScratch
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.structure import find_channel_groups

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.magnitude_digits import model_pruning  # noqa: E402
-from benchmarks.report import Behind, SEEDS, Section, Suite, anchor, fmt_mean_std, mean_std, save_figure, table  # noqa: E402
+from benchmarks.report import Behind, SEEDS, Section, Suite, anchor, fmt_mean_std, mean_std, one_thread, save_figure, table  # noqa: E402
 from lightning_prune import (  # noqa: E402
     AutoPruneCallback,
     DigitsDataModule,
@@ -242,8 +242,8 @@ def plot(setting: Setting, results: dict[str, dict[float, list[dict[str, float]]
     save_figure(figure, path)
 
 
+@one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
-    torch.set_num_threads(1)
     seeds = SEEDS[suite]
     data: dict[str, Any] = {}
     rows, figures, found = [], [], []

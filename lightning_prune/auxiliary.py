@@ -63,8 +63,6 @@ class _Indicator(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:  # noqa: ANN401
-        if ctx.ste == "linear":  # h̃' = 1: no pass over M
-            return grad, None, None
         (aux,) = ctx.saved_tensors
         return grad * ste_derivative(aux, ctx.ste, ctx.slope), None, None
 
@@ -184,8 +182,8 @@ def _factored_gradient(
     without it ``base = C ⊙ h̃'/s + reg·S`` and ``factor = 1``. ``gate_grads``: flat ``∂L/∂h`` per segment
     (``segments``: their lengths; the mean of ``S`` is per segment); ``hard``: ``h(M)`` as float;
     ``reduce``: averages ``C`` over processes (``‖w‖`` is the same on every rank). Buffers (float32, ``M``'s
-    size): ``out`` gets ``base``, ``magnitude`` holds ``‖w‖`` and is overwritten (it ends holding ``factor``),
-    ``scratch`` is overwritten. Nothing else of ``M``'s size is allocated and nothing is read to the host.
+    size): ``out`` gets ``base``, ``magnitude`` holds ``‖w‖`` and is overwritten, ``scratch`` ends holding
+    ``h̃'/s`` (except for the linear STE). Nothing else of ``M``'s size is allocated and nothing is read to the host.
     """
     _write_loss_signal(gate_grads, magnitude, correlation, segments, out)  # C, in out
     if reduce is not None:
@@ -198,8 +196,14 @@ def _factored_gradient(
     elif scale is None:
         scale = total / out.numel()
     scale = torch.where(finite, torch.as_tensor(scale, dtype=torch.float32, device=out.device).clamp_min(_EPS), 1.0)
+    if ste == "linear":  # h̃'/s
+        factor = scale.reciprocal()
+    elif ste == "leaky_relu":  # (slope + (1 − slope)·h(m)) / s
+        factor = torch.mul(hard, (1.0 - slope) / scale, out=scratch).add_(slope / scale)
+    else:  # softplus: σ(m) / s
+        factor = torch.sigmoid(aux, out=scratch).div_(scale)
     if not direction:  # ∂M = C ⊙ h̃'/s + reg·S
-        out.mul_(ste_derivative(aux, ste, slope).div_(scale))
+        out.mul_(factor)
     pull = scale * reg if direction else torch.full((), float(reg), device=out.device)
     if sensitivity:  # reg·S = reg·mean / (mean + ‖w‖), per segment
         pieces, outs = magnitude.split(segments), out.split(segments)
@@ -211,13 +215,7 @@ def _factored_gradient(
     else:
         out.add_(pull * 0.5)
     out.masked_fill_(~finite, 0.0)
-    if not direction:
-        return out, torch.ones((), device=out.device), finite
-    if ste == "linear":
-        return out, scale.reciprocal(), finite
-    if ste == "leaky_relu":  # h̃'/s = (slope + (1 − slope)·h(m)) / s
-        return out, torch.mul(hard, (1.0 - slope) / scale, out=magnitude).add_(slope / scale), finite
-    return out, torch.sigmoid(aux, out=magnitude).div_(scale), finite  # softplus
+    return out, factor if direction else torch.ones((), device=out.device), finite
 
 
 @dataclass(frozen=True)
@@ -349,7 +347,6 @@ class AuxiliaryParameters:
         self.granularity = granularity
         self.groups = list(groups) if granularity == "channel" else []
         self.ste, self.slope = ste, slope
-        self._backward_ste: Ste = ste
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
         shapes: dict[str, tuple[int, ...]] = {}
         if granularity == "element":
@@ -402,7 +399,6 @@ class AuxiliaryParameters:
             target: [_Slice(s.key, *(None if t is None else t.to(device) for t in (s.positions, s.channels))) for s in slices]
             for target, slices in self.targets.items()
         })
-        self._row_on: dict[tuple[str, str], torch.Tensor] = {}
         self._channel_gates: dict[tuple[tuple[str, str], torch.dtype], tuple[int, torch.Tensor]] = {}
 
     def _segment(self, key: str) -> torch.Tensor:
@@ -425,8 +421,10 @@ class AuxiliaryParameters:
             return cached[1]
         gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
         for piece in slices:
-            h = indicator(self._segment(piece.key), self._backward_ste, self.slope).to(like.dtype)
-            gate = gate.index_copy(0, piece.positions, h[piece.channels])
+            h = self._hard_mask()[self._spans[piece.key]]
+            if self._tracked is not None:  # M learns: the linear STE of tracking
+                h = _PassThrough.apply(self._segment(piece.key), h)
+            gate = gate.index_copy(0, piece.positions, h.to(like.dtype)[piece.channels])
         gate = gate.view(-1, *([1] * (like.dim() - 1)))
         if self._tracked is None:  # a constant while M does not learn: kept until M's version counter moves
             self._channel_gates[(target, like.dtype)] = (self._flat._version, gate)
@@ -473,20 +471,21 @@ class AuxiliaryParameters:
         return self.gate(target, self.original(target)).expand_as(self.original(target))
 
     def _on_mask(self, target: tuple[str, str]) -> torch.Tensor:
-        """``h(M)`` of ``target`` (float 0/1), broadcastable to it, as of the last :meth:`freeze` (a view for element)."""
+        """``h(M)`` of ``target`` (float 0/1, the weight's dtype), broadcastable to it: the cached gate."""
         weight = self.original(target)
         if self.granularity == "element":
             return self._hard_as(weight.dtype)[self._span(self.targets[target][0].key)].view(weight.shape)
-        return self._row_on[target]
+        return self.gate(target, weight)
 
     def _span(self, key: str) -> slice:
         return self._spans[key]
 
     @torch.no_grad()
     def _refresh_masks(self) -> None:
+        """Compute ``h(M)`` and the channel gates now (after an attach, a move or a load), not in the next forward."""
         self._hard_mask()
-        if self.granularity == "channel":
-            self._row_on = {target: self.gate(target, self.original(target)) for target in self.targets}
+        for target in self.targets if self.granularity == "channel" else ():
+            self.gate(target, self.original(target))
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -523,7 +522,6 @@ class AuxiliaryParameters:
         if self._saved is None:
             self._saved = [torch.empty_like(weight) for weight in self._originals]
         torch._foreach_copy_(self._saved, self._originals)
-        self._refresh_masks()
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
@@ -549,12 +547,10 @@ class AuxiliaryParameters:
         identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE is applied in :func:`auxiliary_gradient`."""
         self._flat.requires_grad_(True)
         self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
-        self._backward_ste = "linear"
         try:
             yield list(self._tracked.values())
         finally:
             self._tracked = None
-            self._backward_ste = self.ste
             self._flat.requires_grad_(False)
             self._flat.grad = None
 

@@ -38,12 +38,14 @@ def count_to_prune(numel: int, sparsity: float) -> int:
     return int(round(sparsity * numel))
 
 
-def magnitude_keys(weight: torch.Tensor) -> torch.Tensor:
-    """int32 keys that order like ``|w|``: the float32 bit pattern with the sign bit cleared (−0.0 → 0)."""
+def magnitude_keys(weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int32 keys that order like ``|w|``: the float32 bit pattern with the sign bit cleared (−0.0 → 0);
+    ``out``: an int32 tensor of ``weight``'s size to write them into."""
     values = weight.detach()
     if values.dtype != torch.float32:
         values = values.float()
-    return values.contiguous().view(torch.int32) & 0x7FFFFFFF
+    bits = values.contiguous().view(torch.int32)
+    return bits & 0x7FFFFFFF if out is None else torch.bitwise_and(bits, 0x7FFFFFFF, out=out)
 
 
 def kth_smallest_key(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int, int]:
@@ -111,7 +113,6 @@ def _select_in_bracket(
     budget = max(_CANDIDATES, max(t.numel() for t in tensors))
     masks, inside, kept, held = [], [], [], 0
     for weight, previous in zip(tensors, keep):
-        keys = magnitude_keys(weight).reshape(-1) if weight.dtype != torch.float32 else None
         flat = weight.detach().reshape(-1)
         mask = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
         chunk = _CHUNK if flat.device.type == "cpu" else flat.numel()
@@ -120,11 +121,7 @@ def _select_in_bracket(
         positions, count = [], torch.zeros((), dtype=torch.long, device=flat.device)
         for start in range(0, flat.numel(), chunk):
             stop = min(start + chunk, flat.numel())
-            part = buffer[: stop - start]
-            if keys is None:
-                torch.bitwise_and(flat[start:stop].view(torch.int32), 0x7FFFFFFF, out=part)
-            else:
-                part.copy_(keys[start:stop])
+            part = magnitude_keys(flat[start:stop], out=buffer[: stop - start])  # a chunk at a time, any dtype
             torch.gt(part, high, out=mask[start:stop])
             flags = torch.ge(part, low, out=above[: stop - start])
             if previous is not None:

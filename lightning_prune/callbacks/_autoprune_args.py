@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from lightning_prune.auxiliary import AuxOptimizer, LearningWindow, Ste
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._shared import check_range
+from lightning_prune.callbacks._shared import check_flags, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity
@@ -25,13 +25,6 @@ def check_loader(name: str, value: Any) -> None:
     """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
     if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
         raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
-
-
-def check_flags(**flags: Any) -> None:
-    """Each value must be a bool (``1`` or ``"yes"`` is refused)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 class Rates(NamedTuple):

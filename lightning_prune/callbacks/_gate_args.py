@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from lightning_prune.callbacks._shared import check_range
+from lightning_prune.callbacks._shared import check_flags, check_range
 from lightning_prune.choices import check_choice
 from lightning_prune.gate_search import Init, Mode, Select
 from lightning_prune.gates import GatePosition, GateSites
@@ -37,6 +37,4 @@ def check_arguments(a: Mapping[str, Any]) -> None:
     monitor = a["monitor"]
     if monitor is not None and not (isinstance(monitor, str) and monitor):
         raise ValueError(f"`monitor` must be None or the name of a logged validation metric (a non-empty str), got {monitor!r}.")
-    for name in ("budget_training", "verbose"):
-        if not isinstance(a[name], bool):
-            raise ValueError(f"`{name}` must be True or False, got {a[name]!r}.")
+    check_flags(budget_training=a["budget_training"], verbose=a["verbose"])

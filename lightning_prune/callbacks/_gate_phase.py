@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.callbacks._module_io import LossFn, module_loss
-from lightning_prune.callbacks._monitor import monitored_value, validation_metrics
+from lightning_prune.callbacks._monitor import is_metric, monitored_value, validation_metrics
 from lightning_prune.gate_search import GatePruned, GateSearch
 from lightning_prune.gates import GatePhaseResult
 from lightning_prune.loggers import log_metrics, log_pruning_event
@@ -144,7 +144,7 @@ def run_gate_phase(
         if bar is not None:
             bar.close()
         for module in pl_module.modules():
-            if module is not pl_module and all(callable(getattr(module, n, None)) for n in ("compute", "reset", "update")):
+            if module is not pl_module and is_metric(module):
                 module.reset()
 
 

@@ -15,7 +15,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._shared import Fraction, check_keys, check_range
+from lightning_prune.callbacks._strategy import class_names
+from lightning_prune.callbacks._shared import Fraction, check_flags, check_keys, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
@@ -66,9 +67,7 @@ def check_arguments(a: Mapping[str, Any]) -> None:
     if isinstance(a["max_layer_sparsity"], bool) or not isinstance(a["max_layer_sparsity"], (int, float)):
         _fail("max_layer_sparsity", a["max_layer_sparsity"], "a number in (0, 1]")
     check_range("max_layer_sparsity", a["max_layer_sparsity"], 0.0, 1.0, low_open=True, high_open=False)
-    for name in ("make_permanent", "physical", "verbose"):
-        if not isinstance(a[name], bool):
-            _fail(name, a[name], "True or False")
+    check_flags(**{name: a[name] for name in ("make_permanent", "physical", "verbose")})
     for name in ("monitor", "name"):
         if a[name] is not None and (not isinstance(a[name], str) or not a[name]):
             _fail(name, a[name], "None or a non-empty string")
@@ -120,7 +119,7 @@ def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedu
 
 def warn_if_too_short(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
     """Warn when EarlyStopping, or the Trainer's step or epoch limit, may end training before the last event."""
-    if any(c.__name__ == "EarlyStopping" for cb in trainer.callbacks for c in type(cb).__mro__):
+    if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):
         rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")
     if math.isinf(trainer.num_training_batches):
         return

@@ -25,7 +25,8 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from lightning_prune.modes import eval_mode
 
 
-def _is_metric(value: Any) -> bool:
+def is_metric(value: Any) -> bool:
+    """Duck-typed torchmetrics ``Metric``: ``compute``, ``reset`` and ``update``."""
     return all(callable(getattr(value, name, None)) for name in ("compute", "reset", "update"))
 
 
@@ -46,7 +47,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, loade
     metrics: dict[str, Any] = {}
 
     def record(name: str, value: Any, batch_size: Optional[int], batch: Any) -> None:
-        if _is_metric(value):
+        if is_metric(value):
             metrics[name] = value
             return
         size = batch_size if batch_size is not None else extract_batch_size(batch)

@@ -35,6 +35,13 @@ def check_range(
             raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
 
 
+def check_flags(**flags: Any) -> None:
+    """Each value must be a bool (``1`` or ``"yes"`` is refused)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) -> None:
     """Every key of a per-layer mapping must name a selected layer."""
     unknown = sorted(set(mapping) - set(known))

@@ -14,7 +14,8 @@ SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParal
 """Strategy class names (of either Lightning namespace) that shard parameters across ranks."""
 
 
-def _class_names(obj: Any) -> set[str]:
+def class_names(obj: Any) -> set[str]:
+    """The names of ``obj``'s class and its bases (matches under both Lightning namespaces)."""
     return {cls.__name__ for cls in type(obj).__mro__}
 
 
@@ -38,7 +39,7 @@ def prepare_module(trainer: pl.Trainer, pl_module: pl.LightningModule, callback:
     Works with the Trainers of both ``pytorch_lightning`` and ``lightning.pytorch`` (class names are compared).
     """
     strategy = trainer.strategy
-    if _class_names(strategy) & SHARDED_STRATEGIES:
+    if class_names(strategy) & SHARDED_STRATEGIES:
         raise MisconfigurationException(
             f"{callback} does not support sharded models: `strategy`={type(strategy).__name__} splits every weight "
             "across ranks, while pruning decides on whole tensors. Use `strategy='ddp'` (or a single device)."
@@ -53,7 +54,7 @@ def prepare_module(trainer: pl.Trainer, pl_module: pl.LightningModule, callback:
             "model after fit."
         )
     launcher = strategy.launcher
-    spawned = launcher is not None and "_MultiProcessingLauncher" in _class_names(launcher)
+    spawned = launcher is not None and "_MultiProcessingLauncher" in class_names(launcher)
     if physical and spawned and not reshapes_on_load(pl_module):
         raise MisconfigurationException(
             f"{callback} removes channels physically, and under `strategy`={type(strategy).__name__} (processes "

@@ -187,13 +187,16 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One auxiliary step on one held-out batch after each batch with an optimizer step of ``W``."""
         if not self._stepped:
-            self._fine_tuned |= self.aux is not None and not self._learning()
+            self._fine_tuned = self._fine_tuned or (self.aux is not None and not self._learning())
             return
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
-        reduce = lambda grad: trainer.strategy.reduce(grad, reduce_op="mean")  # noqa: E731 - same M on every rank
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
-        self.aux.learn(loss, self.reg, reduce=reduce, normalize=self.normalize, **self.consistency)
+        self.aux.learn(loss, self.reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)
+
+    def _reduce(self, grad: Any) -> Any:
+        """The loss signal of ``M`` averaged over ranks, so every rank holds the same ``M``."""
+        return self._trainer.strategy.reduce(grad, reduce_op="mean")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

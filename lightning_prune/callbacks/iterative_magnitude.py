@@ -20,7 +20,7 @@ from lightning_prune.callbacks._module_io import ExampleInputFn
 from lightning_prune.callbacks._shared import Fraction
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
-from lightning_prune.magnitude import MagnitudePruner, distributed_broadcast
+from lightning_prune.magnitude import Broadcast, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
@@ -104,6 +104,7 @@ class IterativeMagnitude(pl.Callback):
         self.figures = MagnitudeFigures(self.layers, monitor)
         self.structure: Optional[StructureRecord] = None
         self._stepped = False
+        self._broadcast: Optional[Broadcast] = None
 
     @property
     def state_key(self) -> str:
@@ -135,13 +136,15 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The example input (the first training batch is loaded now): dense FLOPs, channel groups."""
+        """The example input (the first training batch is loaded now): dense FLOPs, channel groups; how
+        decisions reach every rank (the process group exists by now)."""
+        self._broadcast = distributed_broadcast()
         self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
         args.warn_if_too_short(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         first = self.pruner.last_event < 0
-        fraction = self.pruner.step(time, distributed_broadcast())
+        fraction = self.pruner.step(time, self._broadcast)
         if fraction is None:
             return
         if first:
