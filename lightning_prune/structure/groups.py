@@ -145,8 +145,10 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
 
 
 def _traced_outputs(output: Any) -> list[torch.Tensor]:
-    """The output tensors torch-pruning traces back from (those computed from the parameters)."""
-    traced = [tensor for tensor in output_tensors(output) if tensor.grad_fn is not None]
+    """The output tensors torch-pruning traces back from (those computed from the parameters), each behind a
+    view of its own: torch-pruning marks a model output only where its last operation is no module's, so a
+    module's output that is returned *and* used further (features beside the logits) would not count as one."""
+    traced = [tensor.view_as(tensor) for tensor in output_tensors(output) if tensor.grad_fn is not None]
     if not traced:
         raise ValueError(
             f"the model's output on `example_input` ({type(output).__name__}) holds no tensor computed from its "
