@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor
-from lightning_prune.structure import apply_plan, find_channel_groups, refused_channel_groups
+from lightning_prune.structure import MAX_NODE_VISITS, apply_plan, find_channel_groups, refused_channel_groups
 from pruning_checks import masked_and_pruned_outputs
 
 
@@ -178,7 +178,9 @@ def test_tiny_llama_discovery_returns_its_mlp_groups_and_names_the_attention_it_
     assert [(group.root, group.size) for group in groups] == [
         ("model.layers.0.mlp.gate_proj", 128), ("model.layers.1.mlp.gate_proj", 128)
     ]
+    # stopped where it loops (MAX_NODE_VISITS), long before the million-index bound
     assert "does not terminate" in refused["model.layers.0.self_attn.q_proj"]
+    assert f"more than {MAX_NODE_VISITS} times" in refused["model.layers.0.self_attn.q_proj"]
     assert "model.layers.1.self_attn.v_proj" in refused and "lm_head" in refused
     plan = {g.index: torch.arange(0, g.size, 2) for g in groups}
     masked, pruned = masked_and_pruned_outputs(model, x, groups, plan)
