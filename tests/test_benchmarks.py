@@ -170,3 +170,12 @@ def test_run_writes_results_json_results_md_and_figures_of_every_experiment(tmp_
     assert section["title"] == "Tiny" and section["data"] == {"suite": "full"} and section["figures"] == ["tiny.png"]
     assert (out / "RESULTS.md").read_text() == render_results(results)
     assert "## Tiny" in render_results(results) and "![tiny.png](tiny.png)" in render_results(results)
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_experiment_end_to_end(tmp_path) -> None:
+    """The command of the Benchmarks docs page, on the quick suite: every experiment runs and is reported."""
+    main(["run", "--suite", "quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["suite"] == "quick" and len(results["sections"]) == len(EXPERIMENTS)
+    assert (tmp_path / "RESULTS.md").read_text() == render_results(results)
