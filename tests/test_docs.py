@@ -77,3 +77,35 @@ def test_readme_callback_table_names_real_arguments() -> None:
             assert arguments and arguments <= set(inspect.signature(callback).parameters), (callback.__name__, arguments)
             seen.add(callback.__name__)
     assert seen == set(rows), f"the README's callback table lacks {set(rows) - seen}"
+
+
+def _docstring_example(callback: type) -> str:
+    """The code under ``Example::`` in ``callback``'s class docstring."""
+    doc = inspect.cleandoc(callback.__doc__ or "") + "\n"
+    found = re.search(r"^Example::\n\n((?:    .*\n|\n)+?)\n(?=\S)", doc, flags=re.M)
+    assert found, f"{callback.__name__}'s docstring has no Example:: block"
+    return inspect.cleandoc(found.group(1))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("callback", list(TABLES["PAGES"]), ids=lambda callback: callback.__name__)
+def test_callback_docstring_example_runs_and_prunes(callback: type, tmp_path, monkeypatch) -> None:
+    """Each callback's ``Example::`` runs as written and does what its comment says; the docstring has ``Raises:``."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from lightning_prune import ImageClassifier, count_flops, sparsity_report
+
+    assert "\nRaises:\n" in inspect.cleandoc(callback.__doc__ or "")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(_docstring_example(callback), namespace)
+    model = namespace["trainer"].lightning_module
+    if callback is lightning_prune.IterativeMagnitude:
+        assert sparsity_report(model).sparsity == pytest.approx(0.9, abs=1e-4)
+    elif callback is lightning_prune.GatePruningFromScratch:
+        x = torch.zeros(1, 1, 8, 8)
+        assert count_flops(model, x).total <= 0.5 * count_flops(ImageClassifier("vgg_small"), x).total
+    else:
+        assert not any(parametrize.is_parametrized(module) for module in model.modules())  # masks made permanent
+        assert 0 < sparsity_report(model).sparsity < 1

@@ -34,11 +34,11 @@ class AutoPruneCallback(pl.Callback):
       (``paper_defaults=True``, for comparison).
     - Our reconstruction and calibration: the loss signal's normalisation by its mean over the network
       (µ then is relative to it), R(M) = Σ h(M), the three consistency rules as implemented in
-      :func:`lightning_prune.auxiliary.auxiliary_gradient` (correlation: the signal per unit of ‖w‖;
+      ``lightning_prune.auxiliary.auxiliary_gradient`` (correlation: the signal per unit of ‖w‖;
       sensitivity: the pull weighted by 1/(1 + ‖w‖/mean‖w‖); direction: the pull through the STE), and
       the defaults (``reg=1.25``, ``ste_slope=0.5``, ``init=1.0``, calibrated on the digits data).
 
-    The algorithm is :class:`lightning_prune.auxiliary.AuxiliaryParameters`; this callback wires it into
+    The algorithm is ``lightning_prune.auxiliary.AuxiliaryParameters``; this callback wires it into
     the Trainer. The model's optimizers train ``W`` on the training batches (around every optimizer
     step, manual optimization included, switched-off weights keep their values), and after each
     training batch with an optimizer step, ``M`` takes one step from one held-out batch. Its loss is the
@@ -56,6 +56,15 @@ class AutoPruneCallback(pl.Callback):
     (multiply-adds per sample) are taken on it. At the end of fit the masks are made permanent; ``M``
     leaves the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are
     removed.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier
+
+        pruning = AutoPruneCallback()  # M learns in the first 75% of the epochs, W fine-tunes after
+        trainer = pl.Trainer(max_epochs=4, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule(aux_fraction=0.5))  # 1:1 held-out split
 
     Args:
         aux_lr: learning rate of ``M``. ``None``: 1.5e-2, the paper's (with either set of defaults).
@@ -84,6 +93,16 @@ class AutoPruneCallback(pl.Callback):
         exclude: glob patterns of module names never to prune.
         physical: with ``granularity="channel"``, remove the switched-off channels at the end of fit.
         verbose: print the sparsity table at the end of fit.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range, ``physical=True`` without
+            ``granularity="channel"``, or an ``aux_lr``/``reg`` that contradicts ``paper_defaults=True``; on
+            resume, a checkpoint whose auxiliary parameters belong to another ``granularity`` or other layers.
+        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
+            module, a spawn-based strategy without ``reshape_on_load``, a held-out loader that yields no
+            batch, or a ``training_step`` that returns no loss (pass ``loss_fn``).
+        FloatingPointError: at an epoch's end, when the gradient of ``M`` was NaN or infinite on some step
+            (``M`` skipped those steps).
     """
 
     def __init__(

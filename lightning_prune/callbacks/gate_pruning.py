@@ -48,7 +48,7 @@ class GatePruningFromScratch(pl.Callback):
 
     At the start of training (``on_train_start``, inside the same ``fit``):
 
-    1. **Gate phase** (:class:`~lightning_prune.gate_search.GateSearch`, which holds the objective
+    1. **Gate phase** (``lightning_prune.gate_search.GateSearch``, which holds the objective
        ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel of the ``gate_sites``
        groups (coupled channels share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
        its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
@@ -87,6 +87,15 @@ class GatePruningFromScratch(pl.Callback):
     factor while the FLOPs target stays relative to the unwidened model; the LightningModule must
     define ``width`` and ``set_width(width: float)`` (as ``ImageClassifier`` does).
 
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
+
+        pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1)
+        trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # at most half the dense FLOPs
+
     Args:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
@@ -118,6 +127,16 @@ class GatePruningFromScratch(pl.Callback):
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor (or the whole batch) is it.
         verbose: print the table of kept channels.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range; at ``setup`` or train start, before any
+            weight changes: ``expansion != 1`` for a module without ``width``/``set_width``, no channel to
+            gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
+        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
+            module, a spawn-based strategy without ``reshape_on_load``, no example input, a ``training_step``
+            that returns no loss (pass ``loss_fn``), a ``monitor`` the ``validation_step`` does not log, or
+            ``budget_training`` with ``StochasticWeightAveraging``.
+        NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """
 
     def __init__(

@@ -34,8 +34,17 @@ class IterativeMagnitude(pl.Callback):
 
     At each pruning event the weights with the lowest importance are masked so that the pruned
     fraction equals ``fraction(t) · sparsity`` *exactly* (absolute targets, never compounded; see
-    :mod:`lightning_prune.magnitude`). Masked weights are written as zeros, their gradients are zeroed
+    ``lightning_prune.magnitude``). Masked weights are written as zeros, their gradients are zeroed
     before every optimizer step and the zeros are re-written after it.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude
+
+        pruning = IterativeMagnitude(sparsity=0.9, schedule="agp", start_epoch=1, end_epoch=3, frequency=1)
+        trainer = pl.Trainer(max_epochs=5, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule())  # 90% of the weights are now zero
 
     Args:
         sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1); with
@@ -67,6 +76,16 @@ class IterativeMagnitude(pl.Callback):
             ``example_input_array`` nor the batch's first tensor / the whole batch is (FLOPs, channels).
         name: tells two instances in one Trainer apart (their checkpoint state key).
         verbose: print the summary table at the end of fit.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range or inconsistent with another (the message
+            names both and what is allowed); at ``setup``, a schedule that does not end before the Trainer's
+            ``max_epochs``/``max_steps``, or a ``sparsity`` the per-layer floor ``max_layer_sparsity`` cannot
+            hold. Raised before any weight changes.
+        MisconfigurationException: at ``setup``, a sharded strategy (FSDP, DeepSpeed), a ``torch.compile``d
+            module, ``physical=True`` under a spawn-based strategy without ``reshape_on_load``, or channel
+            pruning without an example input; on resume, state saved under several other keys (pass the
+            ``name`` it was saved with).
     """
 
     def __init__(
