@@ -88,7 +88,10 @@ def test_one_fit_ends_with_a_physically_smaller_model_at_the_flops_target_that_t
     dense_flops, dense_params = flops(model), sum(p.numel() for p in model.parameters())
     recorder = Recorder()
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
-    trainer = trainer_factory([pruning, recorder], max_epochs=2, **LIMITS)
+    # 42 SGD steps after the gate phase: 12 cannot tell a network that learns from one that does not (a dense
+    # MobileNetV2 ends 12 steps above its start loss on this machine's AVX2 kernels, below with ATen's default
+    # kernels); after 42, pruned MobileNetV2s and ResNet-20s are 0.36-0.84 below it (seeds 0-2), a frozen one not at all.
+    trainer = trainer_factory([pruning, recorder], max_epochs=7, **LIMITS)
     trainer.fit(model, digits())
     pruned_flops = flops(model)
     assert pruned_flops <= 0.5 * dense_flops
@@ -97,9 +100,10 @@ def test_one_fit_ends_with_a_physically_smaller_model_at_the_flops_target_that_t
     assert sum(p.numel() for p in model.parameters()) < dense_params
     # The user's optimizer trains the new parameters, and they did train.
     assert recorder.optimizer_params == {id(p) for p in model.parameters()}
-    assert any(not torch.equal(recorder.pruned[k], v) for k, v in model.state_dict().items() if k.endswith("weight"))
     assert all(v.shape == recorder.pruned[k].shape for k, v in model.state_dict().items())
-    assert batch_loss(model) < recorder.start_loss  # the pruned network learns
+    assert all(p.requires_grad for p in model.parameters())  # the gate phase's freezing is undone
+    assert all(not torch.equal(recorder.pruned[k], v) for k, v in model.named_parameters())
+    assert batch_loss(model) < recorder.start_loss - 0.15  # the pruned network learns, well beyond step noise
 
 
 def test_pruned_vgg_learns_the_digits(trainer_factory) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.flops import FlopsPredictor, count_flops
-from lightning_prune.gate_search import GateSearch, snapshot_is_better
+from lightning_prune.gate_search import GateSearch, reinitialise, snapshot_is_better
 from lightning_prune.gates import NonFiniteGateLoss
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, find_channel_groups
@@ -206,3 +206,24 @@ def test_selection_keeps_the_best_value_among_sparse_enough_snapshots(values, sp
     expected_step = next(step for v, step in candidates if v == best)
     result = search.result()
     assert result.selected == "best_val" and result.metric == best and result.step == expected_step
+
+
+def test_reinitialise_redraws_every_layer_of_a_pruned_mobilenetv2_depthwise_convs_included() -> None:
+    """init='random': every Conv (the depthwise ones too), Linear and BatchNorm of the pruned network gets PyTorch's
+    default initialisation at its new width, BatchNorm running statistics included."""
+    torch.manual_seed(0)
+    net, x = build_network("mobilenetv2", in_channels=3, image_size=16, width=0.5), torch.randn(1, 3, 16, 16)
+    groups = find_channel_groups(net, x)
+    apply_plan(net, groups, {g.index: torch.arange(max(1, g.size // 2)) for g in groups}, x)
+    with torch.no_grad():
+        for tensor in [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]:
+            tensor.fill_(3.0)  # what the gate phase's random weights were
+    reinitialise(net)
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(m.groups > 1 for m in layers if isinstance(m, nn.Conv2d))
+    for module in layers:
+        fan_in = module.weight[0].numel()  # per output channel: in_channels / groups * kernel area
+        assert 0 < module.weight.abs().max() <= fan_in**-0.5  # kaiming_uniform(a=sqrt(5)) bound at the pruned fan-in
+    for module in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(module.weight, torch.ones_like(module.weight)) and not module.bias.any()
+        assert not module.running_mean.any() and torch.equal(module.running_var, torch.ones_like(module.running_var))
