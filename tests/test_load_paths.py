@@ -123,15 +123,17 @@ def test_validate_test_and_predict_with_ckpt_path_load_the_pruned_checkpoint(pru
         assert shapes(fresh) == shapes(model)
 
 
-def test_autoprune_continues_from_its_checkpoint_saved_after_removing_channels(tmp_path) -> None:
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_a_fit_continues_from_a_checkpoint_saved_after_removing_channels(name, tmp_path) -> None:
+    """AutoPrune rebuilds its gates for the loaded shapes; every callback's later checkpoints keep the structure."""
     model = Net()
-    trainer = make_trainer(tmp_path, [CALLBACKS["autoprune"]()], max_epochs=2, **LIMITS)
+    trainer = make_trainer(tmp_path, [CALLBACKS[name]()], max_epochs=2, **LIMITS)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     pruned = shapes(model)
 
     continued, checkpoints = Net(), ModelCheckpoint(dirpath=tmp_path / "later", save_last=True)
-    trainer = make_trainer(tmp_path, [CALLBACKS["autoprune"](), checkpoints], max_epochs=4, enable_checkpointing=True, **LIMITS)
+    trainer = make_trainer(tmp_path, [CALLBACKS[name](), checkpoints], max_epochs=4, enable_checkpointing=True, **LIMITS)
     trainer.fit(continued, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "after.ckpt"))
     assert trainer.current_epoch == 4 and trainer.global_step == 16  # two more epochs, from where the first fit ended
     widths = shapes(continued)
