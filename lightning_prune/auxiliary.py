@@ -502,13 +502,14 @@ class AuxiliaryParameters:
         self._refresh_masks()
 
     @torch.no_grad()
-    def detach(self) -> None:
+    def detach(self, permanent: bool = True) -> None:
         """Make the masks permanent: write ``W ⊙ h(M)`` into ``W`` (the same ``nn.Parameter``, so any
-        optimizer keeps training it), remove the parametrizations and hooks. ``M`` leaves the model."""
+        optimizer keeps training it), remove the parametrizations and hooks. ``M`` leaves the model.
+        ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for target in self.targets:
+        for target in self.targets if permanent else ():
             self.original(target).masked_fill_(self._gate_value(target) == 0, 0.0)
         for target in self.targets:
             parametrize.remove_parametrizations(self.model.get_submodule(target[0]), target[1], leave_parametrized=False)

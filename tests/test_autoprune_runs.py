@@ -44,6 +44,40 @@ def test_resume_from_a_mid_epoch_checkpoint_with_an_auxiliary_split(tmp_path, tr
     assert any((value <= 0).any() for value in saved["values"].values())
 
 
+class _CaptureM(pl.Callback):
+    """``M`` as it is when training ends (before ``on_fit_end`` makes the masks permanent)."""
+
+    def __init__(self, pruning: AutoPruneCallback) -> None:
+        self.pruning, self.values = pruning, None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.values = {key: value.clone() for key, value in self.pruning.aux.state_dict()["values"].items()}
+
+
+def test_mid_epoch_resume_with_a_shuffled_auxiliary_split_ends_as_the_uninterrupted_run(tmp_path, trainer_factory):
+    data = _digits()
+    data.setup("fit")
+    images, labels = data.train_set.tensors
+    # every training batch is the same, so the run depends on where the shuffled auxiliary split goes on from
+    same_batches = DataLoader(TensorDataset(images[:32].repeat(10, 1, 1, 1), labels[:32].repeat(10)), batch_size=32)
+
+    def run(ckpt_path=None, callbacks=()):
+        pl.seed_everything(0)
+        pruning = AutoPruneCallback(aux_dataloader=data.aux_dataloader(), **FAST)  # shuffled, reseeded per epoch
+        capture, model = _CaptureM(pruning), ImageClassifier("lenet300100")
+        trainer = trainer_factory([pruning, capture, *callbacks], max_epochs=2, enable_checkpointing=bool(callbacks), limit_val_batches=0)
+        trainer.fit(model, train_dataloaders=same_batches, ckpt_path=ckpt_path)
+        return model, capture.values
+
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    model, values = run(callbacks=[checkpoints])
+    assert len(data.aux_dataloader()) > 4  # a restarted pass would draw other batches than the 5th on
+    resumed, resumed_values = run(ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))  # inside epoch 0 (10 batches)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert values.keys() == resumed_values.keys() and all(torch.equal(values[k], resumed_values[k]) for k in values)
+
+
 def test_resume_with_changed_layers_is_refused_not_dropped(tmp_path, trainer_factory):
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1, filename="{epoch}")
     first = AutoPruneCallback(parameters=["network.fc1"], **FAST)

@@ -18,6 +18,8 @@ class HeldOutBatches:
     The loader is iterated afresh each epoch (its sampler's ``set_epoch`` called, so epoch-seeded samplers
     repeat an uninterrupted run on resume), re-requested when Lightning reloads dataloaders, and under a
     distributed strategy re-created with Lightning's distributed sampler, so each rank draws its own shard.
+    :meth:`state_dict` holds how far the current pass has come: a run resumed inside an epoch skips as many
+    batches of the restarted pass, so it draws what the uninterrupted run would have drawn next.
     """
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, argument: Optional[Iterable[Any]]) -> None:
@@ -25,6 +27,7 @@ class HeldOutBatches:
         self.source = self._resolve(trainer, pl_module)
         self._loader: Optional[Iterable[Any]] = None
         self._iterator: Optional[Iterator[Any]] = None
+        self._epoch, self._drawn = -1, 0  # the epoch of the current pass, batches drawn from it
 
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.argument is not None:
@@ -61,16 +64,35 @@ class HeldOutBatches:
             return training_batch
         if self._loader is None:
             self._loader = self._fetch(trainer, pl_module)
-        batch = next(self._iterator, None) if self._iterator is not None else None
+        batch = None
+        if self._iterator is not None:
+            batch = next(self._iterator, None)
+        elif self._epoch == trainer.current_epoch:  # resumed inside this epoch's pass: skip what it drew
+            self._iterator = self._new_pass(trainer)
+            for _ in range(self._drawn):
+                next(self._iterator, None)
+            batch = next(self._iterator, None)
         if batch is None:
-            sampler = getattr(self._loader, "sampler", None)
-            if callable(getattr(sampler, "set_epoch", None)):
-                sampler.set_epoch(trainer.current_epoch)
-            self._iterator = iter(self._loader)
+            self._iterator = self._new_pass(trainer)
+            self._epoch, self._drawn = trainer.current_epoch, 0
             batch = next(self._iterator, None)
         if batch is None:
             raise MisconfigurationException(
                 f"AutoPruneCallback: the auxiliary loader ({self.source}) yields no batch, so M cannot learn. Give it "
                 "held-out data (an empty split, e.g. `aux_fraction` too small for the batch size with drop_last?)."
             )
+        self._drawn += 1
         return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+    def _new_pass(self, trainer: pl.Trainer) -> Iterator[Any]:
+        sampler = getattr(self._loader, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(trainer.current_epoch)
+        return iter(self._loader)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass over the loader and the batches drawn from it."""
+        return {"epoch": self._epoch, "drawn": self._drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._drawn = state["epoch"], state["drawn"]

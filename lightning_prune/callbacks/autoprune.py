@@ -17,9 +17,9 @@ from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
-from lightning_prune.structure import STRUCTURE_KEY, apply_plan
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 
 class AutoPruneCallback(pl.Callback):
@@ -145,6 +145,7 @@ class AutoPruneCallback(pl.Callback):
         self.layers: list[str] = []
         self.held_out: Optional[HeldOutBatches] = None
         self.figures: Optional[AutoPruneFigures] = None
+        self._gated_shapes: Optional[StructureRecord] = None
         self._trainer: Optional[pl.Trainer] = None
         self._stepped, self._fine_tuned = False, False
 
@@ -155,8 +156,11 @@ class AutoPruneCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample."""
+        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample.
+        Other stages (``validate``/``test``/``predict``, ``ckpt_path`` included): the module reshapes itself to
+        a pruned checkpoint's ``state_dict`` while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
         if sum(isinstance(callback, AutoPruneCallback) for callback in trainer.callbacks) > 1:
@@ -168,10 +172,15 @@ class AutoPruneCallback(pl.Callback):
         problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
+        self._gate(trainer, pl_module)
+
+    def _gate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Channel groups and FLOPs on one sample, and ``M`` attached, for the model's current shapes."""
         selection = f"`parameters`={self.parameters!r} with `exclude`={self.exclude!r}"
         self.figures = AutoPruneFigures(trainer, pl_module, self.layers, self.granularity, self.example_input_fn, selection)
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.figures.groups, self.ste, self.ste_slope, self.init)
         self.aux.attach()
+        self._gated_shapes = structure_record(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -259,12 +268,27 @@ class AutoPruneCallback(pl.Callback):
             checkpoint[STRUCTURE_KEY] = self.structure
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming from a checkpoint of a physically pruned model (e.g. one saved after fit): the model was
+        reshaped while loading, under gates built in ``setup`` for its old shapes; they are built again for
+        the new shapes before ``M``'s state loads, and the structure record goes into later checkpoints."""
+        if self.aux is None:  # not fitting
+            return
+        self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
+        if structure_record(pl_module) != self._gated_shapes:
+            self.aux.detach(permanent=False)
+            self._gate(trainer, pl_module)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
-        return {"aux": None if self.aux is None else self.aux.state_dict()}
+        held_out = None if self.held_out is None else self.held_out.state_dict()
+        return {"aux": None if self.aux is None else self.aux.state_dict(), "held_out": held_out}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it)."""
         if self.aux is not None and state_dict.get("aux") is not None:
             self.aux.load_state_dict(state_dict["aux"])
+        if self.held_out is not None and state_dict.get("held_out") is not None:
+            self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing

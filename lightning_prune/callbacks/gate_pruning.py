@@ -34,7 +34,7 @@ from lightning_prune.flops import count_flops
 from lightning_prune.gate_search import GatePruning, Init, Mode, Select
 from lightning_prune.gates import GatePosition, GateSites, gate_scores
 from lightning_prune.structure import STRUCTURE_KEY, ChannelGroup, ChannelPlan, structure_record
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 _ARGUMENTS = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites",
               "round_to", "select", "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
@@ -194,7 +194,9 @@ class GatePruningFromScratch(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "GatePruningFromScratch", physical=True)
         check_single_instance(trainer, self)

@@ -26,7 +26,7 @@ from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 
 class IterativeMagnitude(pl.Callback):
@@ -136,7 +136,9 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
@@ -222,7 +224,10 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused)."""
+        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused).
+        A resumed fit carries the checkpoint's structure record into its own checkpoints."""
+        if trainer.state.fn == "fit":
+            self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
         state = args.state_under_other_key(checkpoint, self.state_key, {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)})
         if state is not None:
             self.load_state_dict(state)
