@@ -16,6 +16,7 @@ from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
+from task_models import UNet
 
 
 def resnet(depth: int = 56, size: int = 8) -> tuple[nn.Module, torch.Tensor]:
@@ -188,6 +189,7 @@ def test_scaled_dot_product_attention_is_counted():
 _PROPERTY_MODELS = {
     "resnet20": lambda: resnet(20, 8),
     "functional_concat": lambda: (FunctionalPooling(concatenate=True).eval(), torch.randn(1, 3, 8, 8)),
+    "unet": lambda: (UNet().eval(), torch.randn(1, 1, 16, 16)),
 }
 _discovered: dict = {}
 
