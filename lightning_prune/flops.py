@@ -33,6 +33,7 @@ from lightning_prune.structure import (
     ChannelPlan,
     ExampleInput,
     GroupMember,
+    apply_plan,
 )
 from lightning_prune.structure.plans import _sliced_parameters, _weight_dim
 
@@ -245,10 +246,12 @@ class FlopsPredictor:
         return modules + int(sum(unit * math.prod(int(widths[r]) for r in rows) for unit, rows in self._terms))
 
     def _recount(self, kept: tuple[int, ...]) -> int:
-        """fvcore's count of a copy keeping ``kept[g]`` channels of group ``g`` (cached)."""
+        """fvcore's count of a physically pruned copy keeping ``kept[g]`` channels of group ``g`` (cached)."""
         if kept not in self._recounts:
             model, example_input, groups = self._recount_on
-            self._recounts[kept] = _trace(_shrunk_copy(model, groups, kept), example_input).total
+            pruned = copy.deepcopy(_unwrap(model))
+            apply_plan(pruned, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
+            self._recounts[kept] = _trace(pruned, example_input).total
         return self._recounts[kept]
 
     def predict(self, plan: ChannelPlan) -> int:
@@ -279,10 +282,9 @@ class FlopsPredictor:
             kept = tuple(int(torch.randint(1, size, (1,), generator=generator)) if size > 1 else 1 for size in self.sizes)
             try:
                 probe = _trace(_shrunk_copy(model, groups, kept), example_input)
-            except RuntimeError as error:  # a shape the shrunk copy cannot run: recount instead
+            except (RuntimeError, ValueError, IndexError) as error:  # a shape the shrunk copy cannot run: recount instead
                 log.info("A shrunk copy of the model does not run (%s); FLOPs predictions recount.", error)
                 return None
-            self._recounts[kept] = probe.total
             if [scope for scope, _ in probe.ops] != [scope for scope, _ in dense.ops]:
                 raise ValueError("The pruned model's operators differ from the dense model's; cannot predict FLOPs.")
             widths = self._widths.at(self.sizes - np.array(kept, dtype=np.int64))
