@@ -278,8 +278,7 @@ class FlopsPredictor:
         dense_widths = self._widths.at(np.zeros(len(groups), dtype=np.int64))
         candidates: list[list[tuple[int, ...]]] = []
         for seed in range(3):  # a later probe only while some operator fits several products
-            generator = torch.Generator().manual_seed(seed)
-            kept = tuple(int(torch.randint(1, size, (1,), generator=generator)) if size > 1 else 1 for size in self.sizes)
+            kept = _probe_widths(self.sizes, seed)
             try:
                 probe = _trace(_shrunk_copy(model, groups, kept), example_input)
             except (RuntimeError, ValueError, IndexError) as error:  # a shape the shrunk copy cannot run: recount instead
@@ -307,6 +306,20 @@ class FlopsPredictor:
             if rows[0]:
                 terms.append((flops / math.prod(int(dense_widths[r]) for r in rows[0]), rows[0]))
         return terms
+
+
+def _probe_widths(sizes: np.ndarray, seed: int) -> tuple[int, ...]:
+    """Random kept counts below each group's size, with a kept fraction no other group has where one is left
+    (groups that shrink alike could not be told apart)."""
+    generator = torch.Generator().manual_seed(seed)
+    used: set[Fraction] = set()
+    kept = []
+    for size in (int(size) for size in sizes):
+        options = (torch.randperm(size - 1, generator=generator) + 1).tolist() if size > 1 else [1]
+        k = next((k for k in options if Fraction(k, size) not in used), options[0])
+        used.add(Fraction(k, size))
+        kept.append(k)
+    return tuple(kept)
 
 
 def _products(ratio: Fraction, ratios: Sequence[Fraction]) -> list[tuple[int, ...]]:
