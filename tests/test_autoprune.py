@@ -267,9 +267,11 @@ def test_logs_sparsity_flops_revivals_per_epoch(tmp_path, trainer_factory):
     with open(logger.log_dir + "/metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("prune/sparsity")]
     assert len(rows) == 3  # two epochs and the end of fit
-    for key in ("prune/flops_ratio", "prune/flops_macs", "prune/revived", "prune/switched_off", "prune/sparsity/network.fc1"):
+    for key in ("prune/flops_ratio", "prune/flops_macs", "prune/sparse_flops_ratio", "prune/sparse_flops_macs",
+                "prune/revived", "prune/switched_off", "prune/sparsity/network.fc1"):
         assert rows[-1][key] != ""
-    assert 0.0 < float(rows[-1]["prune/flops_ratio"]) < 1.0
+    assert float(rows[-1]["prune/flops_ratio"]) == 1.0  # element pruning: the model still multiplies every weight
+    assert 0.0 < float(rows[-1]["prune/sparse_flops_ratio"]) < 1.0  # what a sparse kernel would run
     assert float(rows[0]["prune/switched_off"]) > 0
 
 

@@ -237,17 +237,17 @@ class AutoPruneCallback(pl.Callback):
         if self.aux is None or self.aux.optimizer is None:
             self._finish()
             return
-        report, flops_ratio = self.figures.log(trainer, pl_module, self.aux)
+        report, flops = self.figures.log(trainer, pl_module, self.aux)
         plan = self.aux.plan() if self.physical else None
         self._finish()
         if plan is not None:
-            self.structure = apply_plan(pl_module, self.figures.groups, plan, self.figures.example)
+            self.structure = apply_plan(pl_module, self.figures.all_groups, plan, self.figures.example)
             rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
         notes = [] if self._fine_tuned else ["training ended before the fine-tuning phase (no step under fixed masks)"]
         if notes:
             rank_zero_warn(f"AutoPruneCallback: {notes[0]}; see `end_epoch`, `max_epochs`, `max_steps`.")
         if self.verbose:
-            self.figures.summary(trainer, report, flops_ratio, notes)
+            self.figures.summary(trainer, report, flops, notes, removed=self.physical)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -208,14 +208,14 @@ class IterativeMagnitude(pl.Callback):
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
-        flops = self.figures.pruned_flops(self.pruner, report)
+        flops = self.figures.pruned_flops(self.pruner)
         if self.make_permanent:
             if self.physical:
                 self.structure = self.pruner.remove_channels(self.figures.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.pruner = None
         if self.verbose:
-            self.figures.summary(trainer, pl_module, report, flops, notes)
+            self.figures.summary(trainer, pl_module, report, flops, notes, removed=self.physical)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
