@@ -50,6 +50,20 @@ def test_each_schedule_reaches_the_exact_global_target_and_follows_its_steps(tmp
     assert probe.sparsity[0] == 0.0
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_target_between_two_weight_counts_prunes_the_nearest_count(tmp_path, scope):
+    """0.333 of LeNet-300-100's 50,200 weights is 16,716.6: 16,717 zeros (round(s·N), as documented; floor gives 16,716).
+    Per layer, fc1's 19,200 weights ask for 6,393.6: 6,394."""
+    callback = IterativeMagnitude(sparsity=0.333, schedule="one_shot", start_epoch=0, scope=scope, verbose=False)
+    model = fit(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    report = sparsity_report(model)
+    zeros = {row.layer: row.total - row.nonzero for row in report.layers}
+    if scope == "global":
+        assert report.total.total == 50_200 and report.total.total - report.total.nonzero == 16_717
+    else:
+        assert zeros == {"network.fc1": 6_394, "network.fc2": 9_990, "network.fc3": 333}
+
+
 def test_layer_scope_prunes_every_layer_to_the_same_sparsity(tmp_path):
     model = fit(tmp_path, IterativeMagnitude(sparsity=0.7, scope="layer", schedule="iterative", start_epoch=1, end_epoch=2))
     for row in sparsity_report(model).layers:
