@@ -194,27 +194,29 @@ class ResumableDigits(DigitsDataModule):
 
 
 def fit_saving_at(directory, make_pruning, step, ckpt_path=None, max_epochs=3):
-    """Six optimizer steps per epoch, a checkpoint at optimizer step ``step``."""
+    """Six optimizer steps per epoch, a checkpoint at optimizer step ``step``, one validation batch per epoch."""
     pl.seed_everything(0)
     model, pruning = ImageClassifier("lenet300100"), make_pruning()
     checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_train_steps=step, filename="{step}")
     trainer = make_trainer(directory, [pruning, checkpoint], max_epochs=max_epochs, enable_checkpointing=True,
-                           limit_train_batches=6, limit_val_batches=0)
+                           limit_train_batches=6, limit_val_batches=1)
     trainer.fit(model, ResumableDigits(), ckpt_path=ckpt_path)
     return model, pruning
 
 
 @pytest.mark.parametrize(
     "make_pruning",
-    [  # each holds state the zeros do not show: sigma of the dense layers, the weights at init, the last event's step
+    [  # each holds state the zeros do not show: sigma of the dense layers, the weights at init, that the last event ran
         lambda: IterativeMagnitude(criterion="sensitivity", sensitivity=0.8, schedule="iterative", start_epoch=1, end_epoch=2, make_permanent=False, verbose=False),
         lambda: IterativeMagnitude(0.8, "iterative", start_epoch=1, end_epoch=2, rewind="init", make_permanent=False, verbose=False),
-        lambda: IterativeMagnitude(0.8, "agp", start_epoch=2, end_epoch=14, frequency=4, interval="step", make_permanent=False, verbose=False),
+        lambda: IterativeMagnitude(0.8, "agp", start_epoch=2, end_epoch=8, frequency=2, interval="step", make_permanent=False, verbose=False),
     ],
     ids=["sensitivity", "rewind-init", "step-interval"],
 )
 def test_a_mid_epoch_resume_after_an_event_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, make_pruning):
-    """The checkpoint at step 9 lies inside epoch 1, after the event at its start (epoch schedules) or at step 6."""
+    """The checkpoint at step 9 lies inside epoch 1: after the event at its start and before the one at epoch 2
+    (epoch schedules), after the last event at step 8 (interval="step"). The resumed run also keeps the dense
+    model's score of the summary (taken before the first event only) and knows its schedule is complete."""
     uninterrupted, first = fit_saving_at(tmp_path / "a", make_pruning, 9)
     resumed, second = fit_saving_at(tmp_path / "b", make_pruning, 9, ckpt_path=tmp_path / "a" / "step=9.ckpt")
     for name, value in uninterrupted.state_dict().items():
@@ -222,3 +224,4 @@ def test_a_mid_epoch_resume_after_an_event_ends_with_the_weights_of_an_uninterru
     assert first.masks.masks.keys() == second.masks.masks.keys()
     assert all(torch.equal(mask, second.masks.masks[name]) for name, mask in first.masks.masks.items())
     assert second.pruner.last_event == first.pruner.last_event and second.pruner.schedule_complete
+    assert second.figures.dense_score == first.figures.dense_score
