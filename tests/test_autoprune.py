@@ -284,12 +284,13 @@ def test_nan_auxiliary_gradient_stops_with_a_clear_error(trainer_factory):
     assert not parametrize.is_parametrized(model)
 
 
-def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_factory):
+@pytest.mark.parametrize("aux_optimizer", ["sgd", "adam"])  # Adam: M's moments must come back too
+def test_resume_ends_with_the_masks_of_an_uninterrupted_run(tmp_path, trainer_factory, aux_optimizer):
     def run(ckpt_path=None, callbacks=()):
         pl.seed_everything(0)
         model = ImageClassifier("lenet300100")
         trainer = trainer_factory(
-            [AutoPruneCallback(**FAST), *callbacks],
+            [AutoPruneCallback(**FAST, aux_optimizer=aux_optimizer), *callbacks],
             max_epochs=3, enable_checkpointing=bool(callbacks),
         )
         trainer.fit(model, DigitsDataModule(aux_fraction=0.5), ckpt_path=ckpt_path)
