@@ -1,5 +1,6 @@
 """`IterativeMagnitude` in odd set-ups: step schedules, training that ends early, resumes with changed
-arguments, fast_dev_run, reused and multiple instances, layers that would be emptied."""
+arguments, mid-epoch resumes after an event, fast_dev_run, reused and multiple instances, layers that would be emptied.
+(No host sync in its per-step hooks: ``test_host_syncs.py``.)"""
 
 from __future__ import annotations
 
@@ -148,21 +149,6 @@ def test_no_layer_is_emptied_by_default_and_an_emptied_layer_is_warned_about(tmp
     with pytest.warns(UserWarning, match="every weight of 'network.fc3' is pruned"):
         make_trainer(tmp_path, [ShrinkLastLayer(), IterativeMagnitude(0.9, "one_shot", max_layer_sparsity=1.0, verbose=False)],
                      max_epochs=1, **SMALL).fit(model, DigitsDataModule())
-
-
-def test_the_callbacks_per_step_hooks_do_not_synchronise_with_the_host(tmp_path):
-    from test_magnitude_core import OpCounter
-
-    pruning = IterativeMagnitude(0.8, "agp", start_epoch=1, end_epoch=3, interval="step", make_permanent=False, verbose=False)
-    model = ImageClassifier("lenet5")
-    trainer = make_trainer(tmp_path, [pruning], max_epochs=1, **SMALL)
-    trainer.fit(model, DigitsDataModule())
-    model(torch.randn(4, 1, 8, 8)).sum().backward()
-    with OpCounter() as counter:
-        pruning.on_train_batch_start(trainer, model, None, 0)  # step 5: no event
-        pruning.on_before_optimizer_step(trainer, model, trainer.optimizers[0])
-        pruning.on_train_batch_end(trainer, model, None, None, 0)
-    assert "_local_scalar_dense" not in counter.ops and counter.ops
 
 
 class ResumableLoader(DataLoader):
