@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._strategy import class_names
+from lightning_prune.callbacks._strategy import class_names, stepping_batches
 from lightning_prune.callbacks._shared import Fraction, check_flags, check_keys, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
@@ -112,7 +112,7 @@ def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedu
         return PruningSchedule("one_shot", 0, 0)
     limit_name, limit = ("max_epochs", trainer.max_epochs) if a["interval"] == "epoch" else ("max_steps", trainer.max_steps)
     if a["interval"] == "step" and (limit is None or limit < 0) and trainer.max_epochs not in (None, -1):
-        limit_name, limit = "max_epochs × steps per epoch", trainer.estimated_stepping_batches
+        limit_name, limit = "max_epochs × steps per epoch", stepping_batches(trainer)
     limit = int(limit) if limit is not None and 0 <= limit < math.inf else None
     return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"], limit, limit_name)
 
