@@ -113,3 +113,11 @@ def test_settle_switches_off_exactly_the_smallest_entries():
     core.settle(0.1)
     off = core.values["0"].flatten() <= 0
     assert off.sum() == 2 and off[:2].all() and (core.values["0"].flatten()[2:10] == 1e-6).all()
+
+
+def test_paper_defaults_prune(trainer_factory):
+    model = ImageClassifier("lenet300100")
+    callback = AutoPruneCallback(paper_defaults=True, verbose=False)
+    assert (callback.init, callback.reg, callback.normalize) == (1e-2, 5e-2, False)
+    trainer_factory([callback], max_epochs=6, limit_val_batches=0).fit(model, _digits())
+    assert sparsity_report(model).sparsity > 0.5

@@ -11,7 +11,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
-from lightning_prune.callbacks._autoprune_args import check_arguments
+from lightning_prune.callbacks._autoprune_args import check_arguments, resolve_init
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
@@ -72,7 +72,9 @@ class AutoPruneCallback(pl.Callback):
         direction: the pull taken through the same STE as the loss (our reading of direction consistency).
         granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group; at
             least one channel of every group is kept, with a warning when that floor was needed).
-        init: initial value of every ``m``.
+        init: initial value of every ``m``. ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults`` (the paper's
+            value is not known; from 1.0 its pull, ``aux_lr · µ`` = 7.5e-4 per step on the unnormalised signal, would
+            need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
         start_epoch: first epoch with auxiliary steps.
         end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
@@ -104,7 +106,7 @@ class AutoPruneCallback(pl.Callback):
         correlation: bool = True,
         direction: bool = True,
         granularity: Granularity = "element",
-        init: float = 1.0,
+        init: Optional[float] = None,
         aux_optimizer: AuxOptimizer = "sgd",
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
@@ -122,6 +124,7 @@ class AutoPruneCallback(pl.Callback):
         rates = check_arguments(arguments)
         self.__dict__.update(arguments)
         self.aux_lr, self.reg, self.normalize = rates
+        self.init = resolve_init(paper_defaults, init)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
         self.aux: Optional[AuxiliaryParameters] = None
