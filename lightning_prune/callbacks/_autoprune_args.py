@@ -55,10 +55,28 @@ def resolve_rates(paper_defaults: bool, aux_lr: Optional[float], reg: Optional[f
     return Rates(*(float(defaults[name] if value is None else value) for name, value in chosen.items()), not paper_defaults)
 
 
+def resolve_init(paper_defaults: bool, init: Optional[float]) -> float:
+    """``init`` left at ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults``: the paper's unnormalised pull
+    moves ``m`` by ``aux_lr · µ`` = 7.5e-4 per step, so from 1.0 no weight is switched off within a run."""
+    return float(init) if init is not None else (PAPER_INIT if paper_defaults else 1.0)
+
+
+PAPER_INIT = 1e-2
+"""``M``'s initial value with ``paper_defaults`` (the paper's is not known)."""
+
+
+def check_target(value: Any) -> None:
+    """``target_sparsity``: ``None`` or a number strictly between 0 and 1."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if value is not None and not (number and 0.0 < value < 1.0):
+        raise ValueError(f"`target_sparsity` must be None or a number in (0, 1) (the fraction to switch off), got {value!r}.")
+
+
 def check_arguments(a: Mapping[str, Any]) -> Rates:
     """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
     rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"])
-    check_range("init", a["init"], 0.0, math.inf, low_open=True)
+    if a["init"] is not None:
+        check_range("init", a["init"], 0.0, math.inf, low_open=True)
     check_range("ste_slope", a["ste_slope"], 0.0, math.inf)
     check_choice("ste", a["ste"], Ste)
     check_choice("granularity", a["granularity"], Granularity)
@@ -70,6 +88,7 @@ def check_arguments(a: Mapping[str, Any]) -> Rates:
     check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch) -> model input")
     check_patterns("parameters", a["parameters"])
     check_patterns("exclude", a["exclude"])
+    check_target(a["target_sparsity"])
     if a["physical"] and a["granularity"] != "channel":
         raise ValueError(f"`physical=True` removes channels: it needs `granularity='channel'`, got {a['granularity']!r}.")
     return rates

@@ -10,8 +10,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, Ste
-from lightning_prune.callbacks._autoprune_args import check_arguments
+from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
+from lightning_prune.callbacks._autoprune_args import check_arguments, resolve_init
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
@@ -81,7 +81,9 @@ class AutoPruneCallback(pl.Callback):
         direction: the pull taken through the same STE as the loss (our reading of direction consistency).
         granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group; at
             least one channel of every group is kept, with a warning when that floor was needed).
-        init: initial value of every ``m``.
+        init: initial value of every ``m``. ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults`` (the paper's
+            value is not known; from 1.0 its pull, ``aux_lr · µ`` = 7.5e-4 per step on the unnormalised signal, would
+            need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
         start_epoch: first epoch with auxiliary steps.
         end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
@@ -93,6 +95,13 @@ class AutoPruneCallback(pl.Callback):
         exclude: glob patterns of module names never to prune.
         physical: with ``granularity="channel"``, remove the switched-off channels at the end of fit.
         verbose: print the sparsity table at the end of fit.
+        target_sparsity: the fraction of ``M``'s entries (weights; channels with ``granularity="channel"``) to
+            switch off by the end of the learning window, in (0, 1). ``reg`` (or its default) is then only
+            µ's starting value: ``lightning_prune.auxiliary.PullController`` raises and lowers µ after
+            every auxiliary step, on the device, along an AGP curve to the target (it lands within ±1%; the
+            summary says where). Needs an end of the window (``end_epoch``, ``max_epochs`` or ``max_steps``).
+            ``None``: µ stays as given, and a run that switched off under 5% by the end of its window is warned
+            about.
 
     Raises:
         ValueError: in ``__init__``, an argument out of its range, ``physical=True`` without
@@ -116,7 +125,7 @@ class AutoPruneCallback(pl.Callback):
         correlation: bool = True,
         direction: bool = True,
         granularity: Granularity = "element",
-        init: float = 1.0,
+        init: Optional[float] = None,
         aux_optimizer: AuxOptimizer = "sgd",
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
@@ -127,15 +136,18 @@ class AutoPruneCallback(pl.Callback):
         exclude: Optional[list[str]] = None,
         physical: bool = False,
         verbose: bool = True,
+        target_sparsity: Optional[float] = None,
     ) -> None:
         super().__init__()
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         rates = check_arguments(arguments)
         self.__dict__.update(arguments)
         self.aux_lr, self.reg, self.normalize = rates
+        self.init = resolve_init(paper_defaults, init)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
         self.aux: Optional[AuxiliaryParameters] = None
+        self.controller: Optional[PullController] = None
         self.structure: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
         self._reset()
@@ -147,7 +159,11 @@ class AutoPruneCallback(pl.Callback):
         self.figures: Optional[AutoPruneFigures] = None
         self._gated_shapes: Optional[StructureRecord] = None
         self._trainer: Optional[pl.Trainer] = None
-        self._stepped, self._fine_tuned = False, False
+        self._stepped, self._fine_tuned, self._window_checked = False, False, False
+        self.switched_off: Optional[float] = None
+        """The fraction of ``M``'s entries switched off when it stopped learning."""
+        self.landed: Optional[float] = None
+        """With ``target_sparsity``: the fraction the controller had switched off before the final correction."""
 
     @property
     def source(self) -> Optional[str]:
@@ -170,6 +186,11 @@ class AutoPruneCallback(pl.Callback):
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         self.held_out = HeldOutBatches(trainer, pl_module, self.aux_dataloader)
         problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
+        if self.target_sparsity is not None and self.window.progress(0, 0.0, 0, trainer.max_epochs, trainer.max_steps) is None:
+            raise MisconfigurationException(
+                f"`target_sparsity`={self.target_sparsity!r} is reached by the end of the learning window, and this run's has "
+                "none: give `end_epoch`, or the Trainer's `max_epochs` or `max_steps`."
+            )
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
         self._gate(trainer, pl_module)
@@ -181,6 +202,7 @@ class AutoPruneCallback(pl.Callback):
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.figures.groups, self.ste, self.ste_slope, self.init)
         self.aux.attach()
         self._gated_shapes = structure_record(pl_module)
+        self.controller = None if self.target_sparsity is None else PullController(self.target_sparsity, self.reg)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -215,12 +237,38 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One auxiliary step on one held-out batch after each batch with an optimizer step of ``W``."""
         if not self._stepped:
-            self._fine_tuned = self._fine_tuned or (self.aux is not None and not self._learning())
+            if not self._fine_tuned and self.aux is not None and not self._learning():
+                self._fine_tuned = True
+                self._close_window(pl_module)
             return
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
-        self.aux.learn(loss, self.reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)
+        learn = lambda reg: self.aux.learn(loss, reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
+        if self.controller is None:
+            learn(self.reg)
+            return
+        batches = trainer.num_training_batches
+        within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
+        progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
+        self.controller.step(self.aux, progress, learn)
+
+    def _close_window(self, pl_module: pl.LightningModule) -> None:
+        """Once, when ``M`` stops learning (or at the end of fit): with a target, the final correction (if the window's
+        last step did not make it) and where the controller had landed; one host read of the fraction switched off;
+        a run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        if self._window_checked or self.aux is None:
+            return
+        self._window_checked = True
+        if self.controller is not None:
+            self.controller.settle(self.aux)
+            self.landed = float(self.controller.landed)
+        self.switched_off = float(self.aux.switched_off_fraction())
+        if self.target_sparsity is None and self.switched_off < 0.05:
+            rank_zero_warn(
+                f"AutoPruneCallback: M switched off only {self.switched_off:.2%} of the {self.granularity}s by the end of "
+                "its learning window. Pass `target_sparsity` (e.g. 0.9) to reach a chosen sparsity, or raise `reg`."
+            )
 
     def _reduce(self, grad: Any) -> Any:
         """The loss signal of ``M`` averaged over ranks, so every rank holds the same ``M``."""
@@ -237,6 +285,7 @@ class AutoPruneCallback(pl.Callback):
         if self.aux is None or self.aux.optimizer is None:
             self._finish()
             return
+        self._close_window(pl_module)
         report, flops = self.figures.log(trainer, pl_module, self.aux)
         plan = self.aux.plan() if self.physical else None
         self._finish()
@@ -246,6 +295,9 @@ class AutoPruneCallback(pl.Callback):
         notes = [] if self._fine_tuned else ["training ended before the fine-tuning phase (no step under fixed masks)"]
         if notes:
             rank_zero_warn(f"AutoPruneCallback: {notes[0]}; see `end_epoch`, `max_epochs`, `max_steps`.")
+        if self.landed is not None:
+            notes.append(f"target_sparsity {self.target_sparsity:.2%}: the controller of µ switched off {self.landed:.2%} of the "
+                         f"{self.granularity}s, the final correction {self.switched_off:.2%}")
         if self.verbose:
             self.figures.summary(trainer, report, flops, notes, removed=self.physical)
 
@@ -282,8 +334,11 @@ class AutoPruneCallback(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
-        held_out = None if self.held_out is None else self.held_out.state_dict()
-        return {"aux": None if self.aux is None else self.aux.state_dict(), "held_out": held_out}
+        state = {"aux": None if self.aux is None else self.aux.state_dict()}
+        state["held_out"] = None if self.held_out is None else self.held_out.state_dict()
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -292,3 +347,5 @@ class AutoPruneCallback(pl.Callback):
             self.aux.load_state_dict(state_dict["aux"])
         if self.held_out is not None and state_dict.get("held_out") is not None:
             self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing
+        if self.controller is not None and state_dict.get("controller") is not None:
+            self.controller.load_state_dict(state_dict["controller"])
