@@ -22,6 +22,13 @@ shown), ``notes`` and ``behind`` (where lightning_prune does worse than a baseli
 To add an experiment, write the module and add its name to :data:`EXPERIMENTS`.
 """
 
+import pathlib
+import runpy
+
+# The benchmarks run in the test environment, where PyPI's torchvision needs its operator schemas defined
+# beside a CPU build of torch before torchmetrics (and so pytorch_lightning) imports it; a no-op elsewhere.
+runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "torchvision_shim" / "sitecustomize.py"))
+
 EXPERIMENTS: list[str] = [
     "benchmarks.unstructured_quality",
     "benchmarks.step_overhead",
