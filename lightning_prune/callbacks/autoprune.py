@@ -11,10 +11,11 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, Ste
-from lightning_prune.callbacks._autoprune_args import check_arguments
+from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_loss_source, module_loss
+from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
 from lightning_prune.structure import STRUCTURE_KEY, apply_plan
@@ -142,6 +143,8 @@ class AutoPruneCallback(pl.Callback):
         prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
         if sum(isinstance(callback, AutoPruneCallback) for callback in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one AutoPruneCallback per Trainer: two would gate the same weights twice.")
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))
+        check_loss_source("AutoPruneCallback", pl_module, self.loss_fn)
         self._finish()
         self._reset()
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
@@ -159,6 +162,7 @@ class AutoPruneCallback(pl.Callback):
         """``M`` on the model's device, its optimizer, and hooks around every optimizer step (manual ones too)."""
         if self.aux is None:
             return
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))  # max_steps: the epoch length is known now
         self.aux.to(pl_module.device)
         self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
