@@ -12,12 +12,13 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 
 def _check_yields(loader: Iterable[Any], source: str) -> None:
-    """At ``setup``, before any weight changes: the held-out loader yields at least one batch (its length when it
-    has one, e.g. a ``drop_last`` DataLoader over fewer samples than a batch; else one batch is drawn)."""
+    """At ``setup``, before any weight changes: a held-out loader with a length (a list, a DataLoader over a sized
+    dataset, e.g. one with ``drop_last`` over fewer samples than a batch) has at least one batch. One without a
+    length is not drawn from here (that would use up a batch and random state); :meth:`HeldOutBatches.next` says so."""
     try:
         empty = len(loader) == 0  # type: ignore[arg-type]
     except TypeError:
-        empty = next(iter(loader), None) is None
+        return
     if empty:
         raise MisconfigurationException(
             f"AutoPruneCallback: {source} ({loader!r:.80}) yields no batch, so M could not learn. Give it held-out data "
