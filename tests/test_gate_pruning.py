@@ -303,7 +303,7 @@ def _fit_raises(trainer_factory, pruning, model, match) -> None:
 
 
 def test_unreachable_target_raises_at_setup_before_any_change(trainer_factory) -> None:
-    _fit_raises(trainer_factory, GatePruningFromScratch(flops_ratio=1e-4, expansion=2.0), classifier(), "`flops_ratio`.*unreachable")
+    _fit_raises(trainer_factory, GatePruningFromScratch(flops_ratio=1e-4, gate_epochs=1, expansion=2.0), classifier(), "`flops_ratio`.*unreachable")
 
 
 def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
@@ -317,7 +317,7 @@ def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
 
 def test_model_without_a_gateable_channel_raises(trainer_factory) -> None:
     model = ImageClassifier("lenet300100", in_channels=3, image_size=32, width=0.25)  # no BatchNorm anywhere
-    _fit_raises(trainer_factory, GatePruningFromScratch(), model, "no prunable channel .*`gate_position`")
+    _fit_raises(trainer_factory, GatePruningFromScratch(gate_epochs=1), model, "no prunable channel .*`gate_position`")
 
 
 class Plain(pl.LightningModule):
