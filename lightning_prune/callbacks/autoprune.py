@@ -75,9 +75,10 @@ class AutoPruneCallback(pl.Callback):
             least one channel of every group is kept, with a warning when that floor was needed).
         init: initial value of every ``m``.
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
-        start_epoch: first epoch with auxiliary steps.
-        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
-            ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
+        start_epoch: first epoch with auxiliary steps (before the Trainer's last epoch).
+        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks, so at least one
+            epoch must follow it inside ``max_epochs`` (and the epochs ``max_steps`` allows), else ``fit`` is refused
+            at the start. ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
         aux_dataloader: held-out data for ``M`` (any iterable of batches).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` of a held-out batch (default: ``training_step``).
         example_input_fn: ``example_input_fn(batch) -> model input`` for the first training batch.

@@ -93,7 +93,9 @@ class GatePruningFromScratch(pl.Callback):
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``).
+        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``);
+            at most the epochs the Trainer allows the fit (``max_epochs``, or those ``max_steps`` allows), else ``fit``
+            is refused at the start.
         gate_lr: Adam learning rate of the gates.
         gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
             layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every

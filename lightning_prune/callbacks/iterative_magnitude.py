@@ -41,10 +41,12 @@ class IterativeMagnitude(pl.Callback):
         sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1); with
             ``scope="layer"`` also a mapping ``{module name: sparsity}`` (unnamed layers: 0).
         schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
-        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step).
+        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step). Every event
+            must come before the Trainer's end (``max_epochs``, ``max_steps``), else ``fit`` is refused at the start.
         end_epoch: last event; ``None`` = halfway between ``start_epoch`` and the Trainer's end
             (``max_epochs``, or with ``interval="step"`` ``max_steps`` or all steps of ``max_epochs``). Must come before that end.
-        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple.
+        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple. With
+            ``end_epoch=None`` a ``frequency`` > 1 must leave room for a second event before halfway to the end.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start_epoch``/``end_epoch``/``frequency``
             (optimizer steps, ``trainer.global_step``; Zhu & Gupta prune every Δt steps).
         initial_sparsity: AGP's s_i in [0, sparsity]: with s_i > 0 the event at ``start_epoch`` (t0) prunes to s_i and
