@@ -1,14 +1,14 @@
 """lightning_prune's benchmarks: one command, one report.
 
     python -m benchmarks run --suite quick|full [--out DIR] [--only NAME ...]
-    python -m benchmarks readme [--results benchmarks/results/results.json]
+    python -m benchmarks docs [--results benchmarks/results/results.json]
 
 ``run`` calls every experiment in :data:`EXPERIMENTS` in turn and writes, into ``--out`` (default
 ``benchmarks/results/``): ``results.json`` (every figure, the machine, torch version, seeds, date,
 git commit), ``RESULTS.md`` and the experiments' PNG plots; with the default ``--out`` it also rewrites
-the README's ``Benchmarks`` section (between the ``benchmarks:begin``/``benchmarks:end`` markers).
-``readme`` rewrites that section from a committed ``results.json`` (``tests/test_benchmarks.py``
-checks that the README equals it).
+the documentation's Benchmarks page, ``docs/benchmarks.md`` (between the ``benchmarks:begin``/``benchmarks:end``
+markers). ``docs`` rewrites that part from a committed ``results.json`` (``tests/test_benchmarks.py``
+checks that the page equals it).
 
 The experiment contract: a module under ``benchmarks/`` with
 
@@ -21,6 +21,13 @@ tables, no heading), ``figures`` (file names relative to ``out_dir``), ``data`` 
 shown), ``notes`` and ``behind`` (where lightning_prune does worse than a baseline, with the reason).
 To add an experiment, write the module and add its name to :data:`EXPERIMENTS`.
 """
+
+import pathlib
+import runpy
+
+# The benchmarks run in the test environment, where PyPI's torchvision needs its operator schemas defined
+# beside a CPU build of torch before torchmetrics (and so pytorch_lightning) imports it; a no-op elsewhere.
+runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "torchvision_shim" / "sitecustomize.py"))
 
 EXPERIMENTS: list[str] = [
     "benchmarks.unstructured_quality",

@@ -1,4 +1,4 @@
-"""``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks readme`` (see ``benchmarks/__init__.py``)."""
+"""``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks docs`` (see ``benchmarks/__init__.py``)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ from benchmarks.report import (
     SUITES,
     load_results,
     machine,
-    render_readme,
+    render_docs,
     render_results,
-    replace_readme_section,
+    replace_marked_section,
 )
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+DOCS_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
-def write_readme(results_json: pathlib.Path) -> None:
-    README.write_text(replace_readme_section(README.read_text(), render_readme(load_results(results_json))))
+def write_docs(results_json: pathlib.Path) -> None:
+    DOCS_PAGE.write_text(replace_marked_section(DOCS_PAGE.read_text(), render_docs(load_results(results_json))))
 
 
 def run(suite: str, out_dir: pathlib.Path, only: list[str]) -> pathlib.Path:
@@ -61,13 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     run_parser = commands.add_parser("run", help="run the experiments, write results.json, RESULTS.md and plots")
     run_parser.add_argument("--suite", choices=SUITES, default="quick")
     run_parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR,
-                            help="output directory (default benchmarks/results/; only then is the README rewritten)")
+                            help="output directory (default benchmarks/results/; only then is docs/benchmarks.md rewritten)")
     run_parser.add_argument("--only", nargs="+", default=[], help="run only these experiments (module names)")
-    readme_parser = commands.add_parser("readme", help="rewrite the README's Benchmarks section from results.json")
-    readme_parser.add_argument("--results", type=pathlib.Path, default=RESULTS_DIR / "results.json")
+    docs_parser = commands.add_parser("docs", help="rewrite docs/benchmarks.md's generated part from results.json")
+    docs_parser.add_argument("--results", type=pathlib.Path, default=RESULTS_DIR / "results.json")
     args = parser.parse_args(argv)
-    if args.command == "readme":
-        write_readme(args.results)
+    if args.command == "docs":
+        write_docs(args.results)
         return
     import pytorch_lightning  # noqa: F401 - it sets its loggers' levels on import; ours come after
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
     if args.out.resolve() == RESULTS_DIR.resolve() and not args.only:
-        write_readme(path)
+        write_docs(path)
     print(f"[benchmarks] wrote {path.parent}", file=sys.stderr)
 
 

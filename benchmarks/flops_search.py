@@ -11,7 +11,12 @@ FLOPs are fvcore's: one multiply-add = one FLOP. Channel scores are seeded i.i.d
 learned gates (summed channel norms of an untrained net would keep every residual channel and strip
 the blocks' inner convs instead).
 
-    python benchmarks/flops_search.py [--repeats 30] [--threads 1]
+  (c) with ``--zoo [NAME ...]``, for every model of the test zoo (``tests/zoo_models.py``; all of them without
+      names): the ``FlopsPredictor`` set-up time in fvcore recounts of the dense model (given its count, as the
+      callbacks do), the time of one ``search_threshold`` to 50% FLOPs, and whether the found plan's predicted
+      FLOPs equal fvcore's recount of the physically pruned copy.
+
+    python benchmarks/flops_search.py [--repeats 30] [--threads 1] [--zoo [NAME ...]]
 """
 
 from __future__ import annotations
@@ -134,15 +139,53 @@ def latency(repeats: int) -> None:
     print(f"    latency ratio {pruned_time / dense_time:.3f} at FLOPs ratio {flops_ratio:.3f}")
 
 
+def zoo_setup(names: Sequence[str]) -> None:
+    """(c): set-up in recounts, search time and exactness per zoo model (one run each; a shared machine's load
+    shows in single timings, so read the set-up as a ratio to the recount timed just before it)."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from zoo_models import ZOO, build, import_torchvision
+
+    import_torchvision()
+    print("(c) zoo: FlopsPredictor set-up (given the dense count) in fvcore recounts; search_threshold to 50% FLOPs")
+    print(f"    {'model':28} {'groups':>6} {'recount':>9} {'set-up':>9} {'recounts':>8} {'search':>9}  exact")
+    for name in names or list(ZOO):
+        model, x = build(name)
+        try:
+            groups = find_channel_groups(model, x)
+        except ValueError as error:
+            print(f"    {name:28} not supported: {str(error)[:60]}")
+            continue
+        start = time.perf_counter()
+        count = count_flops(model, x)
+        recount = time.perf_counter() - start
+        start = time.perf_counter()
+        predictor = FlopsPredictor(model, x, groups, count)
+        setup = time.perf_counter() - start
+        start = time.perf_counter()
+        result = search_threshold(uniform_scores(groups), 0.5, predictor)
+        search = time.perf_counter() - start
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, result.plan, x)
+        exact = count_flops(pruned, x).total == result.flops
+        print(f"    {name:28} {len(groups):6d} {recount:8.2f}s {setup:8.2f}s {setup / recount:8.2f} {search:8.3f}s  {exact}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions (median reported)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine, waiting threads distort timings)"
     )
+    parser.add_argument("--zoo", nargs="*", default=None, metavar="NAME", help="only (c), for these zoo models (none named: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.zoo is not None:
+        zoo_setup(args.zoo)
+        return
     print_search_speed(args.repeats)
     latency(args.repeats)
 

@@ -306,7 +306,6 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         "The narrowest layer each method leaves: min over Conv2d layers of kept / original output channels "
         "(every layer's value is in the data, `conv_width_ratios`).",
         table(["method"] + [f"r = {r}" for r in setting.ratios], narrowest),
-        f"![accuracy vs FLOPs]({figure})",
     ])
     return Section(
         title="Structured pruning: accuracy vs FLOPs ratio",

@@ -1,19 +1,24 @@
-"""Print the README's "Callback arguments" tables from the callbacks' signatures and docstrings.
+"""The argument tables of the callback guides (``docs/callbacks/*.md``), from the callbacks' signatures and docstrings.
 
-    python docs/argument_tables.py > /tmp/tables.md   # then paste over the README's tables
+    python docs/argument_tables.py IterativeMagnitude   # print one table; paste it over the table in its page
 
-``tests/test_readme.py`` fails when the README's tables differ from this output, so they stay current.
+``tests/test_docs.py`` fails when a page's table differs from this output, so the tables stay current.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 
 from docstring_parser import parse
 
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 
-CALLBACKS = (IterativeMagnitude, GatePruningFromScratch, AutoPruneCallback)
+PAGES = {
+    IterativeMagnitude: "callbacks/iterative_magnitude.md",
+    GatePruningFromScratch: "callbacks/gate_pruning.md",
+    AutoPruneCallback: "callbacks/autoprune.md",
+}
 
 
 def _cell(text: str) -> str:
@@ -24,7 +29,7 @@ def _cell(text: str) -> str:
 def argument_table(callback: type) -> str:
     """The markdown table of ``callback``'s constructor arguments: name, type hint, default, meaning."""
     meanings = {param.arg_name: param.description or "" for param in parse(callback.__doc__ or "").params}
-    rows = [f"#### `{callback.__name__}`", "", "| argument | type | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = ["| argument | type | default | meaning |", "| --- | --- | --- | --- |"]
     for name, parameter in inspect.signature(callback.__init__).parameters.items():
         if name == "self":
             continue
@@ -33,9 +38,7 @@ def argument_table(callback: type) -> str:
     return "\n".join(rows)
 
 
-def argument_tables() -> str:
-    return "\n\n".join(argument_table(callback) for callback in CALLBACKS)
-
-
 if __name__ == "__main__":
-    print(argument_tables())
+    names = {callback.__name__: callback for callback in PAGES}
+    for name in sys.argv[1:] or names:
+        print(argument_table(names[name]), end="\n\n")

@@ -17,7 +17,12 @@ from lightning_prune.masks import MaskSet
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import PruningSchedule
 from lightning_prune.structure import apply_plan, channel_ratio_vector, find_channel_groups
-from lightning_prune.training_state import rebuild_training_state, reshape_on_load, restore_structure_from_checkpoint
+from lightning_prune.training_state import (
+    load_from_checkpoint,
+    rebuild_training_state,
+    reshape_on_load,
+    restore_structure_from_checkpoint,
+)
 
 if TYPE_CHECKING:
     from lightning_prune.demo import DigitsDataModule, ImageClassifier, build_network
@@ -42,6 +47,7 @@ __all__ = [
     "count_ops",
     "export_sparse",
     "find_channel_groups",
+    "load_from_checkpoint",
     "load_sparse",
     "rebuild_training_state",
     "reshape_on_load",

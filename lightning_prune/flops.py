@@ -23,6 +23,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module
@@ -34,6 +35,7 @@ from lightning_prune.structure import (
     GroupMember,
     apply_plan,
 )
+from lightning_prune.structure.plans import _sliced_parameters, _weight_dim
 
 log = logging.getLogger(__name__)
 _reported_operators: set[str] = set()
@@ -47,11 +49,14 @@ class FlopCount:
         total: FLOPs of one forward pass on the example input.
         by_module: module name -> FLOPs inside it (``""`` is the whole model).
         unsupported: operator -> number of calls fvcore had no formula for (counted as 0).
+        ops: ``(scope, FLOPs)`` of every counted operator call, in graph order (the scope is the innermost
+            module's name, ``""`` for the model's own forward).
     """
 
     total: int
     by_module: dict[str, int]
     unsupported: dict[str, int]
+    ops: tuple[tuple[str, Fraction], ...] = ()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -88,10 +93,11 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * query[-2] * key[-2] * (query[-1] + value[-1])
 
 
-def _trace(model: nn.Module, example_input: ExampleInput, ops: Optional[list] = None) -> FlopCount:
-    """fvcore's count; with ``ops``, also append ``(scope, FLOPs)`` of every counted call in graph order."""
+def _trace(model: nn.Module, example_input: ExampleInput) -> FlopCount:
+    """fvcore's count, with the ``(scope, FLOPs)`` of every counted call in graph order."""
     module = _unwrap(model)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    ops: list[tuple[str, Fraction]] = []
     with eval_mode(module), torch.no_grad():
         analysis = (
             FlopCountAnalysis(module, inputs)
@@ -100,14 +106,14 @@ def _trace(model: nn.Module, example_input: ExampleInput, ops: Optional[list] = 
             .tracer_warnings("none")
             .set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
         )
-        if ops is not None:
-            for name, handle in list(analysis._op_handles.items()):
-                if handle is not None:
-                    analysis.set_op_handle(name, _recording(handle, ops))
+        for name, handle in list(analysis._op_handles.items()):
+            if handle is not None:
+                analysis.set_op_handle(name, _recording(handle, ops))
         count = FlopCount(
             total=int(analysis.total()),
             by_module={name: int(flops) for name, flops in analysis.by_module().items()},
             unsupported=dict(analysis.unsupported_ops()),
+            ops=tuple(ops),
         )
     _report_unsupported(count.unsupported)
     return count
@@ -142,7 +148,7 @@ def _is_bilinear(module: nn.Module) -> bool:
 
 
 class FlopsPredictor:
-    """Exact FLOPs of any channel plan from one fvcore trace of the dense model.
+    """Exact FLOPs of any channel plan from fvcore's count of the dense model.
 
     Let group ``g`` have ``n_g`` channels of which a plan keeps ``k_g``. Every FLOP-counting module
     ``m`` that a group touches costs
@@ -157,21 +163,22 @@ class FlopsPredictor:
     formulas are products of widths (conv: ``N*H_out*W_out*C_out*C_in*k_h*k_w``; BatchNorm in eval:
     ``2*numel``). FLOPs of other modules are constant: a leaf module whose widths a group changes is
     one of its members. What remains are operators called functionally in a parent's ``forward``
-    (``F.adaptive_avg_pool2d`` at the end of MobileNetV2 or DenseNet, attention matrix products): when
-    there are any, each is attributed to the group widths it scales with, ``F_o(k) = u_o * prod_{g in
-    S_o} k_g`` (``S_o``: one or two groups), found by counting two physically pruned copies with random
-    widths (probes) and matching the exact ratios ``F_o(probe) / F_o(dense)``. Where an operator fits
-    no such product (a pooling over a concatenation of many groups, as in DenseNet), every prediction
-    is an exact recount of a physically pruned copy (slow, cached per kept-width vector). Otherwise a
-    prediction is two small integer matrix-vector products (plus those few products), equal to
-    fvcore's recount of the physically pruned model.
+    (``F.adaptive_avg_pool2d`` at the end of MobileNetV2, ResNets or DenseNet, where it pools a
+    concatenation of many groups; attention matrix products). When there are any, each is attributed to
+    the member widths it scales with, ``F_o(k) = u_o * prod_{r in S_o} W_r(k)`` (``S_o``: one or two of
+    the affine widths ``W_r`` of the members' dimensions, such as ``A_m`` above), found by counting one
+    shrunk copy with random widths (a probe; a second one only if the first leaves a choice) and
+    matching the exact ratios ``F_o(probe) / F_o(dense)``. Where an operator fits no such product, every
+    prediction is an exact recount of a shrunk copy (slow, cached per kept-width vector). Otherwise a
+    prediction is a few small integer matrix-vector products, equal to fvcore's recount of the
+    physically pruned model.
 
     Args:
         model: the dense model the groups were found on.
         example_input: the input FLOPs are counted for (its batch size scales every count).
         groups: the model's channel groups (:func:`~lightning_prune.structure.find_channel_groups`).
         count: :func:`count_flops` of ``model`` on ``example_input`` when the caller already has it
-            (saves a second trace).
+            (saves a trace).
     """
 
     def __init__(
@@ -181,7 +188,7 @@ class FlopsPredictor:
         groups: Sequence[ChannelGroup],
         count: Optional[FlopCount] = None,
     ) -> None:
-        count = count if count is not None else count_flops(model, example_input)
+        count = count if count is not None and count.ops else count_flops(model, example_input)
         modules = dict(_unwrap(model).named_modules())
         self.dense = count.total
         self.sizes = np.array([group.size for group in groups], dtype=np.int64)
@@ -216,13 +223,14 @@ class FlopsPredictor:
                 raise ValueError(f"fvcore's FLOPs of {name!r} are not proportional to its widths; cannot predict.")
         self._constant = self.dense - sum(count.by_module[name] for name in names)
         self._terms: Optional[list[tuple[Fraction, tuple[int, ...]]]] = []
+        self._widths = _Widths.of(groups)
         self._recounts: dict[tuple[int, ...], int] = {}
+        self._recount_on = (model, example_input, list(groups))
         if _has_functional_flops(modules, count.by_module, set(touching)):
-            self._terms = _functional_terms(model, example_input, groups, set(touching))
-            self._recount_on = (model, example_input, list(groups))
+            self._terms = self._functional_terms(count, set(touching))
         if self._terms:
-            dense_terms = sum(unit * math.prod(int(self.sizes[g]) for g in term) for unit, term in self._terms)
-            self._constant -= int(dense_terms)
+            dense_widths = self._widths.at(np.zeros(len(groups), dtype=np.int64))
+            self._constant -= int(sum(unit * math.prod(int(dense_widths[r]) for r in rows) for unit, rows in self._terms))
 
     def predict_counts(self, kept: Sequence[int] | np.ndarray) -> int:
         """FLOPs when group ``g`` keeps ``kept[g]`` channels (which ones does not matter)."""
@@ -234,16 +242,16 @@ class FlopsPredictor:
         modules = int(self._constant + self._unit @ (widths_in * widths_out))
         if not self._terms:
             return modules
-        kept = self.sizes - removed
-        return modules + int(sum(unit * math.prod(int(kept[g]) for g in term) for unit, term in self._terms))
+        widths = self._widths.at(removed)
+        return modules + int(sum(unit * math.prod(int(widths[r]) for r in rows) for unit, rows in self._terms))
 
     def _recount(self, kept: tuple[int, ...]) -> int:
         """fvcore's count of a physically pruned copy keeping ``kept[g]`` channels of group ``g`` (cached)."""
         if kept not in self._recounts:
             model, example_input, groups = self._recount_on
-            probe = copy.deepcopy(_unwrap(model))
-            apply_plan(probe, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
-            self._recounts[kept] = count_flops(probe, example_input).total
+            pruned = copy.deepcopy(_unwrap(model))
+            apply_plan(pruned, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
+            self._recounts[kept] = _trace(pruned, example_input).total
         return self._recounts[kept]
 
     def predict(self, plan: ChannelPlan) -> int:
@@ -261,6 +269,147 @@ class FlopsPredictor:
             raise ValueError(f"`min_channels` must be at least 1, got {min_channels!r}.")
         return self.predict_counts(np.minimum(self.sizes, min_channels))
 
+    def _functional_terms(self, dense: FlopCount, touched: set[str]) -> Optional[list[tuple[Fraction, tuple[int, ...]]]]:
+        """``(u_o, S_o)`` for every counted operator outside the group members whose FLOPs change with a
+        plan: ``F_o(k) = u_o * prod_{r in S_o} W_r(k)``, matched on probes (see the class docstring); ``None``
+        if some operator fits no such product (or a probe cannot be counted)."""
+        model, example_input, groups = self._recount_on
+        varying = [(position, Fraction(flops)) for position, (scope, flops) in enumerate(dense.ops) if scope not in touched and flops]
+        dense_widths = self._widths.at(np.zeros(len(groups), dtype=np.int64))
+        candidates: list[list[tuple[int, ...]]] = []
+        for seed in range(3):  # a later probe only while some operator fits several products
+            kept = _probe_widths(self.sizes, seed)
+            try:
+                probe = _trace(_shrunk_copy(model, groups, kept), example_input)
+            except (RuntimeError, ValueError, IndexError) as error:  # a shape the shrunk copy cannot run: recount instead
+                log.info("A shrunk copy of the model does not run (%s); FLOPs predictions recount.", error)
+                return None
+            if [scope for scope, _ in probe.ops] != [scope for scope, _ in dense.ops]:
+                raise ValueError("The pruned model's operators differ from the dense model's; cannot predict FLOPs.")
+            widths = self._widths.at(self.sizes - np.array(kept, dtype=np.int64))
+            ratios = [Fraction(int(w), int(d)) for w, d in zip(widths, dense_widths)]
+            observed = [probe.ops[position][1] / flops for position, flops in varying]
+            if not candidates:
+                candidates = [_products(ratio, ratios) for ratio in observed]
+            else:
+                candidates = [[rows for rows in fits if math.prod(ratios[r] for r in rows) == ratio]
+                              for fits, ratio in zip(candidates, observed)]
+            if all(len(rows) <= 1 for rows in candidates):
+                break
+        terms = []
+        for (position, flops), rows in zip(varying, candidates):
+            if len(rows) != 1:
+                scope = dense.ops[position][0]
+                where = f"module {scope!r}" if scope else "the model's own forward"
+                log.info("FLOPs of an operator in %s fit no single product of channel widths; predictions recount.", where)
+                return None
+            if rows[0]:
+                terms.append((flops / math.prod(int(dense_widths[r]) for r in rows[0]), rows[0]))
+        return terms
+
+
+def _probe_widths(sizes: np.ndarray, seed: int) -> tuple[int, ...]:
+    """Random kept counts below each group's size, with a kept fraction no other group has where one is left
+    (groups that shrink alike could not be told apart)."""
+    generator = torch.Generator().manual_seed(seed)
+    used: set[Fraction] = set()
+    kept = []
+    for size in (int(size) for size in sizes):
+        options = (torch.randperm(size - 1, generator=generator) + 1).tolist() if size > 1 else [1]
+        k = next((k for k in options if Fraction(k, size) not in used), options[0])
+        used.add(Fraction(k, size))
+        kept.append(k)
+    return tuple(kept)
+
+
+def _products(ratio: Fraction, ratios: Sequence[Fraction]) -> list[tuple[int, ...]]:
+    """The width rows (none, one, or a pair) whose probe/dense ratios multiply to ``ratio``."""
+    if ratio == 1:
+        return [()]
+    by_ratio: dict[Fraction, list[int]] = {}
+    for row, value in enumerate(ratios):
+        by_ratio.setdefault(value, []).append(row)
+    single = [(row,) for row in by_ratio.get(ratio, [])]
+    if single:
+        return single
+    return [(first, second) for value, rows in by_ratio.items() for first in rows
+            for second in by_ratio.get(ratio / value, []) if first <= second]
+
+
+@dataclass(frozen=True)
+class _Widths:
+    """The distinct affine widths of the group members' dimensions: ``W_r = dims_r - alpha_r @ removed``
+    (``removed[g]``: channels group ``g`` loses), the factors an operator's FLOPs may scale with."""
+
+    dims: np.ndarray
+    alpha: np.ndarray
+
+    @staticmethod
+    def of(groups: Sequence[ChannelGroup]) -> "_Widths":
+        rows: dict[tuple[str, str], dict[int, int]] = {}
+        dims: dict[tuple[str, str], int] = {}
+        for group in groups:
+            for member in (member for member in group.members if member.has_parameters):
+                key = (member.module, member.kind)
+                dims[key] = member.dim
+                rows.setdefault(key, {})[group.index] = member.positions.numel() // max(group.size, 1)
+        distinct = {(dims[key], tuple(sorted(row.items()))) for key, row in rows.items()}
+        distinct |= {(group.size, ((group.index, 1),)) for group in groups}  # the kept count itself
+        ordered = sorted(distinct)
+        alpha = np.zeros((len(ordered), len(groups)), dtype=np.int64)
+        for r, (_, row) in enumerate(ordered):
+            for index, per_channel in row:
+                alpha[r, index] = per_channel
+        return _Widths(np.array([dim for dim, _ in ordered], dtype=np.int64), alpha)
+
+    def at(self, removed: np.ndarray) -> np.ndarray:
+        return self.dims - self.alpha @ removed
+
+
+def _shrunk_copy(model: nn.Module, groups: Sequence[ChannelGroup], kept: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` in which group ``g`` keeps its first ``kept[g]`` channels: each member's
+    parameters, BatchNorm statistics and width attributes are sliced at the removed positions. It has the
+    shapes (hence fvcore's count) of :func:`~lightning_prune.structure.apply_plan`'s result, in
+    milliseconds instead of a torch-pruning pass."""
+    copy_ = copy.deepcopy(_unwrap(model))
+    modules = dict(copy_.named_modules())
+    removed: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for group, k in zip(groups, kept):
+        for member in group.members:
+            if member.has_parameters:
+                removed.setdefault((member.module, member.kind), []).append(member.positions[member.channels >= k])
+    with torch.no_grad():
+        for (name, kind), parts in removed.items():
+            module, drop = modules[name], torch.cat(parts)
+            member = GroupMember(name, kind, drop, drop, 0, 0)  # type: ignore[arg-type]
+            sliced = _sliced_parameters(member, module)
+            if isinstance(module, _BatchNorm) and module.running_mean is not None:
+                sliced += [("running_mean", 0), ("running_var", 0)]
+            for attribute, dim in sliced:
+                tensor = getattr(module, attribute)
+                keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
+                keep[drop] = False
+                value = tensor.detach()[(slice(None),) * dim + (keep.to(tensor.device),)].clone()
+                setattr(module, attribute, nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value)
+            _set_width(module, kind, getattr(module, "weight").shape if hasattr(module, "weight") and module.weight is not None else None)
+    return copy_
+
+
+def _set_width(module: nn.Module, kind: str, weight_shape: Optional[torch.Size]) -> None:
+    """Make a sliced module's width attributes match its parameters."""
+    if isinstance(module, _ConvNd):
+        out_dim = _weight_dim(module, "out")
+        if module.groups > 1:  # depthwise: in == out == groups
+            module.in_channels = module.out_channels = module.groups = weight_shape[0]
+        elif kind == "out":
+            module.out_channels = weight_shape[out_dim]
+        else:
+            module.in_channels = weight_shape[1 - out_dim]
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight_shape
+    elif isinstance(module, _BatchNorm):
+        module.num_features = module.running_mean.numel() if module.running_mean is not None else weight_shape[0]
+
 
 def _has_functional_flops(modules: dict[str, nn.Module], by_module: dict[str, int], touched: set[str]) -> bool:
     """Whether some module that is not a group member counts FLOPs in its own ``forward`` beyond its
@@ -275,48 +424,3 @@ def _has_functional_flops(modules: dict[str, nn.Module], by_module: dict[str, in
         for name, module in modules.items()
         if name not in touched and next(module.children(), None) is not None
     )
-
-
-def _functional_terms(
-    model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup], touched: set[str]
-) -> Optional[list[tuple[Fraction, tuple[int, ...]]]]:
-    """``(u_o, S_o)`` for every counted operator outside the group members whose FLOPs change with a
-    plan: ``F_o(k) = u_o * prod_{g in S_o} k_g``, from two probes (see :class:`FlopsPredictor`);
-    ``None`` if some operator fits no such product."""
-    dense_ops: list = []
-    _trace(model, example_input, dense_ops)
-    sizes = [group.size for group in groups]
-    probes = []
-    for seed in (0, 1):
-        generator = torch.Generator().manual_seed(seed)
-        kept = [int(torch.randint(1, size, (1,), generator=generator)) if size > 1 else 1 for size in sizes]
-        probe = copy.deepcopy(_unwrap(model))
-        apply_plan(probe, groups, {index: torch.arange(k) for index, k in enumerate(kept)}, example_input)
-        ops: list = []
-        _trace(probe, example_input, ops)
-        del probe
-        if [scope for scope, _ in ops] != [scope for scope, _ in dense_ops]:
-            raise ValueError("The pruned model's operators differ from the dense model's; cannot predict FLOPs.")
-        probes.append((kept, ops))
-    ratios: dict[tuple[Fraction, ...], list[int]] = {}
-    for index, size in enumerate(sizes):
-        if size > 1:
-            ratios.setdefault(tuple(Fraction(kept[index], size) for kept, _ in probes), []).append(index)
-    terms = []
-    for position, (scope, dense) in enumerate(dense_ops):
-        if scope in touched or dense == 0:
-            continue
-        ratio = tuple(ops[position][1] / dense for _, ops in probes)
-        if all(value == 1 for value in ratio):
-            continue
-        matches = [(index,) for index in ratios.get(ratio, [])]
-        for first, size in enumerate(sizes):
-            if size > 1:
-                rest = tuple(value / Fraction(kept[first], size) for value, (kept, _) in zip(ratio, probes))
-                matches += [(first, second) for second in ratios.get(rest, []) if second >= first]
-        if len(matches) != 1:
-            where = f"module {scope!r}" if scope else "the model's own forward"
-            log.info("FLOPs of an operator in %s fit no single product of group widths; predictions recount.", where)
-            return None
-        terms.append((dense / math.prod(sizes[index] for index in matches[0]), matches[0]))
-    return terms

@@ -32,6 +32,7 @@ from lightning_prune.schedules import PruningSchedule
 from lightning_prune.structure import (
     ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, zeroed_channel_plan,
 )
+from lightning_prune.structure.plans import _weight_dim
 from lightning_prune.targets import PRUNABLE_TYPES, stored_weight
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
@@ -159,7 +160,8 @@ class ChannelMagnitude:
             score = torch.zeros(group.size, device=device)
             for member in group.members:
                 if member.kind == "out":
-                    weight = model.get_submodule(member.module).weight.detach()
+                    module = model.get_submodule(member.module)
+                    weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)  # a transposed conv's are dim 1
                     rows = weight.flatten(1)[member.positions.to(weight.device)].float()
                     values = rows.abs().sum(1) if self.norm == "l1" else rows.norm(dim=1)
                     score.index_add_(0, member.channels.to(device), values.to(device))
@@ -169,12 +171,18 @@ class ChannelMagnitude:
     def _cap(self, group: ChannelGroup) -> int:
         return min(group.size - 1, int(self.max_layer_sparsity * group.size))
 
-    def decide(self, model: nn.Module, target: Union[float, Mapping[str, float]]) -> list[torch.Tensor]:
+    def decide(self, model: nn.Module, target: Union[float, Mapping[str, float]], plan: Optional[ChannelPlan] = None) -> list[torch.Tensor]:
         """Per group, a bool vector of the channels to drop for a global target sparsity (a float) or
-        per-layer channel fractions (a mapping from a group's root layer)."""
+        per-layer channel fractions (a mapping from a group's root layer). Channels an earlier ``plan``
+        dropped stay dropped: their weights are zero on both sides, so no gradient revives them, and a plan
+        that kept them would describe a wider model than the one computing (and physically removed)."""
         scores = self.scores(model)
         orders = [torch.sort(score, stable=True).indices.tolist() for score in scores]
         drop = [torch.zeros(g.size, dtype=torch.bool) for g in self.groups]
+        if plan:
+            for group, flags in zip(self.groups, drop):
+                flags[:] = True
+                flags[plan[group.index]] = False
         if isinstance(target, Mapping):
             for group, order, flags in zip(self.groups, orders, drop):
                 flags[order[: min(count_to_prune(group.size, target.get(group.root, 0.0)), self._cap(group))]] = True
@@ -185,9 +193,10 @@ class ChannelMagnitude:
         )
         wanted = count_to_prune(sum(R * C * K for R, C, K in self.shapes.values()), target)
         removed = {name: [0, 0] for name in self.shapes}
+        earlier = {(g, c) for g, flags in enumerate(drop) for c in flags.nonzero().flatten().tolist()}
         zeros = 0
-        for _, g, _, c in candidates:
-            if zeros >= wanted:
+        for g, c in sorted(earlier) + [(g, c) for _, g, _, c in candidates if (g, c) not in earlier]:
+            if zeros >= wanted and (g, c) not in earlier:
                 break
             drop[g][c] = True
             for name, dim, counts in self.effects[g]:
@@ -317,7 +326,7 @@ class MagnitudePruner:
                 {self.weights[name]: value for name, value in self._sparsity(fraction).items()}
                 if self.scope == "layer" else self._global_sparsity(fraction)
             )
-            drop = broadcast_flags(self.channels.decide(self.model, target), broadcast)
+            drop = broadcast_flags(self.channels.decide(self.model, target, self.plan), broadcast)
             self.plan = self.channels.plan(drop)
             masks = {name: mask != 0 for name, mask in channel_masks(self.model, self.channels.groups, self.plan).items()}
         else:

@@ -117,6 +117,8 @@ def pruning_summary(
     channels: Sequence[tuple[str, int, int]] = (),
     parameters: Optional[tuple[int, int]] = None,
     flops: Optional[tuple[int, int]] = None,
+    sparse_flops: Optional[int] = None,
+    flops_of: str = "",
     monitor: Optional[str] = None,
     scores: tuple[Optional[float], Optional[float]] = (None, None),
     facts: Sequence[str] = (),
@@ -126,8 +128,10 @@ def pruning_summary(
     """The summary every callback prints at the end of pruning, one format for all: per-layer weight
     sparsity (``report``, with the compression total / non-zero) and/or per-layer kept channels
     (``channels``, rows of :func:`channel_rows`), parameters (dense -> ``kept``), FLOPs as fvcore's
-    multiply-adds of one sample (dense -> pruned), the monitored metric (dense -> pruned), other ``facts``
-    (one line each) and ``notes`` (warnings, e.g. a schedule that did not complete)."""
+    multiply-adds of one sample (dense -> pruned: fvcore's count of the model the run leaves, or, with
+    ``flops_of``, of the model that phrase names), beside it ``sparse_flops`` (:func:`nonzero_flops`: what a
+    sparse kernel skipping the zero weights would run), the monitored metric (dense -> pruned), other
+    ``facts`` (one line each) and ``notes`` (warnings, e.g. a schedule that did not complete)."""
 
     def fmt(value: Optional[float]) -> str:
         return "n/a" if value is None else f"{value:.4f}"
@@ -142,7 +146,11 @@ def pruning_summary(
     if parameters is not None:
         lines.append(f"parameters: {parameters[0]:,} -> {parameters[1]:,} {kept} ({parameters[1] / parameters[0]:.2%})")
     if flops is not None:
-        lines.append(f"MACs per sample (fvcore): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
+        of = f", {flops_of}" if flops_of else ""
+        lines.append(f"MACs per sample (fvcore{of}): {flops[0]:,} -> {flops[1]:,} ({flops[1] / flops[0]:.2%})")
+        if sparse_flops is not None:
+            lines.append(f"MACs per sample a sparse kernel would run (zero weights skipped): {flops[0]:,} -> "
+                         f"{sparse_flops:,} ({sparse_flops / flops[0]:.2%})")
     if monitor:
         lines.append(f"{monitor}: dense {fmt(scores[0])} -> pruned {fmt(scores[1])}")
     lines += list(facts)

@@ -3,6 +3,7 @@
 - :func:`reshape_on_load`: a load-state-dict pre-hook that gives any module the shapes of the incoming
   (pruned) tensors first, so a pruned ``state_dict`` loads into a fresh dense module.
 - :func:`restore_structure_from_checkpoint`: the same from the structure record a callback stored.
+- :func:`load_from_checkpoint`: ``LightningModule.load_from_checkpoint`` for a pruned checkpoint, in one call.
 - :func:`rebuild_training_state`: after parameters were replaced, train the new ones (DDP re-wrap,
   optimizers and schedulers re-created).
 """
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, TypeVar, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, Optional, TypeVar, Union
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 M = TypeVar("M", bound=nn.Module)
+L = TypeVar("L", bound="pl.LightningModule")
 
 _MARK = "_lightning_prune_reshapes_on_load"
 """Attribute set on a module whose ``load_state_dict`` reshapes it (travels with pickling and copies)."""
@@ -82,6 +84,45 @@ def restore_structure_from_checkpoint(
         return False
     restore_structure(module, {name[len(prefix) :]: shape for name, shape in record.items() if name.startswith(prefix)})
     return True
+
+
+def _reshaping_first(on_load_checkpoint: Callable[[Any, dict], None]) -> Callable[[Any, dict], None]:
+    """``on_load_checkpoint`` that first reshapes the module to the checkpoint: its structure record, else
+    the shapes of its ``state_dict``; then runs the class's own hook, which sees the pruned shapes."""
+
+    def hook(self: nn.Module, checkpoint: dict) -> None:
+        if not restore_structure_from_checkpoint(self, checkpoint):
+            restore_structure(self, structure_from_state_dict(self, checkpoint["state_dict"]))
+        on_load_checkpoint(self, checkpoint)
+
+    return hook
+
+
+def load_from_checkpoint(
+    cls: type[L],
+    checkpoint_path: Union[str, Path, IO],
+    map_location: Any = None,
+    hparams_file: Optional[Union[str, Path]] = None,
+    strict: Optional[bool] = None,
+    **kwargs: Any,
+) -> L:
+    """``cls.load_from_checkpoint(checkpoint_path, ...)`` for a checkpoint of a physically pruned model: the
+    module is built from the checkpoint's hyperparameters (``kwargs`` override them, as there), reshaped to
+    the pruned shapes (the structure record the pruning callbacks store, else the ``state_dict``'s shapes)
+    before its ``on_load_checkpoint`` and its strict ``load_state_dict``, so its outputs are the pruned
+    model's. Arguments as in Lightning's ``LightningModule.load_from_checkpoint``; a dense checkpoint loads
+    as there. Returns an instance of ``cls`` itself::
+
+        model = lightning_prune.load_from_checkpoint(MyModule, "pruned.ckpt", map_location="cpu")
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and callable(getattr(cls, "load_from_checkpoint", None))):
+        raise ValueError(f"`cls` must be a LightningModule class (e.g. `MyModule`, not an instance), got {cls!r:.80}.")
+    # Lightning builds the module and calls its `on_load_checkpoint` before `load_state_dict`: a subclass for
+    # this one call reshapes there, and the loaded module becomes an instance of `cls` again.
+    reshaping = type(cls.__name__, (cls,), {"on_load_checkpoint": _reshaping_first(cls.on_load_checkpoint), "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    model = reshaping.load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
+    model.__class__ = cls
+    return model
 
 
 def rebuild_training_state(trainer: "pl.Trainer", fresh: bool = False) -> None:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import runpy
 import warnings
+from pathlib import Path
 
-import pytest
-import pytorch_lightning as pl
-import torch
+# Before anything imports torchmetrics (pytorch_lightning does): PyPI's torchvision needs its operator schemas
+# defined beside a CPU build of torch (see the shim). The shim folder goes first on PYTHONPATH, so DDP-spawned
+# workers and subprocesses load it too, as their sitecustomize.
+_SHIM = Path(__file__).parent / "torchvision_shim"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_SHIM), os.environ.get("PYTHONPATH")]))
+runpy.run_path(str(_SHIM / "sitecustomize.py"))
+
+import pytest  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -23,16 +23,43 @@ class _DictDataset(Dataset):
         return self.items[index]
 
 
+def _conv_block(inputs: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs), nn.ReLU())
+
+
+class UNet(nn.Module):
+    """A two-level U-Net: Conv/BatchNorm/ReLU encoder blocks with ``MaxPool2d``, ``ConvTranspose2d``
+    up-sampling, ``torch.cat`` skip connections into the decoder blocks and a 1x1 conv head. Inputs
+    ``(B, 1, H, W)`` with ``H``, ``W`` divisible by 4; output of the input's shape."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.enc1, self.enc2, self.mid = _conv_block(1, width), _conv_block(width, 2 * width), _conv_block(2 * width, 4 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.up2, self.dec2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2), _conv_block(4 * width, 2 * width)
+        self.up1, self.dec1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2), _conv_block(2 * width, width)
+        self.head = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip1 = self.enc1(x)
+        skip2 = self.enc2(self.pool(skip1))
+        x = self.mid(self.pool(skip2))
+        x = self.dec2(torch.cat([self.up2(x), skip2], 1))
+        x = self.dec1(torch.cat([self.up1(x), skip1], 1))
+        return self.head(x)
+
+
 class PixelRegressor(LightningModule):
     """Per-pixel regression (denoising): ``forward(batch)`` takes the whole dict, MSE loss, BatchNorm inside.
+    ``unet=True`` swaps the plain conv stack for :class:`UNet` (transposed convs, skip concatenations).
 
     Batches: ``{"image": (B, 1, 16, 16), "target": (B, 1, 16, 16)}``. Validation logs ``val/mse``.
     """
 
-    def __init__(self, width: int = 8, lr: float = 0.05) -> None:
+    def __init__(self, width: int = 8, lr: float = 0.05, unet: bool = False) -> None:
         super().__init__()
         self.lr = lr
-        self.net = nn.Sequential(
+        self.net = UNet(width) if unet else nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, 1, 3, padding=1),

@@ -44,6 +44,40 @@ def test_resume_from_a_mid_epoch_checkpoint_with_an_auxiliary_split(tmp_path, tr
     assert any((value <= 0).any() for value in saved["values"].values())
 
 
+class _CaptureM(pl.Callback):
+    """``M`` as it is when training ends (before ``on_fit_end`` makes the masks permanent)."""
+
+    def __init__(self, pruning: AutoPruneCallback) -> None:
+        self.pruning, self.values = pruning, None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.values = {key: value.clone() for key, value in self.pruning.aux.state_dict()["values"].items()}
+
+
+def test_mid_epoch_resume_with_a_shuffled_auxiliary_split_ends_as_the_uninterrupted_run(tmp_path, trainer_factory):
+    data = _digits()
+    data.setup("fit")
+    images, labels = data.train_set.tensors
+    # every training batch is the same, so the run depends on where the shuffled auxiliary split goes on from
+    same_batches = DataLoader(TensorDataset(images[:32].repeat(10, 1, 1, 1), labels[:32].repeat(10)), batch_size=32)
+
+    def run(ckpt_path=None, callbacks=()):
+        pl.seed_everything(0)
+        pruning = AutoPruneCallback(aux_dataloader=data.aux_dataloader(), **FAST)  # shuffled, reseeded per epoch
+        capture, model = _CaptureM(pruning), ImageClassifier("lenet300100")
+        trainer = trainer_factory([pruning, capture, *callbacks], max_epochs=2, enable_checkpointing=bool(callbacks), limit_val_batches=0)
+        trainer.fit(model, train_dataloaders=same_batches, ckpt_path=ckpt_path)
+        return model, capture.values
+
+    checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    model, values = run(callbacks=[checkpoints])
+    assert len(data.aux_dataloader()) > 4  # a restarted pass would draw other batches than the 5th on
+    resumed, resumed_values = run(ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))  # inside epoch 0 (10 batches)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert values.keys() == resumed_values.keys() and all(torch.equal(values[k], resumed_values[k]) for k in values)
+
+
 def test_resume_with_changed_layers_is_refused_not_dropped(tmp_path, trainer_factory):
     checkpoints = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1, filename="{epoch}")
     first = AutoPruneCallback(parameters=["network.fc1"], **FAST)
@@ -137,10 +171,11 @@ class TwoOptimizers(pl.LightningModule):
 
 
 class HiddenWeightsStay(pl.Callback):
-    """Weights switched off when a batch starts have the same hidden value when the next one starts."""
+    """While M learns (up to ``last_epoch``), weights switched off when a batch starts have the same hidden value
+    when the next one starts (afterwards M is fixed and they never return)."""
 
-    def __init__(self):
-        self.previous, self.checked = None, 0
+    def __init__(self, last_epoch):
+        self.previous, self.checked, self.last_epoch = None, 0, last_epoch
 
     def _state(self, trainer):
         pruning = next(cb for cb in trainer.callbacks if isinstance(cb, AutoPruneCallback))
@@ -148,6 +183,8 @@ class HiddenWeightsStay(pl.Callback):
                 for key, value in pruning.aux.values.items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch > self.last_epoch:
+            return
         state = self._state(trainer)
         for key, (weight, off) in (self.previous or {}).items():
             assert torch.equal(state[key][0][off], weight[off]), key
@@ -159,11 +196,9 @@ def test_manual_optimization_with_two_optimizers_keeps_switched_off_weights(trai
     def loss_fn(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1])
 
-    guard = HiddenWeightsStay()
+    guard = HiddenWeightsStay(last_epoch=1)
     callback = AutoPruneCallback(loss_fn=loss_fn, end_epoch=1, **FAST)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*fine-tun.*")
-        trainer_factory([callback, guard], max_epochs=2, limit_val_batches=0).fit(TwoOptimizers(), _digits())
+    trainer_factory([callback, guard], max_epochs=3, limit_val_batches=0).fit(TwoOptimizers(), _digits())
     assert guard.checked > 100
 
 

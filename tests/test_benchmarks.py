@@ -1,4 +1,4 @@
-"""The benchmark command's pieces: the papers' networks, the README section generated from results.json,
+"""The benchmark command's pieces: the papers' networks, the docs page generated from results.json,
 the experiment contract, the random baseline and the "behind" detection."""
 
 import importlib
@@ -14,15 +14,15 @@ import torch
 from benchmarks import EXPERIMENTS
 from benchmarks.__main__ import main
 from benchmarks.report import (
-    README_BEGIN,
-    README_END,
+    DOCS_BEGIN,
+    DOCS_END,
     RESULTS_DIR,
     Behind,
     Section,
     load_results,
-    render_readme,
+    render_docs,
     render_results,
-    replace_readme_section,
+    replace_marked_section,
 )
 from benchmarks.magnitude_digits import model_pruning
 from benchmarks.unstructured_quality import AUTOPRUNE, DENSE, RANDOM, RandomPruning, Setting, behind
@@ -58,36 +58,36 @@ def test_caffe_lenet5_names_a_too_small_image() -> None:
         build_network("lenet5_caffe", image_size=8)
 
 
-def test_readme_benchmarks_section_is_generated_from_the_committed_results() -> None:
+def test_docs_benchmarks_page_is_generated_from_the_committed_results() -> None:
     results = load_results(RESULTS_DIR / "results.json")
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(README_BEGIN): readme.index(README_END) + len(README_END)]
-    assert section == render_readme(results), "README's Benchmarks section is stale: run python -m benchmarks readme"
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = page[page.index(DOCS_BEGIN): page.index(DOCS_END) + len(DOCS_END)]
+    assert section == render_docs(results), "docs/benchmarks.md is stale: run python -m benchmarks docs"
     assert (RESULTS_DIR / "RESULTS.md").read_text() == render_results(results)
     for name in (figure for s in results["sections"] for figure in s["figures"]):
         assert (RESULTS_DIR / name).is_file() and f"benchmarks/results/{name}" in section
 
 
-def test_readme_command_rewrites_only_the_marked_section(tmp_path, monkeypatch) -> None:
+def test_docs_command_rewrites_only_the_marked_section(tmp_path, monkeypatch) -> None:
     results = load_results(RESULTS_DIR / "results.json")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\n{README_BEGIN}\nold\n{README_END}\n\n## after\n")
-    monkeypatch.setattr("benchmarks.__main__.README", readme)
-    main(["readme", "--results", str(RESULTS_DIR / "results.json")])
-    assert readme.read_text() == f"# title\n\n{render_readme(results)}\n\n## after\n"
-    with pytest.raises(ValueError, match="`readme` must hold the markers"):
-        replace_readme_section("no markers here", "x")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# title\n\n{DOCS_BEGIN}\nold\n{DOCS_END}\n\n## after\n")
+    monkeypatch.setattr("benchmarks.__main__.DOCS_PAGE", page)
+    main(["docs", "--results", str(RESULTS_DIR / "results.json")])
+    assert page.read_text() == f"# title\n\n{render_docs(results)}\n\n## after\n"
+    with pytest.raises(ValueError, match="`page` must hold the markers"):
+        replace_marked_section("no markers here", "x")
 
 
 def test_every_behind_item_is_listed_with_an_anchor_and_its_reason() -> None:
     section = Section("t", "body", behind=[Behind("behind-x", "slower at 8x", "because of y")])
     results = {"suite": "quick", "seeds": [0], "seconds": 1.0, "sections": [json.loads(json.dumps(section.__dict__, default=vars))],
                "machine": {"cpu": "c", "cores": 2, "load_average_1min": 0.0, "python": "3", "torch": "2", "date": "d", "git_commit": "abc"}}
-    text = render_readme(results)
+    text = render_docs(results)
     assert '<a id="behind-x"></a>**slower at 8x** — because of y' in text
     assert "None measured" not in text
     results["sections"][0]["behind"] = []
-    assert "None measured in this run." in render_readme(results)
+    assert "None measured in this run." in render_docs(results)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -170,3 +170,12 @@ def test_run_writes_results_json_results_md_and_figures_of_every_experiment(tmp_
     assert section["title"] == "Tiny" and section["data"] == {"suite": "full"} and section["figures"] == ["tiny.png"]
     assert (out / "RESULTS.md").read_text() == render_results(results)
     assert "## Tiny" in render_results(results) and "![tiny.png](tiny.png)" in render_results(results)
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_experiment_end_to_end(tmp_path) -> None:
+    """The command of the Benchmarks docs page, on the quick suite: every experiment runs and is reported."""
+    main(["run", "--suite", "quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["suite"] == "quick" and len(results["sections"]) == len(EXPERIMENTS)
+    assert (tmp_path / "RESULTS.md").read_text() == render_results(results)

@@ -13,6 +13,7 @@ import lightning_prune
 from lightning_prune import demo
 
 
+@pytest.mark.slow
 def test_import_lightning_prune_loads_neither_the_demo_nor_sklearn_nor_plots() -> None:
     code = (
         "import sys, lightning_prune; "

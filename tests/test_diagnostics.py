@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from lightning_prune.diagnostics import count_ops
@@ -47,3 +49,23 @@ def test_device_side_work_counts_ops_but_no_sync() -> None:
         assert made.transfers == 1 and made.syncs == 0  # a possible host-to-device copy, not a sync
     _, cast = count_ops(lambda: x.to(torch.float64))
     assert cast.transfers == 0 and cast.syncs == 0
+
+
+def own_host_reads(optimizer: torch.optim.Optimizer, steps: int) -> Counter:
+    """What ``steps`` steps of an optimizer of ``optimizer``'s kind and settings read on the host by themselves
+    (``count_ops``'s ``sync_ops``), on one parameter of its device: Adam's step counter is a host tensor by design,
+    read once per step, which ``count_ops`` counts as it counts every read. A sync test of code that steps such an
+    optimizer expects exactly these."""
+    parameter = torch.nn.Parameter(torch.zeros(1, device=optimizer.param_groups[0]["params"][0].device))
+    probe = type(optimizer)([parameter], **optimizer.defaults)
+    reads: Counter = Counter()
+    for _ in range(steps):
+        parameter.grad = torch.ones_like(parameter)
+        reads.update(count_ops(probe.step)[1].sync_ops)
+    return reads
+
+
+def test_an_optimizer_keeping_its_step_on_the_host_reads_it_once_per_step() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    assert own_host_reads(torch.optim.Adam([parameter]), 3) == {"aten::_local_scalar_dense": 3}
+    assert own_host_reads(torch.optim.SGD([parameter], lr=0.1, momentum=0.9), 3) == {}

@@ -16,6 +16,7 @@ from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
+from task_models import UNet
 
 
 def resnet(depth: int = 56, size: int = 8) -> tuple[nn.Module, torch.Tensor]:
@@ -185,9 +186,49 @@ def test_scaled_dot_product_attention_is_counted():
     assert count_flops(Attention(), (q, k, v)).total == 2 * 3 * 5 * 7 * (4 + 6)
 
 
+class DenseBlock(nn.Module):
+    """A DenseNet-style block: each layer (BatchNorm, ReLU, 3x3 conv) sees the concatenation of the stem's and
+    every earlier layer's channels; BatchNorm, ReLU and ``F.adaptive_avg_pool2d`` over the whole concatenation
+    in ``forward``, then a Linear classifier (as torchvision's DenseNet)."""
+
+    def __init__(self, stem: int = 6, growth: int = 4, layers: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, stem, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(stem + i * growth), nn.ReLU(), nn.Conv2d(stem + i * growth, growth, 3, padding=1))
+            for i in range(layers)
+        )
+        self.norm = nn.BatchNorm2d(stem + layers * growth)
+        self.fc = nn.Linear(stem + layers * growth, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        x = torch.relu(self.norm(torch.cat(features, 1)))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_pooled_concatenation_of_many_groups_is_predicted_without_recounting(caplog):
+    model, x = DenseBlock().eval(), torch.randn(1, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    assert len(groups) == 4
+    with caplog.at_level(logging.INFO, logger="lightning_prune.flops"):
+        predictor = FlopsPredictor(model, x, groups)
+    assert "recount" not in caplog.text
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        plan = {g.index: torch.randperm(g.size, generator=generator)[: 1 + seed].sort().values for g in groups}
+        pruned = copy.deepcopy(model)
+        apply_plan(pruned, groups, plan, x)
+        assert predictor.predict(plan) == count_flops(pruned, x).total
+
+
 _PROPERTY_MODELS = {
     "resnet20": lambda: resnet(20, 8),
     "functional_concat": lambda: (FunctionalPooling(concatenate=True).eval(), torch.randn(1, 3, 8, 8)),
+    "unet": lambda: (UNet().eval(), torch.randn(1, 1, 16, 16)),
+    "dense_block": lambda: (DenseBlock().eval(), torch.randn(1, 3, 8, 8)),
 }
 _discovered: dict = {}
 

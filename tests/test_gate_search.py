@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.flops import FlopsPredictor, count_flops
-from lightning_prune.gate_search import GateSearch, snapshot_is_better
+from lightning_prune.gate_search import GateSearch, reinitialise, snapshot_is_better
 from lightning_prune.gates import NonFiniteGateLoss
 from lightning_prune.demo.models import build_network
+from lightning_prune.diagnostics import count_ops
 from lightning_prune.structure import apply_plan, find_channel_groups
+
+from test_diagnostics import own_host_reads
 
 X = torch.randn(6, 3, 16, 16)
 
@@ -63,9 +65,8 @@ def test_gate_phase_trains_only_gates_clamps_them_and_restores_the_model() -> No
 
 
 def test_a_step_makes_no_host_sync_and_reduces_the_gradient_in_one_call() -> None:
-    """On the "meta" device (a stand-in for an accelerator), counting reads of device values
-    (`aten._local_scalar_dense`, what `.item()`, `float()`, `bool()` call); Adam's step counter is a
-    host tensor by design, so reads of CPU tensors are not syncs."""
+    """On the "meta" device (a stand-in for an accelerator); the only host reads are Adam's own step counter (a
+    host tensor by design, read once per step)."""
     calls: list[tuple[int, str]] = []
 
     def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -76,21 +77,15 @@ def test_a_step_makes_no_host_sync_and_reduces_the_gradient_in_one_call() -> Non
     groups = find_channel_groups(net, X[:1])
     net.to("meta")
     search = GateSearch(net, groups, reduce=reduce)
-
-    class Syncs(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.startswith("_local_scalar_dense") and args[0].device.type != "cpu":
-                Syncs.count += 1
-            return func(*args, **(kwargs or {}))
-
     x, y = X.to("meta"), torch.zeros(6, dtype=torch.long, device="meta")
+
+    def three_steps() -> None:
+        for _ in range(3):
+            search.step(F.cross_entropy(net(x), y))
+
     with search.running():
-        with Syncs():
-            for _ in range(3):
-                search.step(F.cross_entropy(net(x), y))
-    assert Syncs.count == 0
+        _, count = count_ops(three_steps)
+    assert count.sync_ops == own_host_reads(search.optimizer, 3)
     assert calls == [(search.gates.num_gates, "mean")] * 3  # every gate's gradient in one collective per step
 
 
@@ -206,3 +201,24 @@ def test_selection_keeps_the_best_value_among_sparse_enough_snapshots(values, sp
     expected_step = next(step for v, step in candidates if v == best)
     result = search.result()
     assert result.selected == "best_val" and result.metric == best and result.step == expected_step
+
+
+def test_reinitialise_redraws_every_layer_of_a_pruned_mobilenetv2_depthwise_convs_included() -> None:
+    """init='random': every Conv (the depthwise ones too), Linear and BatchNorm of the pruned network gets PyTorch's
+    default initialisation at its new width, BatchNorm running statistics included."""
+    torch.manual_seed(0)
+    net, x = build_network("mobilenetv2", in_channels=3, image_size=16, width=0.5), torch.randn(1, 3, 16, 16)
+    groups = find_channel_groups(net, x)
+    apply_plan(net, groups, {g.index: torch.arange(max(1, g.size // 2)) for g in groups}, x)
+    with torch.no_grad():
+        for tensor in [*net.parameters(), *(b for b in net.buffers() if b.is_floating_point())]:
+            tensor.fill_(3.0)  # what the gate phase's random weights were
+    reinitialise(net)
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(m.groups > 1 for m in layers if isinstance(m, nn.Conv2d))
+    for module in layers:
+        fan_in = module.weight[0].numel()  # per output channel: in_channels / groups * kernel area
+        assert 0 < module.weight.abs().max() <= fan_in**-0.5  # kaiming_uniform(a=sqrt(5)) bound at the pruned fan-in
+    for module in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(module.weight, torch.ones_like(module.weight)) and not module.bias.any()
+        assert not module.running_mean.any() and torch.equal(module.running_var, torch.ones_like(module.running_var))

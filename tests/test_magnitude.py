@@ -50,6 +50,20 @@ def test_each_schedule_reaches_the_exact_global_target_and_follows_its_steps(tmp
     assert probe.sparsity[0] == 0.0
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_target_between_two_weight_counts_prunes_the_nearest_count(tmp_path, scope):
+    """0.333 of LeNet-300-100's 50,200 weights is 16,716.6: 16,717 zeros (round(s·N), as documented; floor gives 16,716).
+    Per layer, fc1's 19,200 weights ask for 6,393.6: 6,394."""
+    callback = IterativeMagnitude(sparsity=0.333, schedule="one_shot", start_epoch=0, scope=scope, verbose=False)
+    model = fit(tmp_path, callback, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    report = sparsity_report(model)
+    zeros = {row.layer: row.total - row.nonzero for row in report.layers}
+    if scope == "global":
+        assert report.total.total == 50_200 and report.total.total - report.total.nonzero == 16_717
+    else:
+        assert zeros == {"network.fc1": 6_394, "network.fc2": 9_990, "network.fc3": 333}
+
+
 def test_layer_scope_prunes_every_layer_to_the_same_sparsity(tmp_path):
     model = fit(tmp_path, IterativeMagnitude(sparsity=0.7, scope="layer", schedule="iterative", start_epoch=1, end_epoch=2))
     for row in sparsity_report(model).layers:
@@ -102,26 +116,52 @@ class ZeroWatcher(pl.Callback):
         self.steps_checked += 1
 
 
+class Langevin(torch.optim.Optimizer):
+    """SGD plus Gaussian noise on every weight (stochastic gradient Langevin dynamics): it moves weights whose
+    gradient is zero, so masking gradients and optimizer state alone cannot keep pruned weights at zero."""
+
+    def __init__(self, params, lr: float = 0.05, noise: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, noise=noise))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+                p.add_(torch.randn_like(p), alpha=group["noise"])
+        return loss
+
+
+class LangevinClassifier(ImageClassifier):
+    def configure_optimizers(self):
+        return Langevin(self.parameters())
+
+
 @pytest.mark.parametrize(
-    "model_kwargs, trainer_kwargs",
+    "make_model, trainer_kwargs",
     [
-        (dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3), {}),
-        (dict(optimizer="adam", lr=1e-3, weight_decay=1e-4), dict(accumulate_grad_batches=3)),
-        (dict(optimizer="sgd", momentum=0.9), dict(precision="bf16-mixed")),
+        (lambda: ImageClassifier("lenet5", optimizer="sgd", momentum=0.9, weight_decay=1e-3), {}),
+        (lambda: ImageClassifier("lenet5", optimizer="adam", lr=1e-3, weight_decay=1e-4), dict(accumulate_grad_batches=3)),
+        (lambda: ImageClassifier("lenet5", optimizer="sgd", momentum=0.9), dict(precision="bf16-mixed")),
+        (lambda: LangevinClassifier("lenet5"), {}),
     ],
-    ids=["sgd-momentum-wd", "adam-accumulation", "bf16-amp"],
+    ids=["sgd-momentum-wd", "adam-accumulation", "bf16-amp", "langevin-noise"],
 )
-def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, model_kwargs, trainer_kwargs):
+def test_pruned_weights_stay_exactly_zero_through_training(tmp_path, make_model, trainer_kwargs):
     watcher = ZeroWatcher()
     pruning = IterativeMagnitude(sparsity=0.8, schedule="one_shot", start_epoch=1, make_permanent=False)
-    model = ImageClassifier("lenet5", **model_kwargs)
+    model = make_model()
     trainer = make_trainer(tmp_path, [pruning, watcher], max_epochs=4, **trainer_kwargs)
     trainer.fit(model, DigitsDataModule())
     assert watcher.steps_checked > 10
     masks = pruning.masks.masks
+    moves_zero_gradients = isinstance(model, LangevinClassifier)
     for name, mask in masks.items():
-        assert not model.get_parameter(name)[~mask].any()
-        assert not torch.signbit(model.get_parameter(name)[~mask]).any()  # still the +0.0 the event wrote
+        assert not model.get_parameter(name)[~mask].any(), name  # re-zeroed after every optimizer step
+        if not moves_zero_gradients:  # the noise's -0.0 times 0 stays -0.0 (zero either way)
+            assert not torch.signbit(model.get_parameter(name)[~mask]).any()  # still the +0.0 the event wrote
     # no optimizer state builds up on pruned weights: momentum / Adam moments stay zero there
     optimizer = trainer.optimizers[0]
     for name, mask in masks.items():

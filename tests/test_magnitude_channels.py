@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
 from lightning_prune.flops import count_flops
+from lightning_prune.magnitude import ChannelMagnitude
+from lightning_prune.structure import channel_norms
 from lightning_prune.training_state import restore_structure_from_checkpoint
 
 from conftest import make_trainer
+from task_models import UNet
 
 SMALL = dict(limit_train_batches=6, limit_val_batches=2)
 
@@ -128,3 +132,28 @@ def test_resume_restores_the_channel_plan_and_ends_like_an_uninterrupted_run(tmp
     assert resumed_pruning.figures.predictor.predict(resumed_plan) == whole_pruning.figures.predictor.predict(whole_plan) < resumed_pruning.figures.dense_flops.total
     for name, mask in whole_pruning.masks.masks.items():
         assert torch.equal(mask, resumed_pruning.masks.masks[name]), name
+
+
+def unet_magnitude() -> tuple[torch.nn.Module, ChannelMagnitude]:
+    model = UNet().eval()
+    layers = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    return model, ChannelMagnitude.for_model(model, (torch.randn(1, 1, 16, 16),), layers, "l1", 0.99)
+
+
+def test_channel_scores_read_a_transposed_convs_output_channels_from_weight_dim_one():
+    model, channels = unet_magnitude()
+    assert any(isinstance(model.get_submodule(g.root), torch.nn.ConvTranspose2d) for g in channels.groups)
+    for score, norm in zip(channels.scores(model), channel_norms(model, channels.groups, "l1")):
+        assert torch.allclose(score, norm / norm.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", [0.5, "layer"])
+def test_a_channel_dropped_by_an_earlier_plan_stays_dropped(target):
+    model, channels = unet_magnitude()
+    target = {g.root: 0.5 for g in channels.groups} if target == "layer" else target
+    earlier = channels.plan(channels.decide(model, target))
+    scores = channels.scores(model)
+    channels.scores = lambda model: [2 - score for score in scores]  # now the dropped channels score highest
+    later = channels.plan(channels.decide(model, target, earlier))
+    for index, keep in later.items():
+        assert set(keep.tolist()) <= set(earlier[index].tolist())

@@ -22,6 +22,7 @@ class SaveMasks(pl.Callback):
         torch.save(pruning.masks.state_dict(), Path(self.directory) / f"masks_rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.distributed
 def test_ddp_ranks_hold_identical_masks_and_log_once(tmp_path):
     pruning = IterativeMagnitude(0.8, "agp", start_epoch=1, end_epoch=2, make_permanent=False, verbose=False)
     trainer = ddp_trainer(tmp_path, [pruning, SaveMasks(str(tmp_path))], max_epochs=3)

@@ -1,5 +1,6 @@
 """`IterativeMagnitude` in odd set-ups: step schedules, training that ends early, resumes with changed
-arguments, fast_dev_run, reused and multiple instances, layers that would be emptied."""
+arguments, mid-epoch resumes after an event, fast_dev_run, reused and multiple instances, layers that would be emptied.
+(No host sync in its per-step hooks: ``test_host_syncs.py``.)"""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
+from lightning_prune.demo.data import EpochSeededSampler
 
 from conftest import make_trainer
 
@@ -46,18 +49,17 @@ def test_an_epoch_schedule_without_an_end_and_without_max_epochs_is_refused(tmp_
         trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule())
 
 
+class StopAfterTwoEpochs(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = trainer.current_epoch >= 1
+
+
 def test_training_that_stops_before_the_schedule_ends_is_warned_about_at_the_start_and_in_the_summary(tmp_path, caplog):
+    # the Trainer's own limits are refused at the start (tests/test_bad_input_at_setup.py); a stop no limit predicts is reported
     pruning = IterativeMagnitude(0.9, "agp", start_epoch=1, end_epoch=4)
-    trainer = make_trainer(tmp_path, [pruning], max_epochs=6, max_steps=12, **SMALL)
-    with pytest.warns(UserWarning) as warned:
-        trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule())
-    messages = [str(w.message) for w in warned]
-    assert any("`max_steps`=12 ends training" in m for m in messages)
-    assert any("schedule incomplete" in m for m in messages)
+    with pytest.warns(UserWarning, match="schedule incomplete"):
+        make_trainer(tmp_path, [pruning, StopAfterTwoEpochs()], max_epochs=6, **SMALL).fit(ImageClassifier("lenet300100"), DigitsDataModule())
     assert "WARNING: schedule incomplete" in caplog.text
-    with pytest.warns(UserWarning, match="schedule incomplete"):  # also when training ends before the first event
-        make_trainer(tmp_path, [IterativeMagnitude(0.9, "agp", 2, 4)], max_epochs=6, max_steps=4, **SMALL).fit(
-            ImageClassifier("lenet300100"), DigitsDataModule())
     with pytest.warns(UserWarning, match="EarlyStopping may end training"):
         make_trainer(tmp_path, [IterativeMagnitude(0.5, "agp", 1, 2), EarlyStopping("val/acc", patience=0, mode="max")],
                      max_epochs=3, **SMALL).fit(ImageClassifier("lenet300100"), DigitsDataModule())
@@ -148,16 +150,63 @@ def test_no_layer_is_emptied_by_default_and_an_emptied_layer_is_warned_about(tmp
                      max_epochs=1, **SMALL).fit(model, DigitsDataModule())
 
 
-def test_the_callbacks_per_step_hooks_do_not_synchronise_with_the_host(tmp_path):
-    from test_magnitude_core import OpCounter
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning resumes mid-epoch: ``state_dict`` (saved in the checkpoint) counts the batches given
+    this epoch; after ``load_state_dict`` the next epoch's iteration skips that many (DigitsDataModule's loader is
+    not resumable: a mid-epoch resume would replay the epoch's first batches)."""
 
-    pruning = IterativeMagnitude(0.8, "agp", start_epoch=1, end_epoch=3, interval="step", make_permanent=False, verbose=False)
-    model = ImageClassifier("lenet5")
-    trainer = make_trainer(tmp_path, [pruning], max_epochs=1, **SMALL)
-    trainer.fit(model, DigitsDataModule())
-    model(torch.randn(4, 1, 8, 8)).sum().backward()
-    with OpCounter() as counter:
-        pruning.on_train_batch_start(trainer, model, None, 0)  # step 5: no event
-        pruning.on_before_optimizer_step(trainer, model, trainer.optimizers[0])
-        pruning.on_train_batch_end(trainer, model, None, None, 0)
-    assert "_local_scalar_dense" not in counter.ops and counter.ops
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.given, self.skip = 0, 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for index, batch in enumerate(super().__iter__()):
+            self.given = index + 1
+            if index >= skip:
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"given": self.given}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["given"]
+
+
+class ResumableDigits(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=EpochSeededSampler(len(self.train_set), self.seed))
+
+
+def fit_saving_at(directory, make_pruning, step, ckpt_path=None, max_epochs=3):
+    """Six optimizer steps per epoch, a checkpoint at optimizer step ``step``, one validation batch per epoch."""
+    pl.seed_everything(0)
+    model, pruning = ImageClassifier("lenet300100"), make_pruning()
+    checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_train_steps=step, filename="{step}")
+    trainer = make_trainer(directory, [pruning, checkpoint], max_epochs=max_epochs, enable_checkpointing=True,
+                           limit_train_batches=6, limit_val_batches=1)
+    trainer.fit(model, ResumableDigits(), ckpt_path=ckpt_path)
+    return model, pruning
+
+
+@pytest.mark.parametrize(
+    "make_pruning",
+    [  # each holds state the zeros do not show: sigma of the dense layers, the weights at init, that the last event ran
+        lambda: IterativeMagnitude(criterion="sensitivity", sensitivity=0.8, schedule="iterative", start_epoch=1, end_epoch=2, make_permanent=False, verbose=False),
+        lambda: IterativeMagnitude(0.8, "iterative", start_epoch=1, end_epoch=2, rewind="init", make_permanent=False, verbose=False),
+        lambda: IterativeMagnitude(0.8, "agp", start_epoch=2, end_epoch=8, frequency=2, interval="step", make_permanent=False, verbose=False),
+    ],
+    ids=["sensitivity", "rewind-init", "step-interval"],
+)
+def test_a_mid_epoch_resume_after_an_event_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, make_pruning):
+    """The checkpoint at step 9 lies inside epoch 1: after the event at its start and before the one at epoch 2
+    (epoch schedules), after the last event at step 8 (interval="step"). The resumed run also keeps the dense
+    model's score of the summary (taken before the first event only) and knows its schedule is complete."""
+    uninterrupted, first = fit_saving_at(tmp_path / "a", make_pruning, 9)
+    resumed, second = fit_saving_at(tmp_path / "b", make_pruning, 9, ckpt_path=tmp_path / "a" / "step=9.ckpt")
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert first.masks.masks.keys() == second.masks.masks.keys()
+    assert all(torch.equal(mask, second.masks.masks[name]) for name, mask in first.masks.masks.items())
+    assert second.pruner.last_event == first.pruner.last_event and second.pruner.schedule_complete
+    assert second.figures.dense_score == first.figures.dense_score

@@ -32,6 +32,8 @@ CASES = [
     ("channel_ratio_vector", lambda: lp.channel_ratio_vector([], {0: torch.tensor([0])}), "`plan` has group index 0"),
     ("reshape_on_load", lambda: lp.reshape_on_load("net"), "`module` must be a torch.nn.Module"),
     ("restore_structure_from_checkpoint", lambda: lp.restore_structure_from_checkpoint(NET, 5), "`checkpoint` must be"),
+    ("load_from_checkpoint", lambda: lp.load_from_checkpoint(lp.ImageClassifier("lenet300100"), "x.ckpt"), "`cls` must be a LightningModule class"),
+    ("load_from_checkpoint", lambda: lp.load_from_checkpoint(torch.nn.Linear, "x.ckpt"), "`cls` must be a LightningModule class"),
     ("rebuild_training_state", lambda: lp.rebuild_training_state("trainer"), "`trainer` must be the Lightning Trainer"),
     ("count_ops", lambda: lp.count_ops(5), "`fn` must be a callable"),
     ("find_channel_groups", lambda: lp.find_channel_groups(NET, X, ignored_layers="fc1"), "`ignored_layers` must be None or a list"),

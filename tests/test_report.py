@@ -32,6 +32,12 @@ def test_every_section_of_the_summary_in_one_table_format() -> None:
         "WARNING: schedule incomplete",
     ]
     assert pruning_summary("Only the title") == "Only the title"
+    assert pruning_summary("Element", flops=(10_000, 10_000), sparse_flops=2_500).splitlines()[1:] == [
+        "MACs per sample (fvcore): 10,000 -> 10,000 (100.00%)",
+        "MACs per sample a sparse kernel would run (zero weights skipped): 10,000 -> 2,500 (25.00%)",
+    ]
+    assert pruning_summary("Masked", flops=(10_000, 2_500), flops_of="once removed").splitlines()[1] == (
+        "MACs per sample (fvcore, once removed): 10,000 -> 2,500 (25.00%)")
 
 
 def test_choices_come_from_the_literal_and_the_check_names_argument_value_and_choices() -> None:

@@ -373,6 +373,7 @@ def restore_before_loading(module: nn.Module, state_dict: dict, prefix: str, *ho
     restore_structure(module, structure_from_state_dict(module, state_dict, prefix))
 
 
+@pytest.mark.distributed
 def test_plan_applied_under_ddp_rewraps_the_model(trainer_factory):
     module = ImageClassifier("vgg_small", lr=0.05, lr_schedule="multistep")
     # ddp_spawn copies the workers' weights back into this process's dense module with load_state_dict

@@ -71,6 +71,20 @@ class TransposedConvModel(nn.Module):
         return self.head(x).mean((2, 3))
 
 
+class FunctionalPoolResNet(nn.Module):
+    """CIFAR ResNet-56 whose global pooling is ``F.adaptive_avg_pool2d`` in ``forward`` (no pooling module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_prune.demo.models import build_network
+
+        network = build_network("resnet56", num_classes=10, in_channels=3, image_size=32)
+        self.stem, self.layers, self.fc = network.stem, network.layers, network.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     return lambda: getattr(import_torchvision().models, name)(weights=None, num_classes=10, **kwargs)
 
@@ -108,6 +122,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "timm_convnext_atto": (_timm("convnext_atto"), 32),
     "tp_split": (SplitModel, 16),
     "conv_transpose": (TransposedConvModel, 16),
+    "resnet56_functional_pool": (FunctionalPoolResNet, 32),
 }
 
 

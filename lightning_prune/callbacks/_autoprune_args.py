@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from lightning_prune.auxiliary import AuxOptimizer, LearningWindow, Ste
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._shared import check_flags, check_range
+from lightning_prune.callbacks._shared import Limit, check_fits, check_flags, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity
@@ -22,9 +22,24 @@ PAPER = {"aux_lr": 1.5e-2, "reg": 5e-2}
 
 
 def check_loader(name: str, value: Any) -> None:
-    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
+    """``None`` or a re-iterable collection of batches (a DataLoader, a list of batches, ...): it is read afresh every
+    epoch, so a one-pass iterator (a generator, ``iter(...)``) is refused."""
     if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
         raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
+    if value is not None and iter(value) is value:
+        raise ValueError(
+            f"`{name}` must be re-iterable (a DataLoader or a list of batches: it is read afresh every epoch), got the "
+            f"one-pass iterator {value!r}."
+        )
+
+
+def check_window_fits(start_epoch: int, end_epoch: Optional[int], limit: Optional[Limit]) -> None:
+    """``M`` must learn in at least one epoch, and an explicit ``end_epoch`` must leave at least one epoch after it
+    to fine-tune ``W`` under fixed masks (``MisconfigurationException`` naming the argument and the limit)."""
+    check_fits("AutoPruneCallback", "start_epoch", start_epoch, start_epoch + 1, limit, "epoch", f"M first learns in epoch {start_epoch}")
+    if end_epoch is not None:
+        why = f"M learns through epoch {end_epoch}, and the weights are fine-tuned under fixed masks after it"
+        check_fits("AutoPruneCallback", "end_epoch", end_epoch, end_epoch + 2, limit, "epoch", why)
 
 
 class Rates(NamedTuple):
@@ -55,10 +70,28 @@ def resolve_rates(paper_defaults: bool, aux_lr: Optional[float], reg: Optional[f
     return Rates(*(float(defaults[name] if value is None else value) for name, value in chosen.items()), not paper_defaults)
 
 
+def resolve_init(paper_defaults: bool, init: Optional[float]) -> float:
+    """``init`` left at ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults``: the paper's unnormalised pull
+    moves ``m`` by ``aux_lr · µ`` = 7.5e-4 per step, so from 1.0 no weight is switched off within a run."""
+    return float(init) if init is not None else (PAPER_INIT if paper_defaults else 1.0)
+
+
+PAPER_INIT = 1e-2
+"""``M``'s initial value with ``paper_defaults`` (the paper's is not known)."""
+
+
+def check_target(value: Any) -> None:
+    """``target_sparsity``: ``None`` or a number strictly between 0 and 1."""
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if value is not None and not (number and 0.0 < value < 1.0):
+        raise ValueError(f"`target_sparsity` must be None or a number in (0, 1) (the fraction to switch off), got {value!r}.")
+
+
 def check_arguments(a: Mapping[str, Any]) -> Rates:
     """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
     rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"])
-    check_range("init", a["init"], 0.0, math.inf, low_open=True)
+    if a["init"] is not None:
+        check_range("init", a["init"], 0.0, math.inf, low_open=True)
     check_range("ste_slope", a["ste_slope"], 0.0, math.inf)
     check_choice("ste", a["ste"], Ste)
     check_choice("granularity", a["granularity"], Granularity)
@@ -70,6 +103,7 @@ def check_arguments(a: Mapping[str, Any]) -> Rates:
     check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch) -> model input")
     check_patterns("parameters", a["parameters"])
     check_patterns("exclude", a["exclude"])
+    check_target(a["target_sparsity"])
     if a["physical"] and a["granularity"] != "channel":
         raise ValueError(f"`physical=True` removes channels: it needs `granularity='channel'`, got {a['granularity']!r}.")
     return rates

@@ -21,7 +21,7 @@ from lightning_prune.structure import ChannelGroup, find_channel_groups
 
 class AutoPruneFigures:
     """The example input (:func:`example_input`), and on one sample of it the channel groups to gate
-    (``granularity="channel"``: the groups touching ``layers``) and the dense FLOPs (multiply-adds per sample;
+    (``granularity="channel"``: the groups touching ``layers``, ``all_groups`` the model's) and the dense FLOPs (multiply-adds per sample;
     ``None``, with a warning, without a usable example: element pruning runs on); :meth:`log` reports one
     event. ``selection`` names the arguments that chose ``layers``."""
 
@@ -46,6 +46,7 @@ class AutoPruneFigures:
         self.flop_count, self.flops_predictor = None, None
         if granularity == "channel":
             found = find_channel_groups(pl_module, sample)
+            self.all_groups = found  # a plan's group indices are positions in this list
             self.groups: list[ChannelGroup] = [group for group in found if any(layer in layers for layer in group.layers)]
             if not self.groups:
                 raise ValueError(f"{selection} selects no prunable channel group (the network's output layer is never channel-pruned).")
@@ -55,9 +56,11 @@ class AutoPruneFigures:
             self.flop_count = optional_flop_count(pl_module, sample)
             self.dense_flops = None if self.flop_count is None else self.flop_count.total
 
-    def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, aux: AuxiliaryParameters) -> tuple[SparsityReport, Optional[float]]:
-        """Read the core's counters once (a skipped non-finite step stops the run) and log the event. FLOPs
-        ratio: fvcore's per-layer counts × density (element) or the exact count of the channel plan."""
+    def log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, aux: AuxiliaryParameters) -> tuple[SparsityReport, Optional[int]]:
+        """Read the core's counters once (a skipped non-finite step stops the run) and log the event. Returns
+        the sparsity report and the FLOPs (MACs per sample): the exact count of the channel plan's physically
+        pruned model, or, for element pruning, the dense count (zero weights still multiply; what a sparse kernel
+        would run is logged beside it as ``sparse_flops_*``)."""
         where = f"between global steps {self.checked_step} and {trainer.global_step} (epoch {trainer.current_epoch})"
         counts, self.checked_step = aux.take_counts(raise_nonfinite=where), trainer.global_step
         if counts["collapsed"]:
@@ -67,16 +70,26 @@ class AutoPruneFigures:
         extra = {"revived": float(counts["revived"]), "switched_off": float(counts["switched_off"])}
         if report.total.nonzero:
             extra["compression"] = report.total.total / report.total.nonzero
-        flops_ratio = None
+        flops, flops_ratio = None, None
         if self.dense_flops:
-            kept = self.flops_predictor.predict(aux.plan()) if self.flops_predictor else nonzero_flops(self.flop_count, report)
-            flops_ratio, extra["flops_macs"] = kept / self.dense_flops, float(kept)
+            flops = self.flops_predictor.predict(aux.plan()) if self.flops_predictor else self.dense_flops
+            flops_ratio, extra["flops_macs"] = flops / self.dense_flops, float(flops)
+            sparse = self.sparse_flops(report)
+            if sparse is not None:
+                extra["sparse_flops_ratio"], extra["sparse_flops_macs"] = sparse / self.dense_flops, float(sparse)
         histograms = {f"aux/{key}": value.detach() for key, value in aux.values.items()}
         log_pruning_event(trainer, report=report, flops_ratio=flops_ratio, histograms=histograms, extra=extra)
-        return report, flops_ratio
+        return report, flops
 
-    def summary(self, trainer: pl.Trainer, report: SparsityReport, flops_ratio: Optional[float], notes: list[str]) -> None:
-        """The end-of-fit table, on global rank zero."""
+    def sparse_flops(self, report: SparsityReport) -> Optional[int]:
+        """Element pruning: the MACs per sample a sparse kernel would run, skipping the zero weights."""
+        return nonzero_flops(self.flop_count, report) if self.flop_count is not None else None
+
+    def summary(self, trainer: pl.Trainer, report: SparsityReport, flops: Optional[int], notes: list[str], removed: bool) -> None:
+        """The end-of-fit table, on global rank zero (``removed``: whether the switched-off channels were removed)."""
         if trainer.is_global_zero:
-            flops = None if flops_ratio is None else (self.dense_flops, round(flops_ratio * self.dense_flops))
-            rank_zero_info(pruning_summary("AutoPrune summary", report, flops=flops, notes=notes))
+            rank_zero_info(pruning_summary(
+                "AutoPrune summary", report, flops=None if flops is None else (self.dense_flops, flops),
+                sparse_flops=self.sparse_flops(report), notes=notes,
+                flops_of="" if removed or self.flops_predictor is None else "once apply_plan removes the switched-off channels",
+            ))

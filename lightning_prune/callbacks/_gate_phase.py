@@ -177,8 +177,9 @@ def log_structure(
     """The chosen structure to the loggers (``prune/*``, the channel-ratio vector, a gate histogram) and, with
     ``verbose``, a table of kept channels on global rank zero."""
     params = sum(p.numel() for p in pl_module.parameters())
+    flops = round(pruned.flops_ratio * dense_flops)  # the predictor's exact count (ratio = count / dense)
     extra = {
-        "flops_macs": pruned.flops_ratio * dense_flops,
+        "flops_macs": float(flops),
         "dense_flops_macs": float(dense_flops),
         "params_ratio": params / dense_params,
         "threshold": pruned.threshold,
@@ -199,9 +200,8 @@ def log_structure(
         facts = [snapshot + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")]
         if budget_epochs is not None:
             facts.append(f"budget training: max_epochs -> {budget_epochs}")
-        flops = (dense_flops, round(pruned.flops_ratio * dense_flops))
         rank_zero_info(pruning_summary("GatePruningFromScratch structure", channels=channel_rows(groups, pruned.plan),
-                                       parameters=(dense_params, params), flops=flops, facts=facts, kept="remaining"))
+                                       parameters=(dense_params, params), flops=(dense_flops, flops), facts=facts, kept="remaining"))
 
 
 def changed_arguments(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:

@@ -11,6 +11,21 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, SequentialSampler
 
 
+def _check_yields(loader: Iterable[Any], source: str) -> None:
+    """At ``setup``, before any weight changes: a held-out loader with a length (a list, a DataLoader over a sized
+    dataset, e.g. one with ``drop_last`` over fewer samples than a batch) has at least one batch. One without a
+    length is not drawn from here (that would use up a batch and random state); :meth:`HeldOutBatches.next` says so."""
+    try:
+        empty = len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if empty:
+        raise MisconfigurationException(
+            f"AutoPruneCallback: {source} ({loader!r:.80}) yields no batch, so M could not learn. Give it held-out data "
+            "(an empty split? `aux_fraction` too small for the batch size with drop_last?)."
+        )
+
+
 class HeldOutBatches:
     """Held-out batches for ``M``: the ``argument`` loader, else ``aux_dataloader()`` of the module or the
     DataModule, else (``source == "train"``, with a warning) none: the training batch itself is used.
@@ -18,6 +33,8 @@ class HeldOutBatches:
     The loader is iterated afresh each epoch (its sampler's ``set_epoch`` called, so epoch-seeded samplers
     repeat an uninterrupted run on resume), re-requested when Lightning reloads dataloaders, and under a
     distributed strategy re-created with Lightning's distributed sampler, so each rank draws its own shard.
+    :meth:`state_dict` holds how far the current pass has come: a run resumed inside an epoch skips as many
+    batches of the restarted pass, so it draws what the uninterrupted run would have drawn next.
     """
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, argument: Optional[Iterable[Any]]) -> None:
@@ -25,12 +42,16 @@ class HeldOutBatches:
         self.source = self._resolve(trainer, pl_module)
         self._loader: Optional[Iterable[Any]] = None
         self._iterator: Optional[Iterator[Any]] = None
+        self._epoch, self._drawn = -1, 0  # the epoch of the current pass, batches drawn from it
 
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.argument is not None:
+            _check_yields(self.argument, "`aux_dataloader`")
             return "argument"
         for owner, name in ((pl_module, "module"), (trainer.datamodule, "datamodule")):
-            if owner is not None and callable(getattr(owner, "aux_dataloader", None)) and owner.aux_dataloader() is not None:
+            loader = owner.aux_dataloader() if owner is not None and callable(getattr(owner, "aux_dataloader", None)) else None
+            if loader is not None:
+                _check_yields(loader, f"`aux_dataloader()` of the {'LightningModule' if name == 'module' else 'DataModule'} {type(owner).__name__}")
                 return name
         rank_zero_warn(
             "AutoPruneCallback: no held-out auxiliary data (no `aux_dataloader` argument, and neither the LightningModule "
@@ -61,16 +82,35 @@ class HeldOutBatches:
             return training_batch
         if self._loader is None:
             self._loader = self._fetch(trainer, pl_module)
-        batch = next(self._iterator, None) if self._iterator is not None else None
+        batch = None
+        if self._iterator is not None:
+            batch = next(self._iterator, None)
+        elif self._epoch == trainer.current_epoch:  # resumed inside this epoch's pass: skip what it drew
+            self._iterator = self._new_pass(trainer)
+            for _ in range(self._drawn):
+                next(self._iterator, None)
+            batch = next(self._iterator, None)
         if batch is None:
-            sampler = getattr(self._loader, "sampler", None)
-            if callable(getattr(sampler, "set_epoch", None)):
-                sampler.set_epoch(trainer.current_epoch)
-            self._iterator = iter(self._loader)
+            self._iterator = self._new_pass(trainer)
+            self._epoch, self._drawn = trainer.current_epoch, 0
             batch = next(self._iterator, None)
         if batch is None:
             raise MisconfigurationException(
                 f"AutoPruneCallback: the auxiliary loader ({self.source}) yields no batch, so M cannot learn. Give it "
                 "held-out data (an empty split, e.g. `aux_fraction` too small for the batch size with drop_last?)."
             )
+        self._drawn += 1
         return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+    def _new_pass(self, trainer: pl.Trainer) -> Iterator[Any]:
+        sampler = getattr(self._loader, "sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(trainer.current_epoch)
+        return iter(self._loader)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch of the current pass over the loader and the batches drawn from it."""
+        return {"epoch": self._epoch, "drawn": self._drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._epoch, self._drawn = state["epoch"], state["drawn"]

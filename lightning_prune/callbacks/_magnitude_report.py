@@ -60,26 +60,37 @@ class MagnitudeFigures:
         if self.monitor in trainer.callback_metrics:
             self.dense_score = float(trainer.callback_metrics[self.monitor])
 
-    def pruned_flops(self, pruner: MagnitudePruner, report: SparsityReport) -> Optional[int]:
-        """MACs per sample of the physically pruned channel plan, or those left when zero weights are skipped."""
+    def pruned_flops(self, pruner: MagnitudePruner) -> Optional[int]:
+        """MACs per sample of the channel plan's physically pruned model; element pruning leaves every
+        multiplication in the model (zero weights still multiply), so its count is the dense one."""
         if self.dense_flops is None:
             return None
-        return self.predictor.predict(pruner.plan) if self.predictor is not None else nonzero_flops(self.dense_flops, report)
+        return self.predictor.predict(pruner.plan) if self.predictor is not None else self.dense_flops.total
+
+    def sparse_flops(self, report: SparsityReport) -> Optional[int]:
+        """Element pruning: the MACs per sample a sparse kernel would run, skipping the zero weights."""
+        return nonzero_flops(self.dense_flops, report) if self.dense_flops is not None and self.predictor is None else None
 
     def log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: MagnitudePruner, fraction: float) -> None:
         report = sparsity_report(pl_module, self.layers)
-        flops = self.pruned_flops(pruner, report)
+        flops, sparse = self.pruned_flops(pruner), self.sparse_flops(report)
+        extra = {"target_sparsity": pruner.target_sparsity(fraction)}
+        if sparse is not None:
+            extra["sparse_flops_ratio"] = sparse / self.dense_flops.total
         log_pruning_event(trainer, report=report, flops_ratio=None if flops is None else flops / self.dense_flops.total,
-                          channel_ratios=pruner.channel_ratios() or None, extra={"target_sparsity": pruner.target_sparsity(fraction)})
+                          channel_ratios=pruner.channel_ratios() or None, extra=extra)
 
-    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: SparsityReport, flops: Optional[int], notes: list[str]) -> None:
-        """The end-of-fit table on global rank zero (``flops``: pruned MACs per sample, taken before any removal)."""
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: SparsityReport, flops: Optional[int],
+                notes: list[str], removed: bool) -> None:
+        """The end-of-fit table on global rank zero (``flops``: :meth:`pruned_flops`, taken before any removal;
+        ``removed``: whether the zeroed channels were removed physically)."""
         if not trainer.is_global_zero:
             return
         score = trainer.callback_metrics.get(self.monitor) if self.monitor else None
         nonzero = sum(int(p.count_nonzero()) for p in pl_module.parameters())
         rank_zero_info(pruning_summary(
             "IterativeMagnitude summary", report, parameters=(self.dense_parameters, nonzero),
-            flops=None if flops is None else (self.dense_flops.total, flops), monitor=self.monitor,
-            scores=(self.dense_score, None if score is None else float(score)), notes=notes,
+            flops=None if flops is None else (self.dense_flops.total, flops), sparse_flops=self.sparse_flops(report),
+            flops_of="" if removed or self.predictor is None else "once apply_plan removes the zeroed channels",
+            monitor=self.monitor, scores=(self.dense_score, None if score is None else float(score)), notes=notes,
         ))

@@ -63,3 +63,21 @@ def prepare_module(trainer: pl.Trainer, pl_module: pl.LightningModule, callback:
             "`trainer.fit(model)`, or use `strategy='ddp'`."
         )
     reshape_on_load(pl_module)
+
+
+def stepping_batches(trainer: pl.Trainer) -> float:
+    """``trainer.estimated_stepping_batches`` taken at ``setup`` without losing a resumable training loader's place.
+
+    Before the fit loop has loaded the training data, the estimate makes Lightning load it, and the checkpoint
+    restored after ``setup`` never hands that loader its saved state (Lightning issue #20550): a mid-epoch resume
+    would start the epoch's batches over. So a loader built here for the estimate is dropped again (private
+    ``fit_loop`` attributes), and the fit loop builds it after the restore.
+    """
+    fit_loop = trainer.fit_loop
+    built = fit_loop._combined_loader is not None
+    steps = trainer.estimated_stepping_batches
+    if not built and fit_loop._combined_loader is not None:
+        if fit_loop._data_fetcher is not None:
+            fit_loop._data_fetcher.teardown()
+        fit_loop._combined_loader, fit_loop._data_fetcher = None, None
+    return steps

@@ -10,16 +10,17 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, Ste
-from lightning_prune.callbacks._autoprune_args import check_arguments
+from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
+from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_loss_source, module_loss
+from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
-from lightning_prune.structure import STRUCTURE_KEY, apply_plan
+from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 
 class AutoPruneCallback(pl.Callback):
@@ -34,11 +35,11 @@ class AutoPruneCallback(pl.Callback):
       (``paper_defaults=True``, for comparison).
     - Our reconstruction and calibration: the loss signal's normalisation by its mean over the network
       (µ then is relative to it), R(M) = Σ h(M), the three consistency rules as implemented in
-      :func:`lightning_prune.auxiliary.auxiliary_gradient` (correlation: the signal per unit of ‖w‖;
+      ``lightning_prune.auxiliary.auxiliary_gradient`` (correlation: the signal per unit of ‖w‖;
       sensitivity: the pull weighted by 1/(1 + ‖w‖/mean‖w‖); direction: the pull through the STE), and
       the defaults (``reg=1.25``, ``ste_slope=0.5``, ``init=1.0``, calibrated on the digits data).
 
-    The algorithm is :class:`lightning_prune.auxiliary.AuxiliaryParameters`; this callback wires it into
+    The algorithm is ``lightning_prune.auxiliary.AuxiliaryParameters``; this callback wires it into
     the Trainer. The model's optimizers train ``W`` on the training batches (around every optimizer
     step, manual optimization included, switched-off weights keep their values), and after each
     training batch with an optimizer step, ``M`` takes one step from one held-out batch. Its loss is the
@@ -57,6 +58,15 @@ class AutoPruneCallback(pl.Callback):
     leaves the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are
     removed.
 
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier
+
+        pruning = AutoPruneCallback()  # M learns in the first 75% of the epochs, W fine-tunes after
+        trainer = pl.Trainer(max_epochs=4, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule(aux_fraction=0.5))  # 1:1 held-out split
+
     Args:
         aux_lr: learning rate of ``M``. ``None``: 1.5e-2, the paper's (with either set of defaults).
         reg: coefficient µ of the regulariser R(M) = Σ h(M), relative to the normalised loss signal.
@@ -72,11 +82,14 @@ class AutoPruneCallback(pl.Callback):
         direction: the pull taken through the same STE as the loss (our reading of direction consistency).
         granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group; at
             least one channel of every group is kept, with a warning when that floor was needed).
-        init: initial value of every ``m``.
+        init: initial value of every ``m``. ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults`` (the paper's
+            value is not known; from 1.0 its pull, ``aux_lr · µ`` = 7.5e-4 per step on the unnormalised signal, would
+            need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
-        start_epoch: first epoch with auxiliary steps.
-        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
-            ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
+        start_epoch: first epoch with auxiliary steps (before the Trainer's last epoch).
+        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks, so at least one
+            epoch must follow it inside ``max_epochs`` (and the epochs ``max_steps`` allows), else ``fit`` is refused
+            at the start. ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
         aux_dataloader: held-out data for ``M`` (any iterable of batches).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` of a held-out batch (default: ``training_step``).
         example_input_fn: ``example_input_fn(batch) -> model input`` for the first training batch.
@@ -84,6 +97,23 @@ class AutoPruneCallback(pl.Callback):
         exclude: glob patterns of module names never to prune.
         physical: with ``granularity="channel"``, remove the switched-off channels at the end of fit.
         verbose: print the sparsity table at the end of fit.
+        target_sparsity: the fraction of ``M``'s entries (weights; channels with ``granularity="channel"``) to
+            switch off by the end of the learning window, in (0, 1). ``reg`` (or its default) is then only
+            µ's starting value: ``lightning_prune.auxiliary.PullController`` raises and lowers µ after
+            every auxiliary step, on the device, along an AGP curve to the target (it lands within ±1%; the
+            summary says where). Needs an end of the window (``end_epoch``, ``max_epochs`` or ``max_steps``).
+            ``None``: µ stays as given, and a run that switched off under 5% by the end of its window is warned
+            about.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range, ``physical=True`` without
+            ``granularity="channel"``, or an ``aux_lr``/``reg`` that contradicts ``paper_defaults=True``; on
+            resume, a checkpoint whose auxiliary parameters belong to another ``granularity`` or other layers.
+        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
+            module, a spawn-based strategy without ``reshape_on_load``, a held-out loader that yields no
+            batch, or a ``training_step`` that returns no loss (pass ``loss_fn``).
+        FloatingPointError: at an epoch's end, when the gradient of ``M`` was NaN or infinite on some step
+            (``M`` skipped those steps).
     """
 
     def __init__(
@@ -97,7 +127,7 @@ class AutoPruneCallback(pl.Callback):
         correlation: bool = True,
         direction: bool = True,
         granularity: Granularity = "element",
-        init: float = 1.0,
+        init: Optional[float] = None,
         aux_optimizer: AuxOptimizer = "sgd",
         start_epoch: int = 0,
         end_epoch: Optional[int] = None,
@@ -108,15 +138,18 @@ class AutoPruneCallback(pl.Callback):
         exclude: Optional[list[str]] = None,
         physical: bool = False,
         verbose: bool = True,
+        target_sparsity: Optional[float] = None,
     ) -> None:
         super().__init__()
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         rates = check_arguments(arguments)
         self.__dict__.update(arguments)
         self.aux_lr, self.reg, self.normalize = rates
+        self.init = resolve_init(paper_defaults, init)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
         self.aux: Optional[AuxiliaryParameters] = None
+        self.controller: Optional[PullController] = None
         self.structure: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
         self._reset()
@@ -126,8 +159,13 @@ class AutoPruneCallback(pl.Callback):
         self.layers: list[str] = []
         self.held_out: Optional[HeldOutBatches] = None
         self.figures: Optional[AutoPruneFigures] = None
+        self._gated_shapes: Optional[StructureRecord] = None
         self._trainer: Optional[pl.Trainer] = None
-        self._stepped, self._fine_tuned = False, False
+        self._stepped, self._fine_tuned, self._window_checked = False, False, False
+        self.switched_off: Optional[float] = None
+        """The fraction of ``M``'s entries switched off when it stopped learning."""
+        self.landed: Optional[float] = None
+        """With ``target_sparsity``: the fraction the controller had switched off before the final correction."""
 
     @property
     def source(self) -> Optional[str]:
@@ -136,29 +174,46 @@ class AutoPruneCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample."""
+        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample.
+        Other stages (``validate``/``test``/``predict``, ``ckpt_path`` included): the module reshapes itself to
+        a pruned checkpoint's ``state_dict`` while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
         if sum(isinstance(callback, AutoPruneCallback) for callback in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one AutoPruneCallback per Trainer: two would gate the same weights twice.")
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))
+        check_loss_source("AutoPruneCallback", pl_module, self.loss_fn)
         self._finish()
         self._reset()
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         self.held_out = HeldOutBatches(trainer, pl_module, self.aux_dataloader)
         problem = self.window.problem(trainer.max_epochs, trainer.max_steps)
+        if self.target_sparsity is not None and self.window.progress(0, 0.0, 0, trainer.max_epochs, trainer.max_steps) is None:
+            raise MisconfigurationException(
+                f"`target_sparsity`={self.target_sparsity!r} is reached by the end of the learning window, and this run's has "
+                "none: give `end_epoch`, or the Trainer's `max_epochs` or `max_steps`."
+            )
         if problem is not None:
             rank_zero_warn(f"AutoPruneCallback: {problem}, so the weights are never fine-tuned under fixed masks.")
+        self._gate(trainer, pl_module)
+
+    def _gate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Channel groups and FLOPs on one sample, and ``M`` attached, for the model's current shapes."""
         selection = f"`parameters`={self.parameters!r} with `exclude`={self.exclude!r}"
         self.figures = AutoPruneFigures(trainer, pl_module, self.layers, self.granularity, self.example_input_fn, selection)
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.figures.groups, self.ste, self.ste_slope, self.init)
         self.aux.attach()
+        self._gated_shapes = structure_record(pl_module)
+        self.controller = None if self.target_sparsity is None else PullController(self.target_sparsity, self.reg)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``M`` on the model's device, its optimizer, and hooks around every optimizer step (manual ones too)."""
         if self.aux is None:
             return
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))  # max_steps: the epoch length is known now
         self.aux.to(pl_module.device)
         self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
@@ -187,12 +242,38 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One auxiliary step on one held-out batch after each batch with an optimizer step of ``W``."""
         if not self._stepped:
-            self._fine_tuned = self._fine_tuned or (self.aux is not None and not self._learning())
+            if not self._fine_tuned and self.aux is not None and not self._learning():
+                self._fine_tuned = True
+                self._close_window(pl_module)
             return
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
-        self.aux.learn(loss, self.reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)
+        learn = lambda reg: self.aux.learn(loss, reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
+        if self.controller is None:
+            learn(self.reg)
+            return
+        batches = trainer.num_training_batches
+        within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
+        progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
+        self.controller.step(self.aux, progress, learn)
+
+    def _close_window(self, pl_module: pl.LightningModule) -> None:
+        """Once, when ``M`` stops learning (or at the end of fit): with a target, the final correction (if the window's
+        last step did not make it) and where the controller had landed; one host read of the fraction switched off;
+        a run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        if self._window_checked or self.aux is None:
+            return
+        self._window_checked = True
+        if self.controller is not None:
+            self.controller.settle(self.aux)
+            self.landed = float(self.controller.landed)
+        self.switched_off = float(self.aux.switched_off_fraction())
+        if self.target_sparsity is None and self.switched_off < 0.05:
+            rank_zero_warn(
+                f"AutoPruneCallback: M switched off only {self.switched_off:.2%} of the {self.granularity}s by the end of "
+                "its learning window. Pass `target_sparsity` (e.g. 0.9) to reach a chosen sparsity, or raise `reg`."
+            )
 
     def _reduce(self, grad: Any) -> Any:
         """The loss signal of ``M`` averaged over ranks, so every rank holds the same ``M``."""
@@ -209,17 +290,21 @@ class AutoPruneCallback(pl.Callback):
         if self.aux is None or self.aux.optimizer is None:
             self._finish()
             return
-        report, flops_ratio = self.figures.log(trainer, pl_module, self.aux)
+        self._close_window(pl_module)
+        report, flops = self.figures.log(trainer, pl_module, self.aux)
         plan = self.aux.plan() if self.physical else None
         self._finish()
         if plan is not None:
-            self.structure = apply_plan(pl_module, self.figures.groups, plan, self.figures.example)
+            self.structure = apply_plan(pl_module, self.figures.all_groups, plan, self.figures.example)
             rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
         notes = [] if self._fine_tuned else ["training ended before the fine-tuning phase (no step under fixed masks)"]
         if notes:
             rank_zero_warn(f"AutoPruneCallback: {notes[0]}; see `end_epoch`, `max_epochs`, `max_steps`.")
+        if self.landed is not None:
+            notes.append(f"target_sparsity {self.target_sparsity:.2%}: the controller of µ switched off {self.landed:.2%} of the "
+                         f"{self.granularity}s, the final correction {self.switched_off:.2%}")
         if self.verbose:
-            self.figures.summary(trainer, report, flops_ratio, notes)
+            self.figures.summary(trainer, report, flops, notes, removed=self.physical)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -240,12 +325,32 @@ class AutoPruneCallback(pl.Callback):
             checkpoint[STRUCTURE_KEY] = self.structure
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming from a checkpoint of a physically pruned model (e.g. one saved after fit): the model was
+        reshaped while loading, under gates built in ``setup`` for its old shapes; they are built again for
+        the new shapes before ``M``'s state loads, and the structure record goes into later checkpoints."""
+        if self.aux is None:  # not fitting
+            return
+        self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
+        if structure_record(pl_module) != self._gated_shapes:
+            self.aux.detach(permanent=False)
+            self._gate(trainer, pl_module)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
-        return {"aux": None if self.aux is None else self.aux.state_dict()}
+        state = {"aux": None if self.aux is None else self.aux.state_dict()}
+        state["held_out"] = None if self.held_out is None else self.held_out.state_dict()
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it)."""
         if self.aux is not None and state_dict.get("aux") is not None:
             self.aux.load_state_dict(state_dict["aux"])
+        if self.held_out is not None and state_dict.get("held_out") is not None:
+            self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing
+        if self.controller is not None and state_dict.get("controller") is not None:
+            self.controller.load_state_dict(state_dict["controller"])

@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune.callbacks._gate_args import check_arguments
+from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
 from lightning_prune.callbacks._gate_phase import (
     Expansion,
     averaging_callbacks,
@@ -28,13 +28,14 @@ from lightning_prune.callbacks._gate_phase import (
     log_structure,
     run_gate_phase,
 )
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, example_input, one_sample
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, check_loss_source, example_input, one_sample
+from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import count_flops
 from lightning_prune.gate_search import GatePruning, Init, Mode, Select
 from lightning_prune.gates import GatePosition, GateSites, gate_scores
 from lightning_prune.structure import STRUCTURE_KEY, ChannelGroup, ChannelPlan, structure_record
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 _ARGUMENTS = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites",
               "round_to", "select", "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
@@ -48,7 +49,7 @@ class GatePruningFromScratch(pl.Callback):
 
     At the start of training (``on_train_start``, inside the same ``fit``):
 
-    1. **Gate phase** (:class:`~lightning_prune.gate_search.GateSearch`, which holds the objective
+    1. **Gate phase** (``lightning_prune.gate_search.GateSearch``, which holds the objective
        ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel of the ``gate_sites``
        groups (coupled channels share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
        its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
@@ -87,12 +88,23 @@ class GatePruningFromScratch(pl.Callback):
     factor while the FLOPs target stays relative to the unwidened model; the LightningModule must
     define ``width`` and ``set_width(width: float)`` (as ``ImageClassifier`` does).
 
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
+
+        pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1)
+        trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # at most half the dense FLOPs
+
     Args:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``).
+        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``);
+            at most the epochs the Trainer allows the fit (``max_epochs``, or those ``max_steps`` allows), else ``fit``
+            is refused at the start.
         gate_lr: Adam learning rate of the gates.
         gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
             layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every
@@ -118,6 +130,16 @@ class GatePruningFromScratch(pl.Callback):
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor (or the whole batch) is it.
         verbose: print the table of kept channels.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range; at ``setup`` or train start, before any
+            weight changes: ``expansion != 1`` for a module without ``width``/``set_width``, no channel to
+            gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
+        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
+            module, a spawn-based strategy without ``reshape_on_load``, no example input, a ``training_step``
+            that returns no loss (pass ``loss_fn``), a ``monitor`` the ``validation_step`` does not log, or
+            ``budget_training`` with ``StochasticWeightAveraging``.
+        NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """
 
     def __init__(
@@ -175,7 +197,9 @@ class GatePruningFromScratch(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "GatePruningFromScratch", physical=True)
         check_single_instance(trainer, self)
@@ -183,6 +207,8 @@ class GatePruningFromScratch(pl.Callback):
             self._reset()  # reused for another model: search afresh (a checkpoint's structure still restores)
         if not self.pruned:
             check_fit(trainer, pl_module, self.budget_training, self.expansion)
+            check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))
+            check_loss_source("GatePruningFromScratch", pl_module, self.loss_fn)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -199,6 +225,7 @@ class GatePruningFromScratch(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned:
+            check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))  # max_steps: the epoch length is known now
             self._search_and_prune(trainer, pl_module)
         self._model = weakref.ref(pl_module)
 

@@ -17,7 +17,7 @@ from lightning_prune.callbacks import _magnitude_args as args
 from lightning_prune.callbacks._magnitude_args import LayerCap, PerLayer, Sensitivity
 from lightning_prune.callbacks._magnitude_report import MagnitudeFigures
 from lightning_prune.callbacks._module_io import ExampleInputFn
-from lightning_prune.callbacks._shared import Fraction
+from lightning_prune.callbacks._shared import Fraction, check_unique_keys
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.magnitude import Broadcast, MagnitudePruner, distributed_broadcast
@@ -26,7 +26,7 @@ from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load
 
 
 class IterativeMagnitude(pl.Callback):
@@ -34,17 +34,28 @@ class IterativeMagnitude(pl.Callback):
 
     At each pruning event the weights with the lowest importance are masked so that the pruned
     fraction equals ``fraction(t) · sparsity`` *exactly* (absolute targets, never compounded; see
-    :mod:`lightning_prune.magnitude`). Masked weights are written as zeros, their gradients are zeroed
+    ``lightning_prune.magnitude``). Masked weights are written as zeros, their gradients are zeroed
     before every optimizer step and the zeros are re-written after it.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude
+
+        pruning = IterativeMagnitude(sparsity=0.9, schedule="agp", start_epoch=1, end_epoch=3, frequency=1)
+        trainer = pl.Trainer(max_epochs=5, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule())  # 90% of the weights are now zero
 
     Args:
         sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1); with
             ``scope="layer"`` also a mapping ``{module name: sparsity}`` (unnamed layers: 0).
         schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
-        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step).
+        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step). Every event
+            must come before the Trainer's end (``max_epochs``, ``max_steps``), else ``fit`` is refused at the start.
         end_epoch: last event; ``None`` = halfway between ``start_epoch`` and the Trainer's end
             (``max_epochs``, or with ``interval="step"`` ``max_steps`` or all steps of ``max_epochs``). Must come before that end.
-        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple.
+        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple. With
+            ``end_epoch=None`` a ``frequency`` > 1 must leave room for a second event before halfway to the end.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start_epoch``/``end_epoch``/``frequency``
             (optimizer steps, ``trainer.global_step``; Zhu & Gupta prune every Δt steps).
         initial_sparsity: AGP's s_i in [0, sparsity]: with s_i > 0 the event at ``start_epoch`` (t0) prunes to s_i and
@@ -65,8 +76,19 @@ class IterativeMagnitude(pl.Callback):
         monitor: metric compared dense vs pruned in the final summary.
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor / the whole batch is (FLOPs, channels).
-        name: tells two instances in one Trainer apart (their checkpoint state key).
+        name: tells two instances in one Trainer apart (their checkpoint state key); two instances need two
+            distinct names.
         verbose: print the summary table at the end of fit.
+
+    Raises:
+        ValueError: in ``__init__``, an argument out of its range or inconsistent with another (the message
+            names both and what is allowed); at ``setup``, a schedule that does not end before the Trainer's
+            ``max_epochs``/``max_steps``, or a ``sparsity`` the per-layer floor ``max_layer_sparsity`` cannot
+            hold. Raised before any weight changes.
+        MisconfigurationException: at ``setup``, a sharded strategy (FSDP, DeepSpeed), a ``torch.compile``d
+            module, ``physical=True`` under a spawn-based strategy without ``reshape_on_load``, or channel
+            pruning without an example input; on resume, state saved under several other keys (pass the
+            ``name`` it was saved with).
     """
 
     def __init__(
@@ -117,9 +139,12 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
         if stage != "fit":
+            reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
+        check_unique_keys(trainer, self, "give each a distinct `name=` (e.g. `IterativeMagnitude(..., name=\"encoder\")`), which keeps their checkpoint states apart.")
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         args.check_layer_keys(self.arguments, self.layers)
         self.schedule = args.resolve_schedule(self.arguments, trainer)
@@ -136,11 +161,13 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The example input (the first training batch is loaded now): dense FLOPs, channel groups; how
-        decisions reach every rank (the process group exists by now)."""
+        """The schedule checked against ``max_steps`` too (the epoch length is known now, before any step); the
+        example input (the first training batch is loaded now): dense FLOPs, channel groups; how decisions reach
+        every rank (the process group exists by now)."""
+        args.check_schedule_fits(self.arguments, args.schedule_limit(self.arguments, trainer), self.schedule.last_event)
         self._broadcast = distributed_broadcast()
         self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
-        args.warn_if_too_short(trainer, self.schedule, self.interval)
+        args.warn_if_early_stopping(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         first = self.pruner.last_event < 0
@@ -187,14 +214,14 @@ class IterativeMagnitude(pl.Callback):
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
-        flops = self.figures.pruned_flops(self.pruner, report)
+        flops = self.figures.pruned_flops(self.pruner)
         if self.make_permanent:
             if self.physical:
                 self.structure = self.pruner.remove_channels(self.figures.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.pruner = None
         if self.verbose:
-            self.figures.summary(trainer, pl_module, report, flops, notes)
+            self.figures.summary(trainer, pl_module, report, flops, notes, removed=self.physical)
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -203,7 +230,10 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused)."""
+        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused).
+        A resumed fit carries the checkpoint's structure record into its own checkpoints."""
+        if trainer.state.fn == "fit":
+            self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
         state = args.state_under_other_key(checkpoint, self.state_key, {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)})
         if state is not None:
             self.load_state_dict(state)

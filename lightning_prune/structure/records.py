@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.nn.utils.parametrize as parametrize
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -53,8 +54,27 @@ def structure_record(model: nn.Module) -> StructureRecord:
     return record
 
 
+def _new_parameter(module: nn.Module, name: str, shape: tuple[int, ...]) -> tuple[Optional[nn.Parameter], bool]:
+    """Give ``module.<name>`` an uninitialised parameter of ``shape``, under its parametrization when it has
+    one (``parametrizations.<name>.original``, set without evaluating the parametrization). Returns the new
+    parameter (``None`` for a missing one, e.g. no bias) and whether it is parametrized."""
+    if parametrize.is_parametrized(module, name):
+        holder = getattr(module.parametrizations, name)
+        if not hasattr(holder, "original"):
+            raise ValueError(f"Cannot resize the parametrized `{name}` of {type(module).__name__}: its parametrization splits it into several tensors.")
+        holder.original = nn.Parameter(holder.original.new_empty(shape))
+        return holder.original, True
+    if module._parameters.get(name) is None:
+        return None, False
+    setattr(module, name, nn.Parameter(module._parameters[name].new_empty(shape)))
+    return module._parameters[name], False
+
+
 def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
-    """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place."""
+    """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place. A module
+    with a parametrized weight or bias gets them resized under the parametrization and zero-filled instead
+    (its initialisation would evaluate a parametrization that may not fit the new shape until its owner
+    rebuilds it, as AutoPrune's gates do on resume)."""
     family = _layer_family(module)
     for field in _SHAPE_FIELDS[family]:
         setattr(module, field, shape[field])
@@ -70,11 +90,14 @@ def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
             weight_shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
     else:
         width, weight_shape = module.out_features, (module.out_features, module.in_features)
-    if module.weight is not None:
-        module.weight = nn.Parameter(module.weight.new_empty(weight_shape))
-    if module.bias is not None:
-        module.bias = nn.Parameter(module.bias.new_empty(width))
-    module.reset_parameters()
+    created = [_new_parameter(module, "weight", weight_shape), _new_parameter(module, "bias", (width,))]
+    if not any(parametrized for _, parametrized in created):
+        module.reset_parameters()
+        return
+    with torch.no_grad():
+        for parameter, _ in created:
+            if parameter is not None:
+                parameter.zero_()
 
 
 def restore_structure(model: nn.Module, record: StructureRecord) -> None:

@@ -1,11 +1,11 @@
-"""Test-environment shim, installed into CI's virtual environment by .ci/run (never part of the package).
+"""Test-environment shim (never part of the package): ``tests/conftest.py`` imports it and puts this folder
+first on ``PYTHONPATH``, so DDP-spawned workers and CLI subprocesses load it as their ``sitecustomize``.
 
 PyPI's torchvision 0.28.0 (the release matching torch 2.13.0) is a CUDA build whose compiled operators
 cannot load beside this machine's CPU build of torch, so `import torchvision` fails in its meta
 registrations ("operator torchvision::nms does not exist"), and so does everything importing
 torchmetrics (pytorch_lightning does). Defining the two operator schemas first lets the pure-Python
-model zoo import. A `.pth` file installs the finder below at interpreter start, so DDP-spawned
-workers and CLI subprocesses get it too; torch is imported only when torchvision is about to be.
+model zoo import; torch is imported only when torchvision is about to be.
 The detection operators themselves stay unavailable (no test uses them).
 """
 
@@ -31,4 +31,5 @@ class _DefineSchemasBeforeTorchvision:
         return None
 
 
-sys.meta_path.insert(0, _DefineSchemasBeforeTorchvision)
+if not any(getattr(finder, "__name__", "") == _DefineSchemasBeforeTorchvision.__name__ for finder in sys.meta_path):
+    sys.meta_path.insert(0, _DefineSchemasBeforeTorchvision)

