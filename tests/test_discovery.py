@@ -16,7 +16,7 @@ from torch import nn
 from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.structure import MAX_NODE_VISITS, apply_plan, find_channel_groups, refused_channel_groups
-from pruning_checks import masked_and_pruned_outputs
+from pruning_checks import masked_and_pruned_outputs, with_batchnorm_statistics
 
 
 class TwoSlicesModel(nn.Module):
@@ -56,16 +56,6 @@ class LinearToTransposedConv(nn.Module):
         x = F.relu(self.conv1T1(x))
         x = F.relu(self.conv1T2(x))
         return self.final(torch.flatten(x, 1))
-
-
-def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def plans(groups, seeds=range(3)) -> list[dict[int, torch.Tensor]]:
