@@ -8,11 +8,14 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from lightning_prune.callbacks import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
+from lightning_prune.auxiliary import AuxiliaryParameters
 from lightning_prune.correlation import structure_correlation
 from lightning_prune.diagnostics import count_ops
 from lightning_prune.export import export_sparse, load_sparse
 from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor, count_flops
+from lightning_prune.gate_search import GatePruning, GateSearch
+from lightning_prune.magnitude import MagnitudePruner
 from lightning_prune.masks import MaskSet
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import PruningSchedule
@@ -33,11 +36,15 @@ _DEMO_NAMES = ("DigitsDataModule", "ImageClassifier", "build_network")
 
 __all__ = [
     "AutoPruneCallback",
+    "AuxiliaryParameters",
     "DigitsDataModule",
     "FlopsPredictor",
+    "GatePruning",
     "GatePruningFromScratch",
+    "GateSearch",
     "ImageClassifier",
     "IterativeMagnitude",
+    "MagnitudePruner",
     "MaskSet",
     "PruningSchedule",
     "apply_plan",

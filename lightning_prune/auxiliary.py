@@ -411,6 +411,39 @@ class AuxiliaryParameters:
     multiply in two forwards and two backwards, the copy and ``lerp`` around the model's optimizer step,
     and 13 in :meth:`step`.
 
+    In a plain PyTorch loop: :meth:`attach` and :meth:`build_optimizer` once; :meth:`freeze` before and
+    :meth:`restore_frozen` after each optimizer step of the model; :meth:`learn` on a held-out batch after
+    it; :meth:`settle` to switch off an exact fraction; :meth:`detach` to make the masks permanent.
+
+    Example::
+
+        import torch
+        from torch import nn
+        from lightning_prune import AuxiliaryParameters
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        aux = AuxiliaryParameters(model, modules=["0", "2"])  # one entry of M per weight
+        aux.attach()  # the model computes with W * h(M) from now on
+        aux.build_optimizer("sgd", lr=0.05)
+
+        def loss_on(x):
+            return nn.functional.mse_loss(model(x), x[:, :4])
+
+        for step in range(40):
+            loss = loss_on(torch.randn(32, 16))
+            optimizer.zero_grad()
+            loss.backward()
+            aux.freeze()  # before the optimizer step
+            optimizer.step()
+            aux.restore_frozen()  # after it: switched-off weights keep their values
+            held_out = torch.randn(32, 16)
+            aux.learn(lambda: loss_on(held_out), reg=2.0)  # one step of M on a held-out batch
+        learned = float(aux.switched_off_fraction())  # one host read: the fraction M switched off
+        aux.settle(0.8)  # exactly 80% of the weights off (switched-on ones come back with their values)
+        aux.detach()  # W * h(M) written into W, the parametrizations removed: 80% of the weights are zero
+
     Args:
         model: the model; parameters are addressed by their names in it.
         modules: names of the Conv/Linear modules whose weights are pruned (element granularity).
@@ -420,7 +453,8 @@ class AuxiliaryParameters:
             keyed by the group's root layer); every out-layer of a group (weight and bias) and every
             BatchNorm in it is gated, so the gated model computes what the physically pruned one does.
             At least one channel of every group stays on (see :meth:`step`).
-        ste, slope: the straight-through estimator of h (:func:`ste_derivative`).
+        ste: the straight-through estimator of h (:func:`ste_derivative`).
+        slope: the leaky-ReLU estimator's slope for m ≤ 0.
         init: initial value of every entry of ``M`` (positive: every weight starts switched on).
 
     While attached, ``model.state_dict()`` holds plain ``<module>.weight`` keys with ``W ⊙ h(M)``

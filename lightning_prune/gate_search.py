@@ -83,6 +83,32 @@ class GateSearch:
     (:meth:`validated`), then asks for the structure (:meth:`search`). See the module docstring for
     the objective, the selection rule and the threshold search.
 
+    In a plain PyTorch loop: :meth:`step` on each task loss inside :meth:`running`, :meth:`validated` with
+    each validation value, :meth:`search` for a plan within a FLOPs budget (:class:`GatePruning` wraps
+    these with the target checks, the removal and the re-initialisation).
+
+    Example::
+
+        import torch
+        from torch import nn
+        from lightning_prune import FlopsPredictor, GateSearch, apply_plan, count_flops, find_channel_groups
+
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+        x = torch.zeros(1, 3, 16, 16)
+        groups = find_channel_groups(model, x)
+        search = GateSearch(model, groups, lr=0.2)
+        with search.running():  # weights frozen, one gate per channel inserted
+            for step in range(20):
+                images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+                search.step(nn.functional.cross_entropy(model(images), labels))  # backward, Adam, clamp
+        found = search.search(FlopsPredictor(model, x, groups), flops_ratio=0.5)  # the last gates' plan
+        apply_plan(model, groups, found.plan, x)  # channels removed: at most 50% of the dense FLOPs
+
     Args:
         model: the randomly initialised network (its channel ``groups`` found on it).
         groups: :func:`~lightning_prune.structure.find_channel_groups` of ``model``.
@@ -90,7 +116,9 @@ class GateSearch:
         gated: the groups that get gates (:func:`~lightning_prune.gates.gated_groups`; default: all of
             ``groups``); the others keep every channel.
         lr: Adam learning rate of the gates.
-        gamma, gate_ratio, l1: ``γ``, ``r`` and ``l_1`` of the objective.
+        gamma: ``γ``, the weight of the ratio term of the objective.
+        gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C (and the snapshot rule's bound on non-zero gates).
+        l1: ``l_1``, the weight of the plain L1 term (0: off).
         mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
         reduce: cross-process reduction (identity when ``None``): the gate gradient is averaged
             (one collective per step), metric windows summed when read.
@@ -368,13 +396,44 @@ class GatePruning:
     weight changes (:func:`check_target`; its warning in :attr:`warning`). :meth:`search` builds the
     :class:`GateSearch`; :meth:`prune` turns the selected gates into the pruned network.
 
+    Example::
+
+        import torch
+        from torch import nn
+        from lightning_prune import GatePruning, count_flops
+
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )
+        x = torch.zeros(1, 3, 16, 16)
+        dense = count_flops(model, x)
+        pruning = GatePruning(model, x, dense, flops_ratio=0.5)  # an unreachable target is refused here
+        search = pruning.search(lr=0.2, gate_ratio=0.3, l1=0.002)
+        val_images, val_labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+        with search.running():  # weights frozen, gates inserted
+            for step in range(30):
+                images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+                search.step(nn.functional.cross_entropy(model(images), labels))
+                if step % 10 == 9:  # validation: the snapshot rule keeps the best sparse-enough gates
+                    with torch.no_grad():
+                        search.validated(nn.functional.cross_entropy(model(val_images), val_labels).item())
+                    metrics = search.read_metrics()  # gate/loss, gate/mean, ... (one host read)
+        pruned = pruning.prune(search.result())  # removed and re-initialised: at most 50% of the dense FLOPs
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # train the pruned model as any other
+
     Args:
         model: the randomly initialised network (widened by any expansion).
         example_input: one sample of its input.
         dense: :func:`~lightning_prune.flops.count_flops` of the dense, unexpanded model: the FLOPs target is
             ``flops_ratio`` × ``dense.total``.
         expanded: whether ``model`` is wider than the model ``dense`` counted (else its count is reused).
-        flops_ratio, position, sites, round_to: as ``GatePruningFromScratch``'s arguments.
+        flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
+        position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; ``GatePruningFromScratch``'s ``gate_position``).
+        sites: which channel groups get gates (``"all"`` or ``"inner"``; ``GatePruningFromScratch``'s ``gate_sites``).
+        round_to: keep each group's channel count a multiple of this, or the whole group (``None``: any count).
     """
 
     def __init__(

@@ -214,11 +214,38 @@ class ChannelMagnitude:
 class MagnitudePruner:
     """Masks a model's Conv/Linear weights by magnitude (see the module docstring for the rules).
 
+    In a plain PyTorch loop: :meth:`step` at every time of the schedule (it prunes at events), the masks'
+    ``apply_to_grads`` before each optimizer step and ``apply_to_weights`` after it, so zeros stay zeros.
+
+    Example::
+
+        import torch
+        from torch import nn
+        from lightning_prune import MagnitudePruner, PruningSchedule
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        schedule = PruningSchedule("iterative", start_epoch=10, end_epoch=30, frequency=10)  # steps 10, 20, 30
+        pruner = MagnitudePruner(model, layers=["0", "2"], sparsity=0.9, schedule=schedule)
+        for step in range(50):
+            if pruner.step(step) is not None:  # an event: new masks, the weights under them zeroed
+                pruner.masks.apply_to_optimizer_state([optimizer])  # no momentum left there
+            x = torch.randn(32, 16)
+            loss = nn.functional.mse_loss(model(x), x[:, :4])
+            optimizer.zero_grad()
+            loss.backward()
+            pruner.masks.apply_to_grads()  # before the optimizer step
+            optimizer.step()
+            pruner.masks.apply_to_weights()  # after it: 90% of the weights are zero, and stay zero
+
     Args:
         model: the model whose parameters are masked.
         layers: names of the Conv/Linear modules to prune.
         sparsity: final target, one number or ``{layer: s}`` (``scope="layer"``; unnamed layers: 0).
-        scope, criterion, sensitivity: as in :class:`~lightning_prune.IterativeMagnitude`.
+        scope: ``"global"`` (one threshold) or ``"layer"`` (each layer to its own sparsity).
+        criterion: ``"magnitude"`` (|w|) or ``"sensitivity"`` (drop |w| < s·σ of the dense layer).
+        sensitivity: ``s`` of the sensitivity criterion: one number or ``{layer: s}``.
         max_layer_sparsity: the per-layer floor: no layer holds more than this fraction of zeros.
         channels: a :class:`ChannelMagnitude` for ``granularity="channel"``.
         schedule: when to prune (:meth:`step`); its ``initial_sparsity`` s_i makes an event at progress f
