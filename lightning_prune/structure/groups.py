@@ -31,9 +31,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module, check_patterns
+from lightning_prune.inputs import ExampleInput
 from lightning_prune.modes import eval_mode
-
-ExampleInput = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+from lightning_prune.structure.tracing import dependency_graph
+from lightning_prune.targets import linear_features, linear_types
 
 MemberKind = Literal["out", "in", "channel"]
 
@@ -90,10 +91,6 @@ class ChannelGroup:
         return self.layers[0]
 
 
-def _as_tuple(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
@@ -105,7 +102,7 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
         if not (module.groups == 1 or depthwise):
             return f"a grouped {type(module).__name__} (groups={module.groups}) is not supported"
         return "out" if is_out or depthwise else "in"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, linear_types()):
         return "out" if is_out else "in"
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
@@ -115,8 +112,8 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
 def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) -> int:
     if isinstance(module, _ConvNd):
         return module.in_channels if kind == "in" else module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.in_features if kind == "in" else module.out_features
+    if isinstance(module, linear_types()):
+        return linear_features(module)[kind == "out"]
     if isinstance(module, _BatchNorm):
         return module.num_features
     assert channels is not None, "a traced per-channel module has a recorded output width"
@@ -139,9 +136,7 @@ class _Graph:
         ]
         try:
             with eval_mode(model), torch.enable_grad():
-                self.graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=_as_tuple(example_input), verbose=False
-                )
+                self.graph = dependency_graph(model, example_input)
         except (ZeroDivisionError, IndexError, KeyError) as error:  # torch-pruning's index mapping failed
             node = _failing_node(error.__traceback__)
             raise ValueError(
@@ -317,12 +312,12 @@ def _discover(
     traced = _Graph(model, example_input)
     found, refused = [], []
     with _bounded_groups(traced.names):
-        tp_groups = list(traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, nn.Linear]))
+        tp_groups = list(traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, *linear_types()]))
     for tp_group in tp_groups:
         producers = [
             item.dep.target.module
             for item in tp_group.items
-            if isinstance(item.dep.target.module, (_ConvNd, nn.Linear))
+            if isinstance(item.dep.target.module, (_ConvNd, *linear_types()))
             and traced.graph.is_out_channel_pruning_fn(item.dep.handler)
         ]
         root = min(producers, key=lambda module: traced.order[traced.names[module]])
@@ -381,7 +376,7 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
     modules = dict(model.named_modules())
     for group in groups:
         root = modules.get(group.root)
-        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else root.out_features)
+        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else linear_features(root)[1])
         if width != group.size:
             raise ValueError(
                 f"`groups` do not describe this model (group {group.index} expects {group.root!r} with "
