@@ -13,7 +13,7 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_prune import GatePruningFromScratch, IterativeMagnitude
+from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops, sdpa_flop_jit
 from lightning_prune.inputs import ModelInput
 from lightning_prune.structure import apply_plan, channel_masks, find_channel_groups
@@ -196,3 +196,22 @@ def test_gate_pruning_meets_its_flops_target_on_a_keyword_forward(trainer_factor
     ratio = count_flops(module.model, tokens(1)).total / count_flops(dense, tokens(1)).total
     assert ratio == pytest.approx(pruning.reached_flops_ratio, abs=1e-9) and ratio <= 0.9
     assert torch.isfinite(module(**tokens(labels=True, classes=True)).loss)
+
+
+def test_autoprune_switches_off_gpt2_mlp_channels_as_conv1d_columns(trainer_factory) -> None:
+    module = KeywordModule(gpt2())
+    callback = AutoPruneCallback(granularity="channel", aux_dataloader=loader(classes=False, n=2), init=0.1, aux_lr=0.1,
+                                 reg=3.0, verbose=False)
+    trainer_factory([callback], max_epochs=1).fit(module, loader(classes=False))
+    assert callback.figures.example.kwargs.keys() == {"input_ids", "attention_mask", "labels"}
+    fc = module.model.transformer.h[0].mlp.c_fc
+    off = (fc.weight == 0).all(0)  # Conv1D: an output channel is a weight column (and a bias entry)
+    assert off.any() and bool((fc.bias[off] == 0).all())
+    model, batch = module.model.eval(), tokens()
+    groups = find_channel_groups(model, batch)
+    layers = dict(model.named_modules())
+    plan = {group.index: (layers[group.root].weight != 0).any(0).nonzero().flatten() for group in groups}  # on columns
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, groups, plan, batch)  # AutoPrune gates c_fc's outputs; GELU(0) = 0 silences c_proj's rows
+    assert pruned.transformer.h[0].mlp.c_fc.nf == 128 - int(off.sum())
+    torch.testing.assert_close(pruned(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
