@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops, sdpa_flop_jit
 from lightning_prune.inputs import ModelInput
-from lightning_prune.structure import apply_plan, channel_masks, find_channel_groups
+from lightning_prune.structure import (
+    apply_plan, channel_masks, find_channel_groups, restore_structure, structure_from_state_dict, structure_record,
+)
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -136,6 +138,11 @@ def test_gpt2_mlp_widths_are_channel_groups_through_conv1d_with_a_cache_in_the_o
     assert predicted == count_flops(pruned, batch).total < count_flops(model, batch).total
     generated = pruned.generate(**tokens(), max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, SEQ + 2)
+    for record in (structure_record(pruned), structure_from_state_dict(gpt2(), pruned.state_dict())):
+        fresh = gpt2().eval()
+        restore_structure(fresh, record)  # a dense model reshaped to the record loads the pruned weights strictly
+        fresh.load_state_dict(pruned.state_dict())
+        torch.testing.assert_close(fresh(**batch).logits, pruned(**batch).logits)
 
 
 # ---------------------------------------------------------------- callbacks on a keyword-forward module
