@@ -148,7 +148,8 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int, size: int = 
     else:
         callback = VARIANTS[variant](aux)
         callbacks = [start] + ([callback] if callback is not None else []) + [StepEnd(start)]
-        epochs, limit = 2, steps + 1
+        # epoch 1 is timed; AutoPrune's M learns through it (`end_epoch`=1) and needs an epoch after it to fine-tune
+        epochs, limit = 3 if isinstance(callback, AutoPruneCallback) else 2, steps + 1
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",

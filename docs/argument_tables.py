@@ -1,6 +1,7 @@
 """The argument tables of the callback guides (``docs/callbacks/*.md``), from the callbacks' signatures and docstrings.
 
-    python docs/argument_tables.py IterativeMagnitude   # print one table; paste it over the table in its page
+    python docs/argument_tables.py IterativeMagnitude   # print one table
+    python docs/argument_tables.py --write              # rewrite the table in every callback's page
 
 ``tests/test_docs.py`` fails when a page's table differs from this output, so the tables stay current.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from pathlib import Path
 
 from docstring_parser import parse
 
@@ -38,7 +40,20 @@ def argument_table(callback: type) -> str:
     return "\n".join(rows)
 
 
+def write_tables() -> None:
+    """Replace the argument table (the first table headed ``| argument |``) of every callback's page."""
+    docs = Path(__file__).resolve().parent
+    for callback, page in PAGES.items():
+        lines = (docs / page).read_text().split("\n")
+        start = next(i for i, line in enumerate(lines) if line.startswith("| argument | type | default | meaning |"))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        lines[start:end] = argument_table(callback).split("\n")
+        (docs / page).write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
     names = {callback.__name__: callback for callback in PAGES}
-    for name in sys.argv[1:] or names:
+    if sys.argv[1:] == ["--write"]:
+        write_tables()
+    for name in [] if sys.argv[1:] == ["--write"] else sys.argv[1:] or names:
         print(argument_table(names[name]), end="\n\n")

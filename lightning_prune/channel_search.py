@@ -52,6 +52,13 @@ def search_threshold(
     if not 0.0 < flops_ratio <= 1.0:
         raise ValueError(f"`flops_ratio` must be in (0, 1], got {flops_ratio!r}.")
     check_round_to(round_to)
+    if len(scores) == 0 or len(predictor.sizes) == 0:
+        raise ValueError(
+            f"`scores` hold {len(scores)} groups and `predictor` counts {len(predictor.sizes)}: there is no prunable "
+            "channel group to search a threshold over. `find_channel_groups` found none on this model; "
+            "`refused_channel_groups(model, example_input)` says why each coupled group was left out (e.g. coupled "
+            "to the output, attention); prune another part of the model or use element (unstructured) pruning."
+        )
     sizes = torch.as_tensor(predictor.sizes, dtype=torch.long)
     if [len(score) for score in scores] != sizes.tolist():
         raise ValueError(f"`scores` must hold one score per channel of each group (sizes {sizes.tolist()}).")

@@ -22,3 +22,15 @@ def masked_and_pruned_outputs(model: nn.Module, x: torch.Tensor, groups, plan) -
     apply_plan(pruned, groups, plan, x)
     with torch.no_grad():
         return masked(x), pruned(x)
+
+
+def with_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with non-trivial BatchNorm affine parameters and running statistics (so a wrongly
+    kept or dropped channel shows in the output)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()

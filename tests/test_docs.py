@@ -54,7 +54,7 @@ def test_api_page_documents_exactly_the_public_names() -> None:
 def test_callback_guide_argument_table_matches_the_code(callback: type) -> None:
     page = (ROOT / "docs" / TABLES["PAGES"][callback]).read_text()
     assert TABLES["argument_table"](callback) in page, (
-        f"{TABLES['PAGES'][callback]}'s argument table is stale: run python docs/argument_tables.py {callback.__name__}"
+        f"{TABLES['PAGES'][callback]}'s argument table is stale: run python docs/argument_tables.py --write"
     )
 
 

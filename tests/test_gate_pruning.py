@@ -138,14 +138,14 @@ def test_gate_positions(position, trainer_factory) -> None:
 def test_select_best_val_keeps_a_sparse_enough_snapshot_and_last_keeps_the_last(trainer_factory) -> None:
     options = dict(flops_ratio=0.5, gate_epochs=3, gate_lr=0.3, gate_ratio=0.9, gate_val_every=2, verbose=False)
     best = GatePruningFromScratch(select="best_val", **options)
-    trainer_factory([best], max_epochs=1, **LIMITS).fit(classifier(), digits())
+    trainer_factory([best], max_epochs=3, **LIMITS).fit(classifier(), digits())  # a gate phase at most as long as the fit
     assert best.snapshot["selected"] == "best_val" and best.snapshot["metric"] is not None
     assert best.snapshot["step"] % 2 == 0 and best.snapshot["steps"] == 18
     nonzero = float((torch.cat(list(best.gates.values())) != 0).float().mean())
     assert nonzero <= 0.9
 
     last = GatePruningFromScratch(select="last", **options)
-    trainer_factory([last], max_epochs=1, **LIMITS).fit(classifier(), digits())
+    trainer_factory([last], max_epochs=3, **LIMITS).fit(classifier(), digits())
     assert last.snapshot["selected"] == "last" and last.snapshot["step"] == last.snapshot["steps"] == 18
 
 
@@ -307,7 +307,7 @@ def _fit_raises(trainer_factory, pruning, model, match) -> None:
 
 
 def test_unreachable_target_raises_at_setup_before_any_change(trainer_factory) -> None:
-    _fit_raises(trainer_factory, GatePruningFromScratch(flops_ratio=1e-4, expansion=2.0), classifier(), "`flops_ratio`.*unreachable")
+    _fit_raises(trainer_factory, GatePruningFromScratch(flops_ratio=1e-4, gate_epochs=1, expansion=2.0), classifier(), "`flops_ratio`.*unreachable")
 
 
 def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
@@ -321,7 +321,7 @@ def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
 
 def test_model_without_a_gateable_channel_raises(trainer_factory) -> None:
     model = ImageClassifier("lenet300100", in_channels=3, image_size=32, width=0.25)  # no BatchNorm anywhere
-    _fit_raises(trainer_factory, GatePruningFromScratch(), model, "no prunable channel .*`gate_position`")
+    _fit_raises(trainer_factory, GatePruningFromScratch(gate_epochs=1), model, "no prunable channel .*`gate_position`")
 
 
 class Plain(pl.LightningModule):
@@ -363,7 +363,7 @@ def test_wandb_gets_gate_metrics_and_the_structure_table(tmp_path, trainer_facto
 
     wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, logger=wandb_logger, log_every_n_steps=3, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=2, logger=wandb_logger, log_every_n_steps=3, **LIMITS)
     trainer.fit(classifier(), digits())
     wandb_logger.experiment.finish()
     run = latest_run(tmp_path)

@@ -40,7 +40,7 @@ def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
     trainer = ddp_trainer(
         tmp_path,
         [pruning, SaveState(str(tmp_path))],
-        max_epochs=1,
+        max_epochs=2,  # a gate phase at most as long as the fit
         limit_train_batches=4,
         limit_val_batches=2,
         num_sanity_val_steps=0,

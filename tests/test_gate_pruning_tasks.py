@@ -44,7 +44,7 @@ def test_token_tagger_gates_its_mlp_linears_and_meets_the_flops_target(trainer_f
     model = TokenTagger()
     dense = count_flops(model, token_sample()).total
     pruning = GatePruningFromScratch(flops_ratio=0.75, gate_epochs=2, gate_position="conv", gate_lr=0.05, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=2, **LIMITS)
     trainer.fit(model, token_loader(), token_loader(seed=1))
     recount = count_flops(model, token_sample()).total
     assert recount <= 0.75 * dense and recount / dense == pytest.approx(pruning.reached_flops_ratio)
@@ -71,7 +71,7 @@ def test_monitor_and_mode_choose_the_snapshot(trainer_factory) -> None:
     for mode in ("min", "max"):
         # gate_ratio 0.95: the three snapshots are sparse enough (about 0.92, 0.79, 0.79 of the gates non-zero)
         pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=3, gate_lr=0.3, gate_ratio=0.95, monitor="val/crafted", mode=mode, verbose=False)
-        trainer_factory([pruning], max_epochs=1, **LIMITS).fit(CraftedMetric(), DigitsDataModule(batch_size=32, image_size=32, channels=3))
+        trainer_factory([pruning], max_epochs=3, **LIMITS).fit(CraftedMetric(), DigitsDataModule(batch_size=32, image_size=32, channels=3))
         assert pruning.snapshot["selected"] == "best_val"
         chosen[mode] = (pruning.snapshot["step"], pruning.snapshot["metric"])
     assert chosen == {"min": (8, 1.0), "max": (4, 3.0)}  # 4 gate steps per gate epoch

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude
 
@@ -91,21 +92,21 @@ def test_yaml_values_are_type_checked_at_parse_time():
 
 
 @pytest.mark.parametrize(
-    "kwargs, max_epochs, argument",
+    "kwargs, max_epochs, argument, error",
     [
-        (dict(parameters=["network.conv*"]), 3, "parameters"),
-        (dict(exclude=["*.missing"]), 3, "exclude"),
-        (dict(parameters=["network.fc1"], exclude=["network.fc1"]), 3, "parameters"),
-        (dict(schedule="agp", start_epoch=1, end_epoch=5), 3, "end_epoch"),
-        (dict(scope="layer", sparsity={"network.fc9": 0.5}), 3, "sparsity"),
-        (dict(criterion="sensitivity", sensitivity={"fc1": 1.0}), 3, "sensitivity"),
+        (dict(parameters=["network.conv*"]), 3, "parameters", ValueError),
+        (dict(exclude=["*.missing"]), 3, "exclude", ValueError),
+        (dict(parameters=["network.fc1"], exclude=["network.fc1"]), 3, "parameters", ValueError),
+        (dict(schedule="agp", start_epoch=1, end_epoch=5), 3, "end_epoch", MisconfigurationException),
+        (dict(scope="layer", sparsity={"network.fc9": 0.5}), 3, "sparsity", ValueError),
+        (dict(criterion="sensitivity", sensitivity={"fc1": 1.0}), 3, "sensitivity", ValueError),
     ],
 )
-def test_bad_setup_fails_before_any_training_step_or_weight_change(tmp_path, kwargs, max_epochs, argument):
+def test_bad_setup_fails_before_any_training_step_or_weight_change(tmp_path, kwargs, max_epochs, argument, error):
     model = ImageClassifier("lenet300100")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = make_trainer(tmp_path, [IterativeMagnitude(**kwargs)], max_epochs=max_epochs)
-    with pytest.raises(ValueError, match=f"`{argument}`"):
+    with pytest.raises(error, match=f"`{argument}`"):
         trainer.fit(model, DigitsDataModule())
     assert trainer.global_step == 0
     for name, value in model.state_dict().items():

@@ -109,7 +109,7 @@ def test_module_loss_prefers_loss_fn_and_refuses_manual_optimization() -> None:
     model = DictRegressor()
     batch = _dict_batches(1)[0]
     trainer = pl.Trainer(accelerator="cpu", logger=False)
-    assert float(module_loss(trainer, model, batch, loss_fn=lambda m, b: torch.tensor(3.0))) == 3.0
+    assert float(module_loss(trainer, model, batch, loss_fn=lambda m, b: 3.0 + 0.0 * next(m.parameters()).sum())) == 3.0
     model.automatic_optimization = False
     with pytest.raises(MisconfigurationException, match="loss_fn"):
         training_step_loss(model, batch)

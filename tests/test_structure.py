@@ -29,7 +29,7 @@ from lightning_prune.structure import (
     structure_from_state_dict,
     zeroed_channel_plan,
 )
-from pruning_checks import masked_and_pruned_outputs
+from pruning_checks import masked_and_pruned_outputs, with_batchnorm_statistics
 from lightning_prune.training_state import rebuild_training_state, restore_structure_from_checkpoint
 
 
@@ -65,13 +65,7 @@ def make(arch: str) -> tuple[nn.Module, torch.Tensor]:
     else:
         size = 32 if arch == "lenet5" else 8
         model = build_network(arch, num_classes=10, in_channels=3, image_size=size)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    return model.eval(), torch.randn(2, 3, size, size)
+    return with_batchnorm_statistics(model), torch.randn(2, 3, size, size)
 
 
 def random_plan(groups, seed: int) -> dict[int, torch.Tensor]:

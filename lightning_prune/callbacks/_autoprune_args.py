@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from lightning_prune.auxiliary import AuxOptimizer, LearningWindow, Ste
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._shared import check_flags, check_range
+from lightning_prune.callbacks._shared import Limit, check_fits, check_flags, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity
@@ -22,9 +22,24 @@ PAPER = {"aux_lr": 1.5e-2, "reg": 5e-2}
 
 
 def check_loader(name: str, value: Any) -> None:
-    """``None`` or an iterable of batches (a DataLoader, a list of batches, ...)."""
+    """``None`` or a re-iterable collection of batches (a DataLoader, a list of batches, ...): it is read afresh every
+    epoch, so a one-pass iterator (a generator, ``iter(...)``) is refused."""
     if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
         raise ValueError(f"`{name}` must be None or an iterable of batches (e.g. a DataLoader), got {value!r}.")
+    if value is not None and iter(value) is value:
+        raise ValueError(
+            f"`{name}` must be re-iterable (a DataLoader or a list of batches: it is read afresh every epoch), got the "
+            f"one-pass iterator {value!r}."
+        )
+
+
+def check_window_fits(start_epoch: int, end_epoch: Optional[int], limit: Optional[Limit]) -> None:
+    """``M`` must learn in at least one epoch, and an explicit ``end_epoch`` must leave at least one epoch after it
+    to fine-tune ``W`` under fixed masks (``MisconfigurationException`` naming the argument and the limit)."""
+    check_fits("AutoPruneCallback", "start_epoch", start_epoch, start_epoch + 1, limit, "epoch", f"M first learns in epoch {start_epoch}")
+    if end_epoch is not None:
+        why = f"M learns through epoch {end_epoch}, and the weights are fine-tuned under fixed masks after it"
+        check_fits("AutoPruneCallback", "end_epoch", end_epoch, end_epoch + 2, limit, "epoch", why)
 
 
 class Rates(NamedTuple):

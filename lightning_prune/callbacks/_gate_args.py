@@ -6,9 +6,9 @@ Each error is a ``ValueError`` naming the argument, the value and what is allowe
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from lightning_prune.callbacks._shared import check_flags, check_range
+from lightning_prune.callbacks._shared import Limit, check_fits, check_flags, check_range
 from lightning_prune.choices import check_choice
 from lightning_prune.gate_search import Init, Mode, Select
 from lightning_prune.gates import GatePosition, GateSites
@@ -38,3 +38,10 @@ def check_arguments(a: Mapping[str, Any]) -> None:
     if monitor is not None and not (isinstance(monitor, str) and monitor):
         raise ValueError(f"`monitor` must be None or the name of a logged validation metric (a non-empty str), got {monitor!r}.")
     check_flags(budget_training=a["budget_training"], verbose=a["verbose"])
+
+
+def check_gate_phase_fits(gate_epochs: int, limit: Optional[Limit]) -> None:
+    """The gate phase, a search before training, may take at most as many passes over the training data as the
+    Trainer allows the fit (``MisconfigurationException`` naming ``gate_epochs`` and the limit)."""
+    check_fits("GatePruningFromScratch", "gate_epochs", gate_epochs, gate_epochs, limit, "epoch",
+               "passes over the training data in the gate phase, before the pruned network trains")

@@ -11,6 +11,21 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, SequentialSampler
 
 
+def _check_yields(loader: Iterable[Any], source: str) -> None:
+    """At ``setup``, before any weight changes: a held-out loader with a length (a list, a DataLoader over a sized
+    dataset, e.g. one with ``drop_last`` over fewer samples than a batch) has at least one batch. One without a
+    length is not drawn from here (that would use up a batch and random state); :meth:`HeldOutBatches.next` says so."""
+    try:
+        empty = len(loader) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if empty:
+        raise MisconfigurationException(
+            f"AutoPruneCallback: {source} ({loader!r:.80}) yields no batch, so M could not learn. Give it held-out data "
+            "(an empty split? `aux_fraction` too small for the batch size with drop_last?)."
+        )
+
+
 class HeldOutBatches:
     """Held-out batches for ``M``: the ``argument`` loader, else ``aux_dataloader()`` of the module or the
     DataModule, else (``source == "train"``, with a warning) none: the training batch itself is used.
@@ -31,9 +46,12 @@ class HeldOutBatches:
 
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.argument is not None:
+            _check_yields(self.argument, "`aux_dataloader`")
             return "argument"
         for owner, name in ((pl_module, "module"), (trainer.datamodule, "datamodule")):
-            if owner is not None and callable(getattr(owner, "aux_dataloader", None)) and owner.aux_dataloader() is not None:
+            loader = owner.aux_dataloader() if owner is not None and callable(getattr(owner, "aux_dataloader", None)) else None
+            if loader is not None:
+                _check_yields(loader, f"`aux_dataloader()` of the {'LightningModule' if name == 'module' else 'DataModule'} {type(owner).__name__}")
                 return name
         rank_zero_warn(
             "AutoPruneCallback: no held-out auxiliary data (no `aux_dataloader` argument, and neither the LightningModule "

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.callbacks._strategy import class_names, stepping_batches
-from lightning_prune.callbacks._shared import Fraction, check_flags, check_keys, check_range
+from lightning_prune.callbacks._shared import Fraction, Limit, check_fits, check_flags, check_keys, check_range, epoch_limit
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
@@ -40,7 +40,7 @@ def _is_int(value: Any) -> bool:
 def _check_per_layer(name: str, value: Any, high: float, high_open: bool) -> None:
     if isinstance(value, Mapping) and not all(isinstance(key, str) for key in value):
         _fail(name, value, "a number or a mapping {module name: number}")
-    check_range(name, value, 0.0, high, high_open=high_open)
+    check_range(name, value, 0.0, high, high_open=high_open, per_layer=True)
 
 
 def check_arguments(a: Mapping[str, Any]) -> None:
@@ -103,32 +103,52 @@ def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
             check_keys(name, a[name], layers)
 
 
+def schedule_limit(a: Mapping[str, Any], trainer: pl.Trainer) -> Optional[Limit]:
+    """The Trainer's end in the schedule's unit: epochs (:func:`~lightning_prune.callbacks._shared.epoch_limit`), or
+    with ``interval="step"`` optimizer steps (``max_steps``, else ``max_epochs`` × steps per epoch); ``None``: none."""
+    if a["interval"] == "epoch" or trainer.fast_dev_run:
+        return epoch_limit(trainer)
+    if trainer.max_steps >= 0:
+        return Limit(trainer.max_steps, f"`max_steps`={trainer.max_steps}")
+    if trainer.max_epochs in (None, -1):
+        return None
+    steps = stepping_batches(trainer)
+    return Limit(int(steps), f"`max_epochs`={trainer.max_epochs} ({int(steps)} optimizer steps)") if steps < math.inf else None
+
+
+def check_schedule_fits(a: Mapping[str, Any], limit: Optional[Limit], last_event: Optional[int] = None) -> None:
+    """Refuse a schedule whose events do not all come before the Trainer's end (``MisconfigurationException`` naming
+    the argument): the first at ``start_epoch``, the last at ``end_epoch`` (or ``last_event``, the resolved one), and
+    with ``end_epoch=None`` (halfway to the end) a second event ``frequency`` after the first when ``frequency`` > 1."""
+    unit, start, end = a["interval"], a["start_epoch"], a["end_epoch"] if last_event is None else last_event
+    check_fits("IterativeMagnitude", "start_epoch", start, start + 1, limit, unit, f"its first pruning event is at {unit} {start}")
+    if end is not None:
+        why = f"its last pruning event, to the final `sparsity`, is at {unit} {end}"
+        check_fits("IterativeMagnitude", "end_epoch", a["end_epoch"], end + 1, limit, unit, why)
+    elif a["schedule"] != "one_shot" and a["frequency"] > 1:
+        why = f"`end_epoch`=None ends the schedule halfway to the Trainer's end, and its second event is at {unit} {start + a['frequency']}"
+        check_fits("IterativeMagnitude", "frequency", a["frequency"], start + 2 * a["frequency"], limit, unit, why)
+
+
 def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedule:
     """The schedule in this fit's unit; ``end_epoch=None`` ends halfway to the Trainer's end (``max_epochs``, or with
     ``interval="step"`` the optimizer steps of the fit: ``max_steps`` or ``max_epochs`` × steps per epoch).
-    ``fast_dev_run`` prunes once, to the final target, at the start."""
+    ``fast_dev_run`` prunes once, to the final target, at the start. A schedule that cannot complete before that
+    end is refused (:func:`check_schedule_fits`)."""
     if trainer.fast_dev_run:
         rank_zero_info("IterativeMagnitude: fast_dev_run prunes once, to the final target, at the start.")
         return PruningSchedule("one_shot", 0, 0)
-    limit_name, limit = ("max_epochs", trainer.max_epochs) if a["interval"] == "epoch" else ("max_steps", trainer.max_steps)
-    if a["interval"] == "step" and (limit is None or limit < 0) and trainer.max_epochs not in (None, -1):
-        limit_name, limit = "max_epochs × steps per epoch", stepping_batches(trainer)
-    limit = int(limit) if limit is not None and 0 <= limit < math.inf else None
-    return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"], limit, limit_name)
+    limit = schedule_limit(a, trainer)
+    check_schedule_fits(a, limit)
+    unbounded = "max_epochs" if a["interval"] == "epoch" else "max_steps"
+    return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"],
+                                        None if limit is None else limit.value, unbounded)
 
 
-def warn_if_too_short(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
-    """Warn when EarlyStopping, or the Trainer's step or epoch limit, may end training before the last event."""
+def warn_if_early_stopping(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
+    """Warn when EarlyStopping may end training before the last event (the Trainer's own limits are refused)."""
     if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):
         rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")
-    if math.isinf(trainer.num_training_batches):
-        return
-    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-    last = schedule.last_event * (per_epoch if unit == "epoch" else 1)
-    limits = {"max_steps": trainer.max_steps, "max_epochs": (trainer.max_epochs or -1) * per_epoch}
-    for limit, steps in limits.items():
-        if 0 <= steps <= last:
-            rank_zero_warn(f"IterativeMagnitude: `{limit}`={getattr(trainer, limit)} ends training at step {steps}, before the last pruning event ({unit} {schedule.last_event}, step {last}): the final `sparsity` will not be reached.")
 
 
 def state_under_other_key(checkpoint: Mapping[str, Any], own_key: str, keys: set[str]) -> Optional[dict[str, Any]]:

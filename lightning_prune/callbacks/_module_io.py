@@ -50,6 +50,16 @@ def check_function(name: str, value: Optional[Callable[..., Any]], arity: int, u
         pass
 
 
+def check_loss_source(callback: str, pl_module: pl.LightningModule, loss_fn: Optional[LossFn]) -> None:
+    """At ``setup``: a module with manual optimization returns no loss from ``training_step``, so it needs ``loss_fn``."""
+    if loss_fn is None and not pl_module.automatic_optimization:
+        raise MisconfigurationException(
+            f"{callback}: {type(pl_module).__name__} uses manual optimization (`automatic_optimization=False`), so its "
+            "`training_step` steps its own optimizers and returns no loss to differentiate; `loss_fn`=None needs one: "
+            "pass `loss_fn=` (pl_module, batch) -> loss."
+        )
+
+
 def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ModelInput]:
     """``pl_module.example_input_array`` or ``datamodule.example_input()`` on the module's device (in
     ``setup`` that is still the CPU), if either exists (both usable in ``setup``, before the training data
@@ -177,6 +187,14 @@ def module_loss(
     """Loss of ``batch`` (already on the device) under the Trainer's precision context (autocast):
     ``loss_fn(pl_module, batch)`` if given, else :func:`training_step_loss`."""
     with trainer.precision_plugin.forward_context():
-        if loss_fn is not None:
-            return loss_fn(pl_module, batch)
-        return training_step_loss(pl_module, batch, batch_idx)
+        if loss_fn is None:
+            return training_step_loss(pl_module, batch, batch_idx)
+        loss = loss_fn(pl_module, batch)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise MisconfigurationException(f"`loss_fn`={loss_fn!r} must return a scalar loss tensor, got {type(loss).__name__} {loss!r:.80}.")
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise MisconfigurationException(
+            f"`loss_fn`={loss_fn!r} returned a loss that does not depend on the model (requires_grad=False: a constant, "
+            "a detached tensor or one computed under torch.no_grad()), so the pruning callback has no gradient to learn from."
+        )
+    return loss

@@ -1,13 +1,15 @@
-"""What the callbacks' hooks share: argument checks and the FLOPs count used for reports."""
+"""What the callbacks' hooks share: argument checks, the Trainer's epoch limit their schedules must fit
+(:func:`epoch_limit`, :func:`check_fits`) and the FLOPs count used for reports."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Mapping, Optional, Union
+from typing import Any, Collection, Mapping, NamedTuple, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import restricted_number_type
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.flops import FlopCount, count_flops
 from lightning_prune.structure import ExampleInput
@@ -24,14 +26,19 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = True,
+    per_layer: bool = False,
 ) -> None:
-    """``value`` (or every value of a mapping) must be a number in the interval from ``low`` to ``high``
-    (default [0, 1)); ``low_open``/``high_open`` exclude an end. The error names the argument."""
+    """``value`` must be a number in the interval from ``low`` to ``high`` (default [0, 1)); ``low_open``/``high_open``
+    exclude an end. With ``per_layer`` also a non-empty mapping whose every value is such a number. The error
+    names the argument."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, Mapping) and not (per_layer and value):
+        allowed = f"a number in {interval} or a non-empty mapping {{module name: number}}" if per_layer else f"a number in {interval}"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
     values = value.values() if isinstance(value, Mapping) else [value]
     for item in values:
         number = not isinstance(item, bool) and isinstance(item, (int, float)) and not math.isnan(item)
         if not (number and (item > low if low_open else item >= low) and (item < high if high_open else item <= high)):
-            interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
 
 
@@ -47,6 +54,52 @@ def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) ->
     unknown = sorted(set(mapping) - set(known))
     if unknown:
         raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(known)}.")
+
+
+class Limit(NamedTuple):
+    """How many units (epochs or optimizer steps) a fit can run, and the Trainer setting that says so."""
+
+    value: int
+    name: str
+
+
+def epoch_limit(trainer: pl.Trainer) -> Optional[Limit]:
+    """The epochs this fit can start: ``max_epochs``, or fewer where ``max_steps`` ends training earlier and the
+    epoch length is known (the training data is loaded: from ``on_train_start``, or earlier once Lightning loaded
+    it); ``None`` without a limit and under ``fast_dev_run`` (which runs its own few batches)."""
+    if trainer.fast_dev_run:
+        return None
+    limit = Limit(trainer.max_epochs, f"`max_epochs`={trainer.max_epochs}") if (trainer.max_epochs or -1) >= 0 else None
+    batches = trainer.num_training_batches
+    if trainer.max_steps >= 0 and trainer.train_dataloader is not None and 0 < batches < math.inf:
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        epochs = math.ceil(trainer.max_steps / per_epoch)
+        if limit is None or epochs < limit.value:
+            limit = Limit(epochs, f"`max_steps`={trainer.max_steps} ({per_epoch} optimizer steps per epoch, so {epochs} epochs)")
+    return limit
+
+
+def check_fits(callback: str, name: str, value: Any, needed: int, limit: Optional[Limit], unit: str, why: str) -> None:
+    """The one rule of the three callbacks: a schedule that cannot complete inside the Trainer's limits is refused
+    before any weight changes. ``name``=``value`` needs ``needed`` ``unit``s of training (``why`` says what for); a
+    ``limit`` below that raises a ``MisconfigurationException`` naming the argument, its value and the limit."""
+    if limit is not None and needed > limit.value:
+        raise MisconfigurationException(
+            f"{callback}: `{name}`={value!r} needs {needed} {unit}s of training ({why}), but the Trainer's {limit.name} "
+            f"allows {limit.value}: the schedule cannot complete. Lower `{name}` or raise the Trainer's limit."
+        )
+
+
+def check_unique_keys(trainer: pl.Trainer, callback: pl.Callback, hint: str) -> None:
+    """No other callback of the Trainer saves its checkpoint state under ``callback``'s key (Lightning checks this
+    only for the callbacks given to ``Trainer(...)``; one appended later or from ``configure_callbacks`` would
+    overwrite the other's state in every checkpoint)."""
+    same = [other for other in trainer.callbacks if other is not callback and getattr(other, "state_key", None) == callback.state_key]
+    if same:
+        raise MisconfigurationException(
+            f"The Trainer holds {len(same) + 1} {type(callback).__name__} callbacks with the checkpoint key "
+            f"{callback.state_key!r}: {hint}"
+        )
 
 
 def optional_flop_count(pl_module: pl.LightningModule, example: Optional[ExampleInput]) -> Optional[FlopCount]:

@@ -11,10 +11,11 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
-from lightning_prune.callbacks._autoprune_args import check_arguments, resolve_init
+from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_loss_source, module_loss
+from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
@@ -85,9 +86,10 @@ class AutoPruneCallback(pl.Callback):
             value is not known; from 1.0 its pull, ``aux_lr · µ`` = 7.5e-4 per step on the unnormalised signal, would
             need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
-        start_epoch: first epoch with auxiliary steps.
-        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
-            ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
+        start_epoch: first epoch with auxiliary steps (before the Trainer's last epoch).
+        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks, so at least one
+            epoch must follow it inside ``max_epochs`` (and the epochs ``max_steps`` allows), else ``fit`` is refused
+            at the start. ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
         aux_dataloader: held-out data for ``M`` (any iterable of batches).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` of a held-out batch (default: ``training_step``).
         example_input_fn: ``example_input_fn(batch) -> model input`` for the first training batch.
@@ -181,6 +183,8 @@ class AutoPruneCallback(pl.Callback):
         prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
         if sum(isinstance(callback, AutoPruneCallback) for callback in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one AutoPruneCallback per Trainer: two would gate the same weights twice.")
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))
+        check_loss_source("AutoPruneCallback", pl_module, self.loss_fn)
         self._finish()
         self._reset()
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
@@ -209,6 +213,7 @@ class AutoPruneCallback(pl.Callback):
         """``M`` on the model's device, its optimizer, and hooks around every optimizer step (manual ones too)."""
         if self.aux is None:
             return
+        check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))  # max_steps: the epoch length is known now
         self.aux.to(pl_module.device)
         self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:

@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune.callbacks._gate_args import check_arguments
+from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
 from lightning_prune.callbacks._gate_phase import (
     Expansion,
     averaging_callbacks,
@@ -28,7 +28,8 @@ from lightning_prune.callbacks._gate_phase import (
     log_structure,
     run_gate_phase,
 )
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, example_input
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, check_loss_source, example_input
+from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import count_flops
 from lightning_prune.gate_search import GatePruning, Init, Mode, Select
@@ -101,7 +102,9 @@ class GatePruningFromScratch(pl.Callback):
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``).
+        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``);
+            at most the epochs the Trainer allows the fit (``max_epochs``, or those ``max_steps`` allows), else ``fit``
+            is refused at the start.
         gate_lr: Adam learning rate of the gates.
         gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
             layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every
@@ -204,6 +207,8 @@ class GatePruningFromScratch(pl.Callback):
             self._reset()  # reused for another model: search afresh (a checkpoint's structure still restores)
         if not self.pruned:
             check_fit(trainer, pl_module, self.budget_training, self.expansion)
+            check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))
+            check_loss_source("GatePruningFromScratch", pl_module, self.loss_fn)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -220,6 +225,7 @@ class GatePruningFromScratch(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned:
+            check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))  # max_steps: the epoch length is known now
             self._search_and_prune(trainer, pl_module)
         self._model = weakref.ref(pl_module)
 

@@ -17,7 +17,7 @@ from lightning_prune.callbacks import _magnitude_args as args
 from lightning_prune.callbacks._magnitude_args import LayerCap, PerLayer, Sensitivity
 from lightning_prune.callbacks._magnitude_report import MagnitudeFigures
 from lightning_prune.callbacks._module_io import ExampleInputFn
-from lightning_prune.callbacks._shared import Fraction
+from lightning_prune.callbacks._shared import Fraction, check_unique_keys
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.magnitude import Broadcast, MagnitudePruner, distributed_broadcast
@@ -50,10 +50,12 @@ class IterativeMagnitude(pl.Callback):
         sparsity: final fraction of exactly-zero weights among the pruned weights, in [0, 1); with
             ``scope="layer"`` also a mapping ``{module name: sparsity}`` (unnamed layers: 0).
         schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (Zhu & Gupta's cubic schedule).
-        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step).
+        start_epoch: first pruning event (at the start of that epoch, or before that optimizer step). Every event
+            must come before the Trainer's end (``max_epochs``, ``max_steps``), else ``fit`` is refused at the start.
         end_epoch: last event; ``None`` = halfway between ``start_epoch`` and the Trainer's end
             (``max_epochs``, or with ``interval="step"`` ``max_steps`` or all steps of ``max_epochs``). Must come before that end.
-        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple.
+        frequency: epochs (steps) between events; ``end_epoch - start_epoch`` must be a multiple. With
+            ``end_epoch=None`` a ``frequency`` > 1 must leave room for a second event before halfway to the end.
         interval: ``"epoch"`` or ``"step"``: the unit of ``start_epoch``/``end_epoch``/``frequency``
             (optimizer steps, ``trainer.global_step``; Zhu & Gupta prune every Δt steps).
         initial_sparsity: AGP's s_i in [0, sparsity]: with s_i > 0 the event at ``start_epoch`` (t0) prunes to s_i and
@@ -74,7 +76,8 @@ class IterativeMagnitude(pl.Callback):
         monitor: metric compared dense vs pruned in the final summary.
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor / the whole batch is (FLOPs, channels).
-        name: tells two instances in one Trainer apart (their checkpoint state key).
+        name: tells two instances in one Trainer apart (their checkpoint state key); two instances need two
+            distinct names.
         verbose: print the summary table at the end of fit.
 
     Raises:
@@ -141,6 +144,7 @@ class IterativeMagnitude(pl.Callback):
             reshape_on_load(pl_module)
             return
         prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
+        check_unique_keys(trainer, self, "give each a distinct `name=` (e.g. `IterativeMagnitude(..., name=\"encoder\")`), which keeps their checkpoint states apart.")
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
         args.check_layer_keys(self.arguments, self.layers)
         self.schedule = args.resolve_schedule(self.arguments, trainer)
@@ -157,11 +161,13 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The example input (the first training batch is loaded now): dense FLOPs, channel groups; how
-        decisions reach every rank (the process group exists by now)."""
+        """The schedule checked against ``max_steps`` too (the epoch length is known now, before any step); the
+        example input (the first training batch is loaded now): dense FLOPs, channel groups; how decisions reach
+        every rank (the process group exists by now)."""
+        args.check_schedule_fits(self.arguments, args.schedule_limit(self.arguments, trainer), self.schedule.last_event)
         self._broadcast = distributed_broadcast()
         self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
-        args.warn_if_too_short(trainer, self.schedule, self.interval)
+        args.warn_if_early_stopping(trainer, self.schedule, self.interval)
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         first = self.pruner.last_event < 0

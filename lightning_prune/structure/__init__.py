@@ -10,9 +10,12 @@ loads (:func:`restore_structure`; the Lightning layer's checkpoint helpers are i
 
 One module per job, all public names re-exported here:
 
-- ``groups``: group discovery (:func:`find_channel_groups`, :func:`refused_channel_groups`,
-  :class:`ChannelGroup`, :class:`GroupMember`, :class:`RefusedGroup`, :data:`MAX_GROUP_ITEMS`) with the
-  consistency checks every group passes, and :data:`ExampleInput`.
+- ``groups``: torch-pruning's groups (:class:`ChannelGroup`, :class:`GroupMember`, :data:`ExampleInput`,
+  :func:`output_tensors`), their bounded expansion (:data:`MAX_GROUP_ITEMS`, :data:`MAX_NODE_VISITS`) and the
+  consistency checks every group's members pass.
+- ``discovery``: :func:`find_channel_groups` (every group also checked by numbers: physical removal computes
+  what the masks compute) and :func:`refused_channel_groups` (:class:`RefusedGroup`: each left-out group's
+  reason).
 - ``plans``: plans and masks (:data:`ChannelPlan`, :func:`check_plan`, :func:`plan_from_scores`,
   :func:`zeroed_channel_plan`, :func:`channel_masks`, :func:`channel_norms`, :func:`layer_channel_ratios`,
   :func:`channel_ratio_vector`).
@@ -24,15 +27,15 @@ One module per job, all public names re-exported here:
 """
 
 from lightning_prune.modes import eval_mode, training_mode
+from lightning_prune.structure.discovery import RefusedGroup, find_channel_groups, refused_channel_groups
 from lightning_prune.structure.groups import (
     MAX_GROUP_ITEMS,
+    MAX_NODE_VISITS,
     ChannelGroup,
     ExampleInput,
     GroupMember,
     MemberKind,
-    RefusedGroup,
-    find_channel_groups,
-    refused_channel_groups,
+    output_tensors,
 )
 from lightning_prune.structure.plans import (
     ChannelPlan,
@@ -55,6 +58,7 @@ from lightning_prune.structure.removal import apply_plan
 
 __all__ = [
     "MAX_GROUP_ITEMS",
+    "MAX_NODE_VISITS",
     "STRUCTURE_KEY",
     "ChannelGroup",
     "ChannelPlan",
@@ -71,6 +75,7 @@ __all__ = [
     "eval_mode",
     "find_channel_groups",
     "layer_channel_ratios",
+    "output_tensors",
     "plan_from_scores",
     "refused_channel_groups",
     "restore_structure",

@@ -1,9 +1,9 @@
-"""Coupled channel groups: discovery with torch-pruning's ``DependencyGraph``, their consistency checks
-and the groups refused.
+"""Coupled channel groups as torch-pruning's ``DependencyGraph`` proposes them: the traced graph, its
+bounded group expansion, and the consistency checks every group's members pass.
 
 Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
 BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`;
-:func:`find_channel_groups` finds them.
+:func:`~lightning_prune.structure.discovery.find_channel_groups` finds them.
 
 Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups=1``, depthwise
 convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
@@ -11,11 +11,11 @@ pooling, dropout). A group that touches any other parametrised module (a grouped
 GroupNorm, PReLU, attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the
 model's output: the last layer's output units and the model's input channels are never pruned.
 
-Every group torch-pruning proposes is checked before it is accepted: each member's positions lie
+Every group torch-pruning proposes is checked here before it is accepted: each member's positions lie
 inside the module's dimension, no position is claimed twice (within a group or by two groups), and each
-channel occupies equally many positions of a member. A group that fails (e.g. behind a module called
-twice on two slices of one tensor, where torch-pruning's index mapping is wrong) is refused;
-:func:`refused_channel_groups` gives each refused group's root layer and the reason.
+channel occupies equally many positions of a member. A group whose expansion runs away (a loop through
+attention's reshapes, Swin's window shifts) is stopped within :data:`MAX_GROUP_ITEMS` channel indices and
+:data:`MAX_NODE_VISITS` visits of one graph node. ``discovery`` then checks each accepted group numerically.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_prune.checks import check_example_input, check_module, check_patterns
-from lightning_prune.inputs import ExampleInput
+from lightning_prune.inputs import ExampleInput, output_tensors
 from lightning_prune.modes import eval_mode
 from lightning_prune.structure.tracing import dependency_graph
 from lightning_prune.targets import linear_features, linear_types
@@ -121,7 +120,8 @@ def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) ->
 
 
 class _Graph:
-    """A torch-pruning ``DependencyGraph`` of a model plus the model names of its nodes."""
+    """A torch-pruning ``DependencyGraph`` of a model plus the model names of its nodes and how often each
+    leaf module was called in the traced forward."""
 
     def __init__(self, model: nn.Module, example_input: ExampleInput) -> None:
         self.modules = dict(model.named_modules())
@@ -129,6 +129,7 @@ class _Graph:
         self.order = {name: position for position, name in enumerate(self.modules)}
         self.leaf_by_grad_fn: dict[Any, str] = {}
         self.channels: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
         handles = [
             module.register_forward_hook(self._recorder(name))
             for name, module in self.modules.items()
@@ -150,6 +151,7 @@ class _Graph:
 
     def _recorder(self, name: str):  # noqa: ANN202 - a forward hook
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, torch.Tensor) and output.grad_fn is not None:
                 # The first leaf producing a tensor names it (an empty shortcut passes its input on).
                 self.leaf_by_grad_fn.setdefault(output.grad_fn, name)
@@ -157,6 +159,14 @@ class _Graph:
                     self.channels.setdefault(name, output.shape[1])
 
         return hook
+
+    def reused(self, members: Sequence[GroupMember]) -> list[str]:
+        """The members with parameters that the traced forward called more than once, each with its count."""
+        return [
+            f"{member.module!r} is called {self.calls[member.module]} times in forward"
+            for member in members
+            if member.has_parameters and self.calls.get(member.module, 0) > 1
+        ]
 
     def node_name(self, node: Any) -> Optional[str]:
         if node.type == tp.ops.OPTYPE.ELEMENTWISE:
@@ -168,6 +178,36 @@ class _Graph:
     def pruning_group(self, root: nn.Module, idxs: Sequence[int]) -> Any:
         pruner = self.graph.get_pruner_of_module(root)
         return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
+
+    def root_groups(self, ignored: Sequence[nn.Module]) -> Iterator[tuple[str, int, Union[Any, str]]]:
+        """Per coupled group whose out-layers are all outside ``ignored``: its root (first Conv/Linear producing
+        it, in model order), the root's width and torch-pruning's group over all its channels, or why the
+        expansion was stopped (:func:`_bounded_groups`). As ``DependencyGraph.get_all_groups``, with one
+        group's runaway expansion refusing that group only."""
+        skipped = set(ignored) | set(self.graph.IGNORED_LAYERS_IN_TRACING)
+        visited: set[nn.Module] = set()
+        with _bounded_groups(self.names), _index_mapping_as_built():
+            for name, module in self.modules.items():
+                if not isinstance(module, (_ConvNd, *linear_types())) or module in skipped or module in visited:
+                    continue
+                pruner = self.graph.get_pruner_of_module(module) if module in self.graph.module2node else None
+                size = None if pruner is None else pruner.get_out_channels(module)
+                if size is None:
+                    continue
+                try:
+                    tp_group = self.pruning_group(module, range(size))
+                except _Runaway as error:
+                    visited.add(module)
+                    yield name, size, str(error)
+                    continue
+                producers = {
+                    item.dep.target.module
+                    for item in tp_group.items
+                    if self.graph.is_out_channel_pruning_fn(item.dep.handler)
+                }
+                visited |= producers
+                if not producers & skipped:
+                    yield name, size, tp_group
 
     def members(self, tp_group: Any) -> Union[list[GroupMember], str]:
         """The named members of a torch-pruning group, or why the group is not prunable here."""
@@ -257,119 +297,73 @@ def _failing_node(traceback: Any) -> str:
 
 MAX_GROUP_ITEMS = 1_000_000
 """A torch-pruning group with more channel indices (over all its entries) than this is taken as a runaway
-expansion (Swin's window attention grows one past 5 GB): discovery stops with a ``ValueError`` instead of
-exhausting memory."""
+expansion (Swin's window attention grows one past 5 GB) and refused, instead of exhausting memory."""
+
+MAX_NODE_VISITS = 64
+"""A torch-pruning group that reaches one graph node (with one pruning function) more often than this, each
+time with other channel indices, is taken as a runaway expansion (a loop through attention's reshapes, as in
+Llama, would never end: each visit costs a scan of the whole group) and refused."""
+
+
+class _Runaway(Exception):
+    """A group's expansion passed :data:`MAX_GROUP_ITEMS` or :data:`MAX_NODE_VISITS`; the message says where."""
 
 
 @contextlib.contextmanager
 def _bounded_groups(names: Mapping[nn.Module, str]) -> Iterator[None]:
-    """Make torch-pruning's group expansion raise ``ValueError`` past :data:`MAX_GROUP_ITEMS` indices."""
+    """Make torch-pruning's group expansion raise :class:`_Runaway` past :data:`MAX_GROUP_ITEMS` indices or
+    :data:`MAX_NODE_VISITS` visits of one node, so that discovery ends in bounded time and memory; and answer
+    its "is this entry in the group already?" from a set instead of a scan of the group (a scan per entry
+    made a long group's expansion quadratic: seconds for a tiny Llama's attention loop)."""
     group_class = tp.dependency.Group
-    add_dep = group_class.add_dep
+    add_dep, has_pruning_op = group_class.add_dep, group_class.has_pruning_op
+
+    def node_name(node: Any) -> str:
+        return repr(names.get(node.module, node.name))
 
     def bounded(group: Any, dep: Any, idxs: Any) -> None:
-        group.lightning_prune_size = getattr(group, "lightning_prune_size", 0) + len(idxs)
-        if group.lightning_prune_size > MAX_GROUP_ITEMS:
-            root = group._group[0].dep.target
-            raise ValueError(
-                f"torch-pruning's channel group rooted at {names.get(root.module, root.name)!r} grows past "
-                f"{MAX_GROUP_ITEMS} channel indices (e.g. shifted-window attention); this model's channel groups "
-                "are not supported."
+        if not hasattr(group, "lightning_prune_entries"):
+            group.lightning_prune_size, group.lightning_prune_visits, group.lightning_prune_entries = 0, {}, set()
+        group.lightning_prune_size += len(idxs)
+        key = (dep.target, dep.handler)
+        visits = group.lightning_prune_visits[key] = group.lightning_prune_visits.get(key, 0) + 1
+        if group.lightning_prune_size > MAX_GROUP_ITEMS or visits > MAX_NODE_VISITS:
+            root = node_name(group._group[0].dep.target)
+            raise _Runaway(
+                f"torch-pruning's channel mapping does not terminate: the group rooted at {root} grows past "
+                f"{MAX_GROUP_ITEMS} channel indices (e.g. shifted-window attention)"
+                if group.lightning_prune_size > MAX_GROUP_ITEMS
+                else f"torch-pruning's channel mapping does not terminate: the group rooted at {root} reaches "
+                f"{node_name(dep.target)} more than {MAX_NODE_VISITS} times with other channel indices (a loop, "
+                "e.g. through attention's reshapes)"
             )
+        group.lightning_prune_entries.add((dep.target, dep.handler, tuple(idxs)))
         add_dep(group, dep, idxs)
 
-    group_class.add_dep = bounded
+    def has(group: Any, dep: Any, idxs: Any) -> bool:
+        if not hasattr(group, "lightning_prune_entries"):
+            return has_pruning_op(group, dep, idxs)
+        return (dep.target, dep.handler, tuple(idxs)) in group.lightning_prune_entries
+
+    group_class.add_dep, group_class.has_pruning_op = bounded, has
     try:
         yield
     finally:
-        group_class.add_dep = add_dep
+        group_class.add_dep, group_class.has_pruning_op = add_dep, has_pruning_op
 
 
-def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
-    modules = dict(model.named_modules())
-    unknown = [name for name in names if name not in modules]
-    if unknown:
-        raise ValueError(f"`{argument}` names modules that are not in the model: {unknown}.")
-    return [modules[name] for name in names]
-
-
-@dataclass(frozen=True)
-class RefusedGroup:
-    """A coupled channel group torch-pruning found that is not pruned: its root layer, its size and why."""
-
-    root: str
-    size: int
-    reason: str
-
-
-def _discover(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
-) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
-    check_module("model", model)
-    check_example_input("example_input", example_input)
-    check_patterns("ignored_layers", ignored_layers)
-    ignored = _resolve(model, ignored_layers or [], "ignored_layers")
-    traced = _Graph(model, example_input)
-    found, refused = [], []
-    with _bounded_groups(traced.names):
-        tp_groups = list(traced.graph.get_all_groups(ignored_layers=ignored, root_module_types=[_ConvNd, *linear_types()]))
-    for tp_group in tp_groups:
-        producers = [
-            item.dep.target.module
-            for item in tp_group.items
-            if isinstance(item.dep.target.module, (_ConvNd, *linear_types()))
-            and traced.graph.is_out_channel_pruning_fn(item.dep.handler)
-        ]
-        root = min(producers, key=lambda module: traced.order[traced.names[module]])
-        size = traced.graph.get_out_channels(root)
-        members = traced.members(traced.pruning_group(root, range(size)))
-        if isinstance(members, str):
-            refused.append(RefusedGroup(traced.names[root], size, members))
-        else:
-            found.append((traced.names[root], size, members))
-    # a position claimed by two groups would be removed by either: refuse both
-    owners: dict[tuple[str, str, int], int] = {}
-    clashing: set[int] = set()
-    for number, (_, _, members) in enumerate(found):
-        for member in members:
-            if member.kind == "channel" and not member.has_parameters:
-                continue
-            for position in member.positions.unique().tolist():
-                other = owners.setdefault((member.module, member.kind, position), number)
-                if other != number:
-                    clashing |= {number, other}
-    for number in sorted(clashing):
-        root, size, _ = found[number]
-        refused.append(RefusedGroup(root, size, "shares channel positions with another group"))
-    found = [entry for number, entry in enumerate(found) if number not in clashing]
-    found.sort(key=lambda entry: next(m.order for m in entry[2] if m.kind == "out"))
-    groups = [
-        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
-        for index, (_, size, members) in enumerate(found)
-    ]
-    return groups, refused
-
-
-def find_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
-) -> list[ChannelGroup]:
-    """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
-
-    Args:
-        model: the network (or a LightningModule around it; names are relative to ``model``).
-        example_input: one input batch for tracing (the model is traced in eval mode, then restored).
-        ignored_layers: names of modules whose output channels must stay; groups producing them
-            are left out (their input channels may still shrink).
-    """
-    return _discover(model, example_input, ignored_layers)[0]
-
-
-def refused_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
-) -> list[RefusedGroup]:
-    """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
-    (coupled to the output, an unsupported member type, an inconsistent channel mapping)."""
-    return _discover(model, example_input, ignored_layers)[1]
+@contextlib.contextmanager
+def _index_mapping_as_built() -> Iterator[None]:
+    """Skip torch-pruning's recomputation of every concat/split/reshape index mapping before each group (a
+    scan of the whole graph per group: most of DenseNet-121's discovery time). ``build_dependency`` computed
+    them, and they hold while no module changes shape."""
+    module = tp.dependency.index_mapping
+    update = module.update_index_mapping
+    module.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        module.update_index_mapping = update
 
 
 def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, nn.Module]:

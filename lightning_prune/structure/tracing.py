@@ -2,7 +2,7 @@
 
 :func:`dependency_graph` builds the graph on a :class:`~lightning_prune.inputs.ModelInput` (positional and
 keyword arguments: ``model(**batch)`` traces as well as ``model(x)``), traces back from every tensor of the
-output (a tuple, a Hugging Face ``ModelOutput``, a key/value cache), and knows Hugging Face's ``Conv1D``
+output computed from the parameters (a tuple, a Hugging Face ``ModelOutput``, a key/value cache), and knows Hugging Face's ``Conv1D``
 (GPT-2's linear layer, weight stored ``(in, out)``) through a customized pruner, so its widths form channel
 groups like a ``Linear``'s.
 """
@@ -10,6 +10,8 @@ groups like a ``Linear``'s.
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import torch
 
 import torch_pruning as tp
 from torch import nn
@@ -43,6 +45,19 @@ class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
         return layer.weight.shape[0]
 
 
+def _traced_outputs(output: Any) -> list[torch.Tensor]:
+    """The output tensors torch-pruning traces back from (those computed from the parameters), each behind a
+    view of its own: torch-pruning marks a model output only where its last operation is no module's, so a
+    module's output that is returned *and* used further (features beside the logits) would not count as one."""
+    traced = [tensor.view_as(tensor) for tensor in output_tensors(output) if tensor.grad_fn is not None]
+    if not traced:
+        raise ValueError(
+            f"the model's output on `example_input` ({type(output).__name__}) holds no tensor computed from its "
+            "parameters, so no channel can be traced; pass an input the model computes its output from."
+        )
+    return traced
+
+
 def _call(model: nn.Module, inputs: ModelInput) -> Any:
     return inputs.call(model)
 
@@ -55,7 +70,7 @@ def dependency_graph(model: nn.Module, example_input: ExampleInput) -> tp.Depend
         model,
         example_inputs=model_input(example_input),
         forward_fn=_call,
-        output_transform=output_tensors,
+        output_transform=_traced_outputs,
         customized_pruners=pruners,
         verbose=False,
     )

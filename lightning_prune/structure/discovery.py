@@ -1,0 +1,214 @@
+"""Channel-group discovery: torch-pruning's groups (:mod:`~lightning_prune.structure.groups`), each checked
+for a consistent channel mapping and then by numbers: removing about half of every group's channels
+physically from a copy of the model must compute what masking them (:func:`channel_masks`) computes. A
+group that fails a check is refused, and :func:`refused_channel_groups` says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lightning_prune.checks import check_example_input, check_module, check_patterns
+from lightning_prune.inputs import ExampleInput, model_input, output_tensors
+from lightning_prune.modes import eval_mode
+from lightning_prune.structure.groups import (
+    ChannelGroup,
+    GroupMember,
+    _Graph,
+)
+from lightning_prune.structure.plans import ChannelPlan, _removed, channel_masks
+
+
+@dataclass(frozen=True)
+class RefusedGroup:
+    """A coupled channel group torch-pruning found that is not pruned: its root layer, its size and why."""
+
+    root: str
+    size: int
+    reason: str
+
+
+def _resolve(model: nn.Module, names: Sequence[str], argument: str) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(f"`{argument}` names modules that are not in the model: {unknown}.")
+    return [modules[name] for name in names]
+
+
+def _test_plan(groups: Sequence[ChannelGroup]) -> ChannelPlan:
+    """About half of every group's channels, drawn with a fixed seed (the global random state is untouched)."""
+    generator = torch.Generator().manual_seed(0)
+    return {g.index: torch.randperm(g.size, generator=generator)[: max(1, g.size // 2)].sort().values for g in groups}
+
+
+def _outputs(model: nn.Module, example_input: ExampleInput, parameters: Optional[dict] = None) -> list[torch.Tensor]:
+    inputs = model_input(example_input)
+    with torch.no_grad(), eval_mode(model):
+        if parameters is None:
+            return output_tensors(inputs.call(model))
+        return output_tensors(functional_call(model, parameters, inputs.args, dict(inputs.kwargs)))
+
+
+def _masked_outputs(
+    model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup], plan: ChannelPlan
+) -> list[torch.Tensor]:
+    """The outputs of ``model`` with the channels ``plan`` drops masked (``model`` itself is not changed)."""
+    parameters = dict(model.named_parameters())
+    masked = {name: parameters[name] * mask for name, mask in channel_masks(model, groups, plan).items()}
+    return _outputs(model, example_input, masked)
+
+
+def _pruning_error(
+    model: nn.Module,
+    example_input: ExampleInput,
+    groups: Sequence[ChannelGroup],
+    plan: ChannelPlan,
+    traced: Optional[_Graph] = None,
+) -> Optional[str]:
+    """Why removing ``plan``'s channels physically (from the model ``traced`` was built on, else from a copy
+    of ``model``) does not compute what masking them in ``model`` computes; ``None`` when it does."""
+    expected = _masked_outputs(model, example_input, groups, plan)
+    if not all(bool(tensor.isfinite().all()) for tensor in expected if tensor.is_floating_point()):
+        raise ValueError(
+            "the model's output on `example_input` is not finite (with some channels masked), so its channel "
+            "groups cannot be checked; pass an input (and weights) with a finite output."
+        )
+    if traced is None:
+        traced = _Graph(copy.deepcopy(model), example_input)
+    try:
+        for group in groups:
+            removed = _removed(group, plan[group.index]).nonzero().flatten().tolist() if group.index in plan else []
+            if removed:
+                traced.pruning_group(traced.modules[group.root], removed).prune()
+        found = _outputs(traced.modules[""], example_input)
+    except Exception as error:  # noqa: BLE001 - any failure of the pruned model is the finding
+        return f"the physically pruned model fails ({type(error).__name__}: {error})"
+    shapes = [tuple(tensor.shape) for tensor in expected]
+    if [tuple(tensor.shape) for tensor in found] != shapes:
+        return f"the physically pruned model's output shapes are {[tuple(t.shape) for t in found]}, not {shapes}"
+    pairs = [(a.double(), b.double()) for a, b in zip(expected, found) if a.is_floating_point()]
+    difference = math.sqrt(sum(float((a - b).square().sum()) for a, b in pairs))
+    scale = math.sqrt(sum(float(a.square().sum()) for a, _ in pairs))
+    tolerance = max((math.sqrt(torch.finfo(a.dtype).eps) for a in expected if a.is_floating_point()), default=0.0)
+    if not difference <= tolerance * max(scale, 1e-12):
+        return f"the physically pruned model's output differs from the masked one by {difference / max(scale, 1e-12):.3g} (relative)"
+    return None
+
+
+def _unfaithful(
+    model: nn.Module,
+    example_input: ExampleInput,
+    groups: Sequence[ChannelGroup],
+    plan: ChannelPlan,
+    suspects: Sequence[ChannelGroup],
+    error: str,
+) -> dict[int, str]:
+    """Group index -> why, for the ``suspects`` (whose joint removal failed with ``error``) that fail alone;
+    found by bisection, so ``k`` wrong groups among ``n`` cost about ``2 k log2 n`` checks. Suspects that
+    fail only together are all refused."""
+    if len(suspects) == 1:
+        return {suspects[0].index: error}
+    found: dict[int, str] = {}
+    for part in (suspects[: len(suspects) // 2], suspects[len(suspects) // 2 :]):
+        part_plan = {group.index: plan[group.index] for group in part}
+        part_error = _pruning_error(model, example_input, groups, part_plan)
+        if part_error is not None:
+            found.update(_unfaithful(model, example_input, groups, plan, part, part_error))
+    return found or {group.index: f"{error} (together with the groups of {[g.root for g in suspects]})" for group in suspects}
+
+
+def _refusal(error: str, reused: Sequence[str]) -> str:
+    where = f"; {', '.join(reused)} (a module applied more than once, e.g. to two slices of one tensor)" if reused else ""
+    return f"removing its channels physically does not compute what masking them computes: {error}{where}"
+
+
+def _discover(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
+) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    check_module("model", model)
+    check_example_input("example_input", example_input)
+    check_patterns("ignored_layers", ignored_layers)
+    work = copy.deepcopy(model)  # traced, then pruned by the test plan
+    ignored = _resolve(work, ignored_layers or [], "ignored_layers")
+    traced = _Graph(work, example_input)
+    found: list[tuple[str, int, list[GroupMember]]] = []
+    refused: list[RefusedGroup] = []
+    for root, size, tp_group in traced.root_groups(ignored):
+        members = tp_group if isinstance(tp_group, str) else traced.members(tp_group)
+        if isinstance(members, str):
+            refused.append(RefusedGroup(root, size, members))
+        else:
+            found.append((root, size, members))
+    # a position claimed by two groups would be removed by either: refuse both
+    owners: dict[tuple[str, str, int], int] = {}
+    clashing: set[int] = set()
+    for number, (_, _, members) in enumerate(found):
+        for member in members:
+            if member.kind == "channel" and not member.has_parameters:
+                continue
+            for position in member.positions.unique().tolist():
+                other = owners.setdefault((member.module, member.kind, position), number)
+                if other != number:
+                    clashing |= {number, other}
+    for number in sorted(clashing):
+        root, size, _ = found[number]
+        refused.append(RefusedGroup(root, size, "shares channel positions with another group"))
+    found = [entry for number, entry in enumerate(found) if number not in clashing]
+    found.sort(key=lambda entry: next(m.order for m in entry[2] if m.kind == "out"))
+    candidates = [
+        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
+        for index, (_, size, members) in enumerate(found)
+    ]
+    plan = _test_plan(candidates)
+    error = _pruning_error(model, example_input, candidates, plan, traced) if candidates else None
+    wrong = {} if error is None else _unfaithful(model, example_input, candidates, plan, candidates, error)
+    refused += [
+        RefusedGroup(group.root, group.size, _refusal(wrong[group.index], traced.reused(group.members)))
+        for group in candidates
+        if group.index in wrong
+    ]
+    groups = [
+        ChannelGroup(index, group.size, group.layers, group.members)
+        for index, group in enumerate(group for group in candidates if group.index not in wrong)
+    ]
+    return groups, refused
+
+
+def find_channel_groups(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+) -> list[ChannelGroup]:
+    """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
+
+    Every group is checked on a copy of ``model``: removing about half of its channels physically computes
+    what masking them computes, on ``example_input`` (groups that fail are refused:
+    :func:`refused_channel_groups`). Discovery holds a second copy of the model while it runs.
+
+    Args:
+        model: the network (or a LightningModule around it; names are relative to ``model``).
+        example_input: one input batch for tracing (the model is traced in eval mode, then restored). The
+            output may be a tensor, a tuple, a dict or a Hugging Face ``ModelOutput`` (caches included).
+        ignored_layers: names of modules whose output channels must stay; groups producing them
+            are left out (their input channels may still shrink).
+
+    Raises:
+        ValueError: ``model``, ``example_input`` or ``ignored_layers`` are not valid; torch-pruning cannot
+            map channels through an operation of the model (named in the message).
+    """
+    return _discover(model, example_input, ignored_layers)[0]
+
+
+def refused_channel_groups(
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+) -> list[RefusedGroup]:
+    """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
+    (coupled to the output, an unsupported member type, an inconsistent channel mapping, a group expansion
+    that does not terminate, or a physical removal that does not compute what the masks compute)."""
+    return _discover(model, example_input, ignored_layers)[1]
