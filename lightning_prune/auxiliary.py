@@ -33,6 +33,7 @@ from torch import nn
 from lightning_prune.choices import check_choice, choices
 from lightning_prune.criteria import Granularity
 from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure.plans import _weight_dim
 
 Ste = Literal["linear", "leaky_relu", "softplus"]
 AuxOptimizer = Literal["sgd", "adam"]
@@ -481,6 +482,7 @@ class AuxiliaryParameters:
         self.groups = list(groups) if granularity == "channel" else []
         self.ste, self.slope = ste, slope
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
+        self._channel_dims: dict[tuple[str, str], int] = {}  # the dim of a parameter holding output channels
         shapes: dict[str, tuple[int, ...]] = {}
         if granularity == "element":
             owners: dict[int, str] = {}
@@ -499,6 +501,9 @@ class AuxiliaryParameters:
                     for parameter, tensor in module.named_parameters(recurse=False):
                         if tensor is not None:
                             self.targets[(member.module, parameter)].append(_Slice(group.root, member.positions, member.channels))
+                            # a transposed conv's or Hugging Face Conv1D's weight holds them in dim 1
+                            dim = _weight_dim(module, "out") if parameter == "weight" and member.kind == "out" else 0
+                            self._channel_dims[(member.module, parameter)] = dim
         if not shapes:
             raise ValueError("Nothing to prune: no module (element) or channel group (channel) was given.")
         self._shapes = shapes
@@ -552,13 +557,14 @@ class AuxiliaryParameters:
         cached = self._channel_gates.get((target, like.dtype)) if self._tracked is None else None
         if cached is not None and cached[0] == self._flat._version:  # M unchanged since: no index ops per forward
             return cached[1]
-        gate = torch.ones(like.shape[0], device=like.device, dtype=like.dtype)
+        dim = self._channel_dims[target]
+        gate = torch.ones(like.shape[dim], device=like.device, dtype=like.dtype)
         for piece in slices:
             h = self._hard_mask()[self._spans[piece.key]]
             if self._tracked is not None:  # M learns: the linear STE of tracking
                 h = _PassThrough.apply(self._segment(piece.key), h)
             gate = gate.index_copy(0, piece.positions, h.to(like.dtype)[piece.channels])
-        gate = gate.view(-1, *([1] * (like.dim() - 1)))
+        gate = gate.view(*([1] * dim), -1, *([1] * (like.dim() - dim - 1)))
         if self._tracked is None:  # a constant while M does not learn: kept until M's version counter moves
             self._channel_gates[(target, like.dtype)] = (self._flat._version, gate)
         return gate
@@ -714,7 +720,8 @@ class AuxiliaryParameters:
         out.zero_()
         for target, slices in self.targets.items():
             weight = self.original(target)
-            rows = weight.float().pow(2).reshape(weight.shape[0], -1).sum(1)
+            dim = self._channel_dims[target]
+            rows = weight.float().pow(2).movedim(dim, 0).reshape(weight.shape[dim], -1).sum(1)
             for piece in slices:
                 out[self._span(piece.key)].index_add_(0, piece.channels, rows[piece.positions])
         return out.sqrt_()

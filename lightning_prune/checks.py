@@ -4,10 +4,12 @@ what is allowed, before anything is touched (the callbacks' own checks are in ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from lightning_prune.inputs import ModelInput, model_input
 
 
 def check_module(name: str, value: Any) -> None:
@@ -26,16 +28,12 @@ def check_patterns(name: str, value: Any) -> None:
 
 
 def check_example_input(name: str, value: Any) -> None:
-    """A tensor, or a tuple of positional arguments holding at least one tensor (e.g. ``(batch_dict,)``)."""
-    def holds_tensor(item: Any) -> bool:
-        if isinstance(item, torch.Tensor):
-            return True
-        items = item.values() if isinstance(item, dict) else item if isinstance(item, (tuple, list)) else ()
-        return any(holds_tensor(i) for i in items)
-
-    if not (isinstance(value, torch.Tensor) or (isinstance(value, tuple) and holds_tensor(value))):
+    """A tensor, a tuple of positional arguments, a dict of keyword arguments or a
+    :class:`~lightning_prune.inputs.ModelInput`, holding at least one tensor (e.g. ``(batch_dict,)``)."""
+    if not isinstance(value, (torch.Tensor, tuple, Mapping, ModelInput)) or not model_input(value).tensors():
         raise ValueError(
-            f"`{name}` must be a tensor or a tuple of positional arguments holding tensors, got {type(value).__name__} {value!r:.80}."
+            f"`{name}` must be a tensor, a tuple of positional arguments or a dict of keyword arguments holding "
+            f"tensors (or a lightning_prune.inputs.ModelInput), got {type(value).__name__} {value!r:.80}."
         )
 
 

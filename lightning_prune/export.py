@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_prune.checks import check_module, check_path
-from lightning_prune.targets import PRUNABLE_TYPES
+from lightning_prune.targets import prunable_types
 
 SparseFormat = Literal["csr", "csc", "coo"]
 FORMATS = ("csr", "csc", "coo")
@@ -67,7 +67,7 @@ def export_sparse(
     check_path("path", path)
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
-    sparse_names = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    sparse_names = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, prunable_types())}
     tensors, shapes = {}, {}
     dense_bytes = sparse_bytes = 0
     for name, tensor in module.state_dict().items():

@@ -27,15 +27,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module
+from lightning_prune.inputs import ExampleInput, ModelInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
 from lightning_prune.structure import (
     ChannelGroup,
     ChannelPlan,
-    ExampleInput,
     GroupMember,
     apply_plan,
 )
 from lightning_prune.structure.plans import _sliced_parameters, _weight_dim
+from lightning_prune.targets import linear_features, linear_types, set_linear_features
 
 log = logging.getLogger(__name__)
 _reported_operators: set[str] = set()
@@ -93,14 +94,34 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * query[-2] * key[-2] * (query[-1] + value[-1])
 
 
+class _TensorsInOut(nn.Module):
+    """``model`` called with ``inputs``, taking their tensors positionally and returning its output's tensors
+    as a tuple: fvcore traces ``module(*tensors)`` into a tuple of tensors, a model may take keyword arguments
+    and return a ``ModelOutput`` or a cache. Other values of ``inputs`` (flags, ``None``) are passed as given.
+    Its submodule names are ``model``'s prefixed with ``model.`` (:func:`_inner_name` strips that)."""
+
+    def __init__(self, model: nn.Module, inputs: ModelInput) -> None:
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        given = iter(tensors)
+        return tuple(output_tensors(self.inputs.map_tensors(lambda _: next(given)).call(self.model)))
+
+
+def _inner_name(name: str) -> Optional[str]:
+    """A :class:`_TensorsInOut` submodule's name in the wrapped model (``None`` for the wrapper itself)."""
+    return name[len("model.") :] if name.startswith("model.") else "" if name == "model" else None
+
+
 def _trace(model: nn.Module, example_input: ExampleInput) -> FlopCount:
     """fvcore's count, with the ``(scope, FLOPs)`` of every counted call in graph order."""
     module = _unwrap(model)
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    inputs = model_input(example_input)
     ops: list[tuple[str, Fraction]] = []
     with eval_mode(module), torch.no_grad():
         analysis = (
-            FlopCountAnalysis(module, inputs)
+            FlopCountAnalysis(_TensorsInOut(module, inputs), tuple(inputs.tensors()))
             .unsupported_ops_warnings(False)
             .uncalled_modules_warnings(False)
             .tracer_warnings("none")
@@ -111,9 +132,11 @@ def _trace(model: nn.Module, example_input: ExampleInput) -> FlopCount:
                 analysis.set_op_handle(name, _recording(handle, ops))
         count = FlopCount(
             total=int(analysis.total()),
-            by_module={name: int(flops) for name, flops in analysis.by_module().items()},
+            by_module={
+                inner: int(flops) for name, flops in analysis.by_module().items() if (inner := _inner_name(name)) is not None
+            },
             unsupported=dict(analysis.unsupported_ops()),
-            ops=tuple(ops),
+            ops=tuple((_inner_name(scope) or "", flops) for scope, flops in ops),
         )
     _report_unsupported(count.unsupported)
     return count
@@ -136,6 +159,10 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
     restored afterwards); fvcore's per-call warnings are silenced and operators it cannot count are
     returned in ``unsupported`` and logged once. ``scaled_dot_product_attention`` is counted
     (:func:`sdpa_flop_jit`; fvcore alone counts it as 0).
+
+    ``example_input`` is how the model is called: a tensor, a tuple of positional arguments, a dict of
+    keyword arguments (``model(**batch)``) or a :class:`~lightning_prune.inputs.ModelInput`. The output may be
+    a tensor or any structure holding tensors (a Hugging Face ``ModelOutput``, a key/value cache).
     """
     check_module("model", model)
     check_example_input("example_input", example_input)
@@ -144,7 +171,7 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
 
 def _is_bilinear(module: nn.Module) -> bool:
     """Conv (``groups=1``) and Linear cost ``u * inputs * outputs``; other counted modules ``u * channels``."""
-    return isinstance(module, nn.Linear) or (isinstance(module, _ConvNd) and module.groups == 1)
+    return isinstance(module, linear_types()) or (isinstance(module, _ConvNd) and module.groups == 1)
 
 
 class FlopsPredictor:
@@ -215,9 +242,9 @@ class FlopsPredictor:
                 else:
                     self._a[row], self._alpha[row, index] = member.dim, int(counts[0])
             if _is_bilinear(module) and not self._alpha[row].any():
-                self._a[row] = module.in_channels if isinstance(module, _ConvNd) else module.in_features
+                self._a[row] = module.in_channels if isinstance(module, _ConvNd) else linear_features(module)[0]
             if _is_bilinear(module) and not self._beta[row].any():
-                self._b[row] = module.out_channels if isinstance(module, _ConvNd) else module.out_features
+                self._b[row] = module.out_channels if isinstance(module, _ConvNd) else linear_features(module)[1]
             self._unit[row], remainder = divmod(count.by_module[name], int(self._a[row] * self._b[row]))
             if remainder:
                 raise ValueError(f"fvcore's FLOPs of {name!r} are not proportional to its widths; cannot predict.")
@@ -405,8 +432,9 @@ def _set_width(module: nn.Module, kind: str, weight_shape: Optional[torch.Size])
             module.out_channels = weight_shape[out_dim]
         else:
             module.in_channels = weight_shape[1 - out_dim]
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight_shape
+    elif isinstance(module, linear_types()):
+        in_dim = _weight_dim(module, "in")
+        set_linear_features(module, weight_shape[in_dim], weight_shape[1 - in_dim])
     elif isinstance(module, _BatchNorm):
         module.num_features = module.running_mean.numel() if module.running_mean is not None else weight_shape[0]
 

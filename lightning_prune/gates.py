@@ -39,14 +39,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_prune.choices import check_choice
+from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode, training_mode
-from lightning_prune.structure import ChannelGroup, ExampleInput
+from lightning_prune.structure import ChannelGroup
+from lightning_prune.targets import linear_features, linear_types
 
 GatePosition = Literal["bn", "conv", "bn_weight"]
 GateSites = Literal["inner", "all"]
 """Which channel groups get gates: the authors' placement (:func:`inner_groups`) or every group."""
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """A Conv or a Linear (Hugging Face's ``Conv1D`` included)."""
+    return isinstance(module, (*_CONVS, *linear_types()))
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def gate_sites(model: nn.Module, groups: Sequence[ChannelGroup], position: GateP
         for member in group.members:
             module = model.get_submodule(member.module)
             if position == "conv":
-                gated = member.kind == "out" and isinstance(module, _LAYERS)
+                gated = member.kind == "out" and _is_layer(module)
             else:
                 gated = member.kind == "channel" and isinstance(module, _BATCHNORMS) and module.affine
             if gated:
@@ -83,7 +90,7 @@ def _layers(model: nn.Module, group: ChannelGroup, kind: str) -> list[str]:
         member.module
         for member in group.members
         if member.kind == kind
-        and isinstance(module := model.get_submodule(member.module), _LAYERS)
+        and _is_layer(module := model.get_submodule(member.module))
         and getattr(module, "groups", 1) == 1
     ]
 
@@ -106,13 +113,13 @@ def _feeds_activation(model: nn.Module, example_input: ExampleInput, names: set[
         for parameter, _ in flags:
             parameter.requires_grad_(parameter.is_floating_point())
         with eval_mode(model), torch.enable_grad():
-            output = model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+            output = model_input(example_input).call(model)
     finally:
         for hook in hooks:
             hook.remove()
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-    stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in output_tensors(output) if t.grad_fn is not None]
     users: dict[Any, list[Any]] = {}
     seen = set(stack)
     while stack:
@@ -127,12 +134,6 @@ def _feeds_activation(model: nn.Module, example_input: ExampleInput, names: set[
     return {name: bool(users.get(fn)) and all(map(one_input, users[fn])) for name, fn in produced.items()}
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    return [t for item in value for t in _tensors(item)] if isinstance(value, (list, tuple)) else []
 
 
 def inner_groups(model: nn.Module, groups: Sequence[ChannelGroup], example_input: ExampleInput) -> list[ChannelGroup]:
@@ -345,8 +346,8 @@ class ChannelGates:
 
 
 def _out_channels(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
+    if isinstance(module, linear_types()):
+        return linear_features(module)[1]
     if isinstance(module, _BATCHNORMS):
         return module.num_features
     return module.out_channels
@@ -355,7 +356,7 @@ def _out_channels(module: nn.Module) -> int:
 def _scale_output(multiplier: _Multiplier, ones: torch.Tensor):  # noqa: ANN202 - a forward hook
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         factor = multiplier(ones).to(output.dtype)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, linear_types()):  # channels last
             return output * factor
         return output * factor.view(1, -1, *([1] * (output.dim() - 2)))
 

@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
+from lightning_prune.inputs import ExampleInput, model_input
 from lightning_prune.masks import MaskSet
 from lightning_prune.schedules import PruningSchedule
 from lightning_prune.structure import (
     ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, zeroed_channel_plan,
 )
 from lightning_prune.structure.plans import _weight_dim
-from lightning_prune.targets import PRUNABLE_TYPES, stored_weight
+from lightning_prune.targets import prunable_types, stored_weight
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
 """Sends rank 0's uint8 tensor to every rank and returns it (identity without distribution)."""
@@ -137,10 +138,10 @@ class ChannelMagnitude:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, example_input: tuple, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float
+        cls, model: nn.Module, example_input: ExampleInput, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float
     ) -> "ChannelMagnitude":
-        """Find the coupled channel groups whose out-layers are all among ``layers`` (tracing ``model(*example_input)``)."""
-        unselected = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES) and n not in layers]
+        """Find the coupled channel groups whose out-layers are all among ``layers`` (tracing the model on ``example_input``)."""
+        unselected = [n for n, m in model.named_modules() if isinstance(m, prunable_types()) and n not in layers]
         groups = find_channel_groups(model, example_input, ignored_layers=unselected)
         if not groups:
             raise ValueError(
@@ -384,10 +385,9 @@ class MagnitudePruner:
         """Whether the last event of :attr:`schedule` has run."""
         return self.last_event >= self.schedule.last_event
 
-    def remove_channels(self, example_input: tuple) -> StructureRecord:
+    def remove_channels(self, example_input: ExampleInput) -> StructureRecord:
         """Physically remove the zeroed channels (``granularity="channel"``); the record reshapes a fresh model."""
-        device = next(self.model.parameters()).device
-        example = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in example_input)
+        example = model_input(example_input).to(next(self.model.parameters()).device)
         groups = self.channels.groups
         return apply_plan(self.model, groups, zeroed_channel_plan(self.model, groups), example)
 

@@ -13,11 +13,10 @@ from lightning_prune.callbacks._module_io import (
     check_function,
     example_from_batch,
     example_input,
-    first_tensor,
     module_loss,
-    one_sample,
     training_step_loss,
 )
+from lightning_prune.inputs import ModelInput, first_tensor
 
 
 class DictRegressor(pl.LightningModule):
@@ -49,7 +48,7 @@ def _dict_batches(n: int = 8) -> list[dict]:
 def test_first_tensor_and_one_sample_follow_nesting() -> None:
     batch = {"meta": "id", "x": (torch.zeros(3, 2), [torch.ones(3)]), "scale": torch.tensor(2.0)}
     assert first_tensor(batch) is batch["x"][0]
-    cut = one_sample((batch,))[0]
+    cut = ModelInput((batch,)).first_sample().args[0]
     assert cut["x"][0].shape == (1, 2) and cut["x"][1][0].shape == (1,)
     assert cut["scale"].shape == () and cut["meta"] == "id"
 
@@ -57,20 +56,21 @@ def test_first_tensor_and_one_sample_follow_nesting() -> None:
 def test_example_from_batch_uses_the_whole_dict_when_forward_takes_it() -> None:
     model = DictRegressor()
     batch = _dict_batches(1)[0]
-    (args,) = example_from_batch(model, batch)
+    (args,) = example_from_batch(model, batch).args
     assert args is batch  # forward(batch["image"]) fails, forward(batch) runs
 
 
 def test_example_from_batch_uses_the_first_tensor_of_an_xy_batch() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
-    assert example_from_batch(model, (x, y))[0] is x
+    assert example_from_batch(model, (x, y)).args[0] is x
 
 
 def test_example_input_fn_decides_and_a_failing_forward_names_the_remedy() -> None:
     model = DictRegressor()
     batch = _dict_batches(1)[0]
-    assert example_from_batch(model, batch, lambda b: (b,))[0] is batch
+    assert example_from_batch(model, batch, lambda b: (b,)).args[0] is batch
+    assert example_from_batch(model, batch, lambda b: b).args[0] is batch  # a dict the forward takes whole
     with pytest.raises(MisconfigurationException, match="example_input_fn"):
         example_from_batch(nn.Linear(3, 3), {"a": torch.randn(2, 5)})
 
@@ -84,7 +84,7 @@ def test_example_input_from_the_first_training_batch_inside_fit(trainer_factory)
 
     model = DictRegressor()
     trainer_factory([Probe()], max_epochs=1, limit_train_batches=1).fit(model, DataLoader(_dict_batches(), batch_size=None))
-    (batch,) = seen["args"]
+    (batch,) = seen["args"].args
     assert set(batch) == {"image", "mask", "target"} and batch["image"].shape == (4, 1, 8, 8)
 
 

@@ -10,7 +10,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from lightning_prune.auxiliary import AuxiliaryParameters
-from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, example_input, one_sample
+from lightning_prune.callbacks._module_io import ExampleInputFn, example_input
+from lightning_prune.inputs import ModelInput
 from lightning_prune.callbacks._shared import optional_flop_count
 from lightning_prune.criteria import Granularity
 from lightning_prune.flops import FlopsPredictor
@@ -34,14 +35,14 @@ class AutoPruneFigures:
         example_input_fn: Optional[ExampleInputFn],
         selection: str,
     ) -> None:
-        self.example: Optional[ModelArgs] = None
+        self.example: Optional[ModelInput] = None
         try:
             self.example = example_input(trainer, pl_module, example_input_fn)
         except MisconfigurationException as error:
             if granularity == "channel":
                 raise
             rank_zero_warn(f"AutoPruneCallback: FLOPs are not reported ({error}).")
-        sample = None if self.example is None else one_sample(self.example)
+        sample = None if self.example is None else self.example.first_sample()
         self.layers, self.groups, self.checked_step = layers, [], 0
         self.flop_count, self.flops_predictor = None, None
         if granularity == "channel":

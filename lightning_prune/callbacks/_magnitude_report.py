@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_prune.callbacks._module_io import ExampleInputFn, ModelArgs, example_input, one_sample
+from lightning_prune.callbacks._module_io import ExampleInputFn, example_input
+from lightning_prune.inputs import ModelInput
 from lightning_prune.callbacks._shared import optional_flop_count
 from lightning_prune.criteria import ChannelNorm, Granularity
 from lightning_prune.flops import FlopCount, FlopsPredictor
@@ -26,7 +27,7 @@ class MagnitudeFigures:
 
     def __init__(self, layers: list[str], monitor: Optional[str], dense_score: Optional[float] = None) -> None:
         self.layers, self.monitor = layers, monitor
-        self.example: Optional[ModelArgs] = None
+        self.example: Optional[ModelInput] = None
         self.dense_flops: Optional[FlopCount] = None
         self.predictor: Optional[FlopsPredictor] = None
         self.dense_parameters = 0
@@ -45,7 +46,7 @@ class MagnitudeFigures:
         granularity, the pruner's channel groups (unless it has them from an earlier fit) and their predictor."""
         self.dense_parameters = sum(p.numel() for p in pl_module.parameters())
         try:
-            self.example = one_sample(example_input(trainer, pl_module, example_input_fn))
+            self.example = example_input(trainer, pl_module, example_input_fn).first_sample()
         except MisconfigurationException as error:
             if granularity == "channel":
                 raise

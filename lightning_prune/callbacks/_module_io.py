@@ -2,11 +2,13 @@
 
 Nothing here assumes classification, ``(x, y)`` batches or an ``example_input_array``:
 
-- :func:`example_input` finds the positional arguments of one forward pass: the module's
-  ``example_input_array``, the DataModule's ``example_input()``, else the first training batch
-  (its first tensor, or the whole batch when the model's forward takes the whole structure), or
-  what ``example_input_fn(batch)`` returns. FLOPs are counted on it cut to one sample
-  (:func:`one_sample`), so every FLOPs figure is per sample.
+- :func:`example_input` finds the arguments of one forward pass (a :class:`~lightning_prune.inputs.ModelInput`:
+  positional and keyword arguments): the module's ``example_input_array``, the DataModule's
+  ``example_input()`` (a dict is keyword arguments, as Lightning reads it), else the first training batch
+  (its first tensor, or the whole batch when the model's forward takes the whole structure, or a dict batch
+  as keyword arguments: ``forward(**batch)``), or what ``example_input_fn(batch)`` returns. FLOPs are counted
+  on it cut to one sample (:meth:`~lightning_prune.inputs.ModelInput.first_sample`), so every FLOPs figure is
+  per sample.
 - :func:`module_loss` computes a batch's loss through the module's own ``training_step`` (its
   returned loss, or ``loss`` of a returned dict), or ``loss_fn(pl_module, batch)`` when given.
 """
@@ -23,17 +25,15 @@ import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
+from lightning_prune.inputs import ModelInput, first_tensor, model_input
 from lightning_prune.modes import eval_mode
 
 ExampleInputFn = Callable[[Any], Any]
-"""``example_input_fn(batch)`` -> the model's input for that batch (a tensor, or a tuple of positional arguments)."""
+"""``example_input_fn(batch)`` -> the model's input for that batch: a tensor, a tuple of positional arguments, a dict
+of keyword arguments (or, where the model takes the dict itself, positional) or a ``ModelInput``."""
 
 LossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
 """``loss_fn(pl_module, batch)`` -> the scalar loss of ``batch``."""
-
-ModelArgs = tuple[Any, ...]
-"""Positional arguments of one ``model(*args)`` call."""
-
 
 def check_function(name: str, value: Optional[Callable[..., Any]], arity: int, usage: str) -> None:
     """``value`` must be ``None`` or a callable accepting ``arity`` positional arguments; the error names
@@ -60,59 +60,17 @@ def check_loss_source(callback: str, pl_module: pl.LightningModule, loss_fn: Opt
         )
 
 
-def as_model_args(value: Any) -> ModelArgs:
-    """A tensor or any single object -> ``(value,)``; a tuple or list -> its items as positional arguments."""
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def first_tensor(batch: Any) -> Optional[torch.Tensor]:
-    """The first tensor in a (nested) batch: tuples, lists and dicts in order, dataclass-like objects skipped."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def one_sample(args: ModelArgs) -> ModelArgs:
-    """The arguments cut to their first sample: every tensor whose leading dimension is the batch size
-    (that of the first tensor) keeps ``[:1]``; other values and tensors are left as they are."""
-    leading = first_tensor(args)
-    if leading is None or leading.dim() == 0:
-        return args
-    size = leading.shape[0]
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value[:1] if value.dim() > 0 and value.shape[0] == size else value
-        if isinstance(value, Mapping):
-            return type(value)({key: cut(item) for key, item in value.items()})
-        if isinstance(value, (tuple, list)):
-            return type(value)(cut(item) for item in value)
-        return value
-
-    return tuple(cut(value) for value in args)
-
-
-def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ModelArgs]:
+def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[ModelInput]:
     """``pl_module.example_input_array`` or ``datamodule.example_input()`` on the module's device (in
     ``setup`` that is still the CPU), if either exists (both usable in ``setup``, before the training data
-    is loaded); else ``None``."""
+    is loaded), read as Lightning reads it (a dict is keyword arguments); else ``None``."""
     candidate: Any = pl_module.example_input_array
     provider = getattr(trainer.datamodule, "example_input", None)
     if candidate is None and callable(provider):
         candidate = provider()
     if candidate is None:
         return None
-    if isinstance(candidate, Mapping):
-        raise MisconfigurationException(
-            "`example_input_array` is a dict, which Lightning passes as keyword arguments; the pruning callbacks "
-            "trace `model(*args)`. Give a tensor or a tuple of positional arguments, or pass `example_input_fn`."
-        )
-    return as_model_args(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate, pl_module.device)))
+    return model_input(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate, pl_module.device)))
 
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
@@ -136,44 +94,53 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
     return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, trainer.lightning_module.device))
 
 
-def _runs(pl_module: pl.LightningModule, args: ModelArgs) -> Optional[BaseException]:
-    """``None`` if ``pl_module(*args)`` runs (eval mode, no grad), else the error it raised."""
+def _runs(pl_module: pl.LightningModule, inputs: ModelInput) -> Optional[BaseException]:
+    """``None`` if ``pl_module`` runs on ``inputs`` (eval mode, no grad), else the error it raised."""
     try:
         with torch.no_grad(), eval_mode(pl_module), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl_module(*args)
+            inputs.call(pl_module)
     except Exception as error:  # noqa: BLE001 - any failure rules this candidate out
         return error
     return None
 
 
-def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_fn: Optional[ExampleInputFn] = None) -> ModelArgs:
-    """The model's input in ``batch``: ``example_input_fn(batch)`` if given; else the batch's first tensor
-    if ``pl_module`` runs on it, else the whole batch if it runs on that (e.g. a dict of tokens)."""
+def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_fn: Optional[ExampleInputFn] = None) -> ModelInput:
+    """The model's input in ``batch``: ``example_input_fn(batch)`` if given (a dict it returns: keyword arguments,
+    or the one positional argument where only that runs); else the first of these ``pl_module`` runs on: the
+    batch's first tensor, the whole batch, a dict batch as keyword arguments (``forward(**batch)``)."""
+    candidates: list[tuple[str, ModelInput]] = []
     if example_input_fn is not None:
-        return as_model_args(example_input_fn(batch))
-    candidates = []
-    tensor = first_tensor(batch)
-    if tensor is not None and tensor is not batch:
-        candidates.append((tensor,))
-    candidates.append((batch,))
+        value = example_input_fn(batch)
+        if not isinstance(value, Mapping):
+            return model_input(value)
+        candidates += [("`example_input_fn`'s dict as keyword arguments", model_input(value)),
+                       ("`example_input_fn`'s dict as the one argument", ModelInput((value,)))]
+    else:
+        tensor = first_tensor(batch)
+        if tensor is not None and tensor is not batch:
+            candidates.append(("the batch's first tensor", ModelInput((tensor,))))
+        candidates.append(("the whole batch", ModelInput((batch,))))
+        if isinstance(batch, Mapping):
+            candidates.append(("the batch as keyword arguments", model_input(batch)))
     errors = []
-    for args in candidates:
-        error = _runs(pl_module, one_sample(args))
+    for _, inputs in candidates:
+        error = _runs(pl_module, inputs.first_sample())
         if error is None:
-            return args
+            return inputs
         errors.append(f"{type(error).__name__}: {error}")
-    tried = " and ".join(["the batch's first tensor", "the whole batch"][-len(candidates) :])
+    tried = ", ".join(f"{what} ({error})" for (what, _), error in zip(candidates, errors))
     raise MisconfigurationException(
-        f"No example input found for {type(pl_module).__name__}: its forward fails on {tried} of the first training batch "
-        f"({'; '.join(errors)}). Set `example_input_array` on the LightningModule, or pass `example_input_fn=` (batch -> model input) to the callback."
+        f"No example input found for {type(pl_module).__name__}: its forward fails on each of these, taken from the first "
+        f"training batch: {tried}. Set `example_input_array` on the LightningModule, or pass `example_input_fn=` "
+        "(batch -> model input: a tensor, a tuple of positional arguments or a dict of keyword arguments) to the callback."
     )
 
 
 def example_input(
     trainer: pl.Trainer, pl_module: pl.LightningModule, example_input_fn: Optional[ExampleInputFn] = None
-) -> ModelArgs:
-    """Positional arguments of one forward pass of ``pl_module``, on its device (usable in ``setup`` too):
+) -> ModelInput:
+    """Arguments of one forward pass of ``pl_module``, on its device (usable in ``setup`` too):
     ``example_input_array``, else ``datamodule.example_input()``, else taken from the first training batch by
     :func:`example_from_batch` (``example_input_fn`` decides when given, and then comes first)."""
     if example_input_fn is None:

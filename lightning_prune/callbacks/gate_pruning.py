@@ -28,7 +28,7 @@ from lightning_prune.callbacks._gate_phase import (
     log_structure,
     run_gate_phase,
 )
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, check_loss_source, example_input, one_sample
+from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, check_loss_source, example_input
 from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.flops import count_flops
@@ -232,7 +232,7 @@ class GatePruningFromScratch(pl.Callback):
     def _search_and_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Gate phase, threshold and removal; an error or Ctrl-C anywhere before the removal leaves the user's
         model as it was (its width and weights)."""
-        x = one_sample(example_input(trainer, pl_module, self.example_input_fn))
+        x = example_input(trainer, pl_module, self.example_input_fn).first_sample()
         dense, dense_params = count_flops(pl_module, x), sum(p.numel() for p in pl_module.parameters())
         expansion = Expansion(pl_module, self.expansion)
         try:

@@ -16,14 +16,12 @@ from torch import nn
 from torch.func import functional_call
 
 from lightning_prune.checks import check_example_input, check_module, check_patterns
+from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
 from lightning_prune.structure.groups import (
     ChannelGroup,
-    ExampleInput,
     GroupMember,
-    _as_tuple,
     _Graph,
-    output_tensors,
 )
 from lightning_prune.structure.plans import ChannelPlan, _removed, channel_masks
 
@@ -52,10 +50,11 @@ def _test_plan(groups: Sequence[ChannelGroup]) -> ChannelPlan:
 
 
 def _outputs(model: nn.Module, example_input: ExampleInput, parameters: Optional[dict] = None) -> list[torch.Tensor]:
+    inputs = model_input(example_input)
     with torch.no_grad(), eval_mode(model):
         if parameters is None:
-            return output_tensors(model(*_as_tuple(example_input)))
-        return output_tensors(functional_call(model, parameters, _as_tuple(example_input)))
+            return output_tensors(inputs.call(model))
+        return output_tensors(functional_call(model, parameters, inputs.args, dict(inputs.kwargs)))
 
 
 def _masked_outputs(

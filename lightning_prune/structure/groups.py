@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_prune.inputs import ExampleInput, output_tensors
 from lightning_prune.modes import eval_mode
-
-ExampleInput = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+from lightning_prune.structure.tracing import dependency_graph
+from lightning_prune.targets import linear_features, linear_types
 
 MemberKind = Literal["out", "in", "channel"]
 
@@ -89,10 +90,6 @@ class ChannelGroup:
         return self.layers[0]
 
 
-def _as_tuple(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
@@ -104,7 +101,7 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
         if not (module.groups == 1 or depthwise):
             return f"a grouped {type(module).__name__} (groups={module.groups}) is not supported"
         return "out" if is_out or depthwise else "in"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, linear_types()):
         return "out" if is_out else "in"
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
@@ -114,47 +111,12 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
 def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) -> int:
     if isinstance(module, _ConvNd):
         return module.in_channels if kind == "in" else module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.in_features if kind == "in" else module.out_features
+    if isinstance(module, linear_types()):
+        return linear_features(module)[kind == "out"]
     if isinstance(module, _BatchNorm):
         return module.num_features
     assert channels is not None, "a traced per-channel module has a recorded output width"
     return channels
-
-
-def output_tensors(output: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output, depth first: a tensor, the items of lists and tuples, the values of
-    mappings (a Hugging Face ``ModelOutput``) and the attributes of other objects (a key/value cache)."""
-    found: list[torch.Tensor] = []
-    seen: set[int] = set()
-    stack = [output]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, nn.Module) or id(value) in seen:
-            continue
-        elif isinstance(value, (list, tuple)):
-            stack.extend(reversed(value))
-        elif isinstance(value, Mapping):
-            stack.extend(reversed(list(value.values())))
-        elif hasattr(value, "__dict__") and not isinstance(value, type):
-            stack.extend(reversed(list(vars(value).values())))
-        seen.add(id(value))
-    return found
-
-
-def _traced_outputs(output: Any) -> list[torch.Tensor]:
-    """The output tensors torch-pruning traces back from (those computed from the parameters), each behind a
-    view of its own: torch-pruning marks a model output only where its last operation is no module's, so a
-    module's output that is returned *and* used further (features beside the logits) would not count as one."""
-    traced = [tensor.view_as(tensor) for tensor in output_tensors(output) if tensor.grad_fn is not None]
-    if not traced:
-        raise ValueError(
-            f"the model's output on `example_input` ({type(output).__name__}) holds no tensor computed from its "
-            "parameters, so no channel can be traced; pass an input the model computes its output from."
-        )
-    return traced
 
 
 class _Graph:
@@ -175,9 +137,7 @@ class _Graph:
         ]
         try:
             with eval_mode(model), torch.enable_grad():
-                self.graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=_as_tuple(example_input), output_transform=_traced_outputs, verbose=False
-                )
+                self.graph = dependency_graph(model, example_input)
         except (ZeroDivisionError, IndexError, KeyError) as error:  # torch-pruning's index mapping failed
             node = _failing_node(error.__traceback__)
             raise ValueError(
@@ -228,7 +188,7 @@ class _Graph:
         visited: set[nn.Module] = set()
         with _bounded_groups(self.names), _index_mapping_as_built():
             for name, module in self.modules.items():
-                if not isinstance(module, (_ConvNd, nn.Linear)) or module in skipped or module in visited:
+                if not isinstance(module, (_ConvNd, *linear_types())) or module in skipped or module in visited:
                     continue
                 pruner = self.graph.get_pruner_of_module(module) if module in self.graph.module2node else None
                 size = None if pruner is None else pruner.get_out_channels(module)
@@ -410,7 +370,7 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
     modules = dict(model.named_modules())
     for group in groups:
         root = modules.get(group.root)
-        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else root.out_features)
+        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else linear_features(root)[1])
         if width != group.size:
             raise ValueError(
                 f"`groups` do not describe this model (group {group.index} expects {group.root!r} with "

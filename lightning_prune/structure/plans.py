@@ -17,6 +17,7 @@ from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm
 from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match
 from lightning_prune.structure.records import _qualified
+from lightning_prune.targets import transposed_linear_types
 
 ChannelPlan = dict[int, torch.Tensor]
 """Group index -> sorted ``LongTensor`` of the channels that stay; a missing group keeps all."""
@@ -24,8 +25,9 @@ ChannelPlan = dict[int, torch.Tensor]
 
 def _weight_dim(module: nn.Module, kind: MemberKind) -> int:
     """The weight dimension holding a Conv/Linear's ``kind`` channels (a transposed conv's weight is
-    ``(in, out / groups, *kernel)``)."""
-    out_dim = 1 if isinstance(module, _ConvNd) and module.transposed else 0
+    ``(in, out / groups, *kernel)``, a Hugging Face ``Conv1D``'s ``(in, out)``)."""
+    transposed = module.transposed if isinstance(module, _ConvNd) else isinstance(module, transposed_linear_types())
+    out_dim = 1 if transposed else 0
     return out_dim if kind == "out" else 1 - out_dim
 
 

@@ -1,4 +1,4 @@
-"""Structure records: the type and shape of every Conv, Linear and BatchNorm module of a (pruned)
+"""Structure records: the type and shape of every Conv, Linear (Hugging Face ``Conv1D`` included) and BatchNorm module of a (pruned)
 model, read off the model or off a ``state_dict``, and a fresh dense model reshaped to one so that the
 pruned ``state_dict`` loads (the Lightning layer's checkpoint helpers are in ``training_state.py``).
 """
@@ -12,6 +12,8 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from lightning_prune.targets import transposed_linear_types
 
 StructureRecord = dict[str, dict[str, Any]]
 """Module name -> its layer type and shape (JSON/pickle friendly), see :func:`structure_record`."""
@@ -27,6 +29,7 @@ def _qualified(module: str, parameter: str) -> str:
 _SHAPE_FIELDS = {
     "conv": ("in_channels", "out_channels", "groups"),
     "linear": ("in_features", "out_features"),
+    "conv1d": ("nx", "nf"),  # Hugging Face's Conv1D: weight (nx, nf)
     "batchnorm": ("num_features",),
 }
 
@@ -36,6 +39,8 @@ def _layer_family(module: nn.Module) -> Optional[str]:
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, transposed_linear_types()):
+        return "conv1d"
     if isinstance(module, _BatchNorm):
         return "batchnorm"
     return None
@@ -74,7 +79,8 @@ def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
     """Give ``module`` freshly initialised parameters and buffers of the recorded shape, in place. A module
     with a parametrized weight or bias gets them resized under the parametrization and zero-filled instead
     (its initialisation would evaluate a parametrization that may not fit the new shape until its owner
-    rebuilds it, as AutoPrune's gates do on resume)."""
+    rebuilds it, as AutoPrune's gates do on resume), and so does a Hugging Face ``Conv1D`` (it has no
+    ``reset_parameters``; the loaded ``state_dict`` fills it)."""
     family = _layer_family(module)
     for field in _SHAPE_FIELDS[family]:
         setattr(module, field, shape[field])
@@ -88,10 +94,12 @@ def _resize(module: nn.Module, shape: dict[str, Any]) -> None:
         weight_shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
         if module.transposed:
             weight_shape = (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+    elif family == "conv1d":
+        width, weight_shape = module.nf, (module.nx, module.nf)
     else:
         width, weight_shape = module.out_features, (module.out_features, module.in_features)
     created = [_new_parameter(module, "weight", weight_shape), _new_parameter(module, "bias", (width,))]
-    if not any(parametrized for _, parametrized in created):
+    if not any(parametrized for _, parametrized in created) and family != "conv1d":
         module.reset_parameters()
         return
     with torch.no_grad():
@@ -145,6 +153,8 @@ def structure_from_state_dict(
             shape.update(out_channels=weight.shape[0], in_channels=weight.shape[1] * groups, groups=groups)
         elif family == "linear":
             shape.update(out_features=weight.shape[0], in_features=weight.shape[1])
+        elif family == "conv1d":
+            shape.update(nx=weight.shape[0], nf=weight.shape[1])
         else:
             shape.update(num_features=weight.shape[0])
     return record
