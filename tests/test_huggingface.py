@@ -222,3 +222,15 @@ def test_autoprune_switches_off_gpt2_mlp_channels_as_conv1d_columns(trainer_fact
     apply_plan(pruned, groups, plan, batch)  # AutoPrune gates c_fc's outputs; GELU(0) = 0 silences c_proj's rows
     assert pruned.transformer.h[0].mlp.c_fc.nf == 128 - int(off.sum())
     torch.testing.assert_close(pruned(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_module_holding_torchmetrics_metrics_keeps_its_channel_groups_once_conv1d_is_known():
+    """With transformers imported, discovery registers a pruner for ``Conv1D``; torch-pruning then compares every
+    module with ``==`` against it, which torchmetrics' ``Metric`` overloads: the LightningModule's metrics must not
+    make its layers count as left out (they did: the demo classifier traced to no group at all)."""
+    from lightning_prune import ImageClassifier
+
+    model = ImageClassifier("lenet5")
+    assert any(type(module).__module__.startswith("torchmetrics") for module in model.modules())
+    groups = find_channel_groups(model, torch.randn(1, 1, 8, 8))
+    assert len(groups) == 4  # conv1, conv2, fc1, fc2 (fc3 is the output)

@@ -58,6 +58,16 @@ def _traced_outputs(output: Any) -> list[torch.Tensor]:
     return traced
 
 
+class _IdentityList(list):
+    """torch-pruning's list of layers left out of tracing, with membership by identity. Its own ``in`` compares
+    with ``==``, which torchmetrics' ``Metric`` overloads (returning a truthy metric); with a customized pruner
+    registered (``Conv1D``) torch-pruning puts a LightningModule's metrics in that list, and then every layer
+    would count as left out: the model would trace to no channel group at all."""
+
+    def __contains__(self, item: object) -> bool:
+        return any(item is entry for entry in self)
+
+
 def _call(model: nn.Module, inputs: ModelInput) -> Any:
     return inputs.call(model)
 
@@ -66,7 +76,9 @@ def dependency_graph(model: nn.Module, example_input: ExampleInput) -> tp.Depend
     """torch-pruning's graph of ``model`` traced on ``example_input`` (read by :func:`~lightning_prune.inputs.model_input`;
     the caller sets eval mode and enables gradients)."""
     pruners = {layer_type: TransposedLinearPruner() for layer_type in transposed_linear_types()}
-    return tp.DependencyGraph().build_dependency(
+    graph = tp.DependencyGraph()
+    graph.IGNORED_LAYERS_IN_TRACING = _IdentityList()
+    return graph.build_dependency(
         model,
         example_inputs=model_input(example_input),
         forward_fn=_call,
