@@ -254,6 +254,10 @@ class LearningWindow:
             and (not by_steps or step < max(1, int(self.fraction * max_steps)))
         )
 
+    def closed(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
+        """Whether the window is over (``M`` learnt and stops: the fine-tune phase), not merely yet to start."""
+        return epoch >= self.start_epoch and not self.learning(epoch, step, max_epochs, max_steps)
+
     def problem(self, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[str]:
         """Why these limits leave no fine-tuning phase (or no learning at all), else ``None``."""
         epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
@@ -569,6 +573,22 @@ class AuxiliaryParameters:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
         return {key: value.detach() > 0 for key, value in self.values.items()}
 
+    @torch.no_grad()
+    def parameter_masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-mask of every gated parameter, shaped like it and keyed by its name in the model (one entry per
+        shared parameter): what a :class:`lightning_prune.masks.MaskSet` enforces once ``M`` is fixed. Needs :attr:`attached`."""
+        masks, seen = {}, set()
+        for module, parameter in self.targets:
+            if id(self.original((module, parameter))) not in seen:
+                seen.add(id(self.original((module, parameter))))
+                masks[f"{module}.{parameter}" if module else parameter] = self._gate_value((module, parameter)) != 0
+        return masks
+
+    @property
+    def attached(self) -> bool:
+        """Whether the parametrizations ``W ⊙ h(M)`` are on the model (between :meth:`attach` and :meth:`detach`)."""
+        return bool(self._handles)
+
     def original(self, target: tuple[str, str]) -> torch.Tensor:
         """``W`` itself (the unmasked parameter) of a gated parameter."""
         module, parameter = target
@@ -613,7 +633,11 @@ class AuxiliaryParameters:
     def detach(self, permanent: bool = True) -> None:
         """Make the masks permanent: write ``W ⊙ h(M)`` into ``W`` (the same ``nn.Parameter``, so any
         optimizer keeps training it), remove the parametrizations and hooks. ``M`` leaves the model.
-        ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit)."""
+        ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit).
+        ``M`` stays readable (:attr:`values`, :meth:`plan`, :meth:`take_counts`, :meth:`state_dict`); a second call
+        changes nothing."""
+        if not self.attached:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -815,9 +839,10 @@ class AuxiliaryParameters:
             self._refresh_masks()
 
     def state_dict(self) -> dict[str, Any]:
-        """``M``, the values of the switched-off weights (one entry per shared parameter), ``M``'s optimizer state."""
+        """``M``, the values of the switched-off weights (one entry per shared parameter; none once detached: they
+        are zeros then), ``M``'s optimizer state."""
         off, seen = {}, set()
-        for target in self.targets:
+        for target in self.targets if self.attached else ():
             weight = self.original(target)
             if id(weight) not in seen:
                 seen.add(id(weight))

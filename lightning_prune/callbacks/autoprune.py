@@ -17,6 +17,7 @@ from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, module_loss
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
+from lightning_prune.masks import MaskSet
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state, reshape_on_load
@@ -53,9 +54,12 @@ class AutoPruneCallback(pl.Callback):
     ``M`` is created in ``setup``, before the strategy wraps the model (DDP), from an example input:
     ``example_input_array``/``datamodule.example_input()``, else the first training batch
     (``example_input_fn(batch)`` picks the input; it then comes first). Channel groups and FLOPs
-    (multiply-adds per sample) are taken on it. At the end of fit the masks are made permanent; ``M``
-    leaves the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are
-    removed.
+    (multiply-adds per sample) are taken on it. When the learning window closes (the first batch after
+    ``end_epoch``), ``M`` is fixed: the switched-off weights are zeroed, the gating ``W ⊙ h(M)`` leaves the
+    model and a :class:`lightning_prune.masks.MaskSet` keeps the zeros (two fused multiplies per step, as
+    ``IterativeMagnitude``'s masks: a fine-tune step costs what a dense one does plus those two); checkpoints
+    from then on hold the masks. At the end of fit the masks are made permanent; ``M`` leaves the model;
+    with ``granularity="channel"`` and ``physical=True`` switched-off channels are removed.
 
     Example::
 
@@ -86,7 +90,7 @@ class AutoPruneCallback(pl.Callback):
             need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
         start_epoch: first epoch with auxiliary steps.
-        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks.
+        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks (no gating).
             ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
         aux_dataloader: held-out data for ``M`` (any iterable of batches).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` of a held-out batch (default: ``training_step``).
@@ -147,6 +151,8 @@ class AutoPruneCallback(pl.Callback):
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
         self.aux: Optional[AuxiliaryParameters] = None
+        self.masks: Optional[MaskSet] = None
+        """The fine-tune phase's masks (``M`` fixed, the gating removed), ``None`` while ``M`` learns."""
         self.controller: Optional[PullController] = None
         self.structure: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
@@ -210,7 +216,8 @@ class AutoPruneCallback(pl.Callback):
         if self.aux is None:
             return
         self.aux.to(pl_module.device)
-        self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
+        if self.masks is None:
+            self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
             self._hooks += [optimizer.register_step_pre_hook(self._before_step), optimizer.register_step_post_hook(self._after_step)]
         self._trainer, self.figures.checked_step = trainer, trainer.global_step
@@ -220,13 +227,41 @@ class AutoPruneCallback(pl.Callback):
         return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
     def _before_step(self, *_: Any) -> None:
-        if self._learning():
+        if self.masks is None and self._learning():
             self.aux.freeze()
 
     def _after_step(self, *_: Any) -> None:
-        if self._learning():
+        if self.masks is not None:
+            self.masks.apply_to_weights()
+        elif self._learning():
             self.aux.restore_frozen()
             self._stepped = True
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Fine-tune phase: no gradient (so no momentum or Adam moment) at a masked weight."""
+        if self.masks is not None:
+            self.masks.apply_to_grads()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """At the first batch after the learning window: the masks fixed (:meth:`_fix_masks`)."""
+        if self.masks is None and self.aux is not None and self._trainer is not None and self.window.closed(
+            trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps
+        ):
+            self._fine_tuned = True
+            self._close_window()
+            self._fix_masks(trainer.optimizers)
+
+    def _fix_masks(self, optimizers: Iterable[Any], masks: Optional[dict[str, Any]] = None) -> None:
+        """The fine-tune phase at the cost of fixed masks: the keep-masks of ``M`` (or ``masks``, a checkpoint's) go to a
+        :class:`MaskSet` (two fused multiplies per step), the gating ``W ⊙ h(M)`` leaves the model with the switched-off
+        weights zeroed, and so does the optimizers' state there. ``M`` stays, detached, for the figures and the plan."""
+        masks = self.aux.parameter_masks() if masks is None else masks
+        self.aux.detach()
+        self.masks = MaskSet(self.aux.model)
+        self.masks.update(masks)
+        self.masks.apply_to_optimizer_state(optimizers)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,9 +272,6 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One auxiliary step on one held-out batch after each batch with an optimizer step of ``W``."""
         if not self._stepped:
-            if not self._fine_tuned and self.aux is not None and not self._learning():
-                self._fine_tuned = True
-                self._close_window(pl_module)
             return
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
@@ -253,15 +285,21 @@ class AutoPruneCallback(pl.Callback):
         progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
         self.controller.step(self.aux, progress, learn)
 
-    def _close_window(self, pl_module: pl.LightningModule) -> None:
+    def _close_window(self) -> None:
         """Once, when ``M`` stops learning (or at the end of fit): with a target, the final correction (if the window's
-        last step did not make it) and where the controller had landed; one host read of the fraction switched off;
-        a run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        last step did not make it); no host read (:meth:`_report_window` reads at the next epoch's end)."""
         if self._window_checked or self.aux is None:
             return
         self._window_checked = True
         if self.controller is not None:
             self.controller.settle(self.aux)
+
+    def _report_window(self) -> None:
+        """Once the window has closed, one host read: the fraction switched off and where the controller had landed; a
+        run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        if not self._window_checked or self.switched_off is not None or self.aux is None:
+            return
+        if self.controller is not None and self.controller.landed is not None:
             self.landed = float(self.controller.landed)
         self.switched_off = float(self.aux.switched_off_fraction())
         if self.target_sparsity is None and self.switched_off < 0.05:
@@ -276,16 +314,18 @@ class AutoPruneCallback(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.aux is not None and self.aux.optimizer is not None:
+        if self.aux is not None and self._trainer is not None:
+            self._report_window()
             self.figures.log(trainer, pl_module, self.aux)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Last figures, the masks made permanent, channels removed (``physical``), the summary."""
-        if self.aux is None or self.aux.optimizer is None:
+        if self.aux is None or self._trainer is None:
             self._finish()
             return
-        self._close_window(pl_module)
+        self._close_window()
+        self._report_window()
         report, flops = self.figures.log(trainer, pl_module, self.aux)
         plan = self.aux.plan() if self.physical else None
         self._finish()
@@ -306,13 +346,14 @@ class AutoPruneCallback(pl.Callback):
         self._finish()
 
     def _finish(self) -> None:
-        """Masks made permanent; ``M``, its optimizer, the optimizer hooks and the parametrizations leave the model."""
+        """Masks made permanent; ``M``, its optimizer, the optimizer hooks and the parametrizations (or the fine-tune
+        phase's masks) leave the model."""
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._trainer = [], None
         if self.aux is not None:
             self.aux.detach()
-        self.aux = None
+        self.aux, self.masks = None, None
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -335,6 +376,7 @@ class AutoPruneCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
         state = {"aux": None if self.aux is None else self.aux.state_dict()}
+        state["masks"] = None if self.masks is None else self.masks.state_dict()  # the fine-tune phase's
         state["held_out"] = None if self.held_out is None else self.held_out.state_dict()
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
@@ -345,6 +387,9 @@ class AutoPruneCallback(pl.Callback):
         """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it)."""
         if self.aux is not None and state_dict.get("aux") is not None:
             self.aux.load_state_dict(state_dict["aux"])
+        if self.aux is not None and state_dict.get("masks") is not None:  # saved in the fine-tune phase: it goes on
+            self._window_checked = self._fine_tuned = True
+            self._fix_masks((), state_dict["masks"])  # the optimizers, restored later, hold zeros there already
         if self.held_out is not None and state_dict.get("held_out") is not None:
             self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing
         if self.controller is not None and state_dict.get("controller") is not None:
