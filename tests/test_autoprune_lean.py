@@ -173,3 +173,20 @@ def test_resume_on_either_side_of_the_switch_ends_as_the_uninterrupted_run(tmp_p
         assert pruning.switched_off is not None and pruning.switched_off > 0
     if physical:
         assert sum(p.numel() for p in resumed.parameters()) < sum(p.numel() for p in ImageClassifier("lenet5").parameters())
+
+
+# ---------------------------------------------------------------------- channel mode's gating
+def test_channel_gating_costs_at_most_300_ops_over_element_per_learning_step(trainer_factory):
+    """While ``M`` learns, a ResNet-20 step gates 63 tensors per channel (convolutions and their BatchNorms' weights and
+    biases) where element pruning gates 22: every gate comes from one gather per change of ``M`` (and one per held-out
+    forward), the magnitudes and the one-channel floor from a few ops for the whole network. Rebuilt per tensor, twice
+    per step, the gates cost +1,530 ops over element pruning's step."""
+    counts = {}
+    for granularity in ("element", "channel"):
+        pruning = AutoPruneCallback(aux_dataloader=list(_random_batches(1)), end_epoch=1, granularity=granularity, **FAST)
+        counts[granularity] = resnet20_step(trainer_factory, pruning)
+    element, channel = counts["element"], counts["channel"]
+    for count in (element, channel):  # in the counted step: W's step with the switched-off weights restored, M's step
+        assert count.by_op["aten::_foreach_lerp_"] == count.by_op["aten::addcmul_"] == 1, count.by_op
+    assert channel.ops - element.ops <= 300, (channel.ops, element.ops, channel.by_op - element.by_op)
+    assert channel.syncs == element.syncs == 0, (channel.sync_ops, element.sync_ops)
