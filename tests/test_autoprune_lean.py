@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, build_network
 from lightning_prune.diagnostics import OpCount, count_ops
 
+from test_autoprune import CountingLoader
+
 FAST = dict(init=0.1, aux_lr=0.05, reg=2.0, verbose=False)
 
 
@@ -190,3 +192,31 @@ def test_channel_gating_costs_at_most_300_ops_over_element_per_learning_step(tra
         assert count.by_op["aten::_foreach_lerp_"] == count.by_op["aten::addcmul_"] == 1, count.by_op
     assert channel.ops - element.ops <= 300, (channel.ops, element.ops, channel.by_op - element.by_op)
     assert channel.syncs == element.syncs == 0, (channel.sync_ops, element.sync_ops)
+
+
+# ---------------------------------------------------------------------- the held-out batch, prefetched
+class DrawnBeforeTheStep(pl.Callback):
+    """At every batch start: how many held-out batches this epoch's pass has drawn (the loader counts them)."""
+
+    def __init__(self, loader: CountingLoader) -> None:
+        self.loader, self.base, self.seen = loader, 0, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.base = self.loader.batches
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((batch_idx, self.loader.batches - self.base))
+
+
+def test_the_held_out_batch_is_drawn_before_its_step_and_none_is_wasted(trainer_factory):
+    """After each auxiliary step the next step's held-out batch is drawn and moved to the device, so a step (but the
+    first of an epoch, which begins a pass) finds it ready; none is drawn that no step uses."""
+    data = DigitsDataModule(aux_fraction=0.5)
+    data.setup("fit")
+    loader = CountingLoader(data.aux_dataloader())
+    probe = DrawnBeforeTheStep(loader)
+    pruning = AutoPruneCallback(aux_dataloader=loader, end_epoch=1, **FAST)
+    trainer = trainer_factory([pruning, probe], max_epochs=2, limit_train_batches=5, limit_val_batches=0)
+    trainer.fit(ImageClassifier("lenet300100"), data)
+    assert probe.seen == [(index, 0 if index == 0 else index + 1) for index in range(5)] * 2
+    assert loader.batches == trainer.global_step == 10

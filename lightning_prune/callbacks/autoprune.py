@@ -277,13 +277,15 @@ class AutoPruneCallback(pl.Callback):
         held_out = self.held_out.next(trainer, pl_module, batch)
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
         learn = lambda reg: self.aux.learn(loss, reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
+        batches = trainer.num_training_batches
         if self.controller is None:
             learn(self.reg)
-            return
-        batches = trainer.num_training_batches
-        within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
-        progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
-        self.controller.step(self.aux, progress, learn)
+        else:
+            within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
+            progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
+            self.controller.step(self.aux, progress, learn)
+        if batch_idx + 1 < batches and self._learning():  # the next step's held-out batch, while the device computes
+            self.held_out.prefetch(trainer)
 
     def _close_window(self) -> None:
         """Once, when ``M`` stops learning (or at the end of fit): with a target, the final correction (if the window's
