@@ -15,7 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, build_network
+from lightning_prune.auxiliary import AuxiliaryParameters
+from lightning_prune.demo.models import LeNet5
 from lightning_prune.diagnostics import OpCount, count_ops
+from lightning_prune.structure import find_channel_groups
 
 from test_autoprune import CountingLoader
 
@@ -220,3 +223,24 @@ def test_the_held_out_batch_is_drawn_before_its_step_and_none_is_wasted(trainer_
     trainer.fit(ImageClassifier("lenet300100"), data)
     assert probe.seen == [(index, 0 if index == 0 else index + 1) for index in range(5)] * 2
     assert loader.batches == trainer.global_step == 10
+
+
+# ---------------------------------------------------------------------- what DDP must reduce
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_one_reduce_per_auxiliary_step_of_one_signal_per_entry_of_m(granularity):
+    """Under DDP the loss signal of ``M`` is averaged over ranks (every rank then takes the same step): one all-reduce
+    per step, of one value per entry of ``M``: per channel with channel granularity (a few hundred values for LeNet-5's
+    ~21,000 weights), per weight with element granularity (each weight's own signal: what DDP reduces for ``W``)."""
+    net, layers = LeNet5(), ["features.0", "features.3", "classifier.1", "classifier.3"]
+    groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8)) if granularity == "channel" else ()
+    core = AuxiliaryParameters(net, layers, granularity, groups)
+    core.attach()
+    core.build_optimizer("sgd", 0.1)
+    reduced = []
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    core.learn(lambda: F.cross_entropy(net(x), y), reg=1.0, reduce=lambda t: reduced.append(t.numel()) or t)
+    entries = core.values_flat.numel()
+    assert reduced == [entries]
+    weights = sum(net.get_submodule(name).weight.numel() for name in layers)
+    assert entries == (weights if granularity == "element" else sum(group.size for group in groups))
+    assert granularity == "element" or entries < weights / 20

@@ -49,7 +49,9 @@ class AutoPruneCallback(pl.Callback):
     ``aux_dataloader()`` of the module or the DataModule (``DigitsDataModule(aux_fraction=0.5)`` is the
     paper's 1:1 split), else — with a warning — the training batch itself. Under DDP the held-out
     loader is sharded per rank and the gradient of ``M`` is averaged over ranks, so every rank holds the
-    same ``M``.
+    same ``M``: one all-reduce per auxiliary step, of one value per entry of ``M`` (per channel with
+    ``granularity="channel"``; per weight with ``"element"``, as DDP's own reduce of the weights' gradients),
+    and none in the fine-tune phase.
 
     ``M`` is created in ``setup``, before the strategy wraps the model (DDP), from an example input:
     ``example_input_array``/``datamodule.example_input()``, else the first training batch
