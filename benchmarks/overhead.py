@@ -2,11 +2,13 @@
 plus aten ops and host synchronisations per training step (``lightning_prune.diagnostics.count_ops``).
 
     python benchmarks/overhead.py [--quick] [--rounds 5] [--steps 8] [--models resnet20 resnet50] [--threads N] [--size 32]
+        [--variants dense "AutoPrune channel" ...]
 
 For each model (``build_network("resnet20")``, ``build_network("resnet50")``, 3x32x32 inputs (``--size``),
 random data in memory) every round runs one short ``Trainer.fit`` per variant, in turn (dense, IterativeMagnitude
-element, IterativeMagnitude channel, AutoPrune element, Lightning's ``ModelPruning``, and the gate
-phase of GatePruningFromScratch), so all variants see the same machine load. A training step is timed
+element, IterativeMagnitude channel, AutoPrune element and channel learning ``M`` (``end_epoch=1``) and
+fine-tuning under fixed masks (``end_epoch=0``), Lightning's ``ModelPruning``, and the gate phase of
+GatePruningFromScratch), so all variants see the same machine load. A training step is timed
 from the first ``on_train_batch_start`` to the last ``on_train_batch_end`` hook (forward, backward,
 optimizer step and every callback's batch hooks), in the second epoch only (every callback is active
 by then: IterativeMagnitude and ModelPruning prune 90% at epoch 0); the ratio is the median step time
@@ -105,6 +107,9 @@ VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
         sparsity=0.5, schedule="one_shot", start_epoch=0, end_epoch=0, granularity="channel", verbose=False
     ),
     "AutoPrune element": lambda aux: AutoPruneCallback(aux_dataloader=aux, end_epoch=1, verbose=False),
+    "AutoPrune element fine-tune": lambda aux: AutoPruneCallback(aux_dataloader=aux, end_epoch=0, verbose=False),
+    "AutoPrune channel": lambda aux: AutoPruneCallback(aux_dataloader=aux, end_epoch=1, granularity="channel", verbose=False),
+    "AutoPrune channel fine-tune": lambda aux: AutoPruneCallback(aux_dataloader=aux, end_epoch=0, granularity="channel", verbose=False),
     "ModelPruning (Lightning)": lambda aux: ModelPruning(
         "l1_unstructured", amount=0.9, apply_pruning=lambda epoch: epoch == 0, use_lottery_ticket_hypothesis=False
     ),
@@ -191,6 +196,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--size", type=int, default=32, help="input height and width (224: ImageNet's)")
+    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, GATE], help="a subset of the variants (dense always runs)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -199,7 +205,7 @@ def main() -> None:
         args.rounds, args.steps, args.batch, args.models = 1, 3, 2, ["resnet20"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [*VARIANTS, GATE]
+    names = [*VARIANTS, GATE] if not args.variants else ["dense", *(name for name in args.variants if name != "dense")]
     print(f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x{args.size}x{args.size}, CPU threads {torch.get_num_threads()}")
     print()
     print("| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |")

@@ -32,6 +32,9 @@ WHY_SLOWER = {
     "where ModelPruning multiplies each weight by its mask in a forward pre-hook",
     "IterativeMagnitude channel": "the same two multiplies as element pruning (the masks are element masks of whole channels)",
     "AutoPrune element": "the bi-level method itself: one extra forward and backward on a held-out batch and one step of M per step",
+    "AutoPrune element fine-tune": "the same two multiplies as IterativeMagnitude (M fixed: its masks in a MaskSet, no gating)",
+    "AutoPrune channel": "the bi-level method, as element pruning, with the BatchNorms of the gated channels gated too",
+    "AutoPrune channel fine-tune": "the same two multiplies as IterativeMagnitude (M fixed: its masks in a MaskSet, no gating)",
     GATE: "a different phase: gates are trained on a frozen random network in their own loop (no weight update)",
 }
 
@@ -88,7 +91,8 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         f"Per training step, {size['batch']}x3x32x32 random inputs, {size['rounds']} rounds of {size['steps']} timed steps per variant, "
         "1 torch thread. **/ dense** = median over rounds of (median step time / median dense step time of the same round); "
         "**/ ModelPruning** = that ratio over ModelPruning's. IterativeMagnitude and ModelPruning have pruned 90% (channel: 50%) "
-        "before the timed epoch; AutoPrune is in its auxiliary phase; the gate phase is its own loop "
+        "before the timed epoch; AutoPrune learns M in it, or (fine-tune) fine-tunes under the masks it learnt in epoch 0; "
+        "the gate phase is its own loop "
         "(its wall time / its steps; ops and syncs of its per-step path: the loss and the gate step). Ops and syncs: "
         "one step, device-independent.",
         "",

@@ -80,6 +80,22 @@ class _PassThrough(torch.autograd.Function):
         return grad, None
 
 
+class _Gather(torch.autograd.Function):
+    """``hard[index]`` (a precomputed h(M), with one always-on entry after M's) forward; backward the identity to ``aux``
+    (the flat M) summed over repeated indices: every channel gate of the network in one gather, the linear STE."""
+
+    @staticmethod
+    def forward(ctx: Any, aux: torch.Tensor, hard: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # noqa: ANN401
+        ctx.save_for_backward(index)
+        ctx.size = hard.numel()
+        return hard.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN401
+        (index,) = ctx.saved_tensors  # index_put_ with accumulate: deterministic on CUDA too
+        return grad.new_zeros(ctx.size).index_put_((index,), grad, accumulate=True)[: ctx.size - 1], None, None
+
+
 def indicator(aux: torch.Tensor, ste: Ste = "leaky_relu", slope: float = 0.5) -> torch.Tensor:
     r"""h(m) = 1[m > 0] in the forward pass; the straight-through estimate h̃'(m) in the backward pass."""
     return _Indicator.apply(aux, ste, slope)
@@ -255,6 +271,10 @@ class LearningWindow:
             and (not by_steps or step < max(1, int(self.fraction * max_steps)))
         )
 
+    def closed(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
+        """Whether the window is over (``M`` learnt and stops: the fine-tune phase), not merely yet to start."""
+        return epoch >= self.start_epoch and not self.learning(epoch, step, max_epochs, max_steps)
+
     def problem(self, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[str]:
         """Why these limits leave no fine-tuning phase (or no learning at all), else ``None``."""
         epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
@@ -378,6 +398,17 @@ class _Slice:
     channels: Optional[torch.Tensor] = None
 
 
+@dataclass
+class _GateCache:
+    """``h(M)`` (``on``) and ``1 − h(M)`` (``off``) of every gated tensor in one dtype, broadcastable to it, as views of
+    buffers (``buffers``) refreshed in place when ``M`` changed (``version``: of :meth:`AuxiliaryParameters._hard_mask`)."""
+
+    version: int
+    on: dict[tuple[str, str], torch.Tensor]
+    off: dict[tuple[str, str], torch.Tensor]
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # h(M) with its always-on entry (in dtype), on, off
+
+
 class _Gate(nn.Module):
     """The parametrization ``W -> W ⊙ gate`` of one parameter (``gate`` from :class:`AuxiliaryParameters`)."""
 
@@ -482,6 +513,7 @@ class AuxiliaryParameters:
         self.groups = list(groups) if granularity == "channel" else []
         self.ste, self.slope = ste, slope
         self.targets: dict[tuple[str, str], list[_Slice]] = defaultdict(list)
+        self._target_shapes: dict[tuple[str, str], tuple[int, ...]] = {}  # channel granularity
         self._channel_dims: dict[tuple[str, str], int] = {}  # the dim of a parameter holding output channels
         shapes: dict[str, tuple[int, ...]] = {}
         if granularity == "element":
@@ -501,6 +533,7 @@ class AuxiliaryParameters:
                     for parameter, tensor in module.named_parameters(recurse=False):
                         if tensor is not None:
                             self.targets[(member.module, parameter)].append(_Slice(group.root, member.positions, member.channels))
+                            self._target_shapes[(member.module, parameter)] = tuple(tensor.shape)
                             # a transposed conv's or Hugging Face Conv1D's weight holds them in dim 1
                             dim = _weight_dim(module, "out") if parameter == "weight" and member.kind == "out" else 0
                             self._channel_dims[(member.module, parameter)] = dim
@@ -516,10 +549,12 @@ class AuxiliaryParameters:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._handles: list[Any] = []
         self._originals: list[torch.Tensor] = []
+        self._restore_targets: list[tuple[str, str]] = []  # the first target of each of _originals
         self._saved: Optional[list[torch.Tensor]] = None
         self._buffer_store: Optional[list[torch.Tensor]] = None
         self._pending_optimizer: Optional[dict[str, Any]] = None
         self._tracked: Optional[dict[str, torch.Tensor]] = None
+        self._tracked_gates: Optional[dict[tuple[str, str], torch.Tensor]] = None
 
     def _views(self) -> None:
         """``values``, per-key views of the flat ``M``; device-side masks, buffers and counters."""
@@ -527,8 +562,9 @@ class AuxiliaryParameters:
             chunk.view(shape) for chunk, shape in zip(self._flat.split(self._counts), self._shapes.values())
         )))
         device = self._flat.device
-        self._hard, self._hard_version = torch.empty_like(self._flat), -1
-        self._hard_casts: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+        self._hard_ext = torch.ones(self._flat.numel() + 1, device=device)  # h(M), then an always-on entry
+        self._hard, self._hard_version = self._hard_ext[:-1], -1
+        self._gate_caches: dict[torch.dtype, _GateCache] = {}
         self._reported = self._hard_mask() > 0  # h(M) at the last take_counts
         self._work, self._scratch, self._abs = (torch.empty_like(self._flat) for _ in range(3))  # the step's buffers
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -537,37 +573,64 @@ class AuxiliaryParameters:
             target: [_Slice(s.key, *(None if t is None else t.to(device) for t in (s.positions, s.channels))) for s in slices]
             for target, slices in self.targets.items()
         })
-        self._channel_gates: dict[tuple[tuple[str, str], torch.dtype], tuple[int, torch.Tensor]] = {}
+        if self.granularity == "channel":
+            self._channel_layout()
 
-    def _segment(self, key: str) -> torch.Tensor:
-        """The entries of one key: inside :meth:`tracking` an output of one ``split`` of the tracked flat ``M``
-        (one backward node for all keys: per-key slices would each back-propagate a flat-sized zero tensor)."""
-        return self.values[key] if self._tracked is None else self._tracked[key]
+    def _channel_layout(self) -> None:
+        """Channel granularity: index tensors that compute every gate, magnitude and group floor in a few ops for the
+        whole network. The gated tensors are ordered by rank (``_ranks``: rank, targets, their rows), so that one
+        gather of ``_rows`` (per row of each tensor, its entry of the flat ``M``; the always-on entry ``n`` where no
+        group gates the row) splits into gates shaped for broadcasting; ``_gated``/``_entries``: the gated rows and
+        their entries (for the magnitudes); ``_groups``: each key's entries, padded with ``n`` (for the floor)."""
+        n, device = self._flat.numel(), self._flat.device
+        order = sorted(self.targets, key=self._layout_key)
+        rows = []
+        for target in order:
+            row = torch.full((self._rows_of(target),), n, dtype=torch.long, device=device)
+            for piece in self.targets[target]:
+                row[piece.positions] = piece.channels + self._spans[piece.key].start
+            rows.append(row)
+        self._rows = torch.cat(rows)
+        self._gated = (self._rows < n).nonzero().flatten()
+        self._entries = self._rows[self._gated]
+        self._ranks = [(layout, [t for t in order if self._layout_key(t) == layout]) for layout in dict.fromkeys(map(self._layout_key, order))]
+        width = max(self._counts)
+        self._groups = torch.full((len(self._counts), width), n, dtype=torch.long, device=device)
+        for index, span in enumerate(self._spans.values()):
+            self._groups[index, : span.stop - span.start] = torch.arange(span.start, span.stop, device=device)
+
+    def _layout_key(self, target: tuple[str, str]) -> tuple[int, int]:
+        """A gated tensor's rank and the dim holding its output channels (1 for a transposed conv's or ``Conv1D``'s
+        weight): tensors of one key share one broadcast shape of their gates."""
+        return len(self._target_shapes[target]), self._channel_dims[target]
+
+    def _rows_of(self, target: tuple[str, str]) -> int:
+        """The output channels of a gated tensor (its size along the channel dim)."""
+        return self._target_shapes[target][self._channel_dims[target]]
+
+    def _shaped(self, gates: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """The gate of every target as views of ``gates`` (flat, the rows of :meth:`_channel_layout`'s order): a few
+        ops per rank and channel dim, none per tensor."""
+        out = {}
+        blocks = gates.split([sum(map(self._rows_of, targets)) for _, targets in self._ranks])
+        for ((rank, dim), targets), block in zip(self._ranks, blocks):
+            shape = (*([1] * dim), -1, *([1] * (rank - dim - 1)))
+            pieces = block.view(shape).split([self._rows_of(t) for t in targets], dim=dim)
+            out.update(zip(targets, pieces))
+        return out
 
     # ------------------------------------------------------------------ gates
     def gate(self, target: tuple[str, str], like: torch.Tensor) -> torch.Tensor:
         """The 0/1 gate ``h(M)`` of one parameter, broadcastable to it (differentiable through the STE)."""
-        slices = self.targets[target]
-        if self.granularity == "element":
-            span, shape = self._spans[slices[0].key], self._shapes[slices[0].key]
-            if self._tracked is None:  # cached, in the weights' dtype: no compare, no cast
-                return self._hard_as(like.dtype)[span].view(shape)
-            # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
-            return _PassThrough.apply(self._segment(slices[0].key), self._hard_mask()[span].view(shape)).to(like.dtype)
-        cached = self._channel_gates.get((target, like.dtype)) if self._tracked is None else None
-        if cached is not None and cached[0] == self._flat._version:  # M unchanged since: no index ops per forward
-            return cached[1]
-        dim = self._channel_dims[target]
-        gate = torch.ones(like.shape[dim], device=like.device, dtype=like.dtype)
-        for piece in slices:
-            h = self._hard_mask()[self._spans[piece.key]]
-            if self._tracked is not None:  # M learns: the linear STE of tracking
-                h = _PassThrough.apply(self._segment(piece.key), h)
-            gate = gate.index_copy(0, piece.positions, h.to(like.dtype)[piece.channels])
-        gate = gate.view(*([1] * dim), -1, *([1] * (like.dim() - dim - 1)))
-        if self._tracked is None:  # a constant while M does not learn: kept until M's version counter moves
-            self._channel_gates[(target, like.dtype)] = (self._flat._version, gate)
-        return gate
+        if self._tracked is None:  # cached in the weights' dtype: no op per forward while M is unchanged
+            return self._gates(like.dtype).on[target]
+        if self.granularity == "element":  # M learns: ∂L/∂h(M) flows to it (the linear STE of tracking)
+            key = self.targets[target][0].key
+            return _PassThrough.apply(self._tracked[key], self._hard_mask()[self._spans[key]].view(self._shapes[key])).to(like.dtype)
+        if self._tracked_gates is None:  # every channel gate of this forward from one gather (the linear STE)
+            self._hard_mask()
+            self._tracked_gates = self._shaped(_Gather.apply(self._flat, self._hard_ext, self._rows).to(like.dtype))
+        return self._tracked_gates[target]
 
     def _hard_mask(self) -> torch.Tensor:
         """Flat float ``h(M)`` (the gates of every forward, 0.0 or 1.0), recomputed only when ``M`` changed (its
@@ -578,18 +641,32 @@ class AuxiliaryParameters:
             self._hard_version = self._flat._version
         return self._hard
 
-    def _hard_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """:meth:`_hard_mask` in ``dtype`` (bf16/fp16 weights): a buffer of that dtype, refreshed once per change of ``M``."""
-        hard = self._hard_mask()
-        if dtype == hard.dtype:
-            return hard
-        version, buffer = self._hard_casts.get(dtype, (-1, None))
-        if buffer is None:
-            buffer = torch.empty_like(hard, dtype=dtype)
-        if version != self._hard_version:
-            buffer.copy_(hard)
-        self._hard_casts[dtype] = (self._hard_version, buffer)
-        return buffer
+    def _gates(self, dtype: torch.dtype) -> _GateCache:
+        """``h(M)`` and ``1 − h(M)`` of every gated tensor in ``dtype``, refreshed once per change of ``M`` (a cast for
+        bf16/fp16 weights, the channel gather, the complement: a few ops for the whole network)."""
+        self._hard_mask()
+        cache = self._gate_caches.get(dtype)
+        if cache is None:
+            hard = self._hard_ext if dtype == self._hard_ext.dtype else torch.empty_like(self._hard_ext, dtype=dtype)
+            on = hard if self.granularity == "element" else torch.empty(self._rows.numel(), dtype=dtype, device=hard.device)
+            off = torch.empty_like(on)
+            cache = self._gate_caches[dtype] = _GateCache(-1, self._gate_views(on), self._gate_views(off), (hard, on, off))
+        if cache.version != self._hard_version:
+            hard, on, off = cache.buffers
+            if hard is not self._hard_ext:
+                hard.copy_(self._hard_ext)
+            if self.granularity == "channel":
+                torch.index_select(hard, 0, self._rows, out=on)
+            torch.mul(on, -1, out=off).add_(1)
+            cache.version = self._hard_version
+        return cache
+
+    def _gate_views(self, buffer: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """Every target's gate as a view of ``buffer`` (element: ``h(M)`` laid out as ``M``; channel: rows in layout order)."""
+        if self.granularity == "channel":
+            return self._shaped(buffer)
+        keys = {target: slices[0].key for target, slices in self.targets.items()}
+        return {target: buffer[self._spans[key]].view(self._shapes[key]) for target, key in keys.items()}
 
     @property
     def values_flat(self) -> torch.Tensor:
@@ -609,6 +686,22 @@ class AuxiliaryParameters:
         """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
         return {key: value.detach() > 0 for key, value in self.values.items()}
 
+    @torch.no_grad()
+    def parameter_masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-mask of every gated parameter, shaped like it and keyed by its name in the model (one entry per
+        shared parameter): what a :class:`lightning_prune.masks.MaskSet` enforces once ``M`` is fixed. Needs :attr:`attached`."""
+        masks, seen = {}, set()
+        for module, parameter in self.targets:
+            if id(self.original((module, parameter))) not in seen:
+                seen.add(id(self.original((module, parameter))))
+                masks[f"{module}.{parameter}" if module else parameter] = self._gate_value((module, parameter)) != 0
+        return masks
+
+    @property
+    def attached(self) -> bool:
+        """Whether the parametrizations ``W ⊙ h(M)`` are on the model (between :meth:`attach` and :meth:`detach`)."""
+        return bool(self._handles)
+
     def original(self, target: tuple[str, str]) -> torch.Tensor:
         """``W`` itself (the unmasked parameter) of a gated parameter."""
         module, parameter = target
@@ -618,22 +711,11 @@ class AuxiliaryParameters:
     def _gate_value(self, target: tuple[str, str]) -> torch.Tensor:
         return self.gate(target, self.original(target)).expand_as(self.original(target))
 
-    def _on_mask(self, target: tuple[str, str]) -> torch.Tensor:
-        """``h(M)`` of ``target`` (float 0/1, the weight's dtype), broadcastable to it: the cached gate."""
-        weight = self.original(target)
-        if self.granularity == "element":
-            return self._hard_as(weight.dtype)[self._span(self.targets[target][0].key)].view(weight.shape)
-        return self.gate(target, weight)
-
-    def _span(self, key: str) -> slice:
-        return self._spans[key]
-
     @torch.no_grad()
     def _refresh_masks(self) -> None:
-        """Compute ``h(M)`` and the channel gates now (after an attach, a move or a load), not in the next forward."""
-        self._hard_mask()
-        for target in self.targets if self.granularity == "channel" else ():
-            self.gate(target, self.original(target))
+        """Compute ``h(M)`` and the gates now (after an attach, a move or a load), not in the next forward."""
+        for dtype in {weight.dtype for weight in self._originals}:
+            self._gates(dtype)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -646,14 +728,22 @@ class AuxiliaryParameters:
             names = [parameter for owner, parameter in self.targets if owner == module_name]
             self._handles.append(module.register_state_dict_post_hook(_plain_keys(self, module_name, names)))
             self._handles.append(module.register_load_state_dict_pre_hook(_parametrized_keys(names)))
-        self._originals = list({id(t): t for t in (self.original(target) for target in self.targets)}.values())
+        firsts: dict[int, tuple[str, str]] = {}
+        for target in self.targets:
+            firsts.setdefault(id(self.original(target)), target)
+        self._restore_targets = list(firsts.values())
+        self._originals = [self.original(target) for target in self._restore_targets]
         self._refresh_masks()
 
     @torch.no_grad()
     def detach(self, permanent: bool = True) -> None:
         """Make the masks permanent: write ``W ⊙ h(M)`` into ``W`` (the same ``nn.Parameter``, so any
         optimizer keeps training it), remove the parametrizations and hooks. ``M`` leaves the model.
-        ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit)."""
+        ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit).
+        ``M`` stays readable (:attr:`values`, :meth:`plan`, :meth:`take_counts`, :meth:`state_dict`); a second call
+        changes nothing."""
+        if not self.attached:
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -662,7 +752,7 @@ class AuxiliaryParameters:
         for target in self.targets:
             parametrize.remove_parametrizations(self.model.get_submodule(target[0]), target[1], leave_parametrized=False)
         self.optimizer = None
-        self._originals, self._saved, self._buffer_store = [], None, None
+        self._originals, self._restore_targets, self._saved, self._buffer_store = [], [], None, None
 
     # ------------------------------------------------------------------ switched-off weights keep their values
     @torch.no_grad()
@@ -674,32 +764,31 @@ class AuxiliaryParameters:
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        """Write the saved values back where the gate is 0, undoing weight decay and momentum there (in place:
-        ``lerp(saved, W, h)`` is exactly ``saved`` at h = 0 and ``W`` at h = 1, and on CPU three times as fast as
-        a ``where`` on a boolean mask)."""
+        """Write the saved values back where the gate is 0, undoing weight decay and momentum there: one fused
+        ``lerp(W, saved, 1 − h)`` over every gated ``W``, in place (exactly ``W`` at 1 − h = 0 and ``saved`` at
+        1 − h = 1, and on CPU three times as fast as a ``where`` on a boolean mask)."""
         if self._saved is None:
             return
-        saved = dict(zip(map(id, self._originals), self._saved))
-        done = set()
-        for target in self.targets:
-            weight = self.original(target)
-            if id(weight) not in done:
-                done.add(id(weight))
-                torch.lerp(saved[id(weight)], weight, self._on_mask(target), out=weight)
+        offs = [self._gates(weight.dtype).off[target] for weight, target in zip(self._originals, self._restore_targets)]
+        torch._foreach_lerp_(self._originals, self._saved, offs)
 
     # ------------------------------------------------------------------ the auxiliary step
     @contextlib.contextmanager
     def tracking(self) -> Iterator[list[torch.Tensor]]:
-        """Let autograd track ``M`` (it does not while the model trains); yields the per-key pieces of the
-        flat ``M`` (outputs of one ``split``: gradients taken with respect to them skip the split's backward,
-        a concatenation into a fresh ``M``-sized tensor). Inside, the gates back-propagate with the
-        identity, so ``autograd.grad`` gives ``∂L/∂h(M)``; the STE is applied in :func:`auxiliary_gradient`."""
+        """Let autograd track ``M`` (it does not while the model trains); yields what to take gradients with respect to:
+        element granularity, the per-key pieces of the flat ``M`` (outputs of one ``split``: one backward node for all
+        keys, where per-key slices would each back-propagate a flat-sized zero tensor); channel granularity, the flat
+        ``M`` itself (its gates are one gather). Inside, the gates back-propagate with the identity, so
+        ``autograd.grad`` gives ``∂L/∂h(M)``; the STE is applied in :func:`auxiliary_gradient`."""
         self._flat.requires_grad_(True)
-        self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
+        if self.granularity == "element":
+            self._tracked = {key: chunk.view(shape) for (key, shape), chunk in zip(self._shapes.items(), self._flat.split(self._counts))}
+        else:
+            self._tracked = {}
         try:
-            yield list(self._tracked.values())
+            yield list(self._tracked.values()) or [self._flat]
         finally:
-            self._tracked = None
+            self._tracked, self._tracked_gates = None, None
             self._flat.requires_grad_(False)
             self._flat.grad = None
 
@@ -717,14 +806,12 @@ class AuxiliaryParameters:
                 weight = self.original((key, "weight")).reshape(-1)
                 torch.abs(weight, out=piece) if weight.dtype == piece.dtype else piece.copy_(weight).abs_()
             return out
-        out.zero_()
-        for target, slices in self.targets.items():
-            weight = self.original(target)
-            dim = self._channel_dims[target]
-            rows = weight.float().pow(2).movedim(dim, 0).reshape(weight.shape[dim], -1).sum(1)
-            for piece in slices:
-                out[self._span(piece.key)].index_add_(0, piece.channels, rows[piece.positions])
-        return out.sqrt_()
+        weights = [self.original(target).float() for _, targets in self._ranks for target in targets]  # layout order
+        squares = torch._foreach_mul(weights, weights)  # one op for the network, then one sum per tensor of rank > 1
+        dims = [self._channel_dims[target] for _, targets in self._ranks for target in targets]
+        rows = torch.cat([square.sum(tuple(d for d in range(square.dim()) if d != dim)) if square.dim() > 1 else square
+                          for square, dim in zip(squares, dims)])
+        return out.zero_().index_add_(0, self._entries, rows.index_select(0, self._gated)).sqrt_()
 
     def build_optimizer(self, kind: AuxOptimizer, lr: float) -> torch.optim.Optimizer:
         """The optimizer of ``M`` (plain SGD or Adam at ``lr``, one flat tensor)."""
@@ -747,15 +834,15 @@ class AuxiliaryParameters:
             if buffers:
                 torch._foreach_copy_(self._buffer_store, buffers)
         try:
-            with torch.enable_grad(), self.tracking() as pieces:
-                grads = torch.autograd.grad(compute_loss(), pieces, allow_unused=True)
+            with torch.enable_grad(), self.tracking() as inputs:
+                grads = torch.autograd.grad(compute_loss(), inputs, allow_unused=True)
         finally:
             if buffers:
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, self._buffer_store)
         zero = torch.zeros((), device=self._flat.device)
-        grads = [zero.expand(n) if g is None else g for g, n in zip(grads, self._counts)]  # unused: no allocation
-        self.step(grads, reg, normalize, reduce=reduce, **consistency)
+        grads = [zero.expand(t.numel()) if g is None else g for g, t in zip(grads, inputs)]  # unused: no allocation
+        self.step(grads if len(grads) == len(self._counts) else grads[0], reg, normalize, reduce=reduce, **consistency)
 
     @torch.no_grad()
     def step(
@@ -796,13 +883,12 @@ class AuxiliaryParameters:
     @torch.no_grad()
     def _keep_a_channel(self) -> None:
         """Channel granularity: a group whose every ``m`` is ≤ 0 gets its largest-``m`` channel back (``m`` = 1e-6)."""
-        if self.granularity == "channel":
-            for key in self._shapes:
-                segment = self.values[key]
-                top = segment.argmax().unsqueeze(0)
-                collapsed = segment.max() <= 0
-                self._collapsed |= collapsed
-                segment.index_put_((top,), torch.where(collapsed, 1e-6, segment[top]))
+        if self.granularity == "channel":  # every group at once: its entries padded with -inf, one max per row
+            padded = torch.cat([self._flat, self._flat.new_full((1,), -math.inf)])[self._groups]
+            top, where = padded.max(dim=1)
+            collapsed = top <= 0
+            self._collapsed |= collapsed.any()
+            self._flat.index_put_((self._groups.gather(1, where.unsqueeze(1)).squeeze(1),), torch.where(collapsed, 1e-6, top))
 
     @torch.no_grad()
     def settle(self, fraction: float) -> None:
@@ -856,9 +942,10 @@ class AuxiliaryParameters:
             self._refresh_masks()
 
     def state_dict(self) -> dict[str, Any]:
-        """``M``, the values of the switched-off weights (one entry per shared parameter), ``M``'s optimizer state."""
+        """``M``, the values of the switched-off weights (one entry per shared parameter; none once detached: they
+        are zeros then), ``M``'s optimizer state."""
         off, seen = {}, set()
-        for target in self.targets:
+        for target in self.targets if self.attached else ():
             weight = self.original(target)
             if id(weight) not in seen:
                 seen.add(id(weight))

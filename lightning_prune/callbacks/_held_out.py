@@ -35,6 +35,10 @@ class HeldOutBatches:
     distributed strategy re-created with Lightning's distributed sampler, so each rank draws its own shard.
     :meth:`state_dict` holds how far the current pass has come: a run resumed inside an epoch skips as many
     batches of the restarted pass, so it draws what the uninterrupted run would have drawn next.
+
+    :meth:`prefetch` draws the next batch of the current pass ahead of its step and starts its copy to the device
+    (non-blocking on an accelerator: Lightning's ``batch_to_device``; it overlaps the device's work when the loader
+    pins memory, ``pin_memory=True``), so :meth:`next` hands it over without waiting for the loader.
     """
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, argument: Optional[Iterable[Any]]) -> None:
@@ -42,7 +46,8 @@ class HeldOutBatches:
         self.source = self._resolve(trainer, pl_module)
         self._loader: Optional[Iterable[Any]] = None
         self._iterator: Optional[Iterator[Any]] = None
-        self._epoch, self._drawn = -1, 0  # the epoch of the current pass, batches drawn from it
+        self._ready: Optional[Any] = None  # the next batch of the current pass, drawn and on the device
+        self._epoch, self._drawn = -1, 0  # the epoch of the current pass, batches handed out from it
 
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.argument is not None:
@@ -65,7 +70,7 @@ class HeldOutBatches:
         reload = trainer.reload_dataloaders_every_n_epochs
         if reload > 0 and trainer.current_epoch % reload == 0:
             self._loader = None
-        self._iterator = None
+        self._iterator, self._ready = None, None
 
     def _fetch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterable[Any]:
         owner = pl_module if self.source == "module" else trainer.datamodule
@@ -76,10 +81,14 @@ class HeldOutBatches:
         return loader
 
     def next(self, trainer: pl.Trainer, pl_module: pl.LightningModule, training_batch: Any) -> Any:
-        """The next held-out batch on the device, converted by the precision plugin (as Lightning converts
-        training batches); from wherever training starts, a mid-epoch resume included."""
+        """The next held-out batch on the device (:meth:`_to_device`), prefetched or drawn now; from wherever training
+        starts, a mid-epoch resume included."""
         if self.source == "train":
             return training_batch
+        if self._ready is not None:
+            batch, self._ready = self._ready, None
+            self._drawn += 1
+            return batch
         if self._loader is None:
             self._loader = self._fetch(trainer, pl_module)
         batch = None
@@ -100,6 +109,20 @@ class HeldOutBatches:
                 "held-out data (an empty split, e.g. `aux_fraction` too small for the batch size with drop_last?)."
             )
         self._drawn += 1
+        return self._to_device(trainer, batch)
+
+    def prefetch(self, trainer: pl.Trainer) -> None:
+        """Draw the batch the next :meth:`next` returns and move it to the device now (after a step's work was queued,
+        so the loader runs while the device computes); within the current pass only (a pass begins in the step that
+        needs it)."""
+        if self.source != "train" and self._ready is None and self._iterator is not None:
+            batch = next(self._iterator, None)
+            if batch is not None:
+                self._ready = self._to_device(trainer, batch)
+
+    @staticmethod
+    def _to_device(trainer: pl.Trainer, batch: Any) -> Any:
+        """On the device, converted by the precision plugin (as Lightning converts training batches)."""
         return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
     def _new_pass(self, trainer: pl.Trainer) -> Iterator[Any]:
@@ -109,7 +132,8 @@ class HeldOutBatches:
         return iter(self._loader)
 
     def state_dict(self) -> dict[str, int]:
-        """The epoch of the current pass over the loader and the batches drawn from it."""
+        """The epoch of the current pass over the loader and the batches handed out from it (a prefetched one is drawn
+        again after a resume)."""
         return {"epoch": self._epoch, "drawn": self._drawn}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

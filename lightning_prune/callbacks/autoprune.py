@@ -18,6 +18,7 @@ from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_l
 from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
+from lightning_prune.masks import MaskSet
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state, reshape_on_load
@@ -49,14 +50,19 @@ class AutoPruneCallback(pl.Callback):
     ``aux_dataloader()`` of the module or the DataModule (``DigitsDataModule(aux_fraction=0.5)`` is the
     paper's 1:1 split), else — with a warning — the training batch itself. Under DDP the held-out
     loader is sharded per rank and the gradient of ``M`` is averaged over ranks, so every rank holds the
-    same ``M``.
+    same ``M``: one all-reduce per auxiliary step, of one value per entry of ``M`` (per channel with
+    ``granularity="channel"``; per weight with ``"element"``, as DDP's own reduce of the weights' gradients),
+    and none in the fine-tune phase.
 
     ``M`` is created in ``setup``, before the strategy wraps the model (DDP), from an example input:
     ``example_input_array``/``datamodule.example_input()``, else the first training batch
     (``example_input_fn(batch)`` picks the input; it then comes first). Channel groups and FLOPs
-    (multiply-adds per sample) are taken on it. At the end of fit the masks are made permanent; ``M``
-    leaves the model; with ``granularity="channel"`` and ``physical=True`` switched-off channels are
-    removed.
+    (multiply-adds per sample) are taken on it. When the learning window closes (the first batch after
+    ``end_epoch``), ``M`` is fixed: the switched-off weights are zeroed, the gating ``W ⊙ h(M)`` leaves the
+    model and a :class:`lightning_prune.masks.MaskSet` keeps the zeros (two fused multiplies per step, as
+    ``IterativeMagnitude``'s masks: a fine-tune step costs what a dense one does plus those two); checkpoints
+    from then on hold the masks. At the end of fit the masks are made permanent; ``M`` leaves the model;
+    with ``granularity="channel"`` and ``physical=True`` switched-off channels are removed.
 
     Example::
 
@@ -87,9 +93,9 @@ class AutoPruneCallback(pl.Callback):
             need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).
         aux_optimizer: ``"sgd"`` or ``"adam"`` for ``M``.
         start_epoch: first epoch with auxiliary steps (before the Trainer's last epoch).
-        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks, so at least one
-            epoch must follow it inside ``max_epochs`` (and the epochs ``max_steps`` allows), else ``fit`` is refused
-            at the start. ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
+        end_epoch: last epoch with auxiliary steps; later epochs fine-tune ``W`` under fixed masks (no gating), so at
+            least one epoch must follow it inside ``max_epochs`` (and the epochs ``max_steps`` allows), else ``fit`` is
+            refused at the start. ``None``: the first 75% of ``max_epochs`` (and of ``max_steps`` when set) learn ``M``.
         aux_dataloader: held-out data for ``M`` (any iterable of batches).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` of a held-out batch (default: ``training_step``).
         example_input_fn: ``example_input_fn(batch) -> model input`` for the first training batch.
@@ -149,6 +155,8 @@ class AutoPruneCallback(pl.Callback):
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
         self.aux: Optional[AuxiliaryParameters] = None
+        self.masks: Optional[MaskSet] = None
+        """The fine-tune phase's masks (``M`` fixed, the gating removed), ``None`` while ``M`` learns."""
         self.controller: Optional[PullController] = None
         self.structure: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
@@ -215,7 +223,8 @@ class AutoPruneCallback(pl.Callback):
             return
         check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))  # max_steps: the epoch length is known now
         self.aux.to(pl_module.device)
-        self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
+        if self.masks is None:
+            self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
             self._hooks += [optimizer.register_step_pre_hook(self._before_step), optimizer.register_step_post_hook(self._after_step)]
         self._trainer, self.figures.checked_step = trainer, trainer.global_step
@@ -225,13 +234,41 @@ class AutoPruneCallback(pl.Callback):
         return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
     def _before_step(self, *_: Any) -> None:
-        if self._learning():
+        if self.masks is None and self._learning():
             self.aux.freeze()
 
     def _after_step(self, *_: Any) -> None:
-        if self._learning():
+        if self.masks is not None:
+            self.masks.apply_to_weights()
+        elif self._learning():
             self.aux.restore_frozen()
             self._stepped = True
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Fine-tune phase: no gradient (so no momentum or Adam moment) at a masked weight."""
+        if self.masks is not None:
+            self.masks.apply_to_grads()
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """At the first batch after the learning window: the masks fixed (:meth:`_fix_masks`)."""
+        if self.masks is None and self.aux is not None and self._trainer is not None and self.window.closed(
+            trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps
+        ):
+            self._fine_tuned = True
+            self._close_window()
+            self._fix_masks(trainer.optimizers)
+
+    def _fix_masks(self, optimizers: Iterable[Any], masks: Optional[dict[str, Any]] = None) -> None:
+        """The fine-tune phase at the cost of fixed masks: the keep-masks of ``M`` (or ``masks``, a checkpoint's) go to a
+        :class:`MaskSet` (two fused multiplies per step), the gating ``W ⊙ h(M)`` leaves the model with the switched-off
+        weights zeroed, and so does the optimizers' state there. ``M`` stays, detached, for the figures and the plan."""
+        masks = self.aux.parameter_masks() if masks is None else masks
+        self.aux.detach()
+        self.masks = MaskSet(self.aux.model)
+        self.masks.update(masks)
+        self.masks.apply_to_optimizer_state(optimizers)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,31 +279,36 @@ class AutoPruneCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One auxiliary step on one held-out batch after each batch with an optimizer step of ``W``."""
         if not self._stepped:
-            if not self._fine_tuned and self.aux is not None and not self._learning():
-                self._fine_tuned = True
-                self._close_window(pl_module)
             return
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
         learn = lambda reg: self.aux.learn(loss, reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
+        batches = trainer.num_training_batches
         if self.controller is None:
             learn(self.reg)
-            return
-        batches = trainer.num_training_batches
-        within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
-        progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
-        self.controller.step(self.aux, progress, learn)
+        else:
+            within = (batch_idx + 1) / batches if 0 < batches < float("inf") else 0.0
+            progress = self.window.progress(trainer.current_epoch, within, trainer.global_step, trainer.max_epochs, trainer.max_steps)
+            self.controller.step(self.aux, progress, learn)
+        if batch_idx + 1 < batches and self._learning():  # the next step's held-out batch, while the device computes
+            self.held_out.prefetch(trainer)
 
-    def _close_window(self, pl_module: pl.LightningModule) -> None:
+    def _close_window(self) -> None:
         """Once, when ``M`` stops learning (or at the end of fit): with a target, the final correction (if the window's
-        last step did not make it) and where the controller had landed; one host read of the fraction switched off;
-        a run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        last step did not make it); no host read (:meth:`_report_window` reads at the next epoch's end)."""
         if self._window_checked or self.aux is None:
             return
         self._window_checked = True
         if self.controller is not None:
             self.controller.settle(self.aux)
+
+    def _report_window(self) -> None:
+        """Once the window has closed, one host read: the fraction switched off and where the controller had landed; a
+        run without a target that switched off under 5% is warned about, naming the arguments that ask for more."""
+        if not self._window_checked or self.switched_off is not None or self.aux is None:
+            return
+        if self.controller is not None and self.controller.landed is not None:
             self.landed = float(self.controller.landed)
         self.switched_off = float(self.aux.switched_off_fraction())
         if self.target_sparsity is None and self.switched_off < 0.05:
@@ -281,16 +323,18 @@ class AutoPruneCallback(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.aux is not None and self.aux.optimizer is not None:
+        if self.aux is not None and self._trainer is not None:
+            self._report_window()
             self.figures.log(trainer, pl_module, self.aux)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Last figures, the masks made permanent, channels removed (``physical``), the summary."""
-        if self.aux is None or self.aux.optimizer is None:
+        if self.aux is None or self._trainer is None:
             self._finish()
             return
-        self._close_window(pl_module)
+        self._close_window()
+        self._report_window()
         report, flops = self.figures.log(trainer, pl_module, self.aux)
         plan = self.aux.plan() if self.physical else None
         self._finish()
@@ -311,13 +355,14 @@ class AutoPruneCallback(pl.Callback):
         self._finish()
 
     def _finish(self) -> None:
-        """Masks made permanent; ``M``, its optimizer, the optimizer hooks and the parametrizations leave the model."""
+        """Masks made permanent; ``M``, its optimizer, the optimizer hooks and the parametrizations (or the fine-tune
+        phase's masks) leave the model."""
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._trainer = [], None
         if self.aux is not None:
             self.aux.detach()
-        self.aux = None
+        self.aux, self.masks = None, None
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -340,6 +385,7 @@ class AutoPruneCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
         state = {"aux": None if self.aux is None else self.aux.state_dict()}
+        state["masks"] = None if self.masks is None else self.masks.state_dict()  # the fine-tune phase's
         state["held_out"] = None if self.held_out is None else self.held_out.state_dict()
         if self.controller is not None:
             state["controller"] = self.controller.state_dict()
@@ -350,6 +396,9 @@ class AutoPruneCallback(pl.Callback):
         """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it)."""
         if self.aux is not None and state_dict.get("aux") is not None:
             self.aux.load_state_dict(state_dict["aux"])
+        if self.aux is not None and state_dict.get("masks") is not None:  # saved in the fine-tune phase: it goes on
+            self._window_checked = self._fine_tuned = True
+            self._fix_masks((), state_dict["masks"])  # the optimizers, restored later, hold zeros there already
         if self.held_out is not None and state_dict.get("held_out") is not None:
             self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing
         if self.controller is not None and state_dict.get("controller") is not None:
