@@ -86,11 +86,11 @@ def _random_batches(seed: int, batches: int = 3, batch: int = 2) -> DataLoader:
 
 def resnet20_step(trainer_factory, callback: Optional[pl.Callback]) -> OpCount:
     """The ops of one ResNet-20 training step in epoch 1 (global step 4 of 3 per epoch), the callback's batch hooks
-    included."""
+    included; a third epoch leaves AutoPrune's fine-tuning room after an ``end_epoch=1``."""
     pl.seed_everything(0)
     model = ResNet20(count_step=4)
     callbacks = [] if callback is None else [callback, CountBatchHooks(callback)]
-    trainer_factory(callbacks, max_epochs=2, limit_val_batches=0, deterministic=False).fit(model, _random_batches(0))
+    trainer_factory(callbacks, max_epochs=3, limit_val_batches=0, deterministic=False).fit(model, _random_batches(0))
     return model.count
 
 
@@ -219,10 +219,11 @@ def test_the_held_out_batch_is_drawn_before_its_step_and_none_is_wasted(trainer_
     loader = CountingLoader(data.aux_dataloader())
     probe = DrawnBeforeTheStep(loader)
     pruning = AutoPruneCallback(aux_dataloader=loader, end_epoch=1, **FAST)
-    trainer = trainer_factory([pruning, probe], max_epochs=2, limit_train_batches=5, limit_val_batches=0)
+    trainer = trainer_factory([pruning, probe], max_epochs=3, limit_train_batches=5, limit_val_batches=0)
     trainer.fit(ImageClassifier("lenet300100"), data)
-    assert probe.seen == [(index, 0 if index == 0 else index + 1) for index in range(5)] * 2
-    assert loader.batches == trainer.global_step == 10
+    assert probe.seen[:10] == [(index, 0 if index == 0 else index + 1) for index in range(5)] * 2  # epochs 0 and 1 learn
+    assert probe.seen[10:] == [(index, 0) for index in range(5)]  # fine-tuning draws none
+    assert loader.batches == 10 and trainer.global_step == 15
 
 
 # ---------------------------------------------------------------------- what DDP must reduce
