@@ -120,13 +120,16 @@ class ZooClassifier(pl.LightningModule):
 
 
 CALLBACKS = {
-    "IterativeMagnitude": lambda _: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
+    "IterativeMagnitude": lambda position, flops_ratio: IterativeMagnitude(granularity="channel", sparsity=0.3, physical=True),
     # gates on BatchNorms where the groups have them, else (ViT, ConvNeXt) on the layers' outputs
-    "GatePruningFromScratch": lambda position: GatePruningFromScratch(
-        flops_ratio=0.6, gate_epochs=1, gate_position=position
+    "GatePruningFromScratch": lambda position, flops_ratio: GatePruningFromScratch(
+        flops_ratio=flops_ratio, gate_epochs=1, gate_position=position
     ),
-    "AutoPruneCallback": lambda _: AutoPruneCallback(),
+    "AutoPruneCallback": lambda position, flops_ratio: AutoPruneCallback(),
 }
+
+FLOPS_RATIO = {"tv_swin_t": 0.8}
+"""The gate callback's target where 0.6 is out of reach: swin_t prunes only its MLP widths (at least 0.71 of the FLOPs)."""
 
 
 HEAVY = {
@@ -146,7 +149,8 @@ def test_callback_fits_one_epoch(name, callback, trainer_factory):
     data = TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 10, (8,)))
     dense, _, groups = discovered(name)
     position = "bn" if gate_sites(dense, groups, "bn") else "conv"
-    trainer = trainer_factory([CALLBACKS[callback](position)], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    pruning = CALLBACKS[callback](position, FLOPS_RATIO.get(name, 0.6))
+    trainer = trainer_factory([pruning], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
     assert trainer.state.finished
 
