@@ -115,9 +115,12 @@ class AutoPruneCallback(pl.Callback):
         ValueError: in ``__init__``, an argument out of its range, ``physical=True`` without
             ``granularity="channel"``, or an ``aux_lr``/``reg`` that contradicts ``paper_defaults=True``; on
             resume, a checkpoint whose auxiliary parameters belong to another ``granularity`` or other layers.
-        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
-            module, a spawn-based strategy without ``reshape_on_load``, a held-out loader that yields no
-            batch, or a ``training_step`` that returns no loss (pass ``loss_fn``).
+        MisconfigurationException: at the start of ``fit``, a ``start_epoch``/``end_epoch`` that leaves no
+            fine-tuning epoch inside the Trainer's limits, a ``target_sparsity`` without an end of the window, a
+            second instance in the Trainer, a sharded strategy, a ``torch.compile``d module, a spawn-based strategy
+            without ``reshape_on_load``, a held-out loader that yields no batch, manual optimization without
+            ``loss_fn``; during fit, a ``training_step`` that returns no loss (pass ``loss_fn``) or a ``loss_fn``
+            whose loss has no gradient.
         FloatingPointError: at an epoch's end, when the gradient of ``M`` was NaN or infinite on some step
             (``M`` skipped those steps).
     """

@@ -135,9 +135,11 @@ class GatePruningFromScratch(pl.Callback):
         ValueError: in ``__init__``, an argument out of its range; at ``setup`` or train start, before any
             weight changes: ``expansion != 1`` for a module without ``width``/``set_width``, no channel to
             gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
-        MisconfigurationException: a second instance in the Trainer, a sharded strategy, a ``torch.compile``d
-            module, a spawn-based strategy without ``reshape_on_load``, no example input, a ``training_step``
-            that returns no loss (pass ``loss_fn``), a ``monitor`` the ``validation_step`` does not log, or
+        MisconfigurationException: ``gate_epochs`` beyond the Trainer's ``max_epochs`` (or the epochs ``max_steps``
+            allows), a second instance in the Trainer, a sharded strategy, a ``torch.compile``d module, a
+            spawn-based strategy without ``reshape_on_load``, no example input, manual optimization without
+            ``loss_fn``, a ``training_step`` that returns no loss (pass ``loss_fn``), a ``loss_fn`` whose loss has
+            no gradient, a ``monitor`` the ``validation_step`` does not log, or
             ``budget_training`` with ``StochasticWeightAveraging``.
         NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """

@@ -82,10 +82,11 @@ class IterativeMagnitude(pl.Callback):
 
     Raises:
         ValueError: in ``__init__``, an argument out of its range or inconsistent with another (the message
-            names both and what is allowed); at ``setup``, a schedule that does not end before the Trainer's
-            ``max_epochs``/``max_steps``, or a ``sparsity`` the per-layer floor ``max_layer_sparsity`` cannot
-            hold. Raised before any weight changes.
-        MisconfigurationException: at ``setup``, a sharded strategy (FSDP, DeepSpeed), a ``torch.compile``d
+            names both and what is allowed); at ``setup``, a ``sparsity`` the per-layer floor
+            ``max_layer_sparsity`` cannot hold. Raised before any weight changes.
+        MisconfigurationException: at the start of ``fit``, a schedule that cannot complete inside the Trainer's
+            ``max_epochs``/``max_steps`` (naming the argument and the limit); at ``setup``, a second instance with the
+            same ``name`` added after the Trainer was built, a sharded strategy (FSDP, DeepSpeed), a ``torch.compile``d
             module, ``physical=True`` under a spawn-based strategy without ``reshape_on_load``, or channel
             pruning without an example input; on resume, state saved under several other keys (pass the
             ``name`` it was saved with).
