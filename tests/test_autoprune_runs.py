@@ -240,6 +240,16 @@ def test_bf16_true_precision(trainer_factory):
     assert sparsity_report(model).sparsity > 0.1
 
 
+def test_bf16_true_precision_with_channel_groups_found_at_setup(trainer_factory):
+    """The groups are found in ``setup``, before Lightning converts the module to bf16: the example input is read in the
+    module's dtype of that moment, not cast ahead of it."""
+    callback = AutoPruneCallback(**{**FAST, "reg": 3.0}, granularity="channel")
+    model = ImageClassifier("resnet20")
+    trainer_factory([callback], max_epochs=2, precision="bf16-true", limit_train_batches=4, limit_val_batches=0).fit(model, _digits())
+    assert model.network.stem[0].weight.dtype == torch.bfloat16
+    assert callback.figures.groups
+
+
 def test_reused_instance_and_two_instances(trainer_factory):
     callback = AutoPruneCallback(**FAST)
     for _ in range(2):

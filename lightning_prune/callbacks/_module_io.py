@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
@@ -70,7 +71,18 @@ def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -
         candidate = provider()
     if candidate is None:
         return None
-    return model_input(trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(candidate, pl_module.device)))
+    return model_input(_as_module_reads(trainer, pl_module, candidate))
+
+
+def _as_module_reads(trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any) -> Any:
+    """``data`` on the module's device (through its transfer hooks) with floating tensors in the dtype of the module's
+    floating parameters: Lightning's ``convert_input`` casts to the precision's dtype (``bf16-true``), but in ``setup``
+    the module is not converted yet."""
+    data = trainer.strategy.batch_to_device(data, pl_module.device)
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return trainer.precision_plugin.convert_input(data)
+    return apply_to_collection(data, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
@@ -91,7 +103,7 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
         batch = next(iter(loaders), None)
     if batch is None:
         raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
-    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch, trainer.lightning_module.device))
+    return _as_module_reads(trainer, trainer.lightning_module, batch)
 
 
 def _runs(pl_module: pl.LightningModule, inputs: ModelInput) -> Optional[BaseException]:
