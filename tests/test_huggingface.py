@@ -175,6 +175,29 @@ def test_physical_channel_pruning_shrinks_mlp_widths_and_the_model_still_runs(tr
         assert module.model.generate(**tokens(), max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, SEQ + 2)
 
 
+def test_a_physically_pruned_gpt2_resumes_from_its_checkpoint_and_still_generates(trainer_factory, tmp_path, recwarn) -> None:
+    """``fit(ckpt_path=...)`` of a fresh, dense GPT-2 module reshapes it to the checkpoint's pruned widths (Conv1D's
+    weight is ``(in, out)``), trains on, and the result still generates; the schedule that ran before the checkpoint
+    counts as run (no "schedule incomplete" warning)."""
+    module = KeywordModule(gpt2())
+    make = lambda: IterativeMagnitude(sparsity=0.5, schedule="one_shot", granularity="channel", physical=True, monitor=None, verbose=False)  # noqa: E731
+    trainer = trainer_factory([make()], max_epochs=1)
+    trainer.fit(module, loader(False), loader(False, n=1))
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    pruned = {name: parameter.shape for name, parameter in module.state_dict().items()}
+
+    resumed = KeywordModule(gpt2())
+    trainer = trainer_factory([make()], max_epochs=2)
+    trainer.fit(resumed, loader(False), loader(False, n=1), ckpt_path=str(tmp_path / "pruned.ckpt"))
+    assert trainer.global_step == 8  # one more epoch of 4 batches, from where the first fit ended
+    assert not [w for w in recwarn if "schedule incomplete" in str(w.message)]
+    assert {name: parameter.shape for name, parameter in resumed.state_dict().items()} == pruned
+    assert any(shape != resumed_shape for shape, resumed_shape in zip(
+        (p.shape for p in KeywordModule(gpt2()).state_dict().values()), pruned.values()))  # it was pruned at all
+    resumed.eval()
+    assert resumed.model.generate(**tokens(), max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, SEQ + 2)
+
+
 def test_a_dict_example_input_array_is_keyword_arguments(trainer_factory) -> None:
     module = KeywordModule(bert())
     module.example_input_array = tokens(1)

@@ -126,6 +126,7 @@ class IterativeMagnitude(pl.Callback):
         self.layers: list[str] = []
         self.figures = MagnitudeFigures(self.layers, monitor)
         self.structure: Optional[StructureRecord] = None
+        self._permanent_last_event = -1  # the last event run before the masks were made permanent
         self._stepped = False
         self._broadcast: Optional[Broadcast] = None
 
@@ -220,7 +221,7 @@ class IterativeMagnitude(pl.Callback):
             if self.physical:
                 self.structure = self.pruner.remove_channels(self.figures.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
-            self.pruner = None
+            self._permanent_last_event, self.pruner = self.pruner.last_event, None
         if self.verbose:
             self.figures.summary(trainer, pl_module, report, flops, notes, removed=self.physical)
 
@@ -241,7 +242,7 @@ class IterativeMagnitude(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = self.pruner.state_dict() if self.pruner is not None else {"last_event": -1}
+        state = self.pruner.state_dict() if self.pruner is not None else {"last_event": self._permanent_last_event}
         arguments = {k: args.plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
         return {**state, "dense_score": self.figures.dense_score, "arguments": arguments}
 
@@ -251,3 +252,5 @@ class IterativeMagnitude(pl.Callback):
         args.warn_if_changed(state_dict.get("arguments", {}), self.arguments)
         if self.pruner is not None and "masks" in state_dict:
             self.pruner.load_state_dict(state_dict)
+        elif self.pruner is not None:  # saved after the masks were made permanent: the events that ran stay done
+            self.pruner.last_event = state_dict["last_event"]
