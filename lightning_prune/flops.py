@@ -23,7 +23,6 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module
@@ -35,8 +34,9 @@ from lightning_prune.structure import (
     GroupMember,
     apply_plan,
 )
-from lightning_prune.structure.plans import _sliced_parameters, _weight_dim
-from lightning_prune.targets import linear_features, linear_types, set_linear_features
+from lightning_prune.structure.attention import sync_head_counts
+from lightning_prune.structure.removal import removed_positions, slice_members
+from lightning_prune.targets import linear_features, linear_types
 
 log = logging.getLogger(__name__)
 _reported_operators: set[str] = set()
@@ -395,48 +395,14 @@ class _Widths:
 
 def _shrunk_copy(model: nn.Module, groups: Sequence[ChannelGroup], kept: Sequence[int]) -> nn.Module:
     """A copy of ``model`` in which group ``g`` keeps its first ``kept[g]`` channels: each member's
-    parameters, BatchNorm statistics and width attributes are sliced at the removed positions. It has the
-    shapes (hence fvcore's count) of :func:`~lightning_prune.structure.apply_plan`'s result, in
-    milliseconds instead of a torch-pruning pass."""
+    parameters, BatchNorm statistics and width attributes are sliced at the removed positions (and head counts
+    follow). It has the shapes (hence fvcore's count) of :func:`~lightning_prune.structure.apply_plan`'s result,
+    in milliseconds instead of a torch-pruning pass."""
     copy_ = copy.deepcopy(_unwrap(model))
-    modules = dict(copy_.named_modules())
-    removed: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for group, k in zip(groups, kept):
-        for member in group.members:
-            if member.has_parameters:
-                removed.setdefault((member.module, member.kind), []).append(member.positions[member.channels >= k])
-    with torch.no_grad():
-        for (name, kind), parts in removed.items():
-            module, drop = modules[name], torch.cat(parts)
-            member = GroupMember(name, kind, drop, drop, 0, 0)  # type: ignore[arg-type]
-            sliced = _sliced_parameters(member, module)
-            if isinstance(module, _BatchNorm) and module.running_mean is not None:
-                sliced += [("running_mean", 0), ("running_var", 0)]
-            for attribute, dim in sliced:
-                tensor = getattr(module, attribute)
-                keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
-                keep[drop] = False
-                value = tensor.detach()[(slice(None),) * dim + (keep.to(tensor.device),)].clone()
-                setattr(module, attribute, nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value)
-            _set_width(module, kind, getattr(module, "weight").shape if hasattr(module, "weight") and module.weight is not None else None)
+    removed = {group.index: torch.arange(group.size) >= k for group, k in zip(groups, kept)}
+    slice_members(dict(copy_.named_modules()), removed_positions(groups, removed))
+    sync_head_counts(copy_)
     return copy_
-
-
-def _set_width(module: nn.Module, kind: str, weight_shape: Optional[torch.Size]) -> None:
-    """Make a sliced module's width attributes match its parameters."""
-    if isinstance(module, _ConvNd):
-        out_dim = _weight_dim(module, "out")
-        if module.groups > 1:  # depthwise: in == out == groups
-            module.in_channels = module.out_channels = module.groups = weight_shape[0]
-        elif kind == "out":
-            module.out_channels = weight_shape[out_dim]
-        else:
-            module.in_channels = weight_shape[1 - out_dim]
-    elif isinstance(module, linear_types()):
-        in_dim = _weight_dim(module, "in")
-        set_linear_features(module, weight_shape[in_dim], weight_shape[1 - in_dim])
-    elif isinstance(module, _BatchNorm):
-        module.num_features = module.running_mean.numel() if module.running_mean is not None else weight_shape[0]
 
 
 def _has_functional_flops(modules: dict[str, nn.Module], by_module: dict[str, int], touched: set[str]) -> bool:

@@ -7,6 +7,7 @@ group that fails a check is refused, and :func:`refused_channel_groups` says why
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -18,12 +19,14 @@ from torch.func import functional_call
 from lightning_prune.checks import check_example_input, check_module, check_patterns
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
+from lightning_prune.structure.attention import attention_sites, head_members
 from lightning_prune.structure.groups import (
     ChannelGroup,
     GroupMember,
     _Graph,
 )
-from lightning_prune.structure.plans import ChannelPlan, _removed, channel_masks
+from lightning_prune.structure.plans import ChannelPlan, channel_masks
+from lightning_prune.structure.removal import remove_channels
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,7 @@ def _pruning_error(
     if traced is None:
         traced = _Graph(copy.deepcopy(model), example_input)
     try:
-        for group in groups:
-            removed = _removed(group, plan[group.index]).nonzero().flatten().tolist() if group.index in plan else []
-            if removed:
-                traced.pruning_group(traced.modules[group.root], removed).prune()
+        remove_channels(traced, groups, plan)
         found = _outputs(traced.modules[""], example_input)
     except Exception as error:  # noqa: BLE001 - any failure of the pruned model is the finding
         return f"the physically pruned model fails ({type(error).__name__}: {error})"
@@ -130,6 +130,26 @@ def _refusal(error: str, reused: Sequence[str]) -> str:
     return f"removing its channels physically does not compute what masking them computes: {error}{where}"
 
 
+_Found = tuple[str, int, list[GroupMember], Optional[str]]
+"""A candidate group: its root, size, members and attention module (``None`` for a channel group)."""
+
+
+def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_Found], list[RefusedGroup]]:
+    """A candidate per covered attention module whose q/k/v projections are all outside ``ignored``: its heads."""
+    order = {name: position for position, name in enumerate(dict(model.named_modules()))}
+    found: list[_Found] = []
+    refused: list[RefusedGroup] = []
+    for site, _, _ in attention_sites(model):
+        heads = head_members(model, site, order)
+        if isinstance(heads, str):
+            refused.append(RefusedGroup(site, 0, f"the heads of {site!r} are not pruned: {heads}"))
+            continue
+        size, members = heads
+        if not any(model.get_submodule(m.module) in ignored for m in members if m.kind == "out"):
+            found.append((next(m.module for m in members if m.kind == "out"), size, members, site))
+    return found, refused
+
+
 def _discover(
     model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
 ) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
@@ -138,19 +158,19 @@ def _discover(
     check_patterns("ignored_layers", ignored_layers)
     work = copy.deepcopy(model)  # traced, then pruned by the test plan
     ignored = _resolve(work, ignored_layers or [], "ignored_layers")
+    found, refused = _head_groups(work, ignored)
+    heads = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
     traced = _Graph(work, example_input)
-    found: list[tuple[str, int, list[GroupMember]]] = []
-    refused: list[RefusedGroup] = []
-    for root, size, tp_group in traced.root_groups(ignored):
+    for root, size, tp_group in traced.root_groups([*ignored, *heads]):  # q/k/v outputs: head groups only
         members = tp_group if isinstance(tp_group, str) else traced.members(tp_group)
         if isinstance(members, str):
             refused.append(RefusedGroup(root, size, members))
         else:
-            found.append((root, size, members))
+            found.append((root, size, members, None))
     # a position claimed by two groups would be removed by either: refuse both
     owners: dict[tuple[str, str, int], int] = {}
     clashing: set[int] = set()
-    for number, (_, _, members) in enumerate(found):
+    for number, (_, _, members, _) in enumerate(found):
         for member in members:
             if member.kind == "channel" and not member.has_parameters:
                 continue
@@ -159,13 +179,13 @@ def _discover(
                 if other != number:
                     clashing |= {number, other}
     for number in sorted(clashing):
-        root, size, _ = found[number]
+        root, size, _, _ = found[number]
         refused.append(RefusedGroup(root, size, "shares channel positions with another group"))
     found = [entry for number, entry in enumerate(found) if number not in clashing]
     found.sort(key=lambda entry: next(m.order for m in entry[2] if m.kind == "out"))
     candidates = [
-        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members))
-        for index, (_, size, members) in enumerate(found)
+        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members), site)
+        for index, (_, size, members, site) in enumerate(found)
     ]
     plan = _test_plan(candidates)
     error = _pruning_error(model, example_input, candidates, plan, traced) if candidates else None
@@ -176,7 +196,7 @@ def _discover(
         if group.index in wrong
     ]
     groups = [
-        ChannelGroup(index, group.size, group.layers, group.members)
+        dataclasses.replace(group, index=index)
         for index, group in enumerate(group for group in candidates if group.index not in wrong)
     ]
     return groups, refused

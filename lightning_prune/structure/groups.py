@@ -77,12 +77,16 @@ class ChannelGroup:
         size: number of channels; channel ``c`` is output channel ``c`` of ``layers[0]``.
         layers: names of the Conv/Linear modules whose output channels these are, in model order.
         members: every named module the group touches, in model order.
+        heads: for a group of attention heads (:mod:`~lightning_prune.structure.attention`), the attention
+            module's name: channel ``c`` is its head ``c`` (key/value head ``c`` with its query heads under
+            grouped-query attention); ``None`` for a group of channels.
     """
 
     index: int
     size: int
     layers: tuple[str, ...]
     members: tuple[GroupMember, ...]
+    heads: Optional[str] = None
 
     @property
     def root(self) -> str:
@@ -371,9 +375,10 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
     for group in groups:
         root = modules.get(group.root)
         width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else linear_features(root)[1])
-        if width != group.size:
+        expected = sum(m.positions.numel() for m in group.members if m.module == group.root and m.kind == "out")
+        if width != expected:
             raise ValueError(
                 f"`groups` do not describe this model (group {group.index} expects {group.root!r} with "
-                f"{group.size} output channels); find the groups again on the model's current shape."
+                f"{expected} output channels); find the groups again on the model's current shape."
             )
     return modules
