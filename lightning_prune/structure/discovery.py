@@ -1,4 +1,5 @@
-"""Channel-group discovery: torch-pruning's groups (:mod:`~lightning_prune.structure.groups`), each checked
+"""Channel-group discovery: torch-pruning's groups (:mod:`~lightning_prune.structure.groups`) and, if asked,
+one group of heads per covered attention module (:mod:`~lightning_prune.structure.attention`), each checked
 for a consistent channel mapping and then by numbers: removing about half of every group's channels
 physically from a copy of the model must compute what masking them (:func:`channel_masks`) computes. A
 group that fails a check is refused, and :func:`refused_channel_groups` says why.
@@ -91,6 +92,7 @@ def _pruning_error(
         found = _outputs(traced.modules[""], example_input)
     except Exception as error:  # noqa: BLE001 - any failure of the pruned model is the finding
         return f"the physically pruned model fails ({type(error).__name__}: {error})"
+    expected = [_without_zero_slices(a, b) for a, b in zip(expected, found)] + expected[len(found) :]
     shapes = [tuple(tensor.shape) for tensor in expected]
     if [tuple(tensor.shape) for tensor in found] != shapes:
         return f"the physically pruned model's output shapes are {[tuple(t.shape) for t in found]}, not {shapes}"
@@ -101,6 +103,18 @@ def _pruning_error(
     if not difference <= tolerance * max(scale, 1e-12):
         return f"the physically pruned model's output differs from the masked one by {difference / max(scale, 1e-12):.3g} (relative)"
     return None
+
+
+def _without_zero_slices(masked: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """``masked`` without its all-zero slices along the one dimension where ``pruned`` is smaller, when that
+    leaves ``pruned``'s shape (a key/value cache holds the kept heads only; the masked model's removed heads
+    are zeros there); else ``masked`` unchanged, for the shape check to report."""
+    differing = [dim for dim, (a, b) in enumerate(zip(masked.shape, pruned.shape)) if a != b]
+    if masked.dim() != pruned.dim() or len(differing) != 1:
+        return masked
+    dim = differing[0]
+    alive = masked.movedim(dim, 0).flatten(1).ne(0).any(1)
+    return masked.index_select(dim, alive.nonzero().flatten()) if int(alive.sum()) == pruned.shape[dim] else masked
 
 
 def _unfaithful(
@@ -151,17 +165,19 @@ def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_
 
 
 def _discover(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]]
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]], heads: bool
 ) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
     check_module("model", model)
     check_example_input("example_input", example_input)
     check_patterns("ignored_layers", ignored_layers)
+    if not isinstance(heads, bool):
+        raise ValueError(f"`heads` must be True or False, got {heads!r}.")
     work = copy.deepcopy(model)  # traced, then pruned by the test plan
     ignored = _resolve(work, ignored_layers or [], "ignored_layers")
-    found, refused = _head_groups(work, ignored)
-    heads = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
+    found, refused = _head_groups(work, ignored) if heads else ([], [])
+    projections = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
     traced = _Graph(work, example_input)
-    for root, size, tp_group in traced.root_groups([*ignored, *heads]):  # q/k/v outputs: head groups only
+    for root, size, tp_group in traced.root_groups([*ignored, *projections]):  # q/k/v outputs: head groups only
         members = tp_group if isinstance(tp_group, str) else traced.members(tp_group)
         if isinstance(members, str):
             refused.append(RefusedGroup(root, size, members))
@@ -203,9 +219,14 @@ def _discover(
 
 
 def find_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None, heads: bool = False
 ) -> list[ChannelGroup]:
     """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
+
+    With ``heads=True``, each attention module of a covered type (:data:`~lightning_prune.structure.HEAD_LAYOUTS`)
+    adds one group whose channels are its heads (``ChannelGroup.heads`` names the module; under grouped-query
+    attention a channel is a key/value head with its query heads), and its q/k/v outputs form no other group.
+    IterativeMagnitude's channel mode asks for them; the gate-based callbacks do not handle head groups yet.
 
     Every group is checked on a copy of ``model``: removing about half of its channels physically computes
     what masking them computes, on ``example_input`` (groups that fail are refused:
@@ -217,18 +238,20 @@ def find_channel_groups(
             output may be a tensor, a tuple, a dict or a Hugging Face ``ModelOutput`` (caches included).
         ignored_layers: names of modules whose output channels must stay; groups producing them
             are left out (their input channels may still shrink).
+        heads: whether attention heads are groups too (see above).
 
     Raises:
         ValueError: ``model``, ``example_input`` or ``ignored_layers`` are not valid; torch-pruning cannot
-            map channels through an operation of the model (named in the message).
+            map channels through an operation of the model (named in the message); ``heads`` is not a bool.
     """
-    return _discover(model, example_input, ignored_layers)[0]
+    return _discover(model, example_input, ignored_layers, heads)[0]
 
 
 def refused_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None, heads: bool = False
 ) -> list[RefusedGroup]:
     """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
     (coupled to the output, an unsupported member type, an inconsistent channel mapping, a group expansion
-    that does not terminate, or a physical removal that does not compute what the masks compute)."""
-    return _discover(model, example_input, ignored_layers)[1]
+    that does not terminate, or a physical removal that does not compute what the masks compute); with
+    ``heads=True`` also the covered attention modules whose heads are not groups (size 0), with the reason."""
+    return _discover(model, example_input, ignored_layers, heads)[1]
