@@ -337,13 +337,14 @@ class FlopsPredictor:
 
 def _probe_widths(sizes: np.ndarray, seed: int) -> tuple[int, ...]:
     """Random kept counts below each group's size, with a kept fraction no other group has where one is left
-    (groups that shrink alike could not be told apart)."""
+    (groups that shrink alike could not be told apart). Where none is left (two groups of two heads), a later
+    probe (``seed`` > 0) keeps the whole group instead, so that the two differ there."""
     generator = torch.Generator().manual_seed(seed)
     used: set[Fraction] = set()
     kept = []
     for size in (int(size) for size in sizes):
         options = (torch.randperm(size - 1, generator=generator) + 1).tolist() if size > 1 else [1]
-        k = next((k for k in options if Fraction(k, size) not in used), options[0])
+        k = next((k for k in options if Fraction(k, size) not in used), options[0] if seed == 0 else size)
         used.add(Fraction(k, size))
         kept.append(k)
     return tuple(kept)
@@ -382,7 +383,11 @@ class _Widths:
                 rows.setdefault(key, {})[group.index] = member.positions.numel() // max(group.size, 1)
         distinct = {(dims[key], tuple(sorted(row.items()))) for key, row in rows.items()}
         distinct |= {(group.size, ((group.index, 1),)) for group in groups}  # the kept count itself
-        ordered = sorted(distinct)
+        # widths that scale alike under every plan (a head's q, k, v and output widths, its count) are one factor
+        by_scaling: dict[tuple[tuple[int, Fraction], ...], tuple[int, tuple[tuple[int, int], ...]]] = {}
+        for dim, row in sorted(distinct):
+            by_scaling.setdefault(tuple((index, Fraction(per_channel, dim)) for index, per_channel in row), (dim, row))
+        ordered = sorted(by_scaling.values())
         alpha = np.zeros((len(ordered), len(groups)), dtype=np.int64)
         for r, (_, row) in enumerate(ordered):
             for index, per_channel in row:

@@ -6,6 +6,7 @@ built from configs (random weights, nothing downloaded)."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -202,13 +203,16 @@ def test_ignored_q_projection_keeps_its_heads() -> None:
 
 
 @pytest.mark.parametrize("build, attention", [(bert, "sdpa"), (bert, "eager"), (hf_vit, "sdpa"), (hf_vit, "eager"), (llama, None), (gpt2, None)])
-def test_predicted_flops_of_head_removal_equal_the_recount(build, attention) -> None:
-    """q·kᵀ and attn·v are counted (fvcore's matmul, or the sdpa handle) and scale with the kept heads."""
+def test_predicted_flops_of_head_removal_equal_the_recount(build, attention, caplog) -> None:
+    """q·kᵀ and attn·v are counted (fvcore's matmul, or the sdpa handle) and scale with the kept heads; the
+    predictor finds that factor from its probes (no recount per prediction), also for groups of two heads."""
     torch.manual_seed(0)
     model = (build(attention) if attention else build()).eval()
     x = {"pixel_values": torch.randn(1, 3, 16, 16)} if build is hf_vit else tokens(1)
     groups = find_channel_groups(model, x, heads=True)
-    predictor = FlopsPredictor(model, x, groups)
+    with caplog.at_level(logging.INFO, logger="lightning_prune.flops"):
+        predictor = FlopsPredictor(model, x, groups)
+    assert "recount" not in caplog.text
     for seed in range(3):
         plan = {index: keep for index, keep in random_plan(groups, seed).items() if groups[index].heads is not None or seed}
         pruned = copy.deepcopy(model)
