@@ -256,3 +256,22 @@ def test_iterative_magnitude_ranks_heads_with_channels_in_a_keyword_forward_fit(
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
     module.eval()
     assert torch.isfinite(module(**tokens(), labels=torch.tensor([0, 1])).loss)
+
+
+def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly() -> None:
+    """GPT-2's ``Conv1D`` holds output channels in weight columns: a removed head zeroes ``3 * head_dim`` columns
+    of ``c_attn`` and ``head_dim`` rows of ``c_proj``; the global search reaches the target by counting those."""
+    from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner
+
+    torch.manual_seed(0)
+    model, x = gpt2().eval(), tokens(1)
+    layers = [name for name, module in model.named_modules() if name.startswith("transformer.h.") and hasattr(module, "nf")]
+    channels = ChannelMagnitude.for_model(model, x, layers, "l1", 0.99)
+    assert sum(group.heads is not None for group in channels.groups) == LAYERS
+    pruner = MagnitudePruner(model, layers, 0.5, channels=channels)
+    pruner.prune(1.0)
+    weights = [model.get_submodule(layer).weight for layer in layers]
+    zeros = sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+    largest = 3 * 8 * 32 + 8 * 32  # one head: its c_attn columns and c_proj rows
+    assert 0.5 <= zeros < 0.5 + largest / sum(weight.numel() for weight in weights)
+    assert any(len(pruner.plan[group.index]) < group.size for group in channels.groups if group.heads is not None)
