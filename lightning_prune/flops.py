@@ -7,6 +7,8 @@ Unit: fvcore's, where one multiply-add is one FLOP (what papers call MACs; torch
 ``scaled_dot_product_attention`` (its two matrix products, see :func:`sdpa_flop_jit`); elementwise adds,
 activations, softmax, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
 still count in full, only a physically smaller model (or :class:`FlopsPredictor`) shows the saving.
+Removing attention heads shrinks the q/k/v and output projections and the attention products alike; the
+predictor treats a head group as any channel group (its attention products scale with the kept heads).
 """
 
 from __future__ import annotations

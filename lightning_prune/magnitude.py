@@ -10,8 +10,8 @@ At an event with schedule fraction :math:`f` and final target :math:`s`, :class:
   (Distiller's Level pruner);
 - ``criterion="sensitivity"``: drops :math:`|w| < \lambda_l = f s_l \sigma_l`, :math:`\sigma_l` the
   standard deviation of the dense layer, cached at the first event (Distiller's Sensitivity pruner);
-- ``granularity="channel"``: drops whole channels of coupled groups ranked by their L1/L2 norm
-  relative to their group's mean (:class:`ChannelMagnitude`).
+- ``granularity="channel"``: drops whole channels of coupled groups, and whole attention heads, ranked by
+  their L1/L2 norm relative to their group's mean (:class:`ChannelMagnitude`).
 
 Targets are absolute (never compounded) and weights once dropped stay dropped. Each shared (tied)
 parameter is counted once. Decisions run on the weights' device; under DDP the decision of rank 0 is

@@ -275,3 +275,18 @@ def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly(
     largest = 3 * 8 * 32 + 8 * 32  # one head: its c_attn columns and c_proj rows
     assert 0.5 <= zeros < 0.5 + largest / sum(weight.numel() for weight in weights)
     assert any(len(pruner.plan[group.index]) < group.size for group in channels.groups if group.heads is not None)
+
+
+def test_a_structure_record_restores_a_timm_vit_with_pruned_heads() -> None:
+    """timm's ``Attention`` reshapes by ``num_heads``: a dense model reshaped by the record must update it."""
+    torch.manual_seed(0)
+    model, x = timm_vit().eval(), torch.randn(2, 3, 32, 32)
+    groups = find_channel_groups(model, x, heads=True)
+    pruned = copy.deepcopy(model)
+    record = apply_plan(pruned, groups, random_plan(groups, 1), x)
+    fresh = timm_vit().eval()
+    restore_structure(fresh, record)
+    fresh.load_state_dict(pruned.state_dict())
+    assert [block.attn.num_heads for block in fresh.blocks] == [block.attn.num_heads for block in pruned.blocks] != [3, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))

@@ -9,7 +9,9 @@ Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``g
 convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
 pooling, dropout). A group that touches any other parametrised module (a grouped conv, LayerNorm,
 GroupNorm, PReLU, attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the
-model's output: the last layer's output units and the model's input channels are never pruned.
+model's output: the last layer's output units and the model's input channels are never pruned. Attention
+heads are groups of their own, built from the module's layout rather than traced
+(:mod:`~lightning_prune.structure.attention`).
 
 Every group torch-pruning proposes is checked here before it is accepted: each member's positions lie
 inside the module's dimension, no position is claimed twice (within a group or by two groups), and each
