@@ -159,7 +159,7 @@ def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_
             refused.append(RefusedGroup(site, 0, f"the heads of {site!r} are not pruned: {heads}"))
             continue
         size, members = heads
-        if not any(model.get_submodule(m.module) in ignored for m in members if m.kind == "out"):
+        if not any(model.get_submodule(m.module) is layer for m in members if m.kind == "out" for layer in ignored):
             found.append((next(m.module for m in members if m.kind == "out"), size, members, site))
     return found, refused
 
