@@ -290,3 +290,8 @@ def test_a_structure_record_restores_a_timm_vit_with_pruned_heads() -> None:
     assert [block.attn.num_heads for block in fresh.blocks] == [block.attn.num_heads for block in pruned.blocks] != [3, 3]
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), pruned(x))
+
+
+def test_heads_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`heads` must be True or False, got 'yes'"):
+        find_channel_groups(bert().eval(), tokens(), heads="yes")
