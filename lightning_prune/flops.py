@@ -7,6 +7,8 @@ Unit: fvcore's, where one multiply-add is one FLOP (what papers call MACs; torch
 ``scaled_dot_product_attention`` (its two matrix products, see :func:`sdpa_flop_jit`); elementwise adds,
 activations, softmax, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
 still count in full, only a physically smaller model (or :class:`FlopsPredictor`) shows the saving.
+Removing attention heads shrinks the q/k/v and output projections and the attention products alike; the
+predictor treats a head group as any channel group (its attention products scale with the kept heads).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.checks import check_example_input, check_module
@@ -35,8 +36,9 @@ from lightning_prune.structure import (
     GroupMember,
     apply_plan,
 )
-from lightning_prune.structure.plans import _sliced_parameters, _weight_dim
-from lightning_prune.targets import linear_features, linear_types, set_linear_features
+from lightning_prune.structure.attention import sync_head_counts
+from lightning_prune.structure.removal import removed_positions, slice_members
+from lightning_prune.targets import linear_features, linear_types
 
 log = logging.getLogger(__name__)
 _reported_operators: set[str] = set()
@@ -337,13 +339,14 @@ class FlopsPredictor:
 
 def _probe_widths(sizes: np.ndarray, seed: int) -> tuple[int, ...]:
     """Random kept counts below each group's size, with a kept fraction no other group has where one is left
-    (groups that shrink alike could not be told apart)."""
+    (groups that shrink alike could not be told apart). Where none is left (two groups of two heads), a later
+    probe (``seed`` > 0) keeps the whole group instead, so that the two differ there."""
     generator = torch.Generator().manual_seed(seed)
     used: set[Fraction] = set()
     kept = []
     for size in (int(size) for size in sizes):
         options = (torch.randperm(size - 1, generator=generator) + 1).tolist() if size > 1 else [1]
-        k = next((k for k in options if Fraction(k, size) not in used), options[0])
+        k = next((k for k in options if Fraction(k, size) not in used), options[0] if seed == 0 else size)
         used.add(Fraction(k, size))
         kept.append(k)
     return tuple(kept)
@@ -382,7 +385,11 @@ class _Widths:
                 rows.setdefault(key, {})[group.index] = member.positions.numel() // max(group.size, 1)
         distinct = {(dims[key], tuple(sorted(row.items()))) for key, row in rows.items()}
         distinct |= {(group.size, ((group.index, 1),)) for group in groups}  # the kept count itself
-        ordered = sorted(distinct)
+        # widths that scale alike under every plan (a head's q, k, v and output widths, its count) are one factor
+        by_scaling: dict[tuple[tuple[int, Fraction], ...], tuple[int, tuple[tuple[int, int], ...]]] = {}
+        for dim, row in sorted(distinct):
+            by_scaling.setdefault(tuple((index, Fraction(per_channel, dim)) for index, per_channel in row), (dim, row))
+        ordered = sorted(by_scaling.values())
         alpha = np.zeros((len(ordered), len(groups)), dtype=np.int64)
         for r, (_, row) in enumerate(ordered):
             for index, per_channel in row:
@@ -395,48 +402,14 @@ class _Widths:
 
 def _shrunk_copy(model: nn.Module, groups: Sequence[ChannelGroup], kept: Sequence[int]) -> nn.Module:
     """A copy of ``model`` in which group ``g`` keeps its first ``kept[g]`` channels: each member's
-    parameters, BatchNorm statistics and width attributes are sliced at the removed positions. It has the
-    shapes (hence fvcore's count) of :func:`~lightning_prune.structure.apply_plan`'s result, in
-    milliseconds instead of a torch-pruning pass."""
+    parameters, BatchNorm statistics and width attributes are sliced at the removed positions (and head counts
+    follow). It has the shapes (hence fvcore's count) of :func:`~lightning_prune.structure.apply_plan`'s result,
+    in milliseconds instead of a torch-pruning pass."""
     copy_ = copy.deepcopy(_unwrap(model))
-    modules = dict(copy_.named_modules())
-    removed: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for group, k in zip(groups, kept):
-        for member in group.members:
-            if member.has_parameters:
-                removed.setdefault((member.module, member.kind), []).append(member.positions[member.channels >= k])
-    with torch.no_grad():
-        for (name, kind), parts in removed.items():
-            module, drop = modules[name], torch.cat(parts)
-            member = GroupMember(name, kind, drop, drop, 0, 0)  # type: ignore[arg-type]
-            sliced = _sliced_parameters(member, module)
-            if isinstance(module, _BatchNorm) and module.running_mean is not None:
-                sliced += [("running_mean", 0), ("running_var", 0)]
-            for attribute, dim in sliced:
-                tensor = getattr(module, attribute)
-                keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
-                keep[drop] = False
-                value = tensor.detach()[(slice(None),) * dim + (keep.to(tensor.device),)].clone()
-                setattr(module, attribute, nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value)
-            _set_width(module, kind, getattr(module, "weight").shape if hasattr(module, "weight") and module.weight is not None else None)
+    removed = {group.index: torch.arange(group.size) >= k for group, k in zip(groups, kept)}
+    slice_members(dict(copy_.named_modules()), removed_positions(groups, removed))
+    sync_head_counts(copy_)
     return copy_
-
-
-def _set_width(module: nn.Module, kind: str, weight_shape: Optional[torch.Size]) -> None:
-    """Make a sliced module's width attributes match its parameters."""
-    if isinstance(module, _ConvNd):
-        out_dim = _weight_dim(module, "out")
-        if module.groups > 1:  # depthwise: in == out == groups
-            module.in_channels = module.out_channels = module.groups = weight_shape[0]
-        elif kind == "out":
-            module.out_channels = weight_shape[out_dim]
-        else:
-            module.in_channels = weight_shape[1 - out_dim]
-    elif isinstance(module, linear_types()):
-        in_dim = _weight_dim(module, "in")
-        set_linear_features(module, weight_shape[in_dim], weight_shape[1 - in_dim])
-    elif isinstance(module, _BatchNorm):
-        module.num_features = module.running_mean.numel() if module.running_mean is not None else weight_shape[0]
 
 
 def _has_functional_flops(modules: dict[str, nn.Module], by_module: dict[str, int], touched: set[str]) -> bool:

@@ -10,8 +10,8 @@ At an event with schedule fraction :math:`f` and final target :math:`s`, :class:
   (Distiller's Level pruner);
 - ``criterion="sensitivity"``: drops :math:`|w| < \lambda_l = f s_l \sigma_l`, :math:`\sigma_l` the
   standard deviation of the dense layer, cached at the first event (Distiller's Sensitivity pruner);
-- ``granularity="channel"``: drops whole channels of coupled groups ranked by their L1/L2 norm
-  relative to their group's mean (:class:`ChannelMagnitude`).
+- ``granularity="channel"``: drops whole channels of coupled groups, and whole attention heads, ranked by
+  their L1/L2 norm relative to their group's mean (:class:`ChannelMagnitude`).
 
 Targets are absolute (never compounded) and weights once dropped stay dropped. Each shared (tied)
 parameter is counted once. Decisions run on the weights' device; under DDP the decision of rank 0 is
@@ -109,7 +109,10 @@ class ChannelMagnitude:
     """Channel decisions over coupled channel groups, in O(#channels) per event.
 
     A channel's importance is the L1/L2 norm of its output weights summed over its group's out-layers,
-    divided by the group's mean (layers of different fan-in compete fairly). Removing channels only
+    divided by the group's mean (layers of different fan-in compete fairly; an attention head, a channel of
+    ``head_dim`` rows in each of q, k and v, is scored by the sum of its rows' norms, so heads compete with
+    channels through that ratio too). ``out_dims`` (weight name -> dimension of its output channels, 0
+    where missing) knows a Hugging Face ``Conv1D``'s or a transposed conv's weight. Removing channels only
     slices dims 0 and 1 of a Conv/Linear weight, so a weight of shape ``(R, C, *k)`` with ``r`` rows and
     ``c`` columns removed holds ``R·C·K − (R − r)(C − c)·K`` zeros: the zeros of a plan follow from
     per-channel position counts, without building a mask. The global search drops channels from the
@@ -118,7 +121,8 @@ class ChannelMagnitude:
     """
 
     def __init__(
-        self, groups: Sequence[ChannelGroup], weights: Sequence[str], shapes: Mapping[str, torch.Size], norm: ChannelNorm, max_layer_sparsity: float
+        self, groups: Sequence[ChannelGroup], weights: Sequence[str], shapes: Mapping[str, torch.Size], norm: ChannelNorm, max_layer_sparsity: float,
+        out_dims: Optional[Mapping[str, int]] = None,
     ) -> None:
         self.groups = list(groups)
         self.weights = list(weights)
@@ -133,23 +137,26 @@ class ChannelMagnitude:
                 name = f"{member.module}.weight" if member.module else "weight"
                 if member.kind in ("out", "in") and name in self.shapes:
                     counts = torch.bincount(member.channels, minlength=group.size).tolist()
-                    effects.append((name, 0 if member.kind == "out" else 1, counts))
+                    out_dim = (out_dims or {}).get(name, 0)
+                    effects.append((name, out_dim if member.kind == "out" else 1 - out_dim, counts))
             self.effects.append(effects)
 
     @classmethod
     def for_model(
         cls, model: nn.Module, example_input: ExampleInput, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float
     ) -> "ChannelMagnitude":
-        """Find the coupled channel groups whose out-layers are all among ``layers`` (tracing the model on ``example_input``)."""
+        """Find the coupled channel groups, attention heads included, whose out-layers are all among ``layers``
+        (tracing the model on ``example_input``)."""
         unselected = [n for n, m in model.named_modules() if isinstance(m, prunable_types()) and n not in layers]
-        groups = find_channel_groups(model, example_input, ignored_layers=unselected)
+        groups = find_channel_groups(model, example_input, ignored_layers=unselected, heads=True)
         if not groups:
             raise ValueError(
                 f"`granularity`='channel' found no prunable channel group among the selected layers {list(layers)} "
                 "(the output layer and layers coupled to it are never pruned)."
             )
         shapes = {name: p.shape for name, p in model.named_parameters()}
-        return cls(groups, list(unique_weights(model, layers)), shapes, norm, max_layer_sparsity)
+        out_dims = {f"{name}.weight": _weight_dim(model.get_submodule(name), "out") for name in layers}
+        return cls(groups, list(unique_weights(model, layers)), shapes, norm, max_layer_sparsity, out_dims)
 
     @torch.no_grad()
     def scores(self, model: nn.Module) -> list[torch.Tensor]:

@@ -155,6 +155,7 @@ def time_limit(seconds: int):
 @pytest.mark.zoo
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_tiny_llama_discovery_returns_its_mlp_groups_and_names_the_attention_it_cannot_trace(use_cache):
+    """Without head groups, Llama's attention is left to torch-pruning, whose expansion loops: bounded."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

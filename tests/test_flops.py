@@ -224,7 +224,23 @@ def test_a_pooled_concatenation_of_many_groups_is_predicted_without_recounting(c
         assert predictor.predict(plan) == count_flops(pruned, x).total
 
 
+def _transformer(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny Hugging Face BERT (sdpa attention, a padded batch) or ViT (eager attention), random weights."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if name == "bert":
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(**shape, vocab_size=100))
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[0, -2:] = 0
+        return model.eval(), {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask}
+    config = transformers.ViTConfig(**shape, image_size=16, patch_size=8, num_labels=3, attn_implementation="eager")
+    return transformers.ViTForImageClassification(config).eval(), {"pixel_values": torch.randn(1, 3, 16, 16)}
+
+
 _PROPERTY_MODELS = {
+    "hf_bert": lambda: _transformer("bert"),
+    "hf_vit": lambda: _transformer("vit"),
     "resnet20": lambda: resnet(20, 8),
     "functional_concat": lambda: (FunctionalPooling(concatenate=True).eval(), torch.randn(1, 3, 8, 8)),
     "unet": lambda: (UNet().eval(), torch.randn(1, 1, 16, 16)),
@@ -236,15 +252,15 @@ _discovered: dict = {}
 def _discover(name: str):
     if name not in _discovered:
         model, x = _PROPERTY_MODELS[name]()
-        groups = find_channel_groups(model, x)
+        groups = find_channel_groups(model, x, heads=True)
         _discovered[name] = (model, x, groups, FlopsPredictor(model, x, groups))
     return _discovered[name]
 
 
 @pytest.mark.parametrize("name", sorted(_PROPERTY_MODELS))
 def test_any_plan_is_predicted_exactly(name):
-    """Property: for any plan (any non-empty subset of each group's channels), the predicted FLOPs equal
-    fvcore's recount of the physically pruned model."""
+    """Property: for any plan (any non-empty subset of each group's channels, attention heads included), the
+    predicted FLOPs equal fvcore's recount of the physically pruned model."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 

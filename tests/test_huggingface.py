@@ -205,7 +205,7 @@ def test_a_dict_example_input_array_is_keyword_arguments(trainer_factory) -> Non
     trainer_factory([pruning], max_epochs=1).fit(module, loader(classes=True))
     assert pruning.figures.example.kwargs.keys() == {"input_ids", "attention_mask"}
     assert pruning.figures.dense_flops.total == count_flops(module.model, tokens(1)).total
-    assert len(pruning.figures.predictor.sizes) == 3  # channel groups: two MLP widths and the pooler
+    assert len(pruning.figures.predictor.sizes) == 5  # groups: two layers' heads and MLP widths, the pooler
 
 
 def test_example_input_fn_returning_a_dict_calls_forward_with_keywords(trainer_factory) -> None:

@@ -2,7 +2,8 @@
 
 Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
 BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`; the groups come
-from torch-pruning's ``DependencyGraph``. A :data:`ChannelPlan` says, per group, which channels stay.
+from torch-pruning's ``DependencyGraph``; with ``find_channel_groups(..., heads=True)`` the heads of each
+attention module of a covered type (:data:`HEAD_LAYOUTS`) form one group too, whose channels are whole heads. A :data:`ChannelPlan` says, per group, which channels stay.
 :func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
 :func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the
 returned :data:`StructureRecord` lets a fresh dense model be reshaped so that a pruned ``state_dict``
@@ -13,13 +14,15 @@ One module per job, all public names re-exported here:
 - ``groups``: torch-pruning's groups (:class:`ChannelGroup`, :class:`GroupMember`, :data:`ExampleInput`,
   :func:`output_tensors`), their bounded expansion (:data:`MAX_GROUP_ITEMS`, :data:`MAX_NODE_VISITS`) and the
   consistency checks every group's members pass.
+- ``attention``: head groups (:data:`HEAD_LAYOUTS`, :class:`HeadLayout`: where an attention module type holds
+  its q/k/v and output projections and its head counts; :func:`sync_head_counts`).
 - ``discovery``: :func:`find_channel_groups` (every group also checked by numbers: physical removal computes
   what the masks compute) and :func:`refused_channel_groups` (:class:`RefusedGroup`: each left-out group's
   reason).
 - ``plans``: plans and masks (:data:`ChannelPlan`, :func:`check_plan`, :func:`plan_from_scores`,
   :func:`zeroed_channel_plan`, :func:`channel_masks`, :func:`channel_norms`, :func:`layer_channel_ratios`,
   :func:`channel_ratio_vector`).
-- ``removal``: physical removal (:func:`apply_plan`).
+- ``removal``: physical removal (:func:`apply_plan`; :func:`slice_members` for a graph-free slice).
 - ``records``: structure records (:data:`StructureRecord`, :data:`STRUCTURE_KEY`, :func:`structure_record`,
   :func:`restore_structure`, :func:`structure_from_state_dict`).
 
@@ -27,6 +30,7 @@ One module per job, all public names re-exported here:
 """
 
 from lightning_prune.modes import eval_mode, training_mode
+from lightning_prune.structure.attention import HEAD_LAYOUTS, HeadLayout, sync_head_counts
 from lightning_prune.structure.discovery import RefusedGroup, find_channel_groups, refused_channel_groups
 from lightning_prune.structure.groups import (
     MAX_GROUP_ITEMS,
@@ -54,9 +58,13 @@ from lightning_prune.structure.records import (
     structure_from_state_dict,
     structure_record,
 )
-from lightning_prune.structure.removal import apply_plan
+from lightning_prune.structure.removal import apply_plan, slice_members
 
 __all__ = [
+    "HEAD_LAYOUTS",
+    "HeadLayout",
+    "slice_members",
+    "sync_head_counts",
     "MAX_GROUP_ITEMS",
     "MAX_NODE_VISITS",
     "STRUCTURE_KEY",

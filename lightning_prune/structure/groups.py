@@ -9,7 +9,9 @@ Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``g
 convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
 pooling, dropout). A group that touches any other parametrised module (a grouped conv, LayerNorm,
 GroupNorm, PReLU, attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the
-model's output: the last layer's output units and the model's input channels are never pruned.
+model's output: the last layer's output units and the model's input channels are never pruned. Attention
+heads are groups of their own, built from the module's layout rather than traced
+(:mod:`~lightning_prune.structure.attention`).
 
 Every group torch-pruning proposes is checked here before it is accepted: each member's positions lie
 inside the module's dimension, no position is claimed twice (within a group or by two groups), and each
@@ -77,12 +79,16 @@ class ChannelGroup:
         size: number of channels; channel ``c`` is output channel ``c`` of ``layers[0]``.
         layers: names of the Conv/Linear modules whose output channels these are, in model order.
         members: every named module the group touches, in model order.
+        heads: for a group of attention heads (:mod:`~lightning_prune.structure.attention`), the attention
+            module's name: channel ``c`` is its head ``c`` (key/value head ``c`` with its query heads under
+            grouped-query attention); ``None`` for a group of channels.
     """
 
     index: int
     size: int
     layers: tuple[str, ...]
     members: tuple[GroupMember, ...]
+    heads: Optional[str] = None
 
     @property
     def root(self) -> str:
@@ -371,9 +377,10 @@ def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dic
     for group in groups:
         root = modules.get(group.root)
         width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else linear_features(root)[1])
-        if width != group.size:
+        expected = sum(m.positions.numel() for m in group.members if m.module == group.root and m.kind == "out")
+        if width != expected:
             raise ValueError(
                 f"`groups` do not describe this model (group {group.index} expects {group.root!r} with "
-                f"{group.size} output channels); find the groups again on the model's current shape."
+                f"{expected} output channels); find the groups again on the model's current shape."
             )
     return modules

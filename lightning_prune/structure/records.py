@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from lightning_prune.structure.attention import sync_head_counts
 from lightning_prune.targets import transposed_linear_types
 
 StructureRecord = dict[str, dict[str, Any]]
@@ -112,7 +113,8 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
     """Reshape a fresh dense ``model`` to the recorded shapes so that the pruned ``state_dict`` loads
     strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
     weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
-    already of the recorded shape are left untouched."""
+    already of the recorded shape are left untouched. Attention modules' head counts follow their resized
+    projections (:func:`~lightning_prune.structure.attention.sync_head_counts`)."""
     modules = dict(model.named_modules())
     for name, shape in record.items():
         module = modules.get(name)
@@ -122,6 +124,7 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
         family = _layer_family(module)
         if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
             _resize(module, shape)
+    sync_head_counts(model)
 
 
 def structure_from_state_dict(
