@@ -37,6 +37,7 @@ from lightning_prune.structure import (
     apply_plan,
 )
 from lightning_prune.structure.attention import sync_head_counts
+from lightning_prune.structure.groups import _is_depthwise
 from lightning_prune.structure.removal import removed_positions, slice_members
 from lightning_prune.targets import linear_features, linear_types
 
@@ -172,8 +173,9 @@ def count_flops(model: nn.Module, example_input: ExampleInput) -> FlopCount:
 
 
 def _is_bilinear(module: nn.Module) -> bool:
-    """Conv (``groups=1``) and Linear cost ``u * inputs * outputs``; other counted modules ``u * channels``."""
-    return isinstance(module, linear_types()) or (isinstance(module, _ConvNd) and module.groups == 1)
+    """Conv (not depthwise) and Linear cost ``u * inputs * outputs`` (a grouped conv's inputs: one conv group's);
+    other counted modules ``u * channels``."""
+    return isinstance(module, linear_types()) or (isinstance(module, _ConvNd) and not _is_depthwise(module))
 
 
 class FlopsPredictor:
@@ -185,11 +187,11 @@ class FlopsPredictor:
         F_m(k) = u_m * A_m(k) * B_m(k),
         A_m = a_m - sum_g alpha_mg (n_g - k_g),   B_m = b_m - sum_g beta_mg (n_g - k_g)
 
-    For a Conv with ``groups=1`` or a Linear, ``a_m``/``b_m`` are its dense input/output widths; for a
-    per-channel module (BatchNorm, depthwise conv, pooling) ``a_m`` is its channel count and
-    ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
+    For a Conv or a Linear, ``a_m``/``b_m`` are its dense input/output widths (a grouped conv's input width
+    is one conv group's, ``in_channels / groups``: its groups stay); for a per-channel module (BatchNorm,
+    depthwise conv, pooling) ``a_m`` is its channel count and ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
     (1, or ``H*W`` behind a flatten), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
-    formulas are products of widths (conv: ``N*H_out*W_out*C_out*C_in*k_h*k_w``; BatchNorm in eval:
+    formulas are products of widths (conv: ``N*H_out*W_out*C_out*(C_in/groups)*k_h*k_w``; BatchNorm in eval:
     ``2*numel``). FLOPs of other modules are constant: a leaf module whose widths a group changes is
     one of its members. What remains are operators called functionally in a parent's ``forward``
     (``F.adaptive_avg_pool2d`` at the end of MobileNetV2, ResNets or DenseNet, where it pools a
@@ -244,7 +246,7 @@ class FlopsPredictor:
                 else:
                     self._a[row], self._alpha[row, index] = member.dim, int(counts[0])
             if _is_bilinear(module) and not self._alpha[row].any():
-                self._a[row] = module.in_channels if isinstance(module, _ConvNd) else linear_features(module)[0]
+                self._a[row] = module.in_channels // module.groups if isinstance(module, _ConvNd) else linear_features(module)[0]
             if _is_bilinear(module) and not self._beta[row].any():
                 self._b[row] = module.out_channels if isinstance(module, _ConvNd) else linear_features(module)[1]
             self._unit[row], remainder = divmod(count.by_module[name], int(self._a[row] * self._b[row]))

@@ -178,11 +178,11 @@ def _discover(
     projections = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
     traced = _Graph(work, example_input)
     for root, size, tp_group in traced.root_groups([*ignored, *projections]):  # q/k/v outputs: head groups only
-        members = tp_group if isinstance(tp_group, str) else traced.members(tp_group)
-        if isinstance(members, str):
-            refused.append(RefusedGroup(root, size, members))
+        units = tp_group if isinstance(tp_group, str) else traced.members(tp_group, size)
+        if isinstance(units, str):
+            refused.append(RefusedGroup(root, size, units))
         else:
-            found.append((root, size, members, None))
+            found.append((root, *units, None))
     # a position claimed by two groups would be removed by either: refuse both
     owners: dict[tuple[str, str, int], int] = {}
     clashing: set[int] = set()

@@ -23,6 +23,7 @@ attention's reshapes, Swin's window shifts) is stopped within :data:`MAX_GROUP_I
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
@@ -96,6 +97,17 @@ class ChannelGroup:
         return self.layers[0]
 
 
+def _is_depthwise(module: _ConvNd) -> bool:
+    """A conv acting per channel (``groups == in == out``): its input and output channels are one."""
+    return module.groups == module.in_channels == module.out_channels and not module.transposed
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A conv with ``1 < groups`` that is not depthwise (ResNeXt's, RegNet's): each of its ``groups`` conv groups
+    reads ``in_channels / groups`` inputs and writes ``out_channels / groups`` outputs."""
+    return isinstance(module, _ConvNd) and module.groups > 1 and not _is_depthwise(module)
+
+
 def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
@@ -103,8 +115,8 @@ def _is_leaf(module: nn.Module) -> bool:
 def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
     """How a module carries a group's channels, or why such a group is not supported (a sentence)."""
     if isinstance(module, _ConvNd):
-        depthwise = module.groups == module.in_channels == module.out_channels and not module.transposed
-        if not (module.groups == 1 or depthwise):
+        depthwise = _is_depthwise(module)
+        if module.groups > 1 and module.transposed:
             return f"a grouped {type(module).__name__} (groups={module.groups}) is not supported"
         return "out" if is_out or depthwise else "in"
     if isinstance(module, linear_types()):
@@ -215,8 +227,10 @@ class _Graph:
                 if not producers & skipped:
                     yield name, size, tp_group
 
-    def members(self, tp_group: Any) -> Union[list[GroupMember], str]:
-        """The named members of a torch-pruning group, or why the group is not prunable here."""
+    def members(self, tp_group: Any, size: int) -> Union[tuple[int, list[GroupMember]], str]:
+        """The number of channels and the named members of a torch-pruning group over ``size`` root channels,
+        or why the group is not prunable here. Through a grouped conv a channel is a unit of root channels
+        (:func:`_conv_group_units`)."""
         members = []
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
@@ -249,7 +263,56 @@ class _Graph:
                 )
             )
         members.sort(key=lambda member: (member.order, member.kind))
-        return _inconsistency(members) or members
+        found = _inconsistency(members) or _conv_group_units(members, self.modules, size)
+        return found if isinstance(found, str) else _inconsistency(found[1]) or found
+
+
+def _conv_group_units(
+    members: Sequence[GroupMember], modules: Mapping[str, nn.Module], size: int
+) -> Union[tuple[int, list[GroupMember]], str]:
+    """A group's members re-indexed by units that keep every grouped conv's conv groups equally wide, and the
+    number of units; or why no such unit exists. As Torch-Pruning, a grouped conv keeps its ``groups`` and
+    loses the same in-group index from every conv group: root channels that reach one in-group index of a
+    grouped member belong to one unit (ResNeXt's 32x4d block: 4 units of 32 channels each). A grouped conv's
+    input positions become columns of its weight (the in-group index, ``dim = in_channels / groups``)."""
+    grouped = [member for member in members if _is_grouped(modules[member.module])]
+    if not grouped:
+        return size, list(members)
+    parent = list(range(size))  # union-find over the root channels
+
+    def find(channel: int) -> int:
+        while parent[channel] != channel:
+            parent[channel] = parent[parent[channel]]
+            channel = parent[channel]
+        return channel
+
+    for member in grouped:
+        width = member.dim // modules[member.module].groups
+        first: dict[int, int] = {}
+        for position, channel in zip(member.positions.tolist(), member.channels.tolist()):
+            parent[find(channel)] = find(first.setdefault(position % width, channel))
+    labels: dict[int, int] = {}
+    unit = torch.tensor([labels.setdefault(find(channel), len(labels)) for channel in range(size)], dtype=torch.long)
+    remapped = []
+    for member in members:
+        channels = unit[member.channels]
+        if member in grouped:
+            groups = modules[member.module].groups
+            width = member.dim // groups
+            spread = torch.zeros(len(labels), groups, dtype=torch.long)
+            spread.index_put_((channels, member.positions // width), torch.ones_like(channels), accumulate=True)
+            if not bool((spread == spread[:, :1]).all()):
+                return (
+                    f"{member.module!r}: removing a channel would leave its {groups} conv groups unequally wide "
+                    "(the group covers its conv groups unevenly)"
+                )
+            if member.kind == "in":  # a column's positions are all of one unit (united above)
+                unit_of = torch.full((width,), -1, dtype=torch.long).scatter_(0, member.positions % width, channels)
+                columns = (unit_of >= 0).nonzero().flatten()
+                remapped.append(dataclasses.replace(member, positions=columns, channels=unit_of[columns], dim=width))
+                continue
+        remapped.append(dataclasses.replace(member, channels=channels))
+    return len(labels), remapped
 
 
 def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:

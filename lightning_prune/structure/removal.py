@@ -11,7 +11,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.structure.attention import sync_head_counts
-from lightning_prune.structure.groups import ChannelGroup, ExampleInput, GroupMember, _check_groups_match, _Graph
+from lightning_prune.structure.groups import (
+    ChannelGroup,
+    ExampleInput,
+    GroupMember,
+    _check_groups_match,
+    _Graph,
+    _is_depthwise,
+)
 from lightning_prune.structure.plans import ChannelPlan, _removed, _sliced_parameters, _weight_dim, check_plan
 from lightning_prune.structure.records import StructureRecord, structure_record
 from lightning_prune.targets import linear_types, set_linear_features
@@ -40,13 +47,13 @@ def slice_members(modules: Mapping[str, nn.Module], removed: Mapping[tuple[str, 
 def _set_width(module: nn.Module, kind: str, weight_shape: Optional[torch.Size]) -> None:
     """Make a sliced module's width attributes match its parameters."""
     if isinstance(module, _ConvNd):
-        out_dim = _weight_dim(module, "out")
-        if module.groups > 1:  # depthwise: in == out == groups
+        dim = _weight_dim(module, kind)
+        if _is_depthwise(module) and module.groups > 1:  # in == out == groups
             module.in_channels = module.out_channels = module.groups = weight_shape[0]
         elif kind == "out":
-            module.out_channels = weight_shape[out_dim]
-        else:
-            module.in_channels = weight_shape[1 - out_dim]
+            module.out_channels = weight_shape[dim]
+        else:  # a grouped conv's weight holds one conv group's inputs
+            module.in_channels = weight_shape[dim] * module.groups
     elif isinstance(module, linear_types()):
         in_dim = _weight_dim(module, "in")
         set_linear_features(module, weight_shape[in_dim], weight_shape[1 - in_dim])
@@ -79,7 +86,8 @@ def remove_channels(traced: _Graph, groups: Sequence[ChannelGroup], plan: Channe
         if group.heads is not None:
             heads[group.index] = removed
         elif removed.any():
-            traced.pruning_group(traced.modules[group.root], removed.nonzero().flatten().tolist()).prune()
+            root = next(member for member in group.members if member.module == group.root and member.kind == "out")
+            traced.pruning_group(traced.modules[group.root], root.positions[removed[root.channels]].tolist()).prune()
     if heads:
         slice_members(traced.modules, removed_positions(groups, heads))
         sync_head_counts(traced.modules[""])
