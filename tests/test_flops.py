@@ -17,6 +17,7 @@ from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import apply_plan, channel_norms, find_channel_groups
 from task_models import UNet
+from zoo_models import GroupedResidualNet, TinyResNeXt, build, small_resnext
 
 
 def resnet(depth: int = 56, size: int = 8) -> tuple[nn.Module, torch.Tensor]:
@@ -245,7 +246,13 @@ _PROPERTY_MODELS = {
     "functional_concat": lambda: (FunctionalPooling(concatenate=True).eval(), torch.randn(1, 3, 8, 8)),
     "unet": lambda: (UNet().eval(), torch.randn(1, 1, 16, 16)),
     "dense_block": lambda: (DenseBlock().eval(), torch.randn(1, 3, 8, 8)),
+    "tiny_resnext": lambda: (TinyResNeXt().eval(), torch.randn(1, 3, 8, 8)),
+    "grouped_residual": lambda: (GroupedResidualNet().eval(), torch.randn(1, 3, 8, 8)),
+    "tv_small_resnext": lambda: (small_resnext().eval(), torch.randn(1, 3, 32, 32)),
+    "tv_regnet_x_400mf": lambda: build("tv_regnet_x_400mf"),
 }
+_ZOO_PROPERTY_MODELS = {"tv_small_resnext", "tv_regnet_x_400mf"}
+"""Rows that need torchvision: marked ``zoo``."""
 _discovered: dict = {}
 
 
@@ -257,10 +264,12 @@ def _discover(name: str):
     return _discovered[name]
 
 
-@pytest.mark.parametrize("name", sorted(_PROPERTY_MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.zoo) if n in _ZOO_PROPERTY_MODELS else n for n in sorted(_PROPERTY_MODELS)]
+)
 def test_any_plan_is_predicted_exactly(name):
-    """Property: for any plan (any non-empty subset of each group's channels, attention heads included), the
-    predicted FLOPs equal fvcore's recount of the physically pruned model."""
+    """Property: for any plan (any non-empty subset of each group's channels, attention heads and grouped convs'
+    in-group indices included), the predicted FLOPs equal fvcore's recount of the physically pruned model."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 

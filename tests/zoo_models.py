@@ -85,6 +85,81 @@ class FunctionalPoolResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
 
 
+class ResNeXtBlock(nn.Module):
+    """A ResNeXt bottleneck: 1x1 conv, a 3x3 conv of ``cardinality`` conv groups, 1x1 conv, each with a
+    BatchNorm, and a residual add (through a 1x1 conv and BatchNorm where the shape changes)."""
+
+    def __init__(self, inputs: int, outputs: int, cardinality: int, group_width: int, stride: int = 1) -> None:
+        super().__init__()
+        inner = cardinality * group_width
+        self.conv1, self.bn1 = nn.Conv2d(inputs, inner, 1, bias=False), nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3, self.bn3 = nn.Conv2d(inner, outputs, 1, bias=False), nn.BatchNorm2d(outputs)
+        self.shortcut = (
+            nn.Identity() if stride == 1 and inputs == outputs
+            else nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + self.shortcut(x))
+
+
+class TinyResNeXt(nn.Module):
+    """A stem, two ResNeXt blocks (4 conv groups of 2 and of 3 channels; the second strided, with a projection
+    shortcut) and a Linear classifier: every inner group passes through a grouped conv."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(ResNeXtBlock(16, 16, 4, 2), ResNeXtBlock(16, 24, 4, 3, stride=2))
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class GroupedResidualNet(nn.Module):
+    """Grouped convs on a residual stream of 16 channels, one of 2 and one of 4 conv groups: both read and write
+    the stream, so a stream channel must go with one in-group index of each (4 units of 4 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.two = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16))
+        self.four = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.two(x))
+        x = torch.relu(x + self.four(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class UnevenGroupedNet(nn.Module):
+    """Two branches concatenated into a conv of 2 conv groups: each branch feeds one conv group, so removing a
+    branch channel would leave the conv groups unequally wide (both branch groups are refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.grouped(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+def small_resnext() -> nn.Module:
+    """torchvision's ResNeXt (its ``Bottleneck``, 8 conv groups of 4 channels), one block per stage."""
+    resnet = import_torchvision().models.resnet
+    return resnet.ResNet(resnet.Bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4, num_classes=10)
+
+
 def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     return lambda: getattr(import_torchvision().models, name)(weights=None, num_classes=10, **kwargs)
 
