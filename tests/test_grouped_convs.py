@@ -6,6 +6,7 @@ recount, and ``IterativeMagnitude(granularity="channel", physical=True)`` prunes
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import pytorch_lightning as pl
@@ -22,7 +23,9 @@ from lightning_prune.structure import (
     find_channel_groups,
     refused_channel_groups,
     restore_structure,
+    structure_record,
 )
+from lightning_prune.structure.removal import removed_positions, slice_members
 from pruning_checks import masked_and_pruned_outputs, with_batchnorm_statistics
 from zoo_models import GroupedResidualNet, TinyResNeXt, UnevenGroupedNet, build
 
@@ -95,6 +98,26 @@ def test_removal_keeps_conv_groups_consistent_and_computes_what_the_masks_comput
     restore_structure(fresh, record)
     fresh.load_state_dict(smaller.state_dict())
     assert torch.equal(fresh.eval()(x), smaller(x))
+
+
+def test_a_graph_free_slice_shapes_grouped_convs_as_torch_pruning_does(caplog):
+    """:func:`slice_members` (the FLOPs predictor's probes) leaves the shapes, conv groups and outputs that
+    :func:`apply_plan` leaves; so the predictor of a ResNeXt with functional pooling probes a shrunk copy instead
+    of recounting every plan."""
+    torch.manual_seed(0)
+    model, x = with_batchnorm_statistics(TinyResNeXt()), torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    plan = random_plan(groups, torch.Generator().manual_seed(1))
+    pruned, sliced = copy.deepcopy(model), copy.deepcopy(model)
+    record = apply_plan(pruned, groups, plan, x)
+    removed = {g.index: ~torch.isin(torch.arange(g.size), plan[g.index]) for g in groups}
+    slice_members(dict(sliced.named_modules()), removed_positions(groups, removed))
+    assert structure_record(sliced) == record
+    with torch.no_grad():
+        assert torch.allclose(sliced(x), pruned(x), atol=1e-6)
+    with caplog.at_level(logging.INFO, logger="lightning_prune.flops"):
+        FlopsPredictor(model, x, groups)
+    assert "recount" not in caplog.text
 
 
 def test_a_group_that_covers_conv_groups_unevenly_is_refused_with_the_reason():

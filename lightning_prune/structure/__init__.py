@@ -2,7 +2,8 @@
 
 Channels that must be removed together (a residual add, a concatenation, a depthwise conv, the
 BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`; the groups come
-from torch-pruning's ``DependencyGraph``; with ``find_channel_groups(..., heads=True)`` the heads of each
+from torch-pruning's ``DependencyGraph`` (through a grouped conv, a channel is one in-group index of every
+conv group, so the conv keeps its ``groups``); with ``find_channel_groups(..., heads=True)`` the heads of each
 attention module of a covered type (:data:`HEAD_LAYOUTS`) form one group too, whose channels are whole heads. A :data:`ChannelPlan` says, per group, which channels stay.
 :func:`apply_plan` removes the others physically (the model stays a plain, smaller ``nn.Module``),
 :func:`channel_masks` gives the 0/1 masks that make the dense model compute the same thing, and the

@@ -5,13 +5,20 @@ Channels that must be removed together (a residual add, a concatenation, a depth
 BatchNorm after a conv, the Linear after a flatten) form one :class:`ChannelGroup`;
 :func:`~lightning_prune.structure.discovery.find_channel_groups` finds them.
 
-Supported group members: ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d`` with ``groups=1``, depthwise
-convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
-pooling, dropout). A group that touches any other parametrised module (a grouped conv, LayerNorm,
+Supported group members: ``Conv1d/2d/3d`` (any ``groups``) and ``ConvTranspose1d/2d/3d`` with ``groups=1``,
+depthwise convs (``groups == in == out``), ``Linear``, ``BatchNorm`` and parameter-free modules (activations,
+pooling, dropout). A group that touches any other parametrised module (a grouped transposed conv, LayerNorm,
 GroupNorm, PReLU, attention, a loose ``nn.Parameter``) is left out, and so is every group coupled to the
 model's output: the last layer's output units and the model's input channels are never pruned. Attention
 heads are groups of their own, built from the module's layout rather than traced
 (:mod:`~lightning_prune.structure.attention`).
+
+Grouped convs (``1 < groups``, not depthwise: ResNeXt, RegNet) are pruned as Torch-Pruning prunes them: the
+conv keeps its ``groups`` and loses the same in-group index from every conv group, so its conv groups stay
+equally wide and a ResNeXt block keeps its cardinality. A group through one therefore counts units, not single
+channels: a unit is one in-group index across all conv groups (ResNeXt-50 32x4d's first stage: 4 units of 32
+channels; :func:`_conv_group_units`). A group that covers a grouped conv's conv groups unevenly (one branch of
+a concatenation per conv group) is left out.
 
 Every group torch-pruning proposes is checked here before it is accepted: each member's positions lie
 inside the module's dimension, no position is claimed twice (within a group or by two groups), and each
@@ -50,10 +57,13 @@ class GroupMember:
         kind: ``"out"``: a Conv/Linear whose output channels (weight dim 0, bias) carry the group
             (a depthwise conv is ``"out"``); ``"in"``: a Conv/Linear whose input channels (weight
             dim 1) carry it; ``"channel"``: a per-channel module (BatchNorm; pooling, activations).
-        positions: ``LongTensor``, indices along that dimension of the module that belong to the group.
+        positions: ``LongTensor``, indices along that dimension of the module that belong to the group (a
+            grouped conv's input channels: columns of its weight, the in-group index shared by its conv groups).
         channels: ``LongTensor`` of the same length: the group channel behind each position (behind
-            a flatten, one channel occupies ``H*W`` positions of the following Linear).
-        dim: full size of that dimension in the dense module (all groups together).
+            a flatten, one channel occupies ``H*W`` positions of the following Linear; through a grouped conv,
+            one position per conv group).
+        dim: full size of that dimension in the dense module (all groups together; a grouped conv's inputs:
+            ``in_channels / groups``, its weight's width).
         order: the module's position in ``model.named_modules()``.
         has_parameters: whether the module holds parameters of its own (parameter-free members, such
             as an activation module called several times, are not checked for consistency).
@@ -77,7 +87,8 @@ class ChannelGroup:
 
     Attributes:
         index: position in the list returned by :func:`find_channel_groups` (the key in a plan).
-        size: number of channels; channel ``c`` is output channel ``c`` of ``layers[0]``.
+        size: number of channels; channel ``c`` is output channel ``c`` of ``layers[0]`` (through a grouped
+            conv, a unit of its output channels, one per conv group: see the ``"out"`` member of ``layers[0]``).
         layers: names of the Conv/Linear modules whose output channels these are, in model order.
         members: every named module the group touches, in model order.
         heads: for a group of attention heads (:mod:`~lightning_prune.structure.attention`), the attention

@@ -1,5 +1,6 @@
-"""Physical channel removal: :func:`apply_plan` shrinks the model in place, channel groups with torch-pruning,
-head groups by slicing their projections (then the attention modules' head counts follow the weights)."""
+"""Physical channel removal: :func:`apply_plan` shrinks the model in place, channel groups with torch-pruning
+(a grouped conv keeps its ``groups``: every conv group loses the same in-group indices), head groups by slicing
+their projections (then the attention modules' head counts follow the weights)."""
 
 from __future__ import annotations
 
