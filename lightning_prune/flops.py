@@ -8,7 +8,8 @@ Unit: fvcore's, where one multiply-add is one FLOP (what papers call MACs; torch
 activations, softmax, max pooling and concatenation count 0. It counts from weight shapes: zeroed channels
 still count in full, only a physically smaller model (or :class:`FlopsPredictor`) shows the saving.
 Removing attention heads shrinks the q/k/v and output projections and the attention products alike; the
-predictor treats a head group as any channel group (its attention products scale with the kept heads).
+predictor treats a head group as any channel group (its attention products scale with the kept heads). A
+grouped conv keeps its ``groups``: its FLOPs scale with one conv group's input width times its output width.
 """
 
 from __future__ import annotations
@@ -189,8 +190,9 @@ class FlopsPredictor:
 
     For a Conv or a Linear, ``a_m``/``b_m`` are its dense input/output widths (a grouped conv's input width
     is one conv group's, ``in_channels / groups``: its groups stay); for a per-channel module (BatchNorm,
-    depthwise conv, pooling) ``a_m`` is its channel count and ``B_m = 1``. ``alpha_mg``/``beta_mg`` count the positions one channel of ``g`` occupies there
-    (1, or ``H*W`` behind a flatten), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
+    depthwise conv, pooling) ``a_m`` is its channel count and ``B_m = 1``. ``alpha_mg``/``beta_mg`` count
+    the positions one channel of ``g`` occupies there (1, ``H*W`` behind a flatten, one per conv group at a
+    grouped conv's output), and ``u_m = F_m(dense) / (a_m b_m)`` is exact because fvcore's
     formulas are products of widths (conv: ``N*H_out*W_out*C_out*(C_in/groups)*k_h*k_w``; BatchNorm in eval:
     ``2*numel``). FLOPs of other modules are constant: a leaf module whose widths a group changes is
     one of its members. What remains are operators called functionally in a parent's ``forward``
