@@ -9,10 +9,11 @@ import copy
 import logging
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_prune import IterativeMagnitude
+from lightning_prune import AutoPruneCallback, IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.structure import (
     apply_plan, channel_masks, find_channel_groups, refused_channel_groups, restore_structure, structure_record,
@@ -256,6 +257,44 @@ def test_iterative_magnitude_ranks_heads_with_channels_in_a_keyword_forward_fit(
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
     module.eval()
     assert torch.isfinite(module(**tokens(), labels=torch.tensor([0, 1])).loss)
+
+
+class _Snapshot(pl.Callback):
+    """Copies the model at the end of fit, before a later callback's ``on_fit_end`` removes channels."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.model = copy.deepcopy(pl_module.model)
+
+
+def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_factory) -> None:
+    """One switch per head gates the head's q/k/v rows (and biases): a closed switch zeroes its values, so its output
+    before the output projection is 0, as if removed; ``physical=True`` removes it with the head counts following."""
+    from test_gate_pruning import ListLogger
+    from test_huggingface import KeywordModule, loader
+
+    torch.manual_seed(0)
+    module, logger, snapshot = KeywordModule(bert()), ListLogger(), _Snapshot()
+    dense = copy.deepcopy(module.model)
+    pruning = AutoPruneCallback(granularity="channel", target_sparsity=0.5, physical=True, aux_dataloader=loader(classes=True, n=2),
+                                verbose=False)
+    trainer_factory([snapshot, pruning], max_epochs=2, logger=logger).fit(module, loader(classes=True))
+    heads = [group for group in pruning.figures.groups if group.heads is not None]
+    assert [group.size for group in heads] == [4] * LAYERS  # one switch per head, beside the MLP and pooler channels
+    assert len(pruning.figures.groups) == 5  # heads and MLP width of each layer, the pooler
+    counts = [module.model.bert.encoder.layer[i].attention.self.num_attention_heads for i in range(LAYERS)]
+    assert min(counts) < 4  # whole heads went
+    for i, count in enumerate(counts):
+        attention = module.model.bert.encoder.layer[i].attention
+        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count == attention.output.dense.in_features
+        off = (snapshot.model.bert.encoder.layer[i].attention.self.value.weight == 0).all(1).view(4, 8)
+        assert off.all(1).sum() == 4 - count and (off.all(1) | ~off.any(1)).all()  # a head's 8 rows go together
+    example = pruning.figures.example
+    reported = logger.values("prune/flops_ratio")[-1]  # the end-of-fit event, predicted from the plan
+    assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
+    module.eval()
+    batch = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(**batch).logits, snapshot.model.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly() -> None:

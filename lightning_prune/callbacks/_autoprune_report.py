@@ -22,7 +22,7 @@ from lightning_prune.structure import ChannelGroup, find_channel_groups
 
 class AutoPruneFigures:
     """The example input (:func:`example_input`), and on one sample of it the channel groups to gate
-    (``granularity="channel"``: the groups touching ``layers``, ``all_groups`` the model's) and the dense FLOPs (multiply-adds per sample;
+    (``granularity="channel"``: the groups touching ``layers``, attention heads included, ``all_groups`` the model's) and the dense FLOPs (multiply-adds per sample;
     ``None``, with a warning, without a usable example: element pruning runs on); :meth:`log` reports one
     event. ``selection`` names the arguments that chose ``layers``."""
 
@@ -46,7 +46,7 @@ class AutoPruneFigures:
         self.layers, self.groups, self.checked_step = layers, [], 0
         self.flop_count, self.flops_predictor = None, None
         if granularity == "channel":
-            found = find_channel_groups(pl_module, sample)
+            found = find_channel_groups(pl_module, sample, heads=True)  # a head's switch gates its q/k/v rows
             self.all_groups = found  # a plan's group indices are positions in this list
             self.groups: list[ChannelGroup] = [group for group in found if any(layer in layers for layer in group.layers)]
             if not self.groups:
