@@ -143,6 +143,27 @@ def test_masked_equals_physically_pruned_and_head_counts_follow_the_weights(disc
             assert pruned.get_submodule(projection.module).weight.numel() * units == model.get_submodule(projection.module).weight.numel() * kept
 
 
+def test_an_autoprune_head_switch_turned_off_computes_the_head_removed(discovered) -> None:
+    """AutoPrune's auxiliary parameters over the head groups (every layout: separate and packed q/k/v, Conv1D,
+    grouped-query attention): with every other head's switch off, the gated model computes what the
+    model with those heads removed does."""
+    from lightning_prune.auxiliary import AuxiliaryParameters
+
+    name, model, x, groups, attention, units, per_unit = discovered
+    heads = [group for group in groups if group.heads is not None]
+    plan = {group.index: torch.arange(layer % 2, units, 2) for layer, group in enumerate(heads)}  # every other head
+    gated = copy.deepcopy(model)
+    aux = AuxiliaryParameters(gated, granularity="channel", groups=heads)
+    for group in heads:
+        aux.values[group.root].fill_(-1.0)[plan[group.index]] = 1.0
+    aux.attach()
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        torch.testing.assert_close(call(gated, x), call(pruned, x), rtol=1e-4, atol=1e-5)
+    assert {key: keep.tolist() for key, keep in aux.plan().items()} == {key: keep.tolist() for key, keep in plan.items()}
+
+
 def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads() -> None:
     torch.manual_seed(0)
     model, x = llama().eval(), tokens()
