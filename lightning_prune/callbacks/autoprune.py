@@ -86,8 +86,10 @@ class AutoPruneCallback(pl.Callback):
             (our reading of the paper's sensitivity consistency).
         correlation: the loss signal divided by ‖w‖ (our reading of correlation consistency).
         direction: the pull taken through the same STE as the loss (our reading of direction consistency).
-        granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group; at
-            least one channel of every group is kept, with a warning when that floor was needed).
+        granularity: ``"element"`` or ``"channel"`` (one ``m`` per channel of each coupled group, and one per
+            attention head of a covered layout, ``lightning_prune.structure.HEAD_LAYOUTS``: it gates the head's q/k/v
+            outputs, so a head switched off outputs 0, as removed; at least one channel of every group is kept,
+            with a warning when that floor was needed).
         init: initial value of every ``m``. ``None``: the calibrated 1.0, or 1e-2 with ``paper_defaults`` (the paper's
             value is not known; from 1.0 its pull, ``aux_lr · µ`` = 7.5e-4 per step on the unnormalised signal, would
             need over a thousand steps to switch a weight off, so ``paper_defaults`` pruned nothing).

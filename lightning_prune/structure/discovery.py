@@ -226,7 +226,7 @@ def find_channel_groups(
     With ``heads=True``, each attention module of a covered type (:data:`~lightning_prune.structure.HEAD_LAYOUTS`)
     adds one group whose channels are its heads (``ChannelGroup.heads`` names the module; under grouped-query
     attention a channel is a key/value head with its query heads), and its q/k/v outputs form no other group.
-    IterativeMagnitude's channel mode asks for them; the gate-based callbacks do not handle head groups yet.
+    IterativeMagnitude's and AutoPruneCallback's channel modes ask for them.
 
     Every group is checked on a copy of ``model``: removing about half of its channels physically computes
     what masking them computes, on ``example_input`` (groups that fail are refused:
