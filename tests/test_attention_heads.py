@@ -312,6 +312,7 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     example = pruning.figures.example
     reported = logger.values("prune/flops_ratio")[-1]  # the end-of-fit event, predicted from the plan
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
+    assert logger.values("prune/flops_macs")[-1] == count_flops(module.model, example.first_sample()).total  # per sample, as summarised
     module.eval()
     batch = tokens()
     with torch.no_grad():
