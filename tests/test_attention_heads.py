@@ -161,7 +161,7 @@ def test_an_autoprune_head_switch_turned_off_computes_the_head_removed(discovere
     apply_plan(pruned, groups, plan, x)
     with torch.no_grad():
         torch.testing.assert_close(call(gated, x), call(pruned, x), rtol=1e-4, atol=1e-5)
-    assert {key: keep.tolist() for key, keep in aux.plan().items()} == {key: keep.tolist() for key, keep in plan.items()}
+    assert {index: keep.tolist() for index, keep in aux.plan().items()} == {index: keep.tolist() for index, keep in plan.items()}
 
 
 def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads() -> None:
@@ -272,7 +272,8 @@ def test_iterative_magnitude_ranks_heads_with_channels_in_a_keyword_forward_fit(
     assert min(counts) < 4  # whole heads went
     for i, count in enumerate(counts):
         attention = module.model.bert.encoder.layer[i].attention
-        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count == attention.output.dense.in_features
+        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count
+        assert attention.output.dense.in_features == 8 * count
     (reported,) = logger.values("prune/flops_ratio")  # the one event's predicted ratio
     example = pruning.figures.example
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
@@ -296,8 +297,8 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     torch.manual_seed(0)
     module, logger, snapshot = KeywordModule(bert()), ListLogger(), _Snapshot()
     dense = copy.deepcopy(module.model)
-    pruning = AutoPruneCallback(granularity="channel", target_sparsity=0.5, physical=True, aux_dataloader=loader(classes=True, n=2),
-                                verbose=False)
+    pruning = AutoPruneCallback(granularity="channel", target_sparsity=0.5, physical=True,
+                                aux_dataloader=loader(classes=True, n=2), verbose=False)
     trainer_factory([snapshot, pruning], max_epochs=2, logger=logger).fit(module, loader(classes=True))
     heads = [group for group in pruning.figures.groups if group.heads is not None]
     assert [group.size for group in heads] == [4] * LAYERS  # one switch per head, beside the MLP and pooler channels
@@ -306,17 +307,20 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     assert min(counts) < 4  # whole heads went
     for i, count in enumerate(counts):
         attention = module.model.bert.encoder.layer[i].attention
-        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count == attention.output.dense.in_features
+        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count
+        assert attention.output.dense.in_features == 8 * count
         off = (snapshot.model.bert.encoder.layer[i].attention.self.value.weight == 0).all(1).view(4, 8)
         assert off.all(1).sum() == 4 - count and (off.all(1) | ~off.any(1)).all()  # a head's 8 rows go together
     example = pruning.figures.example
     reported = logger.values("prune/flops_ratio")[-1]  # the end-of-fit event, predicted from the plan
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
-    assert logger.values("prune/flops_macs")[-1] == count_flops(module.model, example.first_sample()).total  # per sample, as summarised
+    recount = count_flops(module.model, example.first_sample()).total  # per sample, as the summary's figure
+    assert logger.values("prune/flops_macs")[-1] == recount
     module.eval()
     batch = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(module.model(**batch).logits, snapshot.model.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+        masked = snapshot.model.eval()(**batch).logits  # switches off, before removal
+        torch.testing.assert_close(module.model(**batch).logits, masked, rtol=1e-5, atol=1e-6)
 
 
 def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly() -> None:

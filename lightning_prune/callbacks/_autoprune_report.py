@@ -22,7 +22,8 @@ from lightning_prune.structure import ChannelGroup, find_channel_groups
 
 class AutoPruneFigures:
     """The example input (:func:`example_input`), and on one sample of it the channel groups to gate
-    (``granularity="channel"``: the groups touching ``layers``, attention heads included, ``all_groups`` the model's) and the dense FLOPs (multiply-adds per sample;
+    (``granularity="channel"``: the groups touching ``layers``, attention heads included; ``all_groups`` the
+    model's) and the dense FLOPs (multiply-adds per sample;
     ``None``, with a warning, without a usable example: element pruning runs on); :meth:`log` reports one
     event. ``selection`` names the arguments that chose ``layers``."""
 
