@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_prune import AutoPruneCallback, IterativeMagnitude
+from lightning_prune import AutoPruneCallback, IterativeMagnitude, load_from_checkpoint
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.structure import (
     apply_plan, channel_masks, find_channel_groups, refused_channel_groups, restore_structure, structure_record,
@@ -288,9 +288,10 @@ class _Snapshot(pl.Callback):
         self.model = copy.deepcopy(pl_module.model)
 
 
-def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_factory) -> None:
+def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_factory, tmp_path) -> None:
     """One switch per head gates the head's q/k/v rows (and biases): a closed switch zeroes its values, so its output
-    before the output projection is 0, as if removed; ``physical=True`` removes it with the head counts following."""
+    before the output projection is 0, as if removed; ``physical=True`` removes it with the head counts following,
+    and a checkpoint of the pruned model loads into a dense one (the structure record)."""
     from test_gate_pruning import ListLogger
     from test_huggingface import KeywordModule, loader
 
@@ -299,7 +300,9 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     dense = copy.deepcopy(module.model)
     pruning = AutoPruneCallback(granularity="channel", target_sparsity=0.5, physical=True,
                                 aux_dataloader=loader(classes=True, n=2), verbose=False)
-    trainer_factory([snapshot, pruning], max_epochs=2, logger=logger).fit(module, loader(classes=True))
+    trainer = trainer_factory([snapshot, pruning], max_epochs=2, logger=logger)
+    trainer.fit(module, loader(classes=True))
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
     heads = [group for group in pruning.figures.groups if group.heads is not None]
     assert [group.size for group in heads] == [4] * LAYERS  # one switch per head, beside the MLP and pooler channels
     assert len(pruning.figures.groups) == 5  # heads and MLP width of each layer, the pooler
@@ -321,6 +324,9 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     with torch.no_grad():
         masked = snapshot.model.eval()(**batch).logits  # switches off, before removal
         torch.testing.assert_close(module.model(**batch).logits, masked, rtol=1e-5, atol=1e-6)
+        loaded = load_from_checkpoint(KeywordModule, tmp_path / "pruned.ckpt", model=bert()).eval()
+        torch.testing.assert_close(loaded.model(**batch).logits, module.model(**batch).logits)
+    assert [layer.attention.self.num_attention_heads for layer in loaded.model.bert.encoder.layer] == counts
 
 
 def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly() -> None:
