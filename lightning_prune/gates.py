@@ -406,13 +406,13 @@ class GatePhaseResult:
 class FrozenNetwork:
     """Weights, biases and BatchNorm affine parameters frozen (optionally every module in training mode) from
     construction until :meth:`restore`, which gives back every ``requires_grad`` flag, module mode and buffer
-    (BatchNorm running statistics): the gate phase changes nothing of the model. :attr:`buffers` (CPU copies)
+    (BatchNorm running statistics): the gate phase changes nothing of the model. :attr:`buffers` (copies)
     can be saved and loaded, so a resumed phase restores the buffers of the run it continues."""
 
     def __init__(self, model: nn.Module, train: bool = True) -> None:
         self.model = model
         self.flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.buffers = {name: b.detach().cpu().clone() for name, b in model.named_buffers()}
+        self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         self.modes = [(module, module.training) for module in model.modules()] if train else []
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -420,9 +420,11 @@ class FrozenNetwork:
             model.train(True)
 
     def restore(self) -> None:
+        """Everything back; a buffer whose shape changed meanwhile (its module reshaped to a checkpoint about to
+        load into it) is left to that load."""
         with torch.no_grad():
             for name, buffer in self.model.named_buffers():
-                if name in self.buffers:
+                if name in self.buffers and buffer.shape == self.buffers[name].shape:
                     buffer.copy_(self.buffers[name])
         for name, parameter in self.model.named_parameters():
             parameter.requires_grad_(self.flags.get(name, parameter.requires_grad))

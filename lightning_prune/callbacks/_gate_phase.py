@@ -169,7 +169,7 @@ class GatePhase:
         return result, pruned
 
     def state_dict(self) -> dict[str, Any]:
-        return {"search": self.search.state_dict(), "buffers": self.frozen.buffers}
+        return {"search": self.search.state_dict(), "buffers": {name: b.cpu() for name, b in self.frozen.buffers.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.search.load_state_dict(state["search"])
