@@ -473,8 +473,9 @@ class GatePruning:
         scores = scores if scores is not None else gate_scores(result, self.groups)
         target = min(1.0, self.flops_ratio * self.dense_flops / self.predictor.dense)
         found = search_threshold(scores, target, self.predictor, round_to=self.round_to)
-        device = next(self.model.parameters()).device
-        apply_plan(self.model, self.groups, found.plan, model_input(self.example_input).to(device))
+        parameter = next(self.model.parameters())
+        device = parameter.device
+        apply_plan(self.model, self.groups, found.plan, model_input(self.example_input).like(parameter))
         if init == "random" and seed is None:
             reinitialise(self.model)
         elif init == "random":

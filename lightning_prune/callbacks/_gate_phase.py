@@ -108,6 +108,7 @@ class GatePhase:
                  expansion: float, flops_ratio: float, position: str, sites: str, round_to: Optional[int],
                  search_options: Mapping[str, Any]) -> None:
         x = example_input(trainer, pl_module, example_input_fn).first_sample()
+        x = x.like(next(pl_module.parameters()))  # the module is not converted to the Trainer's precision yet
         self.dense = count_flops(pl_module, x)
         self.dense_params = sum(p.numel() for p in pl_module.parameters())
         self.expansion = Expansion(pl_module, expansion)

@@ -274,7 +274,9 @@ class GatePruningFromScratch(pl.Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._held_schedulers is not None:  # the pruned network's schedulers: not stepped at the gate phase's end
-            trainer.strategy.lr_scheduler_configs, self._held_schedulers = self._held_schedulers, None
+            swapped = trainer.strategy.lr_scheduler_configs  # StochasticWeightAveraging's, if it started first: it swaps the first
+            trainer.strategy.lr_scheduler_configs = swapped + self._held_schedulers[len(swapped):]
+            self._held_schedulers = None
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
