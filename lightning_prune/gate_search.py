@@ -27,10 +27,12 @@ placement or ``"all"``), the refusal of an unreachable target before any weight 
 relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
 network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
-A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
-gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
-step and at epoch ends). All gates are one flat parameter, so a step reduces its gradient across
-processes in one collective (``reduce``), Adam and the clamp touch one tensor.
+A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.regularize`,
+Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and loss sums, the step count of a first
+non-finite loss and the gate mean live on the device, read once by :meth:`GateSearch.read_metrics` or
+:meth:`GateSearch.check_finite`. All gates are one flat parameter, so a step reduces its gradient across processes
+in one collective (``reduce``), Adam and the clamp touch one tensor. ``GatePruningFromScratch`` runs the same
+verbs inside Lightning's fit loop (``regularize`` before, :meth:`GateSearch.after_step` after each optimizer step).
 """
 
 from __future__ import annotations

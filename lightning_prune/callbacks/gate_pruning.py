@@ -3,8 +3,8 @@ pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch"
 
 Hook wiring only: the decisions are :class:`~lightning_prune.gate_search.GatePruning` (groups, gated groups,
 target check, threshold, removal, initialisation) and :class:`~lightning_prune.gate_search.GateSearch`
-(objective, selection); the gate phase's loop over the Trainer's data, the expansion, the setup checks and
-the report are ``callbacks/_gate_phase.py``.
+(objective, penalty gradient, selection); the running gate phase (gates in, weights frozen, the gate optimizer
+swapped in, the way back), the expansion, the setup checks and the report are ``callbacks/_gate_phase.py``.
 """
 
 from __future__ import annotations
@@ -49,42 +49,49 @@ _NO_KEY = ""
 class GatePruningFromScratch(pl.Callback):
     r"""Pruning from Scratch: find a channel structure on the random initialisation, then train it.
 
-    At the start of training (``on_train_start``, inside the same ``fit``):
+    The first ``gate_epochs`` epochs of the ``fit`` are the gate phase; the pruned network trains for the rest:
 
     1. **Gate phase** (``lightning_prune.gate_search.GateSearch``, which holds the objective
-       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel of the ``gate_sites``
-       groups (coupled channels share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
-       its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
-       data. The task loss is the module's own ``training_step`` loss (its returned tensor or the
-       ``loss`` of a returned dict, logging silenced), or ``loss_fn(pl_module, batch)``: any batch
-       structure and any task. Metrics the module updates in ``training_step`` see the gate batches;
-       torchmetrics metrics of the module are reset after the phase.
-    2. **Selection** (``select="best_val"``): after each gate epoch (or every ``gate_val_every`` gate
-       steps) the module's ``validation_step`` runs on the validation data with its ``self.log``
-       calls captured (aggregated as Lightning does, see ``callbacks/_monitor.py``); ``monitor``
-       names the logged key (default: the first key ending in ``loss``) and ``mode`` whether lower or
-       higher is better. The best snapshot whose fraction of non-zero gates is ``<= gate_ratio`` is
-       kept, else the last gates; without validation data, the last gates.
-    3. **Threshold**: one global threshold over all gates for the largest structure whose fvcore
-       FLOPs (multiply-adds per sample) are at most ``flops_ratio`` × the dense (unexpanded) model's.
-    4. **Prune and re-initialise**: the structure is built physically; with ``init="random"`` the whole
-       network is freshly initialised (PyTorch's default initialisation of every module with
-       ``reset_parameters``, pruned or not), as the authors' ``train_pruned.py`` builds the pruned
-       configuration anew; the optimizers and schedulers of ``configure_optimizers`` are re-created on the new
-       parameters; the Trainer trains the pruned network (``budget_training``: ``round(max_epochs / flops_ratio)`` epochs)
-       on its training data, the data the gates learned on. The authors learn the gates on 45k of
-       CIFAR-10's training images (the other 5k select the snapshot) and train the pruned network on all
-       50k; in one ``fit`` both phases read the Trainer's training and validation data, so the DataModule's
-       split holds for both (the example config keeps 5k for validation throughout).
+       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). At ``setup``, before the strategy wraps the module, one gate
+       per prunable channel of the ``gate_sites`` groups (coupled channels share one) is inserted at
+       ``gate_position`` and every weight is frozen at its random initialisation; the gates are one parameter
+       registered on the LightningModule (``pruning_gates``: DDP reduces its gradient, checkpoints hold it).
+       At ``on_fit_start`` an Adam over the gates (``gate_lr``) replaces the optimizers of
+       ``configure_optimizers`` (their LR schedulers are set aside). Each gate step is an ordinary Lightning
+       training step of the module's own ``training_step`` (automatic, or manual optimization stepping
+       ``self.optimizers()``): gradient accumulation, clipping, precision and every other callback apply. The
+       penalty's gradient is added to the gates' (``on_before_optimizer_step``, Torch-Pruning's
+       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step.
+    2. **Selection** (``select="best_val"``): after each of Lightning's validations during the gate epochs
+       (``val_check_interval``, ``check_val_every_n_epoch``), ``trainer.callback_metrics[monitor]`` (averaged
+       over processes) feeds the snapshot rule; ``monitor`` names the logged key (default: the first key the
+       first validation logged ending in ``loss``) and ``mode`` whether lower or higher is better. The best
+       snapshot whose fraction of non-zero gates is ``<= gate_ratio`` is kept, else the last gates; without
+       validation, the last gates.
+    3. **Threshold** (at the end of the last gate epoch, after its validation): one global threshold over all
+       gates for the largest structure whose fvcore FLOPs (multiply-adds per sample) are at most
+       ``flops_ratio`` × the dense (unexpanded) model's.
+    4. **Prune and re-initialise**: the gates are taken out and the structure is built physically; with
+       ``init="random"`` the whole network is freshly initialised (PyTorch's default initialisation of every
+       module with ``reset_parameters``, pruned or not; drawn from a seed kept in the callback's state, so a
+       resumed run draws the same weights), as the authors' ``train_pruned.py`` builds the pruned configuration
+       anew; the optimizers and schedulers of ``configure_optimizers`` are created afresh on the new parameters
+       (the schedulers first step after the pruned network's first epoch); the Trainer trains the pruned network
+       for the remaining ``max_epochs - gate_epochs`` epochs (``budget_training``: ``gate_epochs +
+       round((max_epochs - gate_epochs) / flops_ratio)`` epochs in all) on its training data, the data the gates
+       learned on. The authors learn the gates on 45k of CIFAR-10's training images (the other 5k select the
+       snapshot) and train the pruned network on all 50k; in one ``fit`` both phases read the Trainer's
+       training and validation data, so the DataModule's split holds for both.
 
-    Logged: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction`` and ``gate/step``
-    every ``log_every_n_steps`` gate steps and at each gate epoch's end; ``gate/<monitor>`` after each
+    Logged through Lightning during the gate epochs (``log_every_n_steps``, no host synchronisation per step):
+    ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction``; ``gate/<monitor>`` after each
     validation; then ``prune/flops_ratio``, ``prune/flops_macs`` (per sample), ``prune/params_ratio``,
-    ``prune/threshold``, the channel-ratio vector and a gate histogram. Checkpoints written afterwards
-    hold the structure: ``fit(ckpt_path=...)`` reshapes the model and never re-runs the gate phase.
-    Anything that fails or is interrupted during the gate phase (an error, Ctrl-C) leaves the model as
-    it was, at its own width and weights. One instance per Trainer; reusing an instance for a ``fit`` of
-    another model starts afresh.
+    ``prune/threshold``, the channel-ratio vector and a gate histogram. A checkpoint written at any step of
+    the gate phase resumes it to the uninterrupted result; one written afterwards holds the structure:
+    ``fit(ckpt_path=...)`` takes the gates inserted at ``setup`` out and reshapes the model before its weights
+    load. Anything that fails or is interrupted during the gate phase (an error, Ctrl-C, a non-finite gate
+    loss, training stopped early) leaves the model as it was, at its own width and weights. One instance per
+    Trainer; reusing an instance for a ``fit`` of another model starts afresh.
 
     Channel expansion: with ``expansion != 1`` the gates are learned on the network widened by that
     factor while the FLOPs target stays relative to the unwidened model; the LightningModule must
@@ -96,17 +103,17 @@ class GatePruningFromScratch(pl.Callback):
         from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 
         pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1)
-        trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], logger=False, enable_checkpointing=False)
-        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # at most half the dense FLOPs
+        trainer = pl.Trainer(max_epochs=3, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # 1 gate epoch, 2 of the pruned net (<= half the FLOPs)
 
     Args:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``);
-            at most the epochs the Trainer allows the fit (``max_epochs``, or those ``max_steps`` allows), else ``fit``
-            is refused at the start.
+        gate_epochs: the first epochs of the fit, spent learning the gates (paper: 10 on CIFAR; 1 under
+            ``fast_dev_run``); they count in ``max_epochs`` and must leave at least one epoch of the Trainer's limit
+            (``max_epochs``, or those ``max_steps`` allows) to train the pruned network, else ``fit`` is refused at the start.
         gate_lr: Adam learning rate of the gates.
         gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
             layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every
@@ -120,15 +127,14 @@ class GatePruningFromScratch(pl.Callback):
             (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
             BatchNorm scale is the gate).
         select: ``"best_val"`` (the authors' snapshot rule on ``monitor``) or ``"last"``.
-        gate_val_every: validate every this many gate steps instead of once per gate epoch.
         monitor: the key ``validation_step`` logs that selects the snapshot (default: the first key
             ending in ``loss``).
         mode: ``"min"`` (lower ``monitor`` is better) or ``"max"``.
         init: ``"random"`` (the whole pruned network freshly initialised, the authors') or
             ``"inherit"`` (the surviving random weights stay).
-        budget_training: "Scratch-B": train for ``round(max_epochs / flops_ratio)`` epochs.
+        budget_training: "Scratch-B": train the pruned network for ``round((max_epochs - gate_epochs) / flops_ratio)``
+            epochs after the gate epochs.
         expansion: channel expansion factor (>= 1) of the network the gates are learned on.
-        loss_fn: ``loss_fn(pl_module, batch)`` -> scalar task loss, instead of ``training_step``.
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor (or the whole batch) is it.
         verbose: print the table of kept channels.
@@ -139,10 +145,10 @@ class GatePruningFromScratch(pl.Callback):
             gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
         MisconfigurationException: ``gate_epochs`` beyond the Trainer's ``max_epochs`` (or the epochs ``max_steps``
             allows), a second instance in the Trainer, a sharded strategy, a ``torch.compile``d module, a
-            spawn-based strategy without ``reshape_on_load``, no example input, manual optimization without
-            ``loss_fn``, a ``training_step`` that returns no loss (pass ``loss_fn``), a ``loss_fn`` whose loss has
-            no gradient, a ``monitor`` the ``validation_step`` does not log, or
-            ``budget_training`` with ``StochasticWeightAveraging``.
+            spawn-based strategy without ``reshape_on_load``, no example input, manual optimization with several
+            optimizers, a ``monitor`` the validation does not log, ``budget_training`` with
+            ``StochasticWeightAveraging`` or an average that starts inside the gate epochs, or a resume from a
+            checkpoint that holds neither gates nor a structure.
         NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """
 
@@ -312,8 +318,8 @@ class GatePruningFromScratch(pl.Callback):
         if self._phase is None or trainer.sanity_checking or self.select != "best_val":
             return
         metrics = trainer.callback_metrics
+        logged = [key for key in metrics if key not in self._validated_keys and not key.startswith("gate/")]
         if self.monitor_key is None:  # the first validation: the first key it logged ending in "loss"
-            logged = [key for key in metrics if key not in self._validated_keys and not key.startswith("gate/")]
             self.monitor_key = next((key for key in logged if key.lower().endswith("loss")), _NO_KEY)
             if self.monitor_key == _NO_KEY:
                 rank_zero_warn(
@@ -324,8 +330,8 @@ class GatePruningFromScratch(pl.Callback):
             return
         if self.monitor_key not in metrics:
             raise MisconfigurationException(
-                f"`monitor`={self.monitor!r} was not logged by the LightningModule's validation during the gate phase; the "
-                f"logged metrics are {sorted(metrics)}. Pass `monitor=` one of those (and `mode='min'` or 'max'), or `select='last'`."
+                f"`monitor`={self.monitor!r} was not logged by the LightningModule's validation during the gate phase; it "
+                f"logged {sorted(logged)}. Pass `monitor=` one of those (and `mode='min'` or 'max'), or `select='last'`."
             )
         value = trainer.strategy.reduce(torch.as_tensor(metrics[self.monitor_key], dtype=torch.float, device=pl_module.device), reduce_op="mean")
         value = float(value)  # one host read per validation
@@ -345,11 +351,13 @@ class GatePruningFromScratch(pl.Callback):
         """Threshold, removal and re-initialisation; then the user's optimizers and schedulers, fresh, on the pruned
         network (the schedulers join at the next epoch's start, so the gate epoch's end does not step them)."""
         phase, self._phase = self._phase, None
+        if self.select == "best_val" and phase.search.last_metric is None and self.monitor_key != _NO_KEY:
+            rank_zero_warn("GatePruningFromScratch: no validation ran during the gate epochs, so the last gates are kept.")
         result, pruned = phase.prune(trainer, self.init, self.seed)
         self.gate_seconds = None if self._started is None else time.perf_counter() - self._started
         self.pruned, self._groups, self.plan, self.gates = True, phase.core.groups, pruned.plan, pruned.gates
         self.threshold, self.reached_flops_ratio = pruned.threshold, pruned.flops_ratio
-        self.snapshot = dict(monitor=self.monitor_key or None, selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
+        self.snapshot = dict(monitor=self.monitor, selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
         for callback in averaging_callbacks(trainer):
             callback.setup(trainer, pl_module, "fit")  # its average model: a copy of the pruned network
         rebuild_training_state(trainer, fresh=True)
