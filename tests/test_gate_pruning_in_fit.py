@@ -4,6 +4,7 @@ step of the gate phase resumes to the uninterrupted result."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,27 @@ def test_other_callbacks_see_the_gate_epochs(tmp_path, trainer_factory) -> None:
     assert {float(row["lr-Adam"]) for row in lr_rows[: 2 * BATCHES]} == {0.3}
     assert any(row.get("gate/mean") for row in rows)
     assert torch.isfinite(stopping.best_score) and trainer.current_epoch == 3  # it compared the gate epochs too
+
+
+class FirstStepRates(pl.Callback):
+    """The optimizer and learning rate of each epoch's first step."""
+
+    def __init__(self) -> None:
+        self.rates: list[tuple[str, float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            optimizer = trainer.optimizers[0]
+            self.rates.append((type(optimizer).__name__, optimizer.param_groups[0]["lr"]))
+
+
+def test_the_pruned_network_gets_fresh_optimizers_and_a_schedule_over_the_epochs_left(trainer_factory) -> None:
+    """Adam on the gates in the gate epochs; then configure_optimizers' SGD and cosine schedule, built at the pruning
+    over the 3 epochs left and first stepped at the end of the pruned network's first epoch (not the gate epoch's)."""
+    rates = FirstStepRates()
+    model = ImageClassifier("vgg_small", in_channels=3, image_size=32, width=0.25, lr=0.1, lr_schedule="cosine")
+    trainer = trainer_factory([gate_pruning(gate_epochs=1), rates], max_epochs=4, **LIMITS)
+    trainer.fit(model, digits())
+    cosine = [0.1 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]
+    assert [name for name, _ in rates.rates] == ["Adam", "SGD", "SGD", "SGD"]
+    assert rates.rates[0][1] == 0.3 and [lr for _, lr in rates.rates[1:]] == pytest.approx(cosine, rel=1e-12)
