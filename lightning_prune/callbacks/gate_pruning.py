@@ -76,9 +76,10 @@ class GatePruningFromScratch(pl.Callback):
        module with ``reset_parameters``, pruned or not; drawn from a seed kept in the callback's state, so a
        resumed run draws the same weights), as the authors' ``train_pruned.py`` builds the pruned configuration
        anew; the optimizers and schedulers of ``configure_optimizers`` are created afresh on the new parameters
-       (the schedulers first step after the pruned network's first epoch); the Trainer trains the pruned network
-       for the remaining ``max_epochs - gate_epochs`` epochs (``budget_training``: ``gate_epochs +
-       round((max_epochs - gate_epochs) / flops_ratio)`` epochs in all) on its training data, the data the gates
+       (epoch-interval schedulers first step after the pruned network's first epoch; a ``ReduceLROnPlateau`` also
+       sees the last gate epoch's validation); the Trainer trains the pruned network for the remaining
+       ``max_epochs - gate_epochs`` epochs (``budget_training``: ``gate_epochs + round((max_epochs - gate_epochs) /
+       flops_ratio)`` epochs in all) on its training data, the data the gates
        learned on. The authors learn the gates on 45k of CIFAR-10's training images (the other 5k select the
        snapshot) and train the pruned network on all 50k; in one ``fit`` both phases read the Trainer's
        training and validation data, so the DataModule's split holds for both.
@@ -188,7 +189,6 @@ class GatePruningFromScratch(pl.Callback):
         self._model: Optional[weakref.ref] = None  # the module this instance pruned
         self._phase: Optional[GatePhase] = None  # the running gate phase
         self._load_hook: Optional[Any] = None
-        self._held_schedulers: Optional[list] = None
         self._validated_keys: set[str] = set()
         self._started: Optional[float] = None
         self.pruned = False  # this and the rest survive checkpoints
@@ -278,13 +278,6 @@ class GatePruningFromScratch(pl.Callback):
             self._started = time.perf_counter()
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._held_schedulers is not None:  # the pruned network's schedulers: not stepped at the gate phase's end
-            swapped = trainer.strategy.lr_scheduler_configs  # StochasticWeightAveraging's, if it started first: it swaps the first
-            trainer.strategy.lr_scheduler_configs = swapped + self._held_schedulers[len(swapped):]
-            self._held_schedulers = None
-
-    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """The penalty's gradient joins the task loss's, once per optimizer step (after AMP's unscale)."""
         if self._phase is not None and optimizer is self._phase.search.optimizer:
@@ -349,7 +342,7 @@ class GatePruningFromScratch(pl.Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Threshold, removal and re-initialisation; then the user's optimizers and schedulers, fresh, on the pruned
-        network (the schedulers join at the next epoch's start, so the gate epoch's end does not step them)."""
+        network."""
         phase, self._phase = self._phase, None
         if self.select == "best_val" and phase.search.last_metric is None and self.monitor_key != _NO_KEY:
             rank_zero_warn("GatePruningFromScratch: no validation ran during the gate epochs, so the last gates are kept.")
@@ -360,8 +353,7 @@ class GatePruningFromScratch(pl.Callback):
         self.snapshot = dict(monitor=self.monitor, selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
         for callback in averaging_callbacks(trainer):
             callback.setup(trainer, pl_module, "fit")  # its average model: a copy of the pruned network
-        rebuild_training_state(trainer, fresh=True)
-        self._held_schedulers, trainer.strategy.lr_scheduler_configs = trainer.strategy.lr_scheduler_configs, []
+        rebuild_training_state(trainer, fresh=True)  # Lightning stepped this epoch's epoch-interval schedulers already
         log_structure(trainer, pl_module, phase.core.groups, pruned, result, dense_flops=phase.dense.total,
                       dense_params=phase.dense_params, seconds=self.gate_seconds, budget_epochs=self.budget_epochs, verbose=self.verbose)
 
