@@ -135,3 +135,35 @@ def test_the_pruned_network_gets_fresh_optimizers_and_a_schedule_over_the_epochs
     cosine = [0.1 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]
     assert [name for name, _ in rates.rates] == ["Adam", "SGD", "SGD", "SGD"]
     assert rates.rates[0][1] == 0.3 and [lr for _, lr in rates.rates[1:]] == pytest.approx(cosine, rel=1e-12)
+
+
+class StateAtEpochStart(pl.Callback):
+    """The module's state as the pruned network's first epoch (epoch 2) starts, before it sees a batch."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 2:
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_checkpoint_after_the_last_gate_validation_resumes_into_the_pruning(tmp_path, trainer_factory) -> None:
+    """Saved at the last gate epoch's validation end, before its `on_train_epoch_end` prunes: the resumed fit
+    prunes to the same structure and the same freshly drawn weights."""
+
+    def run(name: str, ckpt_path: str | None = None) -> tuple[dict, GatePruningFromScratch]:
+        pl.seed_everything(0, workers=True)
+        pruning, state = gate_pruning(), StateAtEpochStart()
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / name, monitor="val/loss", save_top_k=-1, filename="{epoch}",
+                                      save_on_train_epoch_end=False)
+        trainer = trainer_factory([pruning, state, checkpoints], max_epochs=3, enable_checkpointing=True, **LIMITS)
+        if ckpt_path is not None:
+            pl.seed_everything(1, workers=True)
+        trainer.fit(classifier(), digits(), ckpt_path=ckpt_path)
+        return state.state, pruning
+
+    full, full_pruning = run("full")
+    checkpoint = tmp_path / "full" / "epoch=1.ckpt"
+    assert GATE_PARAMETER in torch.load(checkpoint, weights_only=False)["state_dict"]
+    resumed, resumed_pruning = run("resumed", str(checkpoint))
+    assert resumed_pruning.snapshot == full_pruning.snapshot
+    assert all(torch.equal(resumed_pruning.plan[g], full_pruning.plan[g]) for g in full_pruning.plan)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
