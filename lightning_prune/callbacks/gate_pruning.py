@@ -299,7 +299,7 @@ class GatePruningFromScratch(pl.Callback):
             metrics.update({"gate/loss": task + penalty, "gate/task_loss": task})
         else:
             search.record(gates.sum(), penalty)  # no loss returned (manual optimization): non-finite gates still count
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
