@@ -94,6 +94,7 @@ def loader(batch: int, steps: int, seed: int, size: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
+GATE = "GatePruningFromScratch gate phase"
 VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
     "dense": lambda aux: None,
     "IterativeMagnitude element": lambda aux: IterativeMagnitude(
@@ -109,7 +110,7 @@ VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
     "ModelPruning (Lightning)": lambda aux: ModelPruning(
         "l1_unstructured", amount=0.9, apply_pruning=lambda epoch: epoch == 0, use_lottery_ticket_hypothesis=False
     ),
-    "GatePruningFromScratch gate phase": lambda aux: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, select="last", verbose=False),
+    GATE: lambda aux: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, select="last", verbose=False),
 }
 
 
