@@ -206,3 +206,21 @@ def test_budget_training_warns_when_max_steps_may_end_it_first(trainer_factory) 
     with pytest.warns(UserWarning, match="`budget_training=True`.*`max_steps`=6"):
         trainer.fit(classifier(), digits())
     assert pruning.budget_epochs == 3 and trainer.global_step == 6
+
+
+class StopAt(pl.Callback):
+    """Stops training (as EarlyStopping or a time limit would) after the 2nd step, inside the gate phase."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 2:
+            trainer.should_stop = True
+
+
+def test_training_stopped_inside_the_gate_phase_leaves_the_widened_model_as_it_was(trainer_factory) -> None:
+    model = classifier()
+    before = state(model)
+    pruning = GatePruningFromScratch(gate_epochs=2, expansion=2.0, verbose=False)
+    with pytest.warns(UserWarning, match="training stopped during the gate phase"):
+        trainer_factory([pruning, StopAt()], max_epochs=3, **LIMITS).fit(model, digits())
+    assert_unchanged(model, before)
+    assert not pruning.pruned and all(p.requires_grad for p in model.parameters())
