@@ -114,7 +114,7 @@ def run_seed(seed: int, args: argparse.Namespace, results: dict[str, list[float]
         pl.seed_everything(seed, verbose=False)
         model = classifier()
         pruning = GatePruningFromScratch(flops_ratio=ratio, gate_epochs=args.gate_epochs, verbose=False)
-        trainer = make_trainer(args.epochs, (pruning,))
+        trainer = make_trainer(args.gate_epochs + args.epochs, (pruning,))  # the gate epochs count in max_epochs
         trainer.fit(model, data())
         record(f"gates@{ratio}", model, trainer, dense_flops)
         results.setdefault(f"gates@{ratio} gate phase s", []).append(pruning.gate_seconds)

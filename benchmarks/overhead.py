@@ -7,16 +7,13 @@ plus aten ops and host synchronisations per training step (``lightning_prune.dia
 For each model (``build_network("resnet20")``, ``build_network("resnet50")``, 3x32x32 inputs (``--size``),
 random data in memory) every round runs one short ``Trainer.fit`` per variant, in turn (dense, IterativeMagnitude
 element, IterativeMagnitude channel, AutoPrune element and channel learning ``M`` (``end_epoch=1``) and
-fine-tuning under fixed masks (``end_epoch=0``), Lightning's ``ModelPruning``, and the gate phase of
-GatePruningFromScratch), so all variants see the same machine load. A training step is timed
+fine-tuning under fixed masks (``end_epoch=0``), Lightning's ``ModelPruning``, and a gate epoch of
+GatePruningFromScratch (``gate_epochs=2``: epoch 1 is its second gate epoch)), so all variants see the same machine load. A training step is timed
 from the first ``on_train_batch_start`` to the last ``on_train_batch_end`` hook (forward, backward,
 optimizer step and every callback's batch hooks), in the second epoch only (every callback is active
 by then: IterativeMagnitude and ModelPruning prune 90% at epoch 0); the ratio is the median step time
-over the median dense step time of the same round, then the median over rounds. The gate phase step
-(``GateSearch.run``, its own loop) is its wall time / its steps (metric reads every ``log_every_n_steps``
-and at the epoch's end included). Op and sync counts are taken on one further step (the gate phase: its
-per-step path, the loss and ``GateSearch.step``, over all its steps / their number) and are
-device-independent.
+over the median dense step time of the same round, then the median over rounds. Op and sync counts are taken
+on one further step and are device-independent.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude, build_network
 from lightning_prune.diagnostics import OpCount, _Dispatch, _Function
-from lightning_prune.gate_search import GateSearch
 
 
 class Net(pl.LightningModule):
@@ -98,6 +94,7 @@ def loader(batch: int, steps: int, seed: int, size: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch)
 
 
+GATE = "GatePruningFromScratch gate phase"
 VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
     "dense": lambda aux: None,
     "IterativeMagnitude element": lambda aux: IterativeMagnitude(
@@ -113,8 +110,8 @@ VARIANTS: dict[str, Callable[[DataLoader], Optional[pl.Callback]]] = {
     "ModelPruning (Lightning)": lambda aux: ModelPruning(
         "l1_unstructured", amount=0.9, apply_pruning=lambda epoch: epoch == 0, use_lottery_ticket_hypothesis=False
     ),
+    GATE: lambda aux: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, select="last", verbose=False),
 }
-GATE = "GatePruningFromScratch gate phase"
 
 
 def run(arch: str, variant: str, batch: int, steps: int, seed: int, size: int = 32) -> tuple[list[float], Optional[OpCount]]:
@@ -123,38 +120,11 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int, size: int = 
     model = Net(arch, size)
     train, aux = loader(batch, steps + 1, seed, size), loader(batch, steps + 1, seed + 1, size)
     start = StepStart(count_step=steps)
-    if variant == GATE:
-        gate = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, select="last", verbose=False)
-        timing: dict[str, Any] = {}
-        run_phase = GateSearch.run
-
-        def timed(search: GateSearch, batches: Any, task_loss: Callable[..., Any], **kwargs: Any) -> Any:
-            """The gate phase alone, timed whole; ops counted in its per-step path (loss + gate step)."""
-            count = OpCount()
-            step = search.step
-
-            def counted_loss(batch: Any, index: int) -> Any:
-                with _Function(count), _Dispatch(count):
-                    return task_loss(batch, index)
-
-            def counted_step(loss: Any) -> None:
-                with _Function(count), _Dispatch(count):
-                    step(loss)
-
-            search.step = counted_step  # type: ignore[method-assign]
-            began = time.perf_counter()
-            result = run_phase(search, batches, counted_loss, **kwargs)
-            timing.update(seconds=time.perf_counter() - began, count=count, steps=result.steps)
-            return result
-
-        GateSearch.run = timed  # type: ignore[method-assign]
-        callbacks: list[pl.Callback] = [gate]
-        epochs, limit = 1, steps  # max_steps=1: the pruned network trains one step after the gate phase
-    else:
-        callback = VARIANTS[variant](aux)
-        callbacks = [start] + ([callback] if callback is not None else []) + [StepEnd(start)]
-        # epoch 1 is timed; AutoPrune's M learns through it (`end_epoch`=1) and needs an epoch after it to fine-tune
-        epochs, limit = 3 if isinstance(callback, AutoPruneCallback) else 2, steps + 1
+    callback = VARIANTS[variant](aux)
+    callbacks = [start] + ([callback] if callback is not None else []) + [StepEnd(start)]
+    # epoch 1 is timed; AutoPrune's M learns through it (`end_epoch`=1) and needs an epoch after it to fine-tune;
+    # GatePruningFromScratch's gate epochs (0 and 1) leave one to train the pruned network
+    epochs, limit = 3 if isinstance(callback, (AutoPruneCallback, GatePruningFromScratch)) else 2, steps + 1
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -167,22 +137,7 @@ def run(arch: str, variant: str, batch: int, steps: int, seed: int, size: int = 
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        max_steps=1 if variant == GATE else -1,
     )
-    if variant == GATE:
-        try:
-            trainer.fit(model, train)
-        finally:
-            GateSearch.run = run_phase  # type: ignore[method-assign]
-        steps_run = timing["steps"]
-        count = timing["count"]
-        per_step = OpCount(
-            ops=round(count.ops / steps_run),
-            syncs=round(count.syncs / steps_run),
-            transfers=round(count.transfers / steps_run),
-            sync_ops=Counter({reason: round(n / steps_run, 1) for reason, n in count.sync_ops.items()}),
-        )
-        return [timing["seconds"] / steps_run], per_step
     trainer.fit(model, train)
     return start.times, start.count
 
@@ -196,7 +151,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet50"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--size", type=int, default=32, help="input height and width (224: ImageNet's)")
-    parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, GATE], help="a subset of the variants (dense always runs)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="a subset of the variants (dense always runs)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -205,7 +160,7 @@ def main() -> None:
         args.rounds, args.steps, args.batch, args.models = 1, 3, 2, ["resnet20"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [*VARIANTS, GATE] if not args.variants else ["dense", *(name for name in args.variants if name != "dense")]
+    names = list(VARIANTS) if not args.variants else ["dense", *(name for name in args.variants if name != "dense")]
     print(f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x{args.size}x{args.size}, CPU threads {torch.get_num_threads()}")
     print()
     print("| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |")

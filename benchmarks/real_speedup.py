@@ -79,7 +79,7 @@ def gate_network(setting: Setting, round_to: Optional[int] = None) -> nn.Module:
     model = ImageClassifier(ARCH, in_channels=3, image_size=32, width=1.0)
     pruning = GatePruningFromScratch(flops_ratio=RATIO, gate_epochs=setting.gate_epochs, round_to=round_to, verbose=False)
     limits = {} if setting.gate_batches is None else {"limit_train_batches": setting.gate_batches, "limit_val_batches": 1}
-    trainer = pl.Trainer(max_epochs=setting.gate_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=setting.gate_epochs + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning], **limits)
     trainer.fit(model, DigitsDataModule(batch_size=64, image_size=32, channels=3, seed=setting.seed))
     return model.network

@@ -35,14 +35,14 @@ WHY_SLOWER = {
     "AutoPrune element fine-tune": "the same two multiplies as IterativeMagnitude (M fixed: its masks in a MaskSet, no gating)",
     "AutoPrune channel": "the bi-level method, as element pruning, with the BatchNorms of the gated channels gated too",
     "AutoPrune channel fine-tune": "the same two multiplies as IterativeMagnitude (M fixed: its masks in a MaskSet, no gating)",
-    GATE: "a different phase: gates are trained on a frozen random network in their own loop (no weight update)",
+    GATE: "a different phase: gates are trained on a frozen random network (Adam on one gate parameter, no weight update)",
 }
 
 
 @one_thread()
 def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     size = SIZES[suite]
-    names = [*VARIANTS, GATE]
+    names = list(VARIANTS)
     data: dict[str, Any] = {"size": size, "models": {}}
     rows, found = [], []
     notes = ["Timings on a shared machine: ratios within one round are comparable, absolute milliseconds are not."]

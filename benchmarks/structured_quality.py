@@ -115,10 +115,12 @@ class SeedRun:
         return ImageClassifier(self.setting.arch, in_channels=3, image_size=32, width=self.setting.width, lr_schedule="cosine")
 
     def fit(self, model: ImageClassifier, callbacks: Sequence[pl.Callback] = ()) -> float:
-        """Train ``model`` for ``epochs`` (seeded); returns the training loop's wall time in seconds."""
+        """Train ``model`` for ``epochs`` (seeded; after the gate epochs of a ``GatePruningFromScratch``, which count in
+        the fit's ``max_epochs``); returns the training loop's wall time in seconds."""
         timer = TrainLoopTimer()
         pl.seed_everything(self.seed, verbose=False)
-        make_trainer(self.setting.epochs, (*callbacks, timer)).fit(model, self.data())
+        gate_epochs = sum(c.gate_epochs for c in callbacks if isinstance(c, GatePruningFromScratch))
+        make_trainer(self.setting.epochs + gate_epochs, (*callbacks, timer)).fit(model, self.data())
         return timer.seconds
 
     def test(self, model: ImageClassifier) -> float:

@@ -27,17 +27,19 @@ placement or ``"all"``), the refusal of an unreachable target before any weight 
 relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
 network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
-A step makes no host synchronisation: loss sums, the step count of a first non-finite loss and the
-gate mean live on the device and are read once by :meth:`GateSearch.read_metrics` (once per logging
-step and at epoch ends). All gates are one flat parameter, so a step reduces its gradient across
-processes in one collective (``reduce``), Adam and the clamp touch one tensor.
+A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.regularize`,
+Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and loss sums, the step count of a first
+non-finite loss and the gate mean live on the device, read once by :meth:`GateSearch.read_metrics` or
+:meth:`GateSearch.check_finite`. All gates are one flat parameter, so a step reduces its gradient across processes
+in one collective (``reduce``), Adam and the clamp touch one tensor. ``GatePruningFromScratch`` runs the same
+verbs inside Lightning's fit loop (``regularize`` before, :meth:`GateSearch.after_step` after each optimizer step).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +58,7 @@ from lightning_prune.gates import (
     gate_sites,
     gated_groups,
 )
+from lightning_prune.inputs import model_input
 from lightning_prune.structure import ChannelGroup, ChannelPlan, ExampleInput, apply_plan, find_channel_groups
 from lightning_prune.structure.plans import kept_counts
 
@@ -68,6 +71,14 @@ Init = Literal["random", "inherit"]
 random weights kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
+
+
+def _non_finite(step: int) -> NonFiniteGateLoss:
+    return NonFiniteGateLoss(
+        f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step {step}); the "
+        "gates were removed and the model left as it was. Check the inputs, the loss and the model's initialisation, "
+        "or lower `gate_lr`."
+    )
 
 
 def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[float], gate_ratio: float, mode: Mode = "min") -> bool:
@@ -163,31 +174,74 @@ class GateSearch:
         with frozen_network(self.model), self.gates.inserted():
             yield self
 
-    def objective(self, task_loss: torch.Tensor) -> torch.Tensor:
-        r"""``task_loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁`` (module docstring)."""
-        loss = task_loss.float() + self.gamma * (self.gates.mean_abs() - self.gate_ratio) ** 2
-        if self.l1:
-            loss = loss + self.l1 * self.gates.parameter.abs().sum()
-        return loss
+    def to(self, device: torch.device) -> "GateSearch":
+        """Move the search's own tensors (running sums, step counters) to ``device``, where the gates went
+        with the model."""
+        for name in ("_sum", "_window", "_step", "_first_bad"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
-    def step(self, task_loss: torch.Tensor) -> None:
-        """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
-        backward, gradient averaged over processes, Adam, clamp to [0, 1]. No host synchronisation:
-        a non-finite loss is recorded on the device and raised by :meth:`read_metrics`."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.objective(task_loss)
-        loss.backward()
+    def objective(self, task_loss: torch.Tensor) -> torch.Tensor:
+        r"""``task_loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁`` (module docstring), differentiable."""
+        return task_loss.float() + self.penalty(self.gates.parameter)
+
+    def penalty(self, gates: torch.Tensor) -> torch.Tensor:
+        r"""``γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁`` of ``gates`` (the flat parameter, or a detached copy)."""
+        value = self.gamma * (gates.abs().mean() - self.gate_ratio) ** 2
+        return value + self.l1 * gates.abs().sum() if self.l1 else value
+
+    @torch.no_grad()
+    def regularize(self) -> torch.Tensor:
+        r"""Add the penalty's gradient to the gates' gradient (after the task loss's backward, before the
+        optimizer step; Torch-Pruning's ``regularize()`` pattern): ``sign(Λ)·(2γ(‖Λ‖₁/C − r)/C + l1)``.
+        Returns the penalty's value (a detached 0-dim tensor on the gates' device: no host synchronisation)."""
         parameter = self.gates.parameter
-        parameter.grad = self.reduce(parameter.grad, "mean")
-        self.optimizer.step()
+        mean = parameter.abs().mean()
+        gradient = parameter.sign() * (2 * self.gamma * (mean - self.gate_ratio) / parameter.numel() + self.l1)
+        if parameter.grad is None:
+            parameter.grad = gradient
+        else:
+            parameter.grad.add_(gradient)
+        return self.penalty(parameter)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After each optimizer step: clamp the gates to [0, 1] and count the step into the running sum (the
+        tie-break averages)."""
         self.gates.clamp_()
-        self._sum.add_(parameter.detach())
+        self._sum.add_(self.gates.parameter)
         self._step.add_(1)
-        detached = torch.stack([loss.detach(), task_loss.detach().float()])
+        self.steps += 1
+
+    @torch.no_grad()
+    def record(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> None:
+        """Count one step's losses into the logging window and remember the step of a first non-finite loss
+        (on the device: raised by :meth:`check_finite`)."""
+        detached = torch.stack([task_loss.detach().float() + penalty, task_loss.detach().float()])
         finite = torch.isfinite(detached).all()
         self._first_bad = torch.where(~finite & (self._first_bad < 0), self._step, self._first_bad)
         self._window.add_(torch.cat([detached, detached.new_ones(1)]))
-        self.steps += 1
+
+    def step(self, task_loss: torch.Tensor) -> None:
+        """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
+        backward, gradient averaged over processes, the penalty's gradient (:meth:`regularize`), Adam, clamp
+        to [0, 1]. No host synchronisation: a non-finite loss is recorded on the device and raised by
+        :meth:`read_metrics`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        task_loss.float().backward()
+        parameter = self.gates.parameter
+        parameter.grad = self.reduce(parameter.grad, "mean")
+        penalty = self.regularize()
+        self.optimizer.step()
+        self.after_step()
+        self.record(task_loss, penalty)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteGateLoss` if a loss since the start was NaN or infinite (one host read)."""
+        bad = torch.stack([(self._first_bad >= 0).float(), self._first_bad.clamp(min=0).float()])
+        processes, steps = self.reduce(bad, "sum").tolist()  # processes that saw one, and the sum of their steps
+        if processes:
+            raise _non_finite(int(steps / processes))
 
     def read_metrics(self) -> dict[str, float]:
         """The metrics of the steps since the last read (averaged over them and over processes), in one
@@ -203,63 +257,11 @@ class GateSearch:
         loss, task, count, mean, nonzero, bad, processes = packed.tolist()
         self._window.zero_()
         if bad > 0:
-            raise NonFiniteGateLoss(
-                f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step "
-                f"{int(bad / processes)}); the gates were removed and the model left as it was. Check the inputs, the "
-                "loss and the model's initialisation, or lower `gate_lr`."
-            )
+            raise _non_finite(int(bad / processes))
         metrics = {"gate/mean": mean / processes, "gate/nonzero_fraction": nonzero / processes}
         if count:
             metrics.update({"gate/loss": loss / count, "gate/task_loss": task / count})
         return metrics
-
-    def run(
-        self,
-        batches: Callable[[], Iterable[Any]],
-        task_loss: Callable[[Any, int], torch.Tensor],
-        *,
-        epochs: int,
-        log_every: int = 50,
-        validate: Optional[Callable[[], Optional[tuple[str, float]]]] = None,
-        val_every: Optional[int] = None,
-        log: Optional[Callable[[dict[str, float]], None]] = None,
-        on_step: Optional[Callable[[], None]] = None,
-    ) -> GatePhaseResult:
-        """The whole gate phase: ``epochs`` passes over ``batches()``, a :meth:`step` on
-        ``task_loss(batch, index)`` each, metrics read (one host sync) every ``log_every`` steps and at each
-        epoch's end and passed to ``log``; ``validate()`` -> ``(name, value)`` after each epoch (or every
-        ``val_every`` steps) feeds :meth:`validated` and is logged as ``gate/<name>`` (``None``: nothing to
-        select on, the last gates stay). Returns :meth:`result`.
-
-        Raises:
-            NonFiniteGateLoss: at the first read after a non-finite loss; the model is restored.
-        """
-        log = log or (lambda metrics: None)
-
-        def validation() -> None:
-            metrics = self.read_metrics()  # raises first if a loss was not finite
-            monitored = validate()
-            if monitored is not None:
-                name, value = monitored
-                self.validated(value)
-                metrics[f"gate/{name}"] = value
-            log(metrics)
-
-        with self.running():
-            for _ in range(epochs):
-                for index, batch in enumerate(batches()):
-                    self.step(task_loss(batch, index))
-                    if on_step is not None:
-                        on_step()
-                    if validate is not None and val_every and self.steps % val_every == 0:
-                        validation()
-                    elif self.steps % log_every == 0:
-                        log(self.read_metrics())
-                if validate is not None and not val_every:
-                    validation()
-                else:
-                    log(self.read_metrics())  # the epoch's end: metrics and the finiteness check
-        return self.result()
 
     # ------------------------------------------------------------------ selection
     def validated(self, value: float) -> bool:
@@ -307,6 +309,7 @@ class GateSearch:
             "best": self.best,
             "last_metric": self.last_metric,
             "chosen": None if chosen is None else vars(chosen).copy(),
+            "first_bad": int(self._first_bad),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -315,6 +318,7 @@ class GateSearch:
             self._sum.copy_(state["sum"])
         self.steps = state["steps"]
         self._step.fill_(self.steps)
+        self._first_bad.fill_(state.get("first_bad", -1))
         self.optimizer.load_state_dict(state["optimizer"])
         self.best, self.last_metric = state["best"], state["last_metric"]
         self.chosen = None if state["chosen"] is None else GatePhaseResult(**state["chosen"])
@@ -460,17 +464,27 @@ class GatePruning:
         ``l1``, ``mode``, ``reduce``)."""
         return GateSearch(self.model, self.groups, position=self.position, gated=self.gated, **options)
 
-    def prune(self, result: GatePhaseResult, scores: Optional[list[torch.Tensor]] = None, init: Init = "random") -> GatePruned:
+    def prune(
+        self, result: GatePhaseResult, scores: Optional[list[torch.Tensor]] = None, init: Init = "random", seed: Optional[int] = None
+    ) -> GatePruned:
         """The largest structure of the selected gates within ``flops_ratio`` × the dense FLOPs (one global
         threshold, :func:`~lightning_prune.channel_search.search_threshold`, counts rounded to ``round_to``),
-        removed physically, then initialised (``init="random"``: :func:`reinitialise`). ``scores``:
-        :func:`~lightning_prune.gates.gate_scores` of ``result`` (e.g. broadcast from rank 0)."""
+        removed physically, then initialised (``init="random"``: :func:`reinitialise`, from the global random
+        state, or from ``seed`` without touching it). ``scores``: :func:`~lightning_prune.gates.gate_scores` of
+        ``result`` (e.g. broadcast from rank 0)."""
         scores = scores if scores is not None else gate_scores(result, self.groups)
         target = min(1.0, self.flops_ratio * self.dense_flops / self.predictor.dense)
         found = search_threshold(scores, target, self.predictor, round_to=self.round_to)
-        apply_plan(self.model, self.groups, found.plan, self.example_input)
-        if init == "random":
+        parameter = next(self.model.parameters())
+        device = parameter.device
+        apply_plan(self.model, self.groups, found.plan, model_input(self.example_input).like(parameter))
+        if init == "random" and seed is None:
             reinitialise(self.model)
+        elif init == "random":
+            cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                reinitialise(self.model)
         threshold = float(torch.cat([result.gates[g][found.plan[g].cpu()] for g in result.gates]).min())
         plan = {index: keep.cpu() for index, keep in found.plan.items()}
         return GatePruned(plan, result.gates, threshold, found.flops / self.dense_flops)

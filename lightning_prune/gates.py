@@ -22,9 +22,10 @@ block (bn1 of a CIFAR basic block, bn1 and bn2 of a bottleneck, MobileNetV2's ex
 the stem or the residual stream, which stay unpruned at the (expanded) width; on a plain net (VGG) every
 conv-BN-ReLU. :func:`inner_groups` defines it on the groups, not on class names.
 
-Gates live outside the model (one flat ``nn.Parameter``, not registered on it): its
-``state_dict``, parameters and optimizers never see them, and ``remove()`` leaves the model
-exactly as it was.
+Gates are one flat ``nn.Parameter``. By default it lives outside the model: its ``state_dict``,
+parameters and optimizers never see it. ``attach(register=True)`` also registers it on the model as
+:data:`GATE_PARAMETER` (so a DDP wrapper reduces its gradient and the model's ``state_dict`` holds it);
+``remove()`` leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from torch.nn.utils import parametrize
 
 from lightning_prune.choices import check_choice
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
-from lightning_prune.modes import eval_mode, training_mode
+from lightning_prune.modes import eval_mode
 from lightning_prune.structure import ChannelGroup
 from lightning_prune.targets import linear_features, linear_types
 
+GATE_PARAMETER = "pruning_gates"
+"""Name of the gate parameter on a model it is registered on (``ChannelGates.attach(register=True)``)."""
 GatePosition = Literal["bn", "conv", "bn_weight"]
 GateSites = Literal["inner", "all"]
 """Which channel groups get gates: the authors' placement (:func:`inner_groups`) or every group."""
@@ -191,6 +194,10 @@ class _Multiplier:
 
     def __call__(self, base: torch.Tensor) -> torch.Tensor:
         """``base`` (one value per output channel) with its gated channels replaced by their gate values."""
+        if self.source is not None and self.source.device != self.parameter.device:  # the model moved: follow once
+            self.source = self.source.to(self.parameter.device)
+        if self.positions is not None and self.positions.device != base.device:
+            self.positions = self.positions.to(base.device)
         if self.start is not None:
             values = self.parameter.narrow(0, self.start, self.channels)
         else:
@@ -268,8 +275,9 @@ class ChannelGates:
     def attached(self) -> bool:
         return bool(self._handles or self._parametrized)
 
-    def attach(self) -> None:
-        """Insert the gates into the model's forward pass (λ = current gate values)."""
+    def attach(self, register: bool = False) -> None:
+        """Insert the gates into the model's forward pass (λ = current gate values); with ``register``, also
+        register :attr:`parameter` on the model as :data:`GATE_PARAMETER`."""
         if self.attached:
             return
         for name, sites in self.by_module().items():
@@ -280,8 +288,9 @@ class ChannelGates:
                 parametrize.register_parametrization(module, "weight", _GatedScale(multiplier), unsafe=True)
                 self._parametrized.append((module, order))
             else:
-                ones = torch.ones(_out_channels(module), device=self.device)
-                self._handles.append(module.register_forward_hook(_scale_output(multiplier, ones)))
+                self._handles.append(module.register_forward_hook(_scale_output(multiplier, _out_channels(module))))
+        if register:
+            self.model.register_parameter(GATE_PARAMETER, self.parameter)
 
     def remove(self) -> None:
         """Take the gates out: the model computes exactly what it computed before ``attach()``."""
@@ -291,11 +300,13 @@ class ChannelGates:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             module._parameters = {name: module._parameters[name] for name in order}  # state_dict order as before
         self._handles, self._parametrized = [], []
+        if self.model._parameters.get(GATE_PARAMETER) is self.parameter:
+            del self.model._parameters[GATE_PARAMETER]
 
     @contextmanager
-    def inserted(self) -> Iterator["ChannelGates"]:
+    def inserted(self, register: bool = False) -> Iterator["ChannelGates"]:
         """``with gates.inserted():`` — attached inside the block, removed on leaving it (also on error)."""
-        self.attach()
+        self.attach(register)
         try:
             yield self
         finally:
@@ -353,9 +364,13 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_channels
 
 
-def _scale_output(multiplier: _Multiplier, ones: torch.Tensor):  # noqa: ANN202 - a forward hook
+def _scale_output(multiplier: _Multiplier, channels: int):  # noqa: ANN202 - a forward hook
+    ones = [torch.ones(channels, device=multiplier.parameter.device)]
+
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        factor = multiplier(ones).to(output.dtype)
+        if ones[0].device != output.device:  # the model moved after the gates were attached: follow once
+            ones[0] = ones[0].to(output.device)
+        factor = multiplier(ones[0]).to(output.dtype)
         if isinstance(module, linear_types()):  # channels last
             return output * factor
         return output * factor.view(1, -1, *([1] * (output.dim() - 2)))
@@ -388,24 +403,44 @@ class GatePhaseResult:
     steps: int
 
 
+class FrozenNetwork:
+    """Weights, biases and BatchNorm affine parameters frozen (optionally every module in training mode) from
+    construction until :meth:`restore`, which gives back every ``requires_grad`` flag, module mode and buffer
+    (BatchNorm running statistics): the gate phase changes nothing of the model. :attr:`buffers` (copies)
+    can be saved and loaded, so a resumed phase restores the buffers of the run it continues."""
+
+    def __init__(self, model: nn.Module, train: bool = True) -> None:
+        self.model = model
+        self.flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self.modes = [(module, module.training) for module in model.modules()] if train else []
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if train:
+            model.train(True)
+
+    def restore(self) -> None:
+        """Everything back; a buffer whose shape changed meanwhile (its module reshaped to a checkpoint about to
+        load into it) is left to that load."""
+        with torch.no_grad():
+            for name, buffer in self.model.named_buffers():
+                if name in self.buffers and buffer.shape == self.buffers[name].shape:
+                    buffer.copy_(self.buffers[name])
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(self.flags.get(name, parameter.requires_grad))
+        for module, was_training in self.modes:
+            module.training = was_training
+
+
 @contextmanager
 def frozen_network(model: nn.Module) -> Iterator[nn.Module]:
-    """Weights, biases and BatchNorm affine parameters frozen, every module in training mode, BatchNorm
-    running statistics restored on leaving: the gate phase changes nothing of the model."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    stats = {name: b.detach().clone() for name, b in model.named_buffers()}
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    """:class:`FrozenNetwork` for the block: weights frozen, every module in training mode, everything restored
+    on leaving (also on error)."""
+    frozen = FrozenNetwork(model)
     try:
-        with training_mode(model, True):
-            yield model
+        yield model
     finally:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                if name in stats:
-                    buffer.copy_(stats[name])
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+        frozen.restore()
 
 
 def gate_scores(result: GatePhaseResult, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:

@@ -49,6 +49,10 @@ class ModelInput:
         """A copy with every tensor on ``device``."""
         return self.map_tensors(lambda tensor: tensor.to(device))
 
+    def like(self, parameter: torch.Tensor) -> "ModelInput":
+        """A copy on ``parameter``'s device, floating-point tensors in its dtype (a module converted to ``bf16`` since)."""
+        return self.map_tensors(lambda t: t.to(parameter.device, parameter.dtype if t.is_floating_point() else t.dtype))
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the arguments, positional first, in the order :meth:`map_tensors` visits them."""
         found: list[torch.Tensor] = []

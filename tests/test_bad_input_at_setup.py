@@ -128,10 +128,11 @@ def test_the_longest_schedule_that_fits_runs_to_its_end(tmp_path, recwarn, callb
         assert sparsity_report(model).sparsity == pytest.approx(0.5, abs=1e-4)
 
 
-def test_a_gate_phase_as_long_as_the_fit_runs(tmp_path) -> None:
-    pruning = GatePruningFromScratch(gate_epochs=2, select="last", verbose=False)
-    make_trainer(tmp_path, [pruning], max_epochs=-1, max_steps=6, **FAST).fit(vgg(), data_for(vgg()))
-    assert pruning.pruned
+def test_gate_epochs_that_leave_one_epoch_of_max_steps_run(tmp_path) -> None:
+    pruning = GatePruningFromScratch(gate_epochs=1, select="last", verbose=False)  # 3 steps per epoch: 1 gate epoch, 1 pruned
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=-1, max_steps=6, **FAST)
+    trainer.fit(vgg(), data_for(vgg()))
+    assert pruning.pruned and trainer.global_step == 6
 
 
 # ------------------------------------------------------------------------------------------- auxiliary data, loss_fn
@@ -176,9 +177,8 @@ class Manual(ImageClassifier):
     "model, callback",
     [
         (lambda: Manual("lenet300100"), lambda: AutoPruneCallback()),
-        (lambda: Manual("vgg_small", in_channels=3, image_size=32, width=0.25), lambda: GatePruningFromScratch(gate_epochs=1)),
     ],
-    ids=["autoprune", "gate"],
+    ids=["autoprune"],
 )
 def test_manual_optimization_without_loss_fn_is_refused_at_setup(tmp_path, model, callback) -> None:
     module = model()
@@ -186,13 +186,22 @@ def test_manual_optimization_without_loss_fn_is_refused_at_setup(tmp_path, model
     assert "manual optimization" in message and "`loss_fn`=None" in message
 
 
+class TwoOptimizers(Manual):
+    def configure_optimizers(self) -> list:
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.01)]
+
+
+def test_manual_optimization_with_several_optimizers_is_refused_before_a_gate_step(tmp_path) -> None:
+    module = TwoOptimizers("vgg_small", in_channels=3, image_size=32, width=0.25)
+    message = refused_before_any_change(tmp_path, module, [GatePruningFromScratch(gate_epochs=1)], MisconfigurationException)
+    assert "manual optimization with 2 optimizers" in message and "`self.optimizers()` is the one gate optimizer" in message
+
+
 def constant_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
     return torch.tensor(1.0)
 
 
-def test_a_loss_fn_without_gradient_is_named_and_the_gate_phase_leaves_the_model_as_it_was(tmp_path) -> None:
-    message = refused_before_any_change(tmp_path, vgg(), [GatePruningFromScratch(gate_epochs=1, loss_fn=constant_loss)], MisconfigurationException)
-    assert f"`loss_fn`={constant_loss!r}" in message and "requires_grad=False" in message
+def test_a_loss_fn_without_gradient_is_named(tmp_path) -> None:
     with pytest.raises(MisconfigurationException, match=r"`loss_fn`=.*constant_loss.*requires_grad=False"):
         make_trainer(tmp_path, [AutoPruneCallback(loss_fn=constant_loss)], **FAST).fit(lenet(), DigitsDataModule())
 

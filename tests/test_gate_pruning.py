@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import Logger
 
 from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 from lightning_prune.flops import count_flops
-from lightning_prune.gates import NonFiniteGateLoss
+from lightning_prune.gates import GATE_PARAMETER, NonFiniteGateLoss
 
 LIMITS = dict(limit_train_batches=6, limit_val_batches=2, num_sanity_val_steps=0)
 
@@ -71,12 +71,16 @@ def batch_loss(model: ImageClassifier) -> float:
 
 
 class Recorder(pl.Callback):
-    """Placed after the pruning callback: the model as setup left it and as training starts."""
+    """The model as it came to `fit` and as the pruned network's first epoch starts (after the gate epochs)."""
 
     def setup(self, trainer, pl_module, stage):
-        self.dense = snapshot(pl_module)
+        self.dense = {k: v for k, v in snapshot(pl_module).items() if k != GATE_PARAMETER}
+        self.pruned = None
 
-    def on_train_start(self, trainer, pl_module):
+    def on_train_epoch_start(self, trainer, pl_module):
+        pruning = next(callback for callback in trainer.callbacks if isinstance(callback, GatePruningFromScratch))
+        if not pruning.pruned or self.pruned is not None:
+            return
         self.pruned = snapshot(pl_module)
         self.start_loss = batch_loss(pl_module)
         self.optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
@@ -119,7 +123,7 @@ def test_gate_positions(position, trainer_factory) -> None:
     model = classifier()
     dense_flops = flops(model)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, gate_position=position, gate_lr=0.05, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=2, **LIMITS)
     if position == "conv":
         with pytest.warns(UserWarning, match="normalises their gate"):
             trainer.fit(model, digits())
@@ -136,16 +140,17 @@ def test_gate_positions(position, trainer_factory) -> None:
 
 
 def test_select_best_val_keeps_a_sparse_enough_snapshot_and_last_keeps_the_last(trainer_factory) -> None:
-    options = dict(flops_ratio=0.5, gate_epochs=3, gate_lr=0.3, gate_ratio=0.9, gate_val_every=2, verbose=False)
+    options = dict(flops_ratio=0.5, gate_epochs=3, gate_lr=0.3, gate_ratio=0.9, verbose=False)
     best = GatePruningFromScratch(select="best_val", **options)
-    trainer_factory([best], max_epochs=3, **LIMITS).fit(classifier(), digits())  # a gate phase at most as long as the fit
+    # Lightning's validation every 2 steps (val_check_interval replaces gate_val_every); the gate epochs count in max_epochs
+    trainer_factory([best], max_epochs=4, val_check_interval=2, **LIMITS).fit(classifier(), digits())
     assert best.snapshot["selected"] == "best_val" and best.snapshot["metric"] is not None
     assert best.snapshot["step"] % 2 == 0 and best.snapshot["steps"] == 18
     nonzero = float((torch.cat(list(best.gates.values())) != 0).float().mean())
     assert nonzero <= 0.9
 
     last = GatePruningFromScratch(select="last", **options)
-    trainer_factory([last], max_epochs=3, **LIMITS).fit(classifier(), digits())
+    trainer_factory([last], max_epochs=4, **LIMITS).fit(classifier(), digits())
     assert last.snapshot["selected"] == "last" and last.snapshot["step"] == last.snapshot["steps"] == 18
 
 
@@ -163,7 +168,7 @@ def _root_rows(pruning: GatePruningFromScratch, state: dict[str, torch.Tensor]) 
 def test_init_inherit_keeps_surviving_random_weights_random_redraws_them(init, trainer_factory) -> None:
     recorder = Recorder()
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, init=init, verbose=False)
-    trainer_factory([pruning, recorder], max_epochs=1, **LIMITS).fit(classifier(), digits())
+    trainer_factory([pruning, recorder], max_epochs=2, **LIMITS).fit(classifier(), digits())
     name, expected = _root_rows(pruning, recorder.dense)
     assert recorder.pruned[name].shape == expected.shape
     assert torch.equal(recorder.pruned[name], expected) == (init == "inherit")
@@ -173,7 +178,7 @@ def test_round_to_keeps_every_group_at_a_multiple_and_meets_the_target(trainer_f
     model = classifier("resnet20", width=0.5)  # groups of 8, 16, 32 channels
     dense_flops = flops(model)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, round_to=8, verbose=False)
-    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+    trainer_factory([pruning], max_epochs=2, **LIMITS).fit(model, digits())
     kept = [len(keep) for keep in pruning.plan.values()]
     assert all(k % 8 == 0 for k in kept) and any(k < len(pruning.gates[g]) for g, k in zip(pruning.plan, kept))
     widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -185,14 +190,13 @@ def test_round_to_keeps_every_group_at_a_multiple_and_meets_the_target(trainer_f
 def test_budget_training_extends_max_epochs_and_logs_it(trainer_factory) -> None:
     logger = ListLogger()
     pruning = GatePruningFromScratch(flops_ratio=0.4, gate_epochs=1, budget_training=True, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=2, logger=logger, log_every_n_steps=2, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=3, logger=logger, log_every_n_steps=2, **LIMITS)
     trainer.fit(classifier(), digits())
-    assert pruning.budget_epochs == 5 == trainer.max_epochs  # round(2 / 0.4)
-    assert trainer.current_epoch == 5
-    assert logger.values("prune/max_epochs") == [5.0]
+    assert pruning.budget_epochs == 6 == trainer.max_epochs  # 1 gate epoch + round((3 - 1) / 0.4)
+    assert trainer.current_epoch == 6 and trainer.global_step == 36
+    assert logger.values("prune/max_epochs") == [6.0]
     assert len(logger.values("prune/flops_ratio")) == 1 and logger.values("prune/flops_ratio")[0] <= 0.4
-    assert logger.values("gate/step") == [2.0, 4.0, 6.0, 6.0]  # every 2nd gate step and the gate epoch's end
-    assert len(logger.values("gate/loss")) == 3
+    assert len(logger.values("gate/loss")) == 3  # every 2nd of the 6 gate steps (log_every_n_steps), none afterwards
     assert len(logger.values("gate/val/loss")) == 1  # one validation per gate epoch, on the default monitor
 
 
@@ -200,7 +204,7 @@ def test_expansion_learns_gates_on_a_wider_net_with_the_target_of_the_unwidened_
     model = classifier(width=0.25)
     dense_flops = flops(model)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, expansion=2.0, verbose=False)
-    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+    trainer_factory([pruning], max_epochs=2, **LIMITS).fit(model, digits())
     assert model.width == 0.5
     assert max(len(g) for g in pruning.gates.values()) == 64  # vgg_small's widest layer, 128 x 0.5
     assert 0.45 * dense_flops <= flops(model) <= 0.5 * dense_flops
@@ -211,7 +215,7 @@ def test_l1_term_pulls_the_gates_down(trainer_factory) -> None:
     for l1 in (0.0, 0.05):
         pl.seed_everything(0)
         pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, l1=l1, verbose=False)
-        trainer_factory([pruning], max_epochs=1, **LIMITS).fit(classifier(), digits())
+        trainer_factory([pruning], max_epochs=2, **LIMITS).fit(classifier(), digits())
         means.append(float(torch.cat(list(pruning.gates.values())).mean()))
     assert means[1] < means[0] - 0.01
 
@@ -221,25 +225,25 @@ def test_resume_reshapes_before_loading_and_never_reruns_the_gate_phase(tmp_path
     options = dict(flops_ratio=0.5, gate_epochs=1, expansion=1.5, budget_training=True, verbose=False)
     pruning = GatePruningFromScratch(**options)
     model = classifier()
-    trainer = trainer_factory([pruning, checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS)
+    trainer = trainer_factory([pruning, checkpoint], max_epochs=2, enable_checkpointing=True, **LIMITS)
     trainer.fit(model, digits())
-    assert trainer.current_epoch == 2 and trainer.global_step == 12  # budget: round(1 / 0.5) epochs
+    assert trainer.current_epoch == 3 and trainer.global_step == 18  # budget: 1 gate epoch + round((2 - 1) / 0.5)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
 
-    import lightning_prune.callbacks.gate_pruning as module
+    import lightning_prune.gate_search as module
 
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the gate phase ran again")
 
-    monkeypatch.setattr(module, "GatePruning", forbidden)
+    monkeypatch.setattr(module.GateSearch, "regularize", forbidden)  # no gate step
     resumed_model, resumed = classifier(), GatePruningFromScratch(**options)  # a dense, unexpanded model
-    trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
-    trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))
+    trainer = trainer_factory([resumed], max_epochs=2, **LIMITS)
+    trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))  # written after the pruning
     assert {k: v.shape for k, v in resumed_model.state_dict().items()} == shapes
-    assert resumed.plan.keys() == pruning.plan.keys() and resumed.budget_epochs == 2
-    assert trainer.current_epoch == 2 and trainer.global_step == 12  # the budget epoch count survived the resume
+    assert resumed.plan.keys() == pruning.plan.keys() and resumed.budget_epochs == 3
+    assert trainer.current_epoch == 3 and trainer.global_step == 18  # the budget epoch count survived the resume
 
-    loaded = ImageClassifier.load_from_checkpoint(str(tmp_path / "epoch=1.ckpt"))
+    loaded = ImageClassifier.load_from_checkpoint(str(tmp_path / "epoch=2.ckpt"))
     model.eval(), loaded.eval()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model(x))
@@ -247,12 +251,12 @@ def test_resume_reshapes_before_loading_and_never_reruns_the_gate_phase(tmp_path
 
 def test_resume_continues_training_the_pruned_network(tmp_path, trainer_factory) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False), checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS)
+    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False), checkpoint], max_epochs=2, enable_checkpointing=True, **LIMITS)
     trainer.fit(classifier(), digits())
     model = classifier()
-    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False)], max_epochs=2, **LIMITS)
+    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False)], max_epochs=3, **LIMITS)
     trainer.fit(model, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
-    assert trainer.global_step == 12 and flops(model) <= 0.5 * flops(classifier())
+    assert trainer.global_step == 18 and flops(model) <= 0.5 * flops(classifier())
 
 
 def test_nan_gate_loss_stops_with_a_clear_error_and_leaves_the_model(trainer_factory) -> None:
@@ -264,7 +268,7 @@ def test_nan_gate_loss_stops_with_a_clear_error_and_leaves_the_model(trainer_fac
     model = classifier(width=0.25)
     before = snapshot(model)
     pruning = GatePruningFromScratch(gate_epochs=1, expansion=2.0, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=2, **LIMITS)
     with pytest.raises(NonFiniteGateLoss, match="Gate phase .* NaN or infinite"):
         trainer.fit(model, NaNDigits(batch_size=32, image_size=32, channels=3))
     assert model.width == 0.25 and not pruning.pruned
@@ -287,7 +291,6 @@ def test_nan_gate_loss_stops_with_a_clear_error_and_leaves_the_model(trainer_fac
         (dict(select="best"), "select"),
         (dict(init="zeros"), "init"),
         (dict(expansion=0.5), "expansion"),
-        (dict(gate_val_every=0), "gate_val_every"),
         (dict(round_to=0), "round_to"),
         (dict(round_to=8.0), "round_to"),
         (dict(gate_sites="outer"), "gate_sites"),
@@ -301,7 +304,7 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, argument) -> None:
 def _fit_raises(trainer_factory, pruning, model, match) -> None:
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+        trainer_factory([pruning], max_epochs=2, **LIMITS).fit(model, digits())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -349,12 +352,12 @@ def test_expansion_needs_the_set_width_hook(trainer_factory) -> None:
 def test_resume_reshapes_any_lightning_module(tmp_path, trainer_factory) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = Plain()
-    trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False), checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS).fit(model, digits())
+    trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False), checkpoint], max_epochs=2, enable_checkpointing=True, **LIMITS).fit(model, digits())
     resumed = Plain()
-    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False)], max_epochs=2, **LIMITS)
+    trainer = trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False)], max_epochs=3, **LIMITS)
     trainer.fit(resumed, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert {k: v.shape for k, v in resumed.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    assert trainer.global_step == 12 and "on_load_checkpoint" not in vars(resumed)
+    assert trainer.global_step == 18 and "on_load_checkpoint" not in vars(resumed)
 
 
 def test_wandb_gets_gate_metrics_and_the_structure_table(tmp_path, trainer_factory) -> None:
@@ -363,12 +366,12 @@ def test_wandb_gets_gate_metrics_and_the_structure_table(tmp_path, trainer_facto
 
     wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lp-test")
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=2, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=2, logger=wandb_logger, log_every_n_steps=3, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=3, logger=wandb_logger, log_every_n_steps=3, **LIMITS)
     trainer.fit(classifier(), digits())
     wandb_logger.experiment.finish()
     run = latest_run(tmp_path)
-    assert run.values("gate/step") == [3, 6, 6, 9, 12, 12]  # every 3rd step, plus one validation per gate epoch
-    assert len(run.values("gate/val/loss")) == 2 and len(run.values("gate/loss")) == 4
+    assert len(run.values("gate/mean")) == len(run.values("gate/loss")) == 4  # every 3rd of the 12 gate steps
+    assert len(run.values("gate/val/loss")) == 2  # one validation per gate epoch
     (row,) = run.rows_with("prune/channel_ratios")
     assert row["prune/flops_ratio"] == pytest.approx(pruning.reached_flops_ratio)
     assert row["prune/params_ratio"] < 1 and row["prune/threshold"] == pytest.approx(pruning.threshold)

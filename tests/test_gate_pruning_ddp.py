@@ -1,7 +1,8 @@
 """Under DDP (2 CPU processes, gloo) every rank learns the same gates, prunes to the same structure,
 trains identical weights, and the structure is logged once. Lightning's DistributedSampler gives the ranks
-different shards of the data, so without the all-reduce of the gate gradient their gates diverge (checked:
-deleting that reduce in `GateSearch.step` fails this test)."""
+different shards of the data, so without the all-reduce of the gate gradient their gates diverge: the gates are
+a parameter registered on the LightningModule before DDP wraps it, so DDP's own all-reduce averages their gradient
+(checked: without the registration DDP refuses the module, whose every weight is frozen)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_ddp_ranks_end_with_the_same_structure_and_log_once(tmp_path) -> None:
     trainer = ddp_trainer(
         tmp_path,
         [pruning, SaveState(str(tmp_path))],
-        max_epochs=2,  # a gate phase at most as long as the fit
+        max_epochs=3,  # 2 gate epochs, then 1 epoch of the pruned network
         limit_train_batches=4,
         limit_val_batches=2,
         num_sanity_val_steps=0,

@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -37,25 +38,23 @@ def assert_unchanged(model: ImageClassifier, before: dict[str, torch.Tensor]) ->
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-class Interrupt:
-    """A `loss_fn` that raises `error` on its 3rd call, i.e. in the middle of the gate phase."""
+class Interrupt(pl.Callback):
+    """Raises `error` at the 3rd training step, i.e. in the middle of the gate phase."""
 
     def __init__(self, error: BaseException) -> None:
-        self.error, self.calls = error, 0
+        self.error = error
 
-    def __call__(self, pl_module: Any, batch: Any) -> torch.Tensor:
-        self.calls += 1
-        if self.calls == 3:
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 2:
             raise self.error
-        return torch.nn.functional.cross_entropy(pl_module(batch[0]), batch[1])
 
 
 def test_a_crash_in_the_gate_phase_leaves_the_widened_model_as_it_was(trainer_factory) -> None:
     model = classifier()
     before = state(model)
-    pruning = GatePruningFromScratch(gate_epochs=1, expansion=2.0, loss_fn=Interrupt(RuntimeError("boom")), verbose=False)
+    pruning = GatePruningFromScratch(gate_epochs=1, expansion=2.0, verbose=False)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+        trainer_factory([pruning, Interrupt(RuntimeError("boom"))], max_epochs=2, **LIMITS).fit(model, digits())
     assert_unchanged(model, before)
     assert not pruning.pruned
 
@@ -63,10 +62,10 @@ def test_a_crash_in_the_gate_phase_leaves_the_widened_model_as_it_was(trainer_fa
 def test_ctrl_c_in_the_gate_phase_leaves_the_widened_model_as_it_was(trainer_factory) -> None:
     model = classifier()
     before = state(model)
-    pruning = GatePruningFromScratch(gate_epochs=1, expansion=2.0, loss_fn=Interrupt(KeyboardInterrupt()), verbose=False)
+    pruning = GatePruningFromScratch(gate_epochs=1, expansion=2.0, verbose=False)
     try:
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown after Ctrl-C
-            trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+            trainer_factory([pruning, Interrupt(KeyboardInterrupt())], max_epochs=2, **LIMITS).fit(model, digits())
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C
     assert_unchanged(model, before)
@@ -89,9 +88,9 @@ def test_one_instance_reused_for_a_second_model_searches_afresh(trainer_factory)
     pruning = GatePruningFromScratch(gate_epochs=1, verbose=False)
     first, second = classifier(), ImageClassifier("resnet20", in_channels=3, image_size=32, width=0.25)
     dense = count_flops(second, second.example_input_array[:1]).total
-    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(first, digits())
+    trainer_factory([pruning], max_epochs=2, **LIMITS).fit(first, digits())
     first_plan = dict(pruning.plan)
-    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(second, digits())
+    trainer_factory([pruning], max_epochs=2, **LIMITS).fit(second, digits())
     assert count_flops(second, second.example_input_array[:1]).total <= 0.5 * dense
     assert pruning.plan.keys() != first_plan.keys() or any(len(pruning.plan[k]) != len(first_plan[k]) for k in first_plan)
     # fitting the already pruned model again continues training it: no second gate phase
@@ -113,9 +112,14 @@ def test_fast_dev_run_completes(fast_dev_run, trainer_factory) -> None:
 
 def test_with_stochastic_weight_averaging_the_average_is_of_the_pruned_model(trainer_factory) -> None:
     model = classifier()
+    before = state(model)
+    inside = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)  # would average the gate epoch's random weights
+    with pytest.raises(MisconfigurationException, match="StochasticWeightAveraging would start averaging at epoch 0.*`swa_epoch_start` to at least 2"):
+        trainer_factory([GatePruningFromScratch(gate_epochs=1, verbose=False), inside], max_epochs=3, **LIMITS).fit(model, digits())
+    assert_unchanged(model, before)
     pruning = GatePruningFromScratch(gate_epochs=1, verbose=False)
-    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
-    trainer_factory([pruning, swa], max_epochs=3, **LIMITS).fit(model, digits())
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)  # from the pruned network's first epoch on
+    trainer_factory([swa, pruning], max_epochs=4, **LIMITS).fit(model, digits())
     assert pruning.pruned
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert {k: v.shape for k, v in swa._average_model.state_dict().items()} == shapes
@@ -125,7 +129,7 @@ def test_with_stochastic_weight_averaging_the_average_is_of_the_pruned_model(tra
 def test_bf16_precision(precision, trainer_factory) -> None:
     model = PixelRegressor()
     pruning = GatePruningFromScratch(gate_epochs=1, monitor="val/mse", verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, precision=precision, **LIMITS)
+    trainer = trainer_factory([pruning], max_epochs=2, precision=precision, **LIMITS)
     trainer.fit(model, pixel_loader(), pixel_loader(seed=1))
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     assert pruning.pruned and all(p.dtype == dtype for p in model.parameters())
@@ -136,13 +140,13 @@ def test_snapshot_and_budget_survive_a_resume(tmp_path, trainer_factory) -> None
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     options = dict(gate_epochs=1, budget_training=True, verbose=False)
     pruning = GatePruningFromScratch(**options)
-    trainer_factory([pruning, checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS).fit(classifier(), digits())
+    trainer_factory([pruning, checkpoint], max_epochs=2, enable_checkpointing=True, **LIMITS).fit(classifier(), digits())
     resumed = GatePruningFromScratch(**options)
-    trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
+    trainer = trainer_factory([resumed], max_epochs=2, **LIMITS)
     trainer.fit(classifier(), digits(), ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed.snapshot == pruning.snapshot and resumed.budget_epochs == pruning.budget_epochs == 2
+    assert resumed.snapshot == pruning.snapshot and resumed.budget_epochs == pruning.budget_epochs == 3
     assert resumed.threshold == pruning.threshold and all(torch.equal(resumed.gates[g], pruning.gates[g]) for g in pruning.gates)
-    assert trainer.max_epochs == 2
+    assert trainer.max_epochs == 3
 
 
 def _loss_two(pl_module: Any, batch: Any) -> torch.Tensor:
@@ -159,13 +163,11 @@ def _loss_two(pl_module: Any, batch: Any) -> torch.Tensor:
         ("gate_lr", 0.0), ("gate_lr", [0.1]),
         ("gate_position", "relu"), ("gate_position", 1),
         ("select", "best"), ("select", None),
-        ("gate_val_every", 0), ("gate_val_every", 2.0), ("gate_val_every", False), ("gate_val_every", "1"),
         ("monitor", ""), ("monitor", 3), ("monitor", ["val/loss"]),
         ("mode", "maximize"), ("mode", None),
         ("init", "zeros"),
         ("budget_training", 1), ("budget_training", "yes"),
         ("expansion", 0.5), ("expansion", "2"), ("expansion", True),
-        ("loss_fn", "ce"), ("loss_fn", lambda batch: batch), ("loss_fn", 123),
         ("example_input_fn", "x"), ("example_input_fn", lambda: None), ("example_input_fn", _loss_two),
         ("verbose", "no"), ("verbose", 0),
     ],
@@ -188,19 +190,37 @@ def test_resume_with_changed_arguments_keeps_the_structure_and_budget_and_says_s
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, budget_training=True, verbose=False)
     model = classifier()
-    trainer_factory([pruning, checkpoint], max_epochs=1, enable_checkpointing=True, **LIMITS).fit(model, digits())
+    trainer_factory([pruning, checkpoint], max_epochs=2, enable_checkpointing=True, **LIMITS).fit(model, digits())
     resumed = GatePruningFromScratch(flops_ratio=0.3, gate_position="bn_weight", gate_epochs=1, budget_training=True, verbose=False)
     resumed_model = classifier()
-    trainer = trainer_factory([resumed], max_epochs=1, **LIMITS)
+    trainer = trainer_factory([resumed], max_epochs=2, **LIMITS)
     with pytest.warns(UserWarning, match=r"flops_ratio=0\.5.*gate_position='bn'.*flops_ratio=0\.3"):
         trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed.budget_epochs == 2 == trainer.max_epochs and resumed.plan.keys() == pruning.plan.keys()
+    assert resumed.budget_epochs == 3 == trainer.max_epochs and resumed.plan.keys() == pruning.plan.keys()
     assert {k: v.shape for k, v in resumed_model.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_budget_training_warns_when_max_steps_may_end_it_first(trainer_factory) -> None:
     pruning = GatePruningFromScratch(gate_epochs=1, budget_training=True, verbose=False)
-    trainer = trainer_factory([pruning], max_epochs=1, max_steps=3, **LIMITS)
-    with pytest.warns(UserWarning, match="`budget_training=True`.*`max_steps`=3"):
+    trainer = trainer_factory([pruning], max_epochs=2, max_steps=6, **LIMITS)
+    with pytest.warns(UserWarning, match="`budget_training=True`.*`max_steps`=6"):
         trainer.fit(classifier(), digits())
-    assert pruning.budget_epochs == 2 and trainer.global_step == 3
+    assert pruning.budget_epochs == 3 and trainer.global_step == 6
+
+
+class StopAt(pl.Callback):
+    """Stops training (as EarlyStopping or a time limit would) after the 2nd step, inside the gate phase."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 2:
+            trainer.should_stop = True
+
+
+def test_training_stopped_inside_the_gate_phase_leaves_the_widened_model_as_it_was(trainer_factory) -> None:
+    model = classifier()
+    before = state(model)
+    pruning = GatePruningFromScratch(gate_epochs=2, expansion=2.0, verbose=False)
+    with pytest.warns(UserWarning, match="training stopped during the gate phase"):
+        trainer_factory([pruning, StopAt()], max_epochs=3, **LIMITS).fit(model, digits())
+    assert_unchanged(model, before)
+    assert not pruning.pruned and all(p.requires_grad for p in model.parameters())

@@ -161,21 +161,34 @@ def test_search_meets_the_flops_target_by_an_fvcore_recount() -> None:
     assert recount == found.flops and recount <= 0.5 * predictor.dense
 
 
-def test_run_reads_metrics_at_the_logging_cadence_and_validates_per_epoch() -> None:
+def test_regularize_adds_the_penalty_gradient_autograd_would() -> None:
+    """The penalty's gradient joins the task loss's in `.grad` (Torch-Pruning's `regularize()`): with l1 on and gates
+    strictly inside (0, 1), the sum equals autograd's gradient of task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁."""
+    net, search = _search(gamma=0.7, gate_ratio=0.3, l1=1e-2)
+    with torch.no_grad():
+        search.gates.parameter.uniform_(0.05, 0.95)
+    x, y = _batches(1)[0]
+    with search.running():
+        search.objective(F.cross_entropy(net(x), y)).backward()
+        expected = search.gates.parameter.grad.clone()
+        search.gates.parameter.grad = None
+        F.cross_entropy(net(x), y).backward()
+        penalty = search.regularize()
+    assert torch.allclose(search.gates.parameter.grad, expected, rtol=1e-5, atol=1e-8)
+    assert float(penalty) == pytest.approx(float(search.penalty(search.gates.parameter.detach())))
+
+
+def test_metrics_are_read_over_the_steps_since_the_last_read() -> None:
     net, search = _search(gate_ratio=0.9)
-    logged: list[dict] = []
-    values = iter([2.0, 1.0])
-    result = search.run(
-        lambda: _batches(5),
-        lambda batch, index: F.cross_entropy(net(batch[0]), batch[1]),
-        epochs=2,
-        log_every=2,
-        validate=lambda: ("val/loss", next(values)),
-        log=lambda metrics: logged.append(dict(metrics, steps=search.steps)),
-    )
-    assert [row["steps"] for row in logged] == [2, 4, 5, 6, 8, 10, 10]  # every 2nd step, plus each epoch's validation
-    assert [row.get("gate/val/loss") for row in logged if "gate/val/loss" in row] == [2.0, 1.0]
-    assert "gate/loss" in logged[0] and result.steps == 10 and not search.gates.attached
+    with search.running():
+        for x, y in _batches(3):
+            search.step(F.cross_entropy(net(x), y))
+        first = search.read_metrics()
+        search.step(F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
+        second = search.read_metrics()
+    assert set(first) == {"gate/loss", "gate/task_loss", "gate/mean", "gate/nonzero_fraction"} and search.steps == 4
+    assert first["gate/loss"] > first["gate/task_loss"] and second["gate/task_loss"] != first["gate/task_loss"]
+    assert not search.gates.attached and search.result().steps == 4
 
 
 @settings(max_examples=40, deadline=None)

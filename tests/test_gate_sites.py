@@ -59,7 +59,7 @@ def test_inner_keeps_the_stem_and_residual_stream_at_the_expanded_width_and_meet
     model = classifier("resnet20", width=0.25)  # stages of 4, 8, 16 channels
     dense_flops = flops(model)
     pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, gate_sites="inner", expansion=2.0, verbose=False)
-    trainer_factory([pruning], max_epochs=1, **LIMITS).fit(model, digits())
+    trainer_factory([pruning], max_epochs=2, **LIMITS).fit(model, digits())
     network = model.network
     stages = [8] * 3 + [16] * 3 + [32] * 3  # 2 x (4, 8, 16): the expanded widths
     assert network.stem[0].out_channels == 8 and network.fc.in_features == 32  # stem and stream unpruned
@@ -75,7 +75,7 @@ def test_inner_keeps_the_stem_and_residual_stream_at_the_expanded_width_and_meet
 def test_random_init_draws_the_whole_pruned_network_afresh(init, trainer_factory) -> None:
     recorder = Recorder()
     pruning = GatePruningFromScratch(flops_ratio=0.6, gate_epochs=1, gate_sites="inner", init=init, verbose=False)
-    trainer_factory([pruning, recorder], max_epochs=1, **LIMITS).fit(classifier("resnet20"), digits())
+    trainer_factory([pruning, recorder], max_epochs=2, **LIMITS).fit(classifier("resnet20"), digits())
     unpruned = [k for k, v in recorder.pruned.items() if k.endswith("weight") and v.shape == recorder.dense[k].shape]
     assert "network.stem.0.weight" in unpruned and "network.fc.weight" in unpruned
     same = [torch.equal(recorder.pruned[k], recorder.dense[k]) for k in unpruned if recorder.dense[k].dim() > 1]  # conv, linear
@@ -91,7 +91,10 @@ def test_gate_pruning_core_prunes_only_inner_groups_to_the_unexpanded_target_wit
     search = core.search(lr=0.1)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(3)]
-    result = search.run(lambda: batches, lambda batch, index: F.cross_entropy(model(batch[0]), batch[1]), epochs=1)
+    with search.running():
+        for images, labels in batches:
+            search.step(F.cross_entropy(model(images), labels))
+    result = search.result()
     pruned = core.prune(result)
     inner = {group.index for group in core.gated}
     assert set(result.gates) == inner and len(inner) == GROUPS[arch][0]

@@ -77,7 +77,8 @@ CASES: dict[str, tuple[Callable[[], pl.Callback], Optional[str], set[tuple[str, 
                                                            make_permanent=False, verbose=False), "on_train_batch_end", {("on_train_batch_start", step) for step in (1, 2, 3)}),
     "autoprune-learning": (lambda: AutoPruneCallback(init=0.1, aux_lr=0.05, reg=2.0, loss_fn=cross_entropy, aux_dataloader=held_out_batches(),
                                                      end_epoch=0, verbose=False), "on_train_batch_end", set()),
-    "gates-after-phase": (lambda: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, gate_position="conv", verbose=False), None, set()),
+    "gates-in-the-fit": (lambda: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, gate_position="conv", verbose=False),
+                         "on_before_optimizer_step", set()),
 }
 
 
@@ -86,7 +87,8 @@ def test_no_callback_synchronises_with_the_host_in_a_training_step(tmp_path, cas
     """Two epochs of four steps: IterativeMagnitude with its masks enforced (events at epoch starts, or at steps 1-3
     with interval="step", where deciding a mask may read the host), AutoPrune learning M in epoch 0 and
     fine-tuning in epoch 1 (its masks fixed in the first fine-tuning step, the fraction switched off read at the
-    epoch's end), GatePruningFromScratch training the pruned network after its gate phase."""
+    epoch's end), GatePruningFromScratch's gate epoch (the penalty's gradient, the clamp and its `self.log` of
+    the gate metrics each step; the finiteness check at the epoch's end) and then the pruned network."""
     make, busy, events = CASES[case]
     callback = make()
     counts = PerStepCounts(callback)

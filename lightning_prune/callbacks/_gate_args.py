@@ -24,10 +24,9 @@ def check_arguments(a: Mapping[str, Any]) -> None:
     check_range("l1", a["l1"], 0.0, math.inf, low_open=False, high_open=True)
     check_range("gate_lr", a["gate_lr"], 0.0, math.inf, low_open=True, high_open=True)
     check_range("expansion", a["expansion"], 1.0, math.inf, low_open=False, high_open=True)
-    for name, low in (("gate_epochs", 0), ("gate_val_every", 1)):
-        value = a[name]
-        if (value is not None or name == "gate_epochs") and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    value = a["gate_epochs"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`gate_epochs` must be an integer >= 1, got {value!r}.")
     check_choice("gate_position", a["gate_position"], GatePosition)
     check_choice("gate_sites", a["gate_sites"], GateSites)
     check_choice("select", a["select"], Select)
@@ -41,7 +40,7 @@ def check_arguments(a: Mapping[str, Any]) -> None:
 
 
 def check_gate_phase_fits(gate_epochs: int, limit: Optional[Limit]) -> None:
-    """The gate phase, a search before training, may take at most as many passes over the training data as the
-    Trainer allows the fit (``MisconfigurationException`` naming ``gate_epochs`` and the limit)."""
-    check_fits("GatePruningFromScratch", "gate_epochs", gate_epochs, gate_epochs, limit, "epoch",
-               "passes over the training data in the gate phase, before the pruned network trains")
+    """The gate epochs are the fit's first epochs: they must leave at least one epoch of the Trainer's limit to
+    train the pruned network (``MisconfigurationException`` naming ``gate_epochs`` and the limit)."""
+    check_fits("GatePruningFromScratch", "gate_epochs", gate_epochs, gate_epochs + 1, limit, "epoch",
+               "the gate epochs, then at least one epoch to train the pruned network")

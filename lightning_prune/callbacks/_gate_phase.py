@@ -1,33 +1,27 @@
 """The Lightning side of ``GatePruningFromScratch``, with no pruning decision in it (those are
 :class:`~lightning_prune.gate_search.GatePruning`'s and :class:`~lightning_prune.gate_search.GateSearch`'s).
 
-The gate phase runs as a loop of its own over the Trainer's training data (:func:`run_gate_phase`):
-Lightning's fit loop cannot run it, because it would step the user's optimizers, run their callbacks and
-count global steps. What it takes from Lightning: the data (``limit_*_batches``, device transfer and the
-module's transfer hooks), the loss (the module's own ``training_step`` under the precision plugin's autocast),
-the validation metric (``validation_step``'s logs, ``callbacks/_monitor.py``), ``log_every_n_steps`` and
-the loggers, and whether a progress bar is shown (a ``tqdm`` bar of its own: Lightning's progress bar
-callbacks have no public API for an extra loop). Also here: the checks at ``setup``, the channel expansion
-(:class:`Expansion`) and the report of the chosen structure (:func:`log_structure`).
+:class:`GatePhase` is the gate phase while it runs inside the fit: built at ``setup`` (the model widened by any
+expansion, its weights frozen, the gates inserted and registered on the LightningModule, all before the strategy
+wraps it), it swaps the gate optimizer in for the user's (:meth:`GatePhase.start`), and leaves the model either
+pruned (:meth:`GatePhase.prune`) or as it was (:meth:`GatePhase.abort`). Also here: the checks at ``setup``, the
+channel expansion (:class:`Expansion`) and the report of the chosen structure (:func:`log_structure`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.overrides import is_overridden
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_prune.callbacks._module_io import LossFn, module_loss
-from lightning_prune.callbacks._monitor import is_metric, monitored_value, validation_metrics
-from lightning_prune.gate_search import GatePruned, GateSearch
-from lightning_prune.gates import GatePhaseResult
-from lightning_prune.loggers import log_metrics, log_pruning_event
+from lightning_prune.callbacks._module_io import ExampleInputFn, example_input
+from lightning_prune.flops import count_flops
+from lightning_prune.gate_search import GatePruned, GatePruning, GateSearch, Init
+from lightning_prune.gates import FrozenNetwork, GatePhaseResult, gate_scores
+from lightning_prune.loggers import log_pruning_event
 from lightning_prune.report import channel_rows, pruning_summary
 from lightning_prune.structure import ChannelGroup, layer_channel_ratios
 
@@ -42,23 +36,33 @@ def check_single_instance(trainer: pl.Trainer, callback: pl.Callback) -> None:
         )
 
 
-def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, budget_training: bool, expansion: float) -> None:
+def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, budget_training: bool, expansion: float, gate_epochs: int) -> None:
     """What ``setup`` refuses before a gate phase: a budget without a finite ``max_epochs`` or after
-    StochasticWeightAveraging fixed its schedule, and an expansion the module cannot make."""
+    StochasticWeightAveraging fixed its schedule, an average that would start inside the gate epochs, and an
+    expansion the module cannot make."""
     if budget_training and (trainer.max_epochs is None or trainer.max_epochs < 1):
         raise ValueError(
             f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
         )
     if budget_training and trainer.max_steps not in (None, -1):
         rank_zero_warn(
-            f"`budget_training=True` trains for round(max_epochs / flops_ratio) epochs, but `max_steps`={trainer.max_steps} "
-            "may end training first: the pruned network would get less than the dense model's training budget."
+            f"`budget_training=True` trains for gate_epochs + round((max_epochs - gate_epochs) / flops_ratio) epochs, but "
+            f"`max_steps`={trainer.max_steps} may end training first: the pruned network would get less than its budget."
         )
     if budget_training and averaging_callbacks(trainer):
         raise MisconfigurationException(
             "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
             "set the Trainer's `max_epochs` to the budget yourself, or drop one of the two."
         )
+    for swa in averaging_callbacks(trainer):
+        start = swa._swa_epoch_start
+        first = max((int(trainer.max_epochs * start) if isinstance(start, float) else int(start)) - 1, 0)  # as SWA counts it
+        if first < gate_epochs:
+            raise MisconfigurationException(
+                f"StochasticWeightAveraging would start averaging at epoch {first}, inside the {gate_epochs} gate epochs of "
+                "GatePruningFromScratch (the gate epochs are the fit's first epochs, and the weights there are the random "
+                f"ones the gates learn on): set its `swa_epoch_start` to at least {gate_epochs + 1}."
+            )
     if expansion != 1 and not (callable(getattr(pl_module, "set_width", None)) and hasattr(pl_module, "width")):
         raise ValueError(
             f"`expansion`={expansion} needs a LightningModule that can rebuild itself wider: define a `width` "
@@ -91,74 +95,86 @@ class Expansion:
             self.pl_module.load_state_dict(state)
 
 
-def run_gate_phase(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    search: GateSearch,
-    *,
-    epochs: int,
-    validate: bool,
-    monitor: Optional[str],
-    val_every: Optional[int],
-    loss_fn: Optional[LossFn],
-) -> GatePhaseResult:
-    """:meth:`GateSearch.run` over the Trainer's training batches (one epoch under ``fast_dev_run``), validating
-    on its first validation loader when ``validate`` (and the module has a ``validation_step``), logging to its
-    loggers and a progress bar; the module's torchmetrics metrics, which saw the gate batches, are reset."""
-    val_loader = trainer.val_dataloaders
-    if isinstance(val_loader, (list, tuple)):
-        val_loader = val_loader[0] if val_loader else None
-    base = next(c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule" and c.__module__.endswith("core.module"))
-    if validate and (val_loader is None or not is_overridden("validation_step", pl_module, parent=base)):
-        rank_zero_warn("GatePruningFromScratch: no validation data or `validation_step`, so the last gates are kept.")
-        validate = False
-    val_limit = _limit((trainer.num_val_batches or [math.inf])[0])
-    limit = _limit(trainer.num_training_batches)
-    epochs = 1 if trainer.fast_dev_run else epochs
-    bar = _progress_bar(trainer, None if limit is None else epochs * limit)
+class GatePhase:
+    """The gate phase of one fit, from ``setup`` to the pruning at the end of the last gate epoch.
 
-    def log(metrics: dict[str, float]) -> None:
-        log_metrics(trainer, {**metrics, "gate/step": float(search.steps)})
-        if bar is not None and "gate/loss" in metrics:
-            bar.set_postfix(loss=f"{metrics['gate/loss']:.3f}", mean_gate=f"{metrics['gate/mean']:.3f}")
+    Built at ``setup``, before the strategy moves and wraps the module: the dense FLOPs are counted, the module is
+    widened (``expansion``), :class:`~lightning_prune.gate_search.GatePruning` finds the groups (refusing an
+    unreachable target before any weight changes), every weight is frozen and the gates are inserted, their flat
+    parameter registered on the LightningModule (so DDP reduces its gradient and checkpoints hold it).
+    """
 
-    def batches() -> Iterator[Any]:
-        loaders = trainer.train_dataloader
-        if isinstance(loaders, (Mapping, list, tuple)):  # several loaders: one combined batch per step, as Lightning's fit loop
-            loaders = (batch for batch, _, _ in pl.utilities.CombinedLoader(loaders, "max_size_cycle"))
-        for batch in itertools.islice(loaders, limit):
-            yield trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, example_input_fn: Optional[ExampleInputFn],
+                 expansion: float, flops_ratio: float, position: str, sites: str, round_to: Optional[int],
+                 search_options: Mapping[str, Any]) -> None:
+        x = example_input(trainer, pl_module, example_input_fn).first_sample()
+        x = x.like(next(pl_module.parameters()))  # the module is not converted to the Trainer's precision yet
+        self.dense = count_flops(pl_module, x)
+        self.dense_params = sum(p.numel() for p in pl_module.parameters())
+        self.expansion = Expansion(pl_module, expansion)
+        try:
+            self.core = GatePruning(pl_module, x, self.dense, expanded=expansion != 1, flops_ratio=flops_ratio,
+                                    position=position, sites=sites, round_to=round_to)
+            if self.core.warning:
+                rank_zero_warn(self.core.warning)
+            reduce = (lambda t, op: trainer.strategy.reduce(t, reduce_op=op)) if trainer.world_size > 1 else None
+            self.search: GateSearch = self.core.search(reduce=reduce, **search_options)
+        except BaseException:
+            self.expansion.restore()
+            raise
+        self.frozen = FrozenNetwork(pl_module)
+        self.search.gates.attach(register=True)
+        self._hook: Optional[Any] = None
 
-    try:
-        return search.run(
-            batches,
-            lambda batch, index: module_loss(trainer, pl_module, batch, loss_fn, index),
-            epochs=epochs,
-            log_every=max(1, trainer.log_every_n_steps),
-            validate=(lambda: monitored_value(validation_metrics(trainer, pl_module, val_loader, val_limit), monitor)) if validate else None,
-            val_every=val_every,
-            log=log,
-            on_step=None if bar is None else (lambda: bar.update(1)),
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-        for module in pl_module.modules():
-            if module is not pl_module and is_metric(module):
-                module.reset()
+    def start(self, trainer: pl.Trainer) -> None:
+        """``on_fit_start`` (the module is on its device and wrapped; optimizer states load after this): the gate
+        optimizer replaces the user's, their LR schedulers are set aside (``configure_optimizers`` builds fresh
+        ones at the pruning), and each gate step ends with the clamp and the running sum."""
+        strategy = trainer.strategy
+        if not trainer.lightning_module.automatic_optimization and len(strategy.optimizers) > 1:
+            raise MisconfigurationException(
+                f"GatePruningFromScratch: {type(trainer.lightning_module).__name__} uses manual optimization with "
+                f"{len(strategy.optimizers)} optimizers; during the gate epochs `self.optimizers()` is the one gate "
+                "optimizer, so its `training_step` must step one optimizer."
+            )
+        self.search.to(self.search.gates.device)
+        strategy.optimizers = [self.search.optimizer]
+        strategy.lr_scheduler_configs = []
+        if self._hook is None:
+            self._hook = self.search.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.search.after_step())
 
+    def close(self) -> None:
+        """Gates out (their parameter unregistered), every flag, mode and buffer of the module restored."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.search.gates.remove()
+        self.frozen.restore()
 
-def _limit(value: float) -> Optional[int]:
-    return None if value == math.inf else int(value)
+    def abort(self) -> None:
+        """The model as it was before ``setup``: gates out, flags and buffers back, its own width and weights."""
+        self.close()
+        self.expansion.restore()
 
+    def prune(self, trainer: pl.Trainer, init: Init, seed: int) -> tuple[GatePhaseResult, GatePruned]:
+        """The selected gates' structure, removed physically and initialised (``init="random"`` from ``seed``)."""
+        self.close()
+        result = self.search.result()
+        scores = trainer.strategy.broadcast(gate_scores(result, self.core.groups), src=0)
+        try:
+            pruned = self.core.prune(result, scores, init, seed=seed)
+        except BaseException:
+            self.expansion.restore()
+            raise
+        self.expansion.keep()  # the widened model is now the pruned one
+        return result, pruned
 
-def _progress_bar(trainer: pl.Trainer, total: Optional[int]) -> Optional[Any]:
-    """A ``tqdm`` bar on global rank zero when the Trainer shows a progress bar."""
-    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
-        return None
-    from tqdm.auto import tqdm
+    def state_dict(self) -> dict[str, Any]:
+        return {"search": self.search.state_dict(), "buffers": {name: b.cpu() for name, b in self.frozen.buffers.items()}}
 
-    return tqdm(total=total, desc="Gate phase (pruning from scratch)", leave=False, dynamic_ncols=True)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.search.load_state_dict(state["search"])
+        self.frozen.buffers = dict(state["buffers"])
 
 
 def log_structure(
@@ -170,7 +186,7 @@ def log_structure(
     *,
     dense_flops: int,
     dense_params: int,
-    seconds: float,
+    seconds: Optional[float],
     budget_epochs: Optional[int],
     verbose: bool,
 ) -> None:
@@ -183,9 +199,10 @@ def log_structure(
         "dense_flops_macs": float(dense_flops),
         "params_ratio": params / dense_params,
         "threshold": pruned.threshold,
-        "gate_phase_seconds": seconds,
         "gate_snapshot_step": float(result.step),
     }
+    if seconds is not None:
+        extra["gate_phase_seconds"] = seconds
     if budget_epochs is not None:
         extra["max_epochs"] = float(budget_epochs)
     log_pruning_event(

@@ -3,86 +3,96 @@ pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch"
 
 Hook wiring only: the decisions are :class:`~lightning_prune.gate_search.GatePruning` (groups, gated groups,
 target check, threshold, removal, initialisation) and :class:`~lightning_prune.gate_search.GateSearch`
-(objective, selection); the gate phase's loop over the Trainer's data, the expansion, the setup checks and
-the report are ``callbacks/_gate_phase.py``.
+(objective, penalty gradient, selection); the running gate phase (gates in, weights frozen, the gate optimizer
+swapped in, the way back), the expansion, the setup checks and the report are ``callbacks/_gate_phase.py``.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
 from lightning_prune.callbacks._gate_phase import (
-    Expansion,
+    GatePhase,
     averaging_callbacks,
     changed_arguments,
     check_fit,
     check_single_instance,
     log_structure,
-    run_gate_phase,
 )
-from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_function, check_loss_source, example_input
+from lightning_prune.callbacks._module_io import ExampleInputFn, check_function
 from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
-from lightning_prune.flops import count_flops
-from lightning_prune.gate_search import GatePruning, Init, Mode, Select
-from lightning_prune.gates import GatePosition, GateSites, gate_scores
+from lightning_prune.gate_search import Init, Mode, Select
+from lightning_prune.gates import GATE_PARAMETER, GatePosition, GateSites
+from lightning_prune.loggers import log_metrics
 from lightning_prune.structure import STRUCTURE_KEY, ChannelGroup, ChannelPlan, structure_record
-from lightning_prune.training_state import rebuild_training_state, reshape_on_load
+from lightning_prune.training_state import rebuild_training_state, reshape_on_load, reshape_to_state_dict
 
 _ARGUMENTS = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites",
-              "round_to", "select", "gate_val_every", "monitor", "mode", "init", "budget_training", "expansion")
+              "round_to", "select", "monitor", "mode", "init", "budget_training", "expansion")
 """The arguments that decide the structure and its training budget (kept in checkpoints)."""
-_STATE = ("pruned", "snapshot", "threshold", "reached_flops_ratio", "budget_epochs", "gate_seconds")
-"""What survives a checkpoint besides the plan and the gates."""
+_STATE = ("pruned", "snapshot", "threshold", "reached_flops_ratio", "budget_epochs", "gate_seconds", "seed", "monitor_key")
+"""What survives a checkpoint besides the plan, the gates and a running gate phase."""
+_NO_KEY = ""
+"""``monitor_key`` when the first validation logged no key ending in ``loss``: nothing to select on."""
 
 
 class GatePruningFromScratch(pl.Callback):
     r"""Pruning from Scratch: find a channel structure on the random initialisation, then train it.
 
-    At the start of training (``on_train_start``, inside the same ``fit``):
+    The first ``gate_epochs`` epochs of the ``fit`` are the gate phase; the pruned network trains for the rest:
 
     1. **Gate phase** (``lightning_prune.gate_search.GateSearch``, which holds the objective
-       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). One gate per prunable channel of the ``gate_sites``
-       groups (coupled channels share one) multiplies the channel's output at ``gate_position``; with every weight frozen at
-       its random initialisation only the gates learn, for ``gate_epochs`` passes over the training
-       data. The task loss is the module's own ``training_step`` loss (its returned tensor or the
-       ``loss`` of a returned dict, logging silenced), or ``loss_fn(pl_module, batch)``: any batch
-       structure and any task. Metrics the module updates in ``training_step`` see the gate batches;
-       torchmetrics metrics of the module are reset after the phase.
-    2. **Selection** (``select="best_val"``): after each gate epoch (or every ``gate_val_every`` gate
-       steps) the module's ``validation_step`` runs on the validation data with its ``self.log``
-       calls captured (aggregated as Lightning does, see ``callbacks/_monitor.py``); ``monitor``
-       names the logged key (default: the first key ending in ``loss``) and ``mode`` whether lower or
-       higher is better. The best snapshot whose fraction of non-zero gates is ``<= gate_ratio`` is
-       kept, else the last gates; without validation data, the last gates.
-    3. **Threshold**: one global threshold over all gates for the largest structure whose fvcore
-       FLOPs (multiply-adds per sample) are at most ``flops_ratio`` × the dense (unexpanded) model's.
-    4. **Prune and re-initialise**: the structure is built physically; with ``init="random"`` the whole
-       network is freshly initialised (PyTorch's default initialisation of every module with
-       ``reset_parameters``, pruned or not), as the authors' ``train_pruned.py`` builds the pruned
-       configuration anew; the optimizers and schedulers of ``configure_optimizers`` are re-created on the new
-       parameters; the Trainer trains the pruned network (``budget_training``: ``round(max_epochs / flops_ratio)`` epochs)
-       on its training data, the data the gates learned on. The authors learn the gates on 45k of
-       CIFAR-10's training images (the other 5k select the snapshot) and train the pruned network on all
-       50k; in one ``fit`` both phases read the Trainer's training and validation data, so the DataModule's
-       split holds for both (the example config keeps 5k for validation throughout).
+       ``task loss + γ(‖Λ‖₁/C − r)² + l1‖Λ‖₁``). At ``setup``, before the strategy wraps the module, one gate
+       per prunable channel of the ``gate_sites`` groups (coupled channels share one) is inserted at
+       ``gate_position`` and every weight is frozen at its random initialisation; the gates are one parameter
+       registered on the LightningModule (``pruning_gates``: DDP reduces its gradient, checkpoints hold it).
+       At ``on_fit_start`` an Adam over the gates (``gate_lr``) replaces the optimizers of
+       ``configure_optimizers`` (their LR schedulers are set aside). Each gate step is an ordinary Lightning
+       training step of the module's own ``training_step`` (automatic, or manual optimization stepping
+       ``self.optimizers()``): gradient accumulation, clipping, precision and every other callback apply. The
+       penalty's gradient is added to the gates' (``on_before_optimizer_step``, Torch-Pruning's
+       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step.
+    2. **Selection** (``select="best_val"``): after each of Lightning's validations during the gate epochs
+       (``val_check_interval``, ``check_val_every_n_epoch``), ``trainer.callback_metrics[monitor]`` (averaged
+       over processes) feeds the snapshot rule; ``monitor`` names the logged key (default: the first key the
+       first validation logged ending in ``loss``) and ``mode`` whether lower or higher is better. The best
+       snapshot whose fraction of non-zero gates is ``<= gate_ratio`` is kept, else the last gates; without
+       validation, the last gates.
+    3. **Threshold** (at the end of the last gate epoch, after its validation): one global threshold over all
+       gates for the largest structure whose fvcore FLOPs (multiply-adds per sample) are at most
+       ``flops_ratio`` × the dense (unexpanded) model's.
+    4. **Prune and re-initialise**: the gates are taken out and the structure is built physically; with
+       ``init="random"`` the whole network is freshly initialised (PyTorch's default initialisation of every
+       module with ``reset_parameters``, pruned or not; drawn from a seed kept in the callback's state, so a
+       resumed run draws the same weights), as the authors' ``train_pruned.py`` builds the pruned configuration
+       anew; the optimizers and schedulers of ``configure_optimizers`` are created afresh on the new parameters
+       (epoch-interval schedulers first step after the pruned network's first epoch; a ``ReduceLROnPlateau`` also
+       sees the last gate epoch's validation); the Trainer trains the pruned network for the remaining
+       ``max_epochs - gate_epochs`` epochs (``budget_training``: ``gate_epochs + round((max_epochs - gate_epochs) /
+       flops_ratio)`` epochs in all) on its training data, the data the gates
+       learned on. The authors learn the gates on 45k of CIFAR-10's training images (the other 5k select the
+       snapshot) and train the pruned network on all 50k; in one ``fit`` both phases read the Trainer's
+       training and validation data, so the DataModule's split holds for both.
 
-    Logged: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction`` and ``gate/step``
-    every ``log_every_n_steps`` gate steps and at each gate epoch's end; ``gate/<monitor>`` after each
+    Logged through Lightning during the gate epochs (``log_every_n_steps``, no host synchronisation per step):
+    ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction``; ``gate/<monitor>`` after each
     validation; then ``prune/flops_ratio``, ``prune/flops_macs`` (per sample), ``prune/params_ratio``,
-    ``prune/threshold``, the channel-ratio vector and a gate histogram. Checkpoints written afterwards
-    hold the structure: ``fit(ckpt_path=...)`` reshapes the model and never re-runs the gate phase.
-    Anything that fails or is interrupted during the gate phase (an error, Ctrl-C) leaves the model as
-    it was, at its own width and weights. One instance per Trainer; reusing an instance for a ``fit`` of
-    another model starts afresh.
+    ``prune/threshold``, the channel-ratio vector and a gate histogram. A checkpoint written at any step of
+    the gate phase resumes it to the uninterrupted result; one written afterwards holds the structure:
+    ``fit(ckpt_path=...)`` takes the gates inserted at ``setup`` out and reshapes the model before its weights
+    load. Anything that fails or is interrupted during the gate phase (an error, Ctrl-C, a non-finite gate
+    loss, training stopped early) leaves the model as it was, at its own width and weights. One instance per
+    Trainer; reusing an instance for a ``fit`` of another model starts afresh.
 
     Channel expansion: with ``expansion != 1`` the gates are learned on the network widened by that
     factor while the FLOPs target stays relative to the unwidened model; the LightningModule must
@@ -94,17 +104,17 @@ class GatePruningFromScratch(pl.Callback):
         from lightning_prune import DigitsDataModule, GatePruningFromScratch, ImageClassifier
 
         pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1)
-        trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], logger=False, enable_checkpointing=False)
-        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # at most half the dense FLOPs
+        trainer = pl.Trainer(max_epochs=3, callbacks=[pruning], logger=False, enable_checkpointing=False)
+        trainer.fit(ImageClassifier("vgg_small"), DigitsDataModule())  # 1 gate epoch, 2 of the pruned net (<= half the FLOPs)
 
     Args:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C, in (0, 1) (paper: 0.2 on CIFAR, 0.5 on ImageNet).
         gamma: ``γ``, weight of the ratio term (paper: 0.5 on CIFAR, 0.05 on ImageNet).
         l1: weight of an extra plain L1 term ``‖Λ‖₁`` (0: off).
-        gate_epochs: passes over the training data in the gate phase (paper: 10 on CIFAR; 1 under ``fast_dev_run``);
-            at most the epochs the Trainer allows the fit (``max_epochs``, or those ``max_steps`` allows), else ``fit``
-            is refused at the start.
+        gate_epochs: the first epochs of the fit, spent learning the gates (paper: 10 on CIFAR; 1 under
+            ``fast_dev_run``); they count in ``max_epochs`` and must leave at least one epoch of the Trainer's limit
+            (``max_epochs``, or those ``max_steps`` allows) to train the pruned network, else ``fit`` is refused at the start.
         gate_lr: Adam learning rate of the gates.
         gate_sites: ``"inner"`` (the authors' placement, the paper setting: only channels that go from one
             layer through a nonlinearity into one layer, i.e. a residual block's inner channels and every
@@ -118,15 +128,14 @@ class GatePruningFromScratch(pl.Callback):
             (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
             BatchNorm scale is the gate).
         select: ``"best_val"`` (the authors' snapshot rule on ``monitor``) or ``"last"``.
-        gate_val_every: validate every this many gate steps instead of once per gate epoch.
         monitor: the key ``validation_step`` logs that selects the snapshot (default: the first key
             ending in ``loss``).
         mode: ``"min"`` (lower ``monitor`` is better) or ``"max"``.
         init: ``"random"`` (the whole pruned network freshly initialised, the authors') or
             ``"inherit"`` (the surviving random weights stay).
-        budget_training: "Scratch-B": train for ``round(max_epochs / flops_ratio)`` epochs.
+        budget_training: "Scratch-B": train the pruned network for ``round((max_epochs - gate_epochs) / flops_ratio)``
+            epochs after the gate epochs.
         expansion: channel expansion factor (>= 1) of the network the gates are learned on.
-        loss_fn: ``loss_fn(pl_module, batch)`` -> scalar task loss, instead of ``training_step``.
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor (or the whole batch) is it.
         verbose: print the table of kept channels.
@@ -137,10 +146,10 @@ class GatePruningFromScratch(pl.Callback):
             gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
         MisconfigurationException: ``gate_epochs`` beyond the Trainer's ``max_epochs`` (or the epochs ``max_steps``
             allows), a second instance in the Trainer, a sharded strategy, a ``torch.compile``d module, a
-            spawn-based strategy without ``reshape_on_load``, no example input, manual optimization without
-            ``loss_fn``, a ``training_step`` that returns no loss (pass ``loss_fn``), a ``loss_fn`` whose loss has
-            no gradient, a ``monitor`` the ``validation_step`` does not log, or
-            ``budget_training`` with ``StochasticWeightAveraging``.
+            spawn-based strategy without ``reshape_on_load``, no example input, manual optimization with several
+            optimizers, a ``monitor`` the validation does not log, ``budget_training`` with
+            ``StochasticWeightAveraging`` or an average that starts inside the gate epochs, or a resume from a
+            checkpoint that holds neither gates nor a structure.
         NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """
 
@@ -156,13 +165,11 @@ class GatePruningFromScratch(pl.Callback):
         gate_sites: GateSites = "all",
         round_to: Optional[int] = None,
         select: Select = "best_val",
-        gate_val_every: Optional[int] = None,
         monitor: Optional[str] = None,
         mode: Mode = "min",
         init: Init = "random",
         budget_training: bool = False,
         expansion: float = 1.0,
-        loss_fn: Optional[LossFn] = None,
         example_input_fn: Optional[ExampleInputFn] = None,
         verbose: bool = True,
     ) -> None:
@@ -170,17 +177,20 @@ class GatePruningFromScratch(pl.Callback):
         given = dict(locals())
         arguments = {name: given[name] for name in (*_ARGUMENTS, "verbose")}
         check_arguments(arguments)
-        check_function("loss_fn", loss_fn, 2, "loss_fn(pl_module, batch) -> loss")
         check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch) -> model input")
         for name in _ARGUMENTS:
             setattr(self, name, arguments[name])
-        self.loss_fn, self.example_input_fn, self.verbose = loss_fn, example_input_fn, verbose
+        self.example_input_fn, self.verbose = example_input_fn, verbose
         self._reset()
 
     def _reset(self) -> None:
         """A fresh state: nothing chosen yet (also when the instance is reused on another model)."""
         self._groups: list[ChannelGroup] = []
         self._model: Optional[weakref.ref] = None  # the module this instance pruned
+        self._phase: Optional[GatePhase] = None  # the running gate phase
+        self._load_hook: Optional[Any] = None
+        self._validated_keys: set[str] = set()
+        self._started: Optional[float] = None
         self.pruned = False  # this and the rest survive checkpoints
         self.plan: ChannelPlan = {}
         self.gates: dict[int, torch.Tensor] = {}
@@ -189,6 +199,8 @@ class GatePruningFromScratch(pl.Callback):
         self.reached_flops_ratio: Optional[float] = None
         self.budget_epochs: Optional[int] = None
         self.gate_seconds: Optional[float] = None
+        self.seed: Optional[int] = None  # of init="random" at the pruning (Lightning does not checkpoint the global RNG)
+        self.monitor_key: Optional[str] = None  # the key the snapshot rule reads (`monitor`, or found at the first validation)
 
     @property
     def state_key(self) -> str:
@@ -197,9 +209,14 @@ class GatePruningFromScratch(pl.Callback):
         :meth:`load_state_dict` warns about the arguments that no longer apply."""
         return type(self).__qualname__
 
+    def _gate_epochs(self, trainer: pl.Trainer) -> int:
+        return 1 if trainer.fast_dev_run else self.gate_epochs
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
+        """``fit``: the checks, then (unless this instance already pruned this module) the gate phase's model:
+        widened, frozen and gated before the strategy wraps it. Other stages: the module reshapes itself to a
+        pruned checkpoint while it loads."""
         if stage != "fit":
             reshape_on_load(pl_module)
             return
@@ -207,63 +224,159 @@ class GatePruningFromScratch(pl.Callback):
         check_single_instance(trainer, self)
         if self.pruned and (self._model is None or self._model() is not pl_module):
             self._reset()  # reused for another model: search afresh (a checkpoint's structure still restores)
-        if not self.pruned:
-            check_fit(trainer, pl_module, self.budget_training, self.expansion)
-            check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))
-            check_loss_source("GatePruningFromScratch", pl_module, self.loss_fn)
+        if self.pruned:
+            return
+        check_fit(trainer, pl_module, self.budget_training, self.expansion, self._gate_epochs(trainer))
+        check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))
+        options = dict(lr=self.gate_lr, gamma=self.gamma, gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode)
+        self._phase = GatePhase(trainer, pl_module, example_input_fn=self.example_input_fn, expansion=self.expansion,
+                                flops_ratio=self.flops_ratio, position=self.gate_position, sites=self.gate_sites,
+                                round_to=self.round_to, search_options=options)
+        self.seed = int(trainer.strategy.broadcast(int(torch.randint(2**62, ())), src=0))
+        self.monitor_key = self.monitor
+        if self.budget_training:  # the gate epochs, then the pruned network's epochs scaled by 1 / flops_ratio
+            gate_epochs = self._gate_epochs(trainer)
+            self.budget_epochs = gate_epochs + max(1, round((trainer.max_epochs - gate_epochs) / self.flops_ratio))
+            trainer.fit_loop.max_epochs = self.budget_epochs
+        self._model = weakref.ref(pl_module)
+        if self._load_hook is None:
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._before_model_load)
+
+    def _before_model_load(self, module: torch.nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """Load-state-dict pre-hook of the LightningModule: a state dict without gates (a checkpoint written after
+        the pruning, ``fit(ckpt_path=...)``) takes the gates inserted at ``setup`` out first, then reshapes the
+        module to its shapes; one with gates (written during the gate phase) loads into the gated module."""
+        if self._phase is None or module is not (self._model and self._model()) or f"{prefix}{GATE_PARAMETER}" in state_dict:
+            return
+        phase, self._phase = self._phase, None
+        phase.abort()
+        reshape_to_state_dict(module, state_dict, prefix)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Resuming (``fit(ckpt_path=...)``): the model was already reshaped while loading (the pre-hook
-        :func:`~lightning_prune.training_state.reshape_on_load` installed in ``setup``); a checkpoint that
-        holds a structure means it was chosen: no gate phase."""
+        """Resuming (``fit(ckpt_path=...)``): a checkpoint that holds a structure means it was chosen: no gate phase;
+        one written during the gate phase continues it (the module loaded its gates)."""
         self.pruned = self.pruned or STRUCTURE_KEY in checkpoint
+        if not self.pruned and self._phase is None and self._model is not None:
+            raise MisconfigurationException(
+                "GatePruningFromScratch: the checkpoint to resume holds neither gates nor a pruned structure (it was not "
+                "written by a fit with this callback), so the gate phase cannot continue from it. Load its weights into "
+                "the module and start a new `fit` without `ckpt_path`."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned and self.budget_epochs is not None:  # resumed with budget training: its epoch count
             trainer.fit_loop.max_epochs = self.budget_epochs
+        if self._phase is not None:
+            self._phase.start(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.pruned:
+        if self._phase is not None:
             check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))  # max_steps: the epoch length is known now
-            self._search_and_prune(trainer, pl_module)
-        self._model = weakref.ref(pl_module)
+            self._started = time.perf_counter()
 
-    def _search_and_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gate phase, threshold and removal; an error or Ctrl-C anywhere before the removal leaves the user's
-        model as it was (its width and weights)."""
-        x = example_input(trainer, pl_module, self.example_input_fn).first_sample()
-        dense, dense_params = count_flops(pl_module, x), sum(p.numel() for p in pl_module.parameters())
-        expansion = Expansion(pl_module, self.expansion)
-        try:
-            core = GatePruning(pl_module, x, dense, expanded=self.expansion != 1, flops_ratio=self.flops_ratio,
-                               position=self.gate_position, sites=self.gate_sites, round_to=self.round_to)
-            if core.warning:
-                rank_zero_warn(core.warning)
-            reduce = (lambda t, op: trainer.strategy.reduce(t, reduce_op=op)) if trainer.world_size > 1 else None
-            search = core.search(lr=self.gate_lr, gamma=self.gamma, gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode, reduce=reduce)
-            started = time.perf_counter()
-            result = run_gate_phase(trainer, pl_module, search, epochs=self.gate_epochs, validate=self.select == "best_val",
-                                    monitor=self.monitor, val_every=self.gate_val_every, loss_fn=self.loss_fn)
-            self.gate_seconds = time.perf_counter() - started
-            pruned = core.prune(result, trainer.strategy.broadcast(gate_scores(result, core.groups), src=0), self.init)
-            expansion.keep()  # the widened model is now the pruned one
-        finally:
-            expansion.restore()
-        self.pruned, self._groups, self.plan, self.gates = True, core.groups, pruned.plan, pruned.gates
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """The penalty's gradient joins the task loss's, once per optimizer step (after AMP's unscale)."""
+        if self._phase is not None and optimizer is self._phase.search.optimizer:
+            self._phase.search.regularize()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Gate metrics as 0-dim device tensors (``self.log``, no host synchronisation)."""
+        if self._phase is None:
+            return
+        search = self._phase.search
+        gates = search.gates.parameter.detach()
+        penalty = search.penalty(gates)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        metrics = {"gate/mean": gates.abs().mean(), "gate/nonzero_fraction": search.gates.nonzero_fraction()}
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            task = loss.detach().reshape(()).float() * (trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
+            search.record(task, penalty)
+            metrics.update({"gate/loss": task + penalty, "gate/task_loss": task})
+        else:
+            search.record(gates.sum(), penalty)  # no loss returned (manual optimization): non-finite gates still count
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated_keys = set(trainer.callback_metrics)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning's validation of the current gates feeds the snapshot rule (``monitor``/``mode``)."""
+        if self._phase is None or trainer.sanity_checking or self.select != "best_val":
+            return
+        metrics = trainer.callback_metrics
+        logged = [key for key in metrics if key not in self._validated_keys and not key.startswith("gate/")]
+        if self.monitor_key is None:  # the first validation: the first key it logged ending in "loss"
+            self.monitor_key = next((key for key in logged if key.lower().endswith("loss")), _NO_KEY)
+            if self.monitor_key == _NO_KEY:
+                rank_zero_warn(
+                    f"GatePruningFromScratch: the validation logged no key ending in 'loss' ({sorted(logged)}), so the last "
+                    "gates are kept; pass `monitor=` one of the logged keys (and `mode=`) to select a snapshot."
+                )
+        if self.monitor_key == _NO_KEY:
+            return
+        if self.monitor_key not in metrics:
+            raise MisconfigurationException(
+                f"`monitor`={self.monitor!r} was not logged by the LightningModule's validation during the gate phase; it "
+                f"logged {sorted(logged)}. Pass `monitor=` one of those (and `mode='min'` or 'max'), or `select='last'`."
+            )
+        value = trainer.strategy.reduce(torch.as_tensor(metrics[self.monitor_key], dtype=torch.float, device=pl_module.device), reduce_op="mean")
+        value = float(value)  # one host read per validation
+        self._phase.search.validated(value)
+        log_metrics(trainer, {f"gate/{self.monitor_key}": value})
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Each gate epoch's end: the finiteness check (one host read); the last one's: the pruning."""
+        if self._phase is None:
+            return
+        self._phase.search.check_finite()
+        if trainer.current_epoch + 1 >= self._gate_epochs(trainer):
+            self._prune(trainer, pl_module)
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Threshold, removal and re-initialisation; then the user's optimizers and schedulers, fresh, on the pruned
+        network."""
+        phase, self._phase = self._phase, None
+        if self.select == "best_val" and phase.search.last_metric is None and self.monitor_key != _NO_KEY:
+            rank_zero_warn("GatePruningFromScratch: no validation ran during the gate epochs, so the last gates are kept.")
+        result, pruned = phase.prune(trainer, self.init, self.seed)
+        self.gate_seconds = None if self._started is None else time.perf_counter() - self._started
+        self.pruned, self._groups, self.plan, self.gates = True, phase.core.groups, pruned.plan, pruned.gates
         self.threshold, self.reached_flops_ratio = pruned.threshold, pruned.flops_ratio
         self.snapshot = dict(monitor=self.monitor, selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
         for callback in averaging_callbacks(trainer):
-            callback.setup(trainer, pl_module, "fit")  # its average starts from the pruned model, as it would have from the dense one
-        if self.budget_training:
-            self.budget_epochs = trainer.fit_loop.max_epochs = max(1, round(trainer.max_epochs / self.flops_ratio))
-        # No optimizer step has run yet: configure_optimizers builds fresh optimizers and schedulers
-        # (for the possibly longer budget) on the new parameters.
-        rebuild_training_state(trainer, fresh=True)
-        log_structure(trainer, pl_module, core.groups, pruned, result, dense_flops=dense.total, dense_params=dense_params,
-                      seconds=self.gate_seconds, budget_epochs=self.budget_epochs, verbose=self.verbose)
+            callback.setup(trainer, pl_module, "fit")  # its average model: a copy of the pruned network
+        rebuild_training_state(trainer, fresh=True)  # Lightning stepped this epoch's epoch-interval schedulers already
+        log_structure(trainer, pl_module, phase.core.groups, pruned, result, dense_flops=phase.dense.total,
+                      dense_params=phase.dense_params, seconds=self.gate_seconds, budget_epochs=self.budget_epochs, verbose=self.verbose)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """An error or Ctrl-C during the gate phase leaves the model as it was."""
+        if self._phase is not None:
+            phase, self._phase = self._phase, None
+            phase.abort()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._phase is not None:  # the fit ended inside the gate phase (early stopping, a time limit)
+            phase, self._phase = self._phase, None
+            phase.abort()
+            rank_zero_warn(
+                f"GatePruningFromScratch: training stopped during the gate phase (epoch {trainer.current_epoch} of "
+                f"`gate_epochs`={self.gate_epochs}); the gates were removed and the model left as it was. A checkpoint "
+                "written during the gate phase resumes it."
+            )
+        if self._load_hook is not None and stage == "fit":
+            self._load_hook.remove()
+            self._load_hook = None
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -274,14 +387,17 @@ class GatePruningFromScratch(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         plan, gates = {i: keep.tolist() for i, keep in self.plan.items()}, {i: gate.clone() for i, gate in self.gates.items()}
         arguments = {name: getattr(self, name) for name in _ARGUMENTS}
-        return {**{name: getattr(self, name) for name in _STATE}, "plan": plan, "gates": gates, "arguments": arguments}
+        phase = None if self._phase is None else self._phase.state_dict()
+        return {**{name: getattr(self, name) for name in _STATE}, "plan": plan, "gates": gates, "arguments": arguments, "phase": phase}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in _STATE:
-            setattr(self, name, state_dict[name])
+            setattr(self, name, state_dict.get(name))
         self.plan = {int(index): torch.tensor(keep, dtype=torch.long) for index, keep in state_dict["plan"].items()}
         self.gates = {int(index): gate for index, gate in state_dict["gates"].items()}
+        if self._phase is not None and state_dict.get("phase") is not None:
+            self._phase.load_state_dict(state_dict["phase"])
         warning = changed_arguments(state_dict.get("arguments", {}), {name: getattr(self, name) for name in _ARGUMENTS})
         if self.pruned and warning:
             rank_zero_warn(warning)

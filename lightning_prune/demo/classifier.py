@@ -105,6 +105,8 @@ class ImageClassifier(pl.LightningModule):
         else:
             optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         epochs: Optional[int] = self.trainer.max_epochs if self._trainer is not None else None
+        if epochs is not None and epochs > 0:  # the epochs left: built after GatePruningFromScratch's gate epochs, the rest
+            epochs -= self.trainer.fit_loop.epoch_progress.current.processed
         if hp.lr_schedule == "constant" or not epochs or epochs < 0:
             return optimizer
         if hp.lr_schedule == "cosine":
