@@ -92,8 +92,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
         "1 torch thread. **/ dense** = median over rounds of (median step time / median dense step time of the same round); "
         "**/ ModelPruning** = that ratio over ModelPruning's. IterativeMagnitude and ModelPruning have pruned 90% (channel: 50%) "
         "before the timed epoch; AutoPrune learns M in it, or (fine-tune) fine-tunes under the masks it learnt in epoch 0; "
-        "the gate phase is its own loop "
-        "(its wall time / its steps; ops and syncs of its per-step path: the loss and the gate step). Ops and syncs: "
+        "GatePruningFromScratch is in its second gate epoch (Lightning's own training steps on the gates). Ops and syncs: "
         "one step, device-independent.",
         "",
         table(["model", "variant", "step ms", "/ dense", "/ ModelPruning", "aten ops/step", "host syncs/step", "transfers/step"], rows),

@@ -107,10 +107,7 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
 
 
 def _runs(pl_module: pl.LightningModule, inputs: ModelInput) -> Optional[BaseException]:
-    """``None`` if ``pl_module`` runs on ``inputs`` (eval mode, no grad; in the module's dtype, which in ``setup`` is not
-    the Trainer's precision yet), else the error it raised."""
-    parameter = next(pl_module.parameters(), None)
-    inputs = inputs if parameter is None else inputs.like(parameter)
+    """``None`` if ``pl_module`` runs on ``inputs`` (eval mode, no grad), else the error it raised."""
     try:
         with torch.no_grad(), eval_mode(pl_module), warnings.catch_warnings():
             warnings.simplefilter("ignore")
