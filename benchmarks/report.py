@@ -217,3 +217,19 @@ def replace_marked_section(page: str, section: str) -> str:
 
 def load_results(path: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def merge_section(section: Section, out_dir: pathlib.Path = RESULTS_DIR) -> None:
+    """Put ``section`` into ``out_dir``'s results.json (in place of the section with its title, else at the end) and
+    rewrite RESULTS.md from it: for an experiment run on its own (a long script, or one section re-run) beside the
+    results of the last suite run. docs/benchmarks.md is left as it is (``python -m benchmarks docs`` rewrites it)."""
+    path = out_dir / "results.json"
+    results = load_results(path)
+    entry = dataclasses.asdict(section)
+    titles = [s["title"] for s in results["sections"]]
+    if section.title in titles:
+        results["sections"][titles.index(section.title)] = entry
+    else:
+        results["sections"].append(entry)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "RESULTS.md").write_text(render_results(results))
