@@ -143,7 +143,7 @@ def report(
              f"{started['date']}, commit `{started['git_commit'][:12]}`, {started['cores']} cores shared with other jobs "
              f"(1-min load average at the start {started['load_average_1min']}), {args.jobs} fit(s) at once; "
              f"{seconds / 60:.0f} minutes."]
-    return Section("AutoPrune at 50x on MNIST-5k", "\n".join(parts), data=data, notes=notes)
+    return Section(f"AutoPrune at {1 / (1 - args.target):.0f}x on MNIST-5k: {', '.join(args.archs)}", "\n".join(parts), data=data, notes=notes)
 
 
 def main() -> None:
