@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
 import statistics
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ from pytorch_lightning.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.report import Section, machine, merge_section
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude, build_network
 from lightning_prune.diagnostics import OpCount, _Dispatch, _Function
 
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--size", type=int, default=32, help="input height and width (224: ImageNet's)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="a subset of the variants (dense always runs)")
+    parser.add_argument("--results", type=pathlib.Path, default=None,
+                        help="merge the table as a section into this directory's results.json and RESULTS.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
@@ -161,10 +165,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(VARIANTS) if not args.variants else ["dense", *(name for name in args.variants if name != "dense")]
-    print(f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x{args.size}x{args.size}, CPU threads {torch.get_num_threads()}")
-    print()
-    print("| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    lines = [f"rounds {args.rounds}, {args.steps} timed steps/fit, batch {args.batch}x3x{args.size}x{args.size}, "
+             f"CPU threads {torch.get_num_threads()}; {machine()['date']}, commit `{machine()['git_commit'][:12]}`, "
+             f"1-min load average {machine()['load_average_1min']} (step times are of a shared machine; ops and syncs "
+             "are device- and load-independent)", "",
+             "| model | variant | step ms | / dense | aten ops/step | host syncs/step | transfers/step |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines))
     sources: dict[tuple[str, str], Counter] = {}
     for arch in args.models:
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -180,15 +187,22 @@ def main() -> None:
                 ratios[name].append(medians[name] / medians["dense"])
         for name in names:
             count = counts[name]
-            print(
+            lines.append(
                 f"| {arch} | {name} | {1000 * statistics.median(times[name]):.1f} | {statistics.median(ratios[name]):.3f} "
                 f"| {count.ops} | {count.syncs} | {count.transfers} |"
             )
+            print(lines[-1])
         sources.update({(arch, name): counts[name].sync_ops for name in names if counts[name].sync_ops})
-    print()
-    print("Host syncs per step by source (see lightning_prune.diagnostics):")
-    for (arch, name), reasons in sources.items():
-        print(f"- {arch}, {name}: " + ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common()))
+    tail = ["", "Host syncs per step by source (see lightning_prune.diagnostics):"]
+    tail += [f"- {arch}, {name}: " + ", ".join(f"{reason} x{n}" for reason, n in reasons.most_common())
+             for (arch, name), reasons in sources.items()] or ["- none"]
+    print("\n".join(tail))
+    lines += tail
+    if args.results is not None:
+        command = ("python -m benchmarks.overhead " + " ".join(f"--{key} " + (" ".join(f'"{v}"' for v in value) if isinstance(value, list) else str(value))
+                                                              for key, value in vars(args).items() if value not in (None, False) and key != "results"))
+        merge_section(Section(f"Ops and host syncs per step: {', '.join(names)}", "\n".join(lines),
+                              command=command + " --results benchmarks/results"), args.results)
 
 
 if __name__ == "__main__":

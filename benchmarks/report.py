@@ -46,6 +46,8 @@ class Section:
         data: every figure in JSON-able form (lists, dicts, numbers, strings).
         notes: caveats shown under the body (machine load, what was left out).
         behind: the places where the project is behind a baseline, with the reason.
+        command: for a section from a script run on its own (not an experiment of ``python -m benchmarks run``), the
+            command that reproduces it; RESULTS.md shows it, the docs page (the suite's output) leaves it out.
     """
 
     title: str
@@ -54,6 +56,7 @@ class Section:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     behind: list[Behind] = dataclasses.field(default_factory=list)
+    command: str = ""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Section":
@@ -158,6 +161,7 @@ def _behind_list(sections: Sequence[Section]) -> list[str]:
 def _section_lines(section: Section, heading: str, figure_dir: str) -> list[str]:
     """One section: its ``heading`` line, its markdown, its figures (under ``figure_dir``) and notes."""
     lines = [f"{heading} {section.title}", "", section.markdown, ""]
+    lines += [f"Reproduce: `{section.command}` (run on its own, not part of the suite).", ""] if section.command else []
     lines += [f"![{name}]({figure_dir}{name})" for name in section.figures]
     lines += [""] if section.figures else []
     lines += [f"- {note}" for note in section.notes]
@@ -179,7 +183,7 @@ def render_docs(results: dict[str, Any]) -> str:
     """The Benchmarks page's generated part (between the markers), from ``results.json``. Figures are linked as
     ``benchmarks/results/<name>``: the site's build hook (``docs/hooks.py``) serves them from there."""
     results_dir = "benchmarks/results"
-    sections = [Section.from_dict(s) for s in results["sections"]]
+    sections = [section for section in map(Section.from_dict, results["sections"]) if not section.command]
     lines = [
         DOCS_BEGIN,
         "One command runs every experiment and writes `benchmarks/results/` (RESULTS.md, results.json with every",
@@ -217,3 +221,21 @@ def replace_marked_section(page: str, section: str) -> str:
 
 def load_results(path: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def merge_section(section: Section, out_dir: pathlib.Path = RESULTS_DIR) -> None:
+    """Put ``section`` (a script's, run on its own: its ``command`` set) into ``out_dir``'s results.json, in place of
+    the section with its title, else at the end, and rewrite RESULTS.md from it. The docs page leaves such sections
+    out, so it stays as the last suite run wrote it; the next suite run starts results.json afresh."""
+    if not section.command:
+        raise ValueError(f"`section.command` must name the command that reproduces {section.title!r}, got an empty string.")
+    path = out_dir / "results.json"
+    results = load_results(path)
+    entry = dataclasses.asdict(section)
+    titles = [s["title"] for s in results["sections"]]
+    if section.title in titles:
+        results["sections"][titles.index(section.title)] = entry
+    else:
+        results["sections"].append(entry)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "RESULTS.md").write_text(render_results(results))

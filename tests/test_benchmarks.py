@@ -20,6 +20,7 @@ from benchmarks.report import (
     Behind,
     Section,
     load_results,
+    merge_section,
     render_docs,
     render_results,
     replace_marked_section,
@@ -179,3 +180,20 @@ def test_quick_suite_runs_every_experiment_end_to_end(tmp_path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["suite"] == "quick" and len(results["sections"]) == len(EXPERIMENTS)
     assert (tmp_path / "RESULTS.md").read_text() == render_results(results)
+
+
+def test_merge_section_adds_a_scripts_section_to_results_md_but_not_to_the_docs_page(tmp_path) -> None:
+    """A script run on its own (``--results``) lands in RESULTS.md with its command; the docs page (the suite's
+    output) stays as the last suite run wrote it; a second merge of the same title replaces the first."""
+    suite = {**load_results(RESULTS_DIR / "results.json")}
+    (tmp_path / "results.json").write_text(json.dumps(suite))
+    merge_section(Section("Script", "| a |\n|---|\n| first merge |", command="python -m benchmarks.script"), tmp_path)
+    merge_section(Section("Script", "| a |\n|---|\n| second merge |", command="python -m benchmarks.script"), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [s["title"] for s in results["sections"]] == [s["title"] for s in suite["sections"]] + ["Script"]
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert markdown == render_results(results) and "| second merge |" in markdown and "| first merge |" not in markdown
+    assert "Reproduce: `python -m benchmarks.script`" in markdown
+    assert render_docs(results) == render_docs(suite)
+    with pytest.raises(ValueError, match="`section.command` must name the command"):
+        merge_section(Section("No command", "x"), tmp_path)
