@@ -81,15 +81,15 @@ def test_checkpoint_after_physical_pruning_resumes_without_the_callback(tmp_path
 def test_gate_resume_of_a_custom_module_keeps_the_module_unpatched(tmp_path) -> None:
     options = dict(flops_ratio=0.5, gate_epochs=1, verbose=False, budget_training=True)
     model = Custom()
-    trainer = make_trainer(tmp_path, [GatePruningFromScratch(**options)], max_epochs=1, **LIMITS)
+    trainer = make_trainer(tmp_path, [GatePruningFromScratch(**options)], max_epochs=2, **LIMITS)
     trainer.fit(model, DigitsDataModule(batch_size=32))
-    assert trainer.current_epoch == 2
+    assert trainer.current_epoch == 3  # the budget: 1 gate epoch + round(1 / 0.5) epochs of the pruned network
     trainer.save_checkpoint(tmp_path / "gate.ckpt")
     resumed = Custom()
-    trainer = make_trainer(tmp_path, [GatePruningFromScratch(**options)], max_epochs=1, **LIMITS)
+    trainer = make_trainer(tmp_path, [GatePruningFromScratch(**options)], max_epochs=2, **LIMITS)
     trainer.fit(resumed, DigitsDataModule(batch_size=32), ckpt_path=str(tmp_path / "gate.ckpt"))
     assert shapes(resumed) == shapes(model) and "on_load_checkpoint" not in vars(resumed)
-    assert trainer.global_step == 8  # no further epoch: the budget of 2 epochs was restored, not max_epochs=1
+    assert trainer.global_step == 12  # no further epoch: the budget of 3 epochs was restored, not max_epochs=2
 
 
 CALLBACKS = {

@@ -150,7 +150,8 @@ def test_callback_fits_one_epoch(name, callback, trainer_factory):
     dense, _, groups = discovered(name)
     position = "bn" if gate_sites(dense, groups, "bn") else "conv"
     pruning = CALLBACKS[callback](position, FLOPS_RATIO.get(name, 0.6))
-    trainer = trainer_factory([pruning], max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    epochs = 2 if isinstance(pruning, GatePruningFromScratch) else 1  # one gate epoch, then one of the pruned network
+    trainer = trainer_factory([pruning], max_epochs=epochs, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))
     assert trainer.state.finished
 

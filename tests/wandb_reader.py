@@ -141,11 +141,15 @@ class OfflineRun:
 
 def latest_run(save_dir: Union[str, Path], timeout: float = 60.0) -> OfflineRun:
     """The single offline run under ``save_dir/wandb`` (as written by ``WandbLogger(save_dir=...)``),
-    read once its log holds the exit record (wandb's service may still be writing after ``finish``)."""
+    read once its folder exists and its log holds the exit record (wandb's service may still be writing after
+    ``finish``)."""
+    deadline = time.monotonic() + timeout
     runs = sorted(Path(save_dir).glob("wandb/offline-run-*"))
+    while not runs and time.monotonic() < deadline:  # under load the service may create the folder after `finish`
+        time.sleep(0.2)
+        runs = sorted(Path(save_dir).glob("wandb/offline-run-*"))
     if len(runs) != 1:
         raise AssertionError(f"expected one offline run under {save_dir}, found {runs}")
-    deadline = time.monotonic() + timeout
     while True:
         try:
             run = OfflineRun.read(runs[0])
