@@ -16,14 +16,25 @@ from torch import nn
 from lightning_prune import AutoPruneCallback, IterativeMagnitude, load_from_checkpoint
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.structure import (
-    apply_plan, channel_masks, find_channel_groups, refused_channel_groups, restore_structure, structure_record,
+    apply_plan, find_channel_groups, refused_channel_groups, restore_structure, structure_record,
 )
 
 transformers = pytest.importorskip("transformers")
+from test_huggingface import masked_copy  # noqa: E402
 
 pytestmark = pytest.mark.zoo
 
 VOCAB, SEQ, LAYERS = 100, 8, 2
+
+
+def bert_head_counts_following_the_weights(model: nn.Module) -> list[int]:
+    """Each BERT layer's head count, after checking that its q projection and output projection are that wide."""
+    counts = [model.bert.encoder.layer[i].attention.self.num_attention_heads for i in range(LAYERS)]
+    for i, count in enumerate(counts):
+        attention = model.bert.encoder.layer[i].attention
+        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count
+        assert attention.output.dense.in_features == 8 * count
+    return counts
 
 
 def tokens(batch: int = 2) -> dict[str, torch.Tensor]:
@@ -73,16 +84,6 @@ MODELS = {
 def call(model: nn.Module, x) -> torch.Tensor:
     output = model(**x) if isinstance(x, dict) else model(x)
     return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def masked_copy(model: nn.Module, groups, plan) -> nn.Module:
-    masked = copy.deepcopy(model)
-    masks = channel_masks(masked, groups, plan)
-    with torch.no_grad():
-        for name, parameter in masked.named_parameters():
-            if name in masks:
-                parameter.mul_(masks[name])
-    return masked
 
 
 def head_counts(attention: nn.Module) -> dict[str, int]:
@@ -268,12 +269,8 @@ def test_iterative_magnitude_ranks_heads_with_channels_in_a_keyword_forward_fit(
                                  verbose=False)
     trainer_factory([pruning], max_epochs=1, logger=logger).fit(module, loader(classes=True))
     assert pruning.figures.predictor.sizes.tolist() == [4, 64, 4, 64, 32]  # heads, MLP width (per layer), pooler
-    counts = [module.model.bert.encoder.layer[i].attention.self.num_attention_heads for i in range(LAYERS)]
+    counts = bert_head_counts_following_the_weights(module.model)
     assert min(counts) < 4  # whole heads went
-    for i, count in enumerate(counts):
-        attention = module.model.bert.encoder.layer[i].attention
-        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count
-        assert attention.output.dense.in_features == 8 * count
     (reported,) = logger.values("prune/flops_ratio")  # the one event's predicted ratio
     example = pruning.figures.example
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
@@ -306,12 +303,9 @@ def test_autoprune_switches_off_whole_heads_in_a_keyword_forward_fit(trainer_fac
     heads = [group for group in pruning.figures.groups if group.heads is not None]
     assert [group.size for group in heads] == [4] * LAYERS  # one switch per head, beside the MLP and pooler channels
     assert len(pruning.figures.groups) == 5  # heads and MLP width of each layer, the pooler
-    counts = [module.model.bert.encoder.layer[i].attention.self.num_attention_heads for i in range(LAYERS)]
+    counts = bert_head_counts_following_the_weights(module.model)
     assert min(counts) < 4  # whole heads went
     for i, count in enumerate(counts):
-        attention = module.model.bert.encoder.layer[i].attention
-        assert attention.self.query.out_features == attention.self.all_head_size == 8 * count
-        assert attention.output.dense.in_features == 8 * count
         off = (snapshot.model.bert.encoder.layer[i].attention.self.value.weight == 0).all(1).view(4, 8)
         assert off.all(1).sum() == 4 - count and (off.all(1) | ~off.any(1)).all()  # a head's 8 rows go together
     example = pruning.figures.example

@@ -11,7 +11,6 @@ import logging
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,7 +26,7 @@ from lightning_prune.structure import (
 )
 from lightning_prune.structure.removal import removed_positions, slice_members
 from pruning_checks import masked_and_pruned_outputs, with_batchnorm_statistics
-from zoo_models import GroupedResidualNet, TinyResNeXt, UnevenGroupedNet, build
+from zoo_models import GroupedResidualNet, TinyResNeXt, UnevenGroupedNet, ZooClassifier, build
 
 
 def grouped_convs(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -135,23 +134,6 @@ def test_a_grouped_transposed_conv_is_left_out():
     assert "a grouped ConvTranspose2d (groups=2) is not supported" in reasons["0"]
 
 
-class TinyResNeXtClassifier(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.network = TinyResNeXt()
-        self.example_input_array = torch.zeros(1, 3, 8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
-
-    def training_step(self, batch, batch_index):  # noqa: ANN001, ANN201
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 class ZerosAtFitEnd(pl.Callback):
     """The masked model's zeros and its channel plan, read before the pruning callback removes them."""
 
@@ -167,7 +149,7 @@ def test_iterative_magnitude_prunes_grouped_conv_groups_to_its_target_and_report
     from test_gate_pruning import ListLogger
 
     torch.manual_seed(0)
-    module, logger = TinyResNeXtClassifier(), ListLogger()
+    module, logger = ZooClassifier(TinyResNeXt(), 8), ListLogger()
     dense = copy.deepcopy(module)
     pruning = IterativeMagnitude(0.5, "one_shot", granularity="channel", physical=True, monitor=None, verbose=False)
     zeros = ZerosAtFitEnd(pruning)

@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from pruning_checks import masked_and_pruned_outputs
-from zoo_models import ZOO, build
+from zoo_models import ZOO, ZooClassifier, build
 
 from lightning_prune import AutoPruneCallback, GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops
@@ -98,25 +96,6 @@ def test_gate_phase_gives_finite_nonzero_gate_gradients(name):
     model.zero_grad(set_to_none=True)
     assert all(grad is not None and torch.isfinite(grad).all() for grad in grads)
     assert any(grad.abs().sum() > 0 for grad in grads)
-
-
-class ZooClassifier(pl.LightningModule):
-    """A zoo network as a 10-class image classifier (cross-entropy), with an example input."""
-
-    def __init__(self, network: nn.Module, side: int) -> None:
-        super().__init__()
-        self.network = network
-        self.example_input_array = torch.zeros(1, 3, side, side)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
-
-    def training_step(self, batch, batch_index):  # noqa: ANN001, ANN201
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 CALLBACKS = {

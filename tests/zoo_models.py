@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _TORCHVISION_OPS: list = []
@@ -211,3 +213,22 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         if isinstance(module, nn.Linear) and not module.weight.any():
             nn.init.normal_(module.weight, std=0.02)
     return model, torch.randn(1, 3, side, side)
+
+
+class ZooClassifier(pl.LightningModule):
+    """A zoo network as a 10-class image classifier (cross-entropy), with an example input."""
+
+    def __init__(self, network: nn.Module, side: int) -> None:
+        super().__init__()
+        self.network = network
+        self.example_input_array = torch.zeros(1, 3, side, side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def training_step(self, batch, batch_index):  # noqa: ANN001, ANN201
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
