@@ -435,7 +435,9 @@ class GatePruning:
             ``flops_ratio`` × ``dense.total``.
         expanded: whether ``model`` is wider than the model ``dense`` counted (else its count is reused).
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
-        position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; ``GatePruningFromScratch``'s ``gate_position``).
+        position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; ``GatePruningFromScratch``'s ``gate_position``);
+            ``"bn"`` on a model where no gated group has a BatchNorm gates the layer outputs (``"conv"``), with
+            :attr:`warning` saying so.
         sites: which channel groups get gates (``"all"`` or ``"inner"``; ``GatePruningFromScratch``'s ``gate_sites``).
         round_to: keep each group's channel count a multiple of this, or the whole group (``None``: any count).
     """
@@ -453,11 +455,18 @@ class GatePruning:
         round_to: Optional[int] = None,
     ) -> None:
         self.model, self.example_input, self.dense_flops = model, example_input, dense.total
-        self.flops_ratio, self.position, self.round_to = flops_ratio, position, round_to
         self.groups = find_channel_groups(model, example_input)
         self.gated = gated_groups(model, self.groups, example_input, sites)
+        fallback = position == "bn" and not gate_sites(model, self.gated, "bn") and bool(gate_sites(model, self.gated, "conv"))
+        position = "conv" if fallback else position  # no BatchNorm to gate after (a transformer, an MLP): the layer outputs
+        self.flops_ratio, self.position, self.round_to = flops_ratio, position, round_to
         self.predictor = FlopsPredictor(model, example_input, self.groups, None if expanded else dense)
         self.warning = check_target(model, self.groups, self.gated, position, self.predictor, self.dense_flops, flops_ratio, round_to)
+        if fallback:
+            self.warning = (
+                "`gate_position='bn'`: no gated channel group has a BatchNorm (a transformer or an MLP), so the gates multiply "
+                "the Conv/Linear layers' outputs, as `gate_position='conv'` does."
+            )
 
     def search(self, **options: Any) -> GateSearch:
         """The :class:`GateSearch` of the gated groups (``options``: its ``lr``, ``gamma``, ``gate_ratio``,

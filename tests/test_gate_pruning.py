@@ -322,9 +322,21 @@ def test_budget_training_needs_a_finite_epoch_count(trainer_factory) -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_model_without_a_gateable_channel_raises(trainer_factory) -> None:
+def test_a_model_without_batchnorm_gates_its_layer_outputs_with_the_default_position(trainer_factory) -> None:
+    """The default ``gate_position="bn"`` on a model with no BatchNorm (a transformer, an MLP) gates the layer outputs
+    and says so, instead of refusing the model; the target is met."""
     model = ImageClassifier("lenet300100", in_channels=3, image_size=32, width=0.25)  # no BatchNorm anywhere
-    _fit_raises(trainer_factory, GatePruningFromScratch(gate_epochs=1), model, "no prunable channel .*`gate_position`")
+    dense = count_flops(model, torch.zeros(1, 3, 32, 32)).total
+    pruning = GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, verbose=False)
+    with pytest.warns(UserWarning, match="gates multiply the Conv/Linear layers' outputs"):
+        trainer_factory([pruning], max_epochs=2, **LIMITS).fit(model, digits())
+    assert pruning.pruned and count_flops(model, torch.zeros(1, 3, 32, 32)).total <= 0.5 * dense
+
+
+def test_model_without_a_gateable_channel_at_an_explicit_position_raises(trainer_factory) -> None:
+    model = ImageClassifier("lenet300100", in_channels=3, image_size=32, width=0.25)  # no BatchNorm scale to gate
+    _fit_raises(trainer_factory, GatePruningFromScratch(gate_epochs=1, gate_position="bn_weight"), model,
+                "no prunable channel .*`gate_position`")
 
 
 class Plain(pl.LightningModule):

@@ -126,9 +126,7 @@ def test_callback_fits_one_epoch(name, callback, trainer_factory):
     network, x = build(name)
     side = x.shape[-1]
     data = TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 10, (8,)))
-    dense, _, groups = discovered(name)
-    position = "bn" if gate_sites(dense, groups, "bn") else "conv"
-    pruning = CALLBACKS[callback](position, FLOPS_RATIO.get(name, 0.6))
+    pruning = CALLBACKS[callback]("bn", FLOPS_RATIO.get(name, 0.6))  # the default: layer outputs where there is no BatchNorm
     epochs = 2 if isinstance(pruning, GatePruningFromScratch) else 1  # one gate epoch, then one of the pruned network
     trainer = trainer_factory([pruning], max_epochs=epochs, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ZooClassifier(network.train(), side), DataLoader(data, batch_size=4))

@@ -124,9 +124,9 @@ class GatePruningFromScratch(pl.Callback):
         round_to: keep each group's channel count a multiple of this (e.g. 8 or 16 for tensor cores; as
             Torch-Pruning's ``round_to``), or the whole group where it is smaller; the threshold search
             counts the rounded structure, so the FLOPs target still holds. ``None``: any count.
-        gate_position: ``"bn"`` (after BatchNorm, before the activation: the authors'), ``"conv"``
-            (on the Conv/Linear output: for layers without BatchNorm) or ``"bn_weight"`` (the
-            BatchNorm scale is the gate).
+        gate_position: ``"bn"`` (after BatchNorm, before the activation: the authors'; on a model where no
+            gated group has a BatchNorm, such as a transformer, the layer outputs, with a warning), ``"conv"``
+            (on the Conv/Linear output) or ``"bn_weight"`` (the BatchNorm scale is the gate).
         select: ``"best_val"`` (the authors' snapshot rule on ``monitor``) or ``"last"``.
         monitor: the key ``validation_step`` logs that selects the snapshot (default: the first key
             ending in ``loss``).
@@ -143,7 +143,7 @@ class GatePruningFromScratch(pl.Callback):
     Raises:
         ValueError: in ``__init__``, an argument out of its range; at ``setup`` or train start, before any
             weight changes: ``expansion != 1`` for a module without ``width``/``set_width``, no channel to
-            gate at ``gate_position`` (try ``"conv"``), or an unreachable ``flops_ratio``.
+            gate at ``gate_position``, or an unreachable ``flops_ratio``.
         MisconfigurationException: ``gate_epochs`` beyond the Trainer's ``max_epochs`` (or the epochs ``max_steps``
             allows), a second instance in the Trainer, a sharded strategy, a ``torch.compile``d module, a
             spawn-based strategy without ``reshape_on_load``, no example input, manual optimization with several
