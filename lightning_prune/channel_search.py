@@ -33,6 +33,7 @@ def search_threshold(
     predictor: FlopsPredictor,
     min_channels: int = 1,
     round_to: Optional[int] = None,
+    fill: bool = False,
 ) -> ThresholdSearch:
     """The lowest global threshold whose plan meets a FLOPs budget (Pruning from Scratch, Sec. 3.3).
 
@@ -43,6 +44,11 @@ def search_threshold(
     over the sorted distinct finite scores finds the smallest ``t`` with ``FLOPs(t) <= flops_ratio * dense``
     in ``log2(#channels)`` predictions, every one of them on the rounded counts: the plan lands at or below
     the target and as close as the global threshold (and the rounding) allows.
+
+    With ``fill``, the channels below the threshold are then admitted in descending score order while the
+    budget holds; a group whose next channel does not fit takes no more (its cost only grows as others are
+    admitted). Where the units differ in cost (whole attention heads ranked with single channels) the
+    threshold's last step can be a whole head; the fill spends what it leaves on the next-ranked units that fit.
 
     Raises:
         ValueError: ``flops_ratio`` outside (0, 1]; ``round_to`` not a positive integer; scores that do not
@@ -92,5 +98,39 @@ def search_threshold(
             low = middle + 1
     threshold = threshold_at(high)
     plan = plan_from_scores(scores, threshold, min_channels, round_to)
+    if fill:
+        plan = _filled(scores, plan, flat, group_of, threshold, budget, predictor, round_to)
     flops = predictor.predict(plan)
     return ThresholdSearch(plan=plan, flops=flops, ratio=flops / predictor.dense, threshold=threshold)
+
+
+def _filled(
+    scores: Sequence[torch.Tensor],
+    plan: ChannelPlan,
+    flat: torch.Tensor,
+    group_of: torch.Tensor,
+    threshold: float,
+    budget: float,
+    predictor: FlopsPredictor,
+    round_to: Optional[int],
+) -> ChannelPlan:
+    """``plan`` grown by the channels scored below ``threshold``, in descending score order, while the
+    predicted FLOPs stay within ``budget`` (see :func:`search_threshold`'s ``fill``)."""
+    sizes = torch.as_tensor(predictor.sizes, dtype=torch.long)
+    counts = torch.tensor([len(plan[index]) for index in range(len(scores))])
+    step = round_to or 1
+    closed = set()
+    for position in torch.argsort(flat, descending=True, stable=True)[int((flat >= threshold).sum()):].tolist():
+        group = int(group_of[position])
+        if group in closed or counts[group] >= sizes[group]:
+            continue
+        grown = counts.clone()
+        grown[group] = min(int(counts[group]) + step, int(sizes[group]))
+        if predictor.predict_counts(grown.numpy()) <= budget:
+            counts = grown
+        else:
+            closed.add(group)
+    return {
+        index: torch.argsort(score.detach().float().cpu(), descending=True, stable=True)[: int(counts[index])].sort().values
+        for index, score in enumerate(scores)
+    }
