@@ -191,3 +191,29 @@ def test_head_gates_add_no_host_synchronisation_to_a_gate_step() -> None:
         _, step = count_ops(search.step, loss)
     assert gated.sync_ops == plain.sync_ops and gated.ops > plain.ops  # the gates ran, without a host read
     assert step.sync_ops == own_host_reads(search.optimizer, 1)
+
+
+def test_the_fill_spends_what_the_thresholds_last_head_leaves_on_units_that_fit() -> None:
+    """Random scores on BERT (4 heads of ~9k FLOPs beside MLP channels of 512): the threshold alone may stop a whole
+    head short of the target; with ``fill`` the plan stays within it, keeps every unit the threshold kept, and no
+    group could take one more channel (head) without passing the target."""
+    from lightning_prune.channel_search import search_threshold
+
+    torch.manual_seed(0)
+    model, x = bert().eval(), tokens(1)
+    predictor = GatePruning(model, x, count_flops(model, x)).predictor
+    sizes, short = predictor.sizes.tolist(), []
+    for seed in range(5):
+        scores = [torch.rand(size, generator=torch.Generator().manual_seed(seed * 10 + i)) for i, size in enumerate(sizes)]
+        plain = search_threshold(scores, 0.35, predictor)
+        filled = search_threshold(scores, 0.35, predictor, fill=True)
+        assert plain.flops <= filled.flops == predictor.predict(filled.plan) <= 0.35 * predictor.dense
+        assert filled.ratio >= 0.349  # the last MLP channel that fits is 512 / 146752 FLOPs
+        short.append(plain.ratio < 0.34)
+        for index, keep in filled.plan.items():
+            assert set(plain.plan[index].tolist()) <= set(keep.tolist())
+            assert keep.tolist() == torch.argsort(scores[index], descending=True)[: len(keep)].sort().values.tolist()
+            if len(keep) < sizes[index]:
+                counts = [len(filled.plan[g]) + (g == index) for g in range(len(sizes))]
+                assert predictor.predict_counts(counts) > 0.35 * predictor.dense
+    assert any(short)  # the threshold alone stopped a head short of the target (0.336, 0.314)
