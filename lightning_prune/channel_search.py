@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from lightning_prune.flops import FlopsPredictor
@@ -115,21 +116,25 @@ def _filled(
     round_to: Optional[int],
 ) -> ChannelPlan:
     """``plan`` grown by the channels scored below ``threshold``, in descending score order, while the
-    predicted FLOPs stay within ``budget`` (see :func:`search_threshold`'s ``fill``)."""
-    sizes = torch.as_tensor(predictor.sizes, dtype=torch.long)
-    counts = torch.tensor([len(plan[index]) for index in range(len(scores))])
+    predicted FLOPs stay within ``budget`` (see :func:`search_threshold`'s ``fill``). Each group closes once, and
+    every admitted channel spends part of what the threshold left, so this makes few predictions."""
+    sizes = predictor.sizes
+    counts = np.array([len(plan[index]) for index in range(len(scores))], dtype=np.int64)
     step = round_to or 1
-    closed = set()
-    for position in torch.argsort(flat, descending=True, stable=True)[int((flat >= threshold).sum()):].tolist():
-        group = int(group_of[position])
-        if group in closed or counts[group] >= sizes[group]:
+    open_groups = set(np.flatnonzero(counts < sizes).tolist())
+    for group in group_of[torch.argsort(flat, descending=True, stable=True)[int((flat >= threshold).sum()) :]].tolist():
+        if not open_groups:
+            break
+        if group not in open_groups:
             continue
-        grown = counts.clone()
-        grown[group] = min(int(counts[group]) + step, int(sizes[group]))
-        if predictor.predict_counts(grown.numpy()) <= budget:
-            counts = grown
-        else:
-            closed.add(group)
+        grown = counts.copy()
+        grown[group] = min(counts[group] + step, sizes[group])
+        if predictor.predict_counts(grown) > budget:
+            open_groups.discard(group)  # its next channel only costs more as other groups grow
+            continue
+        counts = grown
+        if counts[group] == sizes[group]:
+            open_groups.discard(group)
     return {
         index: torch.argsort(score.detach().float().cpu(), descending=True, stable=True)[: int(counts[index])].sort().values
         for index, score in enumerate(scores)

@@ -16,6 +16,10 @@ Three gate positions:
 - ``"bn_weight"`` (network-slimming style): the gate *is* the BatchNorm scale,
   ``y = λ · x̂ + β``; the shift β is not gated.
 
+A group of attention heads (``find_channel_groups(..., heads=True)``) gets one gate per head (per key/value head
+under grouped-query attention) at every position: a forward pre-hook on the attention's output projection multiplies
+each head's ``head_dim`` slice of its input, the attention's context, by the head's gate (:func:`gate_sites`).
+
 Which groups get gates (``sites``, :func:`gated_groups`): ``"all"`` gates every coupled group;
 ``"inner"`` is the authors' placement (their ``gate.py``): on a residual net only the channels inside a
 block (bn1 of a CIFAR basic block, bn1 and bn2 of a bottleneck, MobileNetV2's expansion channels), never
@@ -239,7 +243,8 @@ class ChannelGates:
     steps, clamps, reduces across processes and reads one tensor.
 
     ``attach()`` inserts them (forward hooks for ``"bn"``/``"conv"``, a parametrization of the
-    BatchNorm weight for ``"bn_weight"``), ``remove()`` takes them out again. Gate values are
+    BatchNorm weight for ``"bn_weight"``, forward pre-hooks on the output projections for heads),
+    ``remove()`` takes them out again. Gate values are
     cast to each gated output's dtype (``bf16-true`` models keep float32 gates).
 
     Args:

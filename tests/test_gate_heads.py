@@ -164,9 +164,11 @@ def test_the_threshold_ranks_head_gates_with_channel_gates() -> None:
 
 def test_default_position_gates_heads_and_mlp_widths_each_where_it_can() -> None:
     """``gate_position="bn"`` on BERT: heads on the output projection's input, the MLP and pooler widths on their
-    layers' outputs (no BatchNorm), with the warning that says so."""
+    layers' outputs (no BatchNorm), with the warning that says so; the authors' ``"inner"`` sites keep the heads
+    (a head's output feeds only its branch's output projection)."""
     model, x = bert().eval(), tokens(1)
-    core = GatePruning(model, x, count_flops(model, x))
+    core = GatePruning(model, x, count_flops(model, x), sites="inner")
+    assert core.gated == core.groups and sum(group.heads is not None for group in core.gated) == 2
     sites = gate_sites(model, core.gated, core.position)
     assert core.position == "conv" and "no gated channel group has a BatchNorm" in core.warning
     assert {(site.module, site.input) for site in sites} == {
