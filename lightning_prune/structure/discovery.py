@@ -20,7 +20,7 @@ from torch.func import functional_call
 from lightning_prune.checks import check_example_input, check_module, check_patterns
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
-from lightning_prune.structure.attention import attention_sites, head_members
+from lightning_prune.structure.attention import head_groups
 from lightning_prune.structure.groups import (
     ChannelGroup,
     GroupMember,
@@ -149,12 +149,12 @@ _Found = tuple[str, int, list[GroupMember], Optional[str]]
 
 
 def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_Found], list[RefusedGroup]]:
-    """A candidate per covered attention module whose q/k/v projections are all outside ``ignored``: its heads."""
+    """A candidate per head group (one covered attention module, or those sharing their heads) whose q/k/v
+    projections are all outside ``ignored``: its heads."""
     order = {name: position for position, name in enumerate(dict(model.named_modules()))}
     found: list[_Found] = []
     refused: list[RefusedGroup] = []
-    for site, _, _ in attention_sites(model):
-        heads = head_members(model, site, order)
+    for site, heads in head_groups(model, order):
         if isinstance(heads, str):
             refused.append(RefusedGroup(site, 0, f"the heads of {site!r} are not pruned: {heads}"))
             continue
