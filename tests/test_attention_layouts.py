@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_prune import IterativeMagnitude
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.structure import (
     apply_plan, find_channel_groups, refused_channel_groups, restore_structure, structure_record,
@@ -239,3 +240,45 @@ def test_heads_whose_width_follows_the_input_width_are_refused_with_the_reason(b
     assert not any(group.heads is not None for group in find_channel_groups(model, example, heads=True))
     reasons = {refused.root: refused.reason for refused in refused_channel_groups(model, example, heads=True)}
     assert reason in reasons[site] and "cannot be removed" in reasons[site]
+
+
+def test_iterative_magnitude_removes_t5_heads_from_a_whole_stack_in_a_keyword_forward_fit(trainer_factory) -> None:
+    """``forward(**batch)`` with ``labels`` (the decoder inputs shifted from them): heads ranked with the MLP channels,
+    removed from every layer of a stack alike, the reported FLOPs ratio the recount's."""
+    from test_gate_pruning import ListLogger
+    from test_huggingface import KeywordModule, loader
+
+    torch.manual_seed(0)
+    module, logger = KeywordModule(t5()), ListLogger()
+    dense = copy.deepcopy(module.model)
+    pruning = IterativeMagnitude(sparsity=0.6, schedule="one_shot", granularity="channel", physical=True, monitor=None,
+                                 verbose=False)
+    trainer_factory([pruning], max_epochs=1, logger=logger).fit(module, loader(classes=False))
+    counts = [[attention.n_heads for attention in t5_attentions(module.model, stack, path)] for stack, path in T5_SITES]
+    assert all(len(set(stack)) == 1 for stack in counts) and min(min(stack) for stack in counts) < HEADS
+    (reported,) = logger.values("prune/flops_ratio")
+    example = pruning.figures.example
+    assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
+    module.eval()
+    with torch.no_grad():
+        assert torch.isfinite(module(**t5_batch(), labels=torch.randint(1, 100, (2, 5))).loss)
+
+
+def test_magnitude_masks_on_timm_swin_heads_compute_what_removing_them_does(swin_found) -> None:
+    """IterativeMagnitude's channel masks zero a head's q/k/v rows, its projection columns and its bias-table column;
+    removing the zeroed heads leaves the output unchanged and the tables as wide as the heads."""
+    from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner
+
+    model, x, _ = swin_found
+    model = copy.deepcopy(model)
+    layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "head.fc"]
+    channels = ChannelMagnitude.for_model(model, x, layers, "l1", 0.99)
+    pruner = MagnitudePruner(model, layers, 0.5, channels=channels)
+    pruner.prune(1.0)
+    with torch.no_grad():
+        masked = model(x)
+        pruner.remove_channels(x)
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
+    heads = [block.attn for block in swin_blocks(model)]
+    assert any(attention.num_heads < dense for attention, dense in zip(heads, (2, 2, 4)))
+    assert all(attention.relative_position_bias_table.shape[1] == attention.num_heads for attention in heads)
