@@ -26,8 +26,8 @@ pytestmark = pytest.mark.zoo
 HEADS, HEAD_DIM, BUCKETS = 4, 8, 8
 
 
-def t5() -> nn.Module:
-    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=HEAD_DIM, d_ff=64, num_layers=2, num_decoder_layers=2,
+def t5(attention: str = "sdpa") -> nn.Module:
+    config = transformers.T5Config(attn_implementation=attention, vocab_size=100, d_model=32, d_kv=HEAD_DIM, d_ff=64, num_layers=2, num_decoder_layers=2,
                                    num_heads=HEADS, relative_attention_num_buckets=BUCKETS, decoder_start_token_id=0,
                                    pad_token_id=0)
     return transformers.T5ForConditionalGeneration(config)
@@ -99,9 +99,14 @@ def test_t5_masked_equals_physically_pruned_with_the_bias_columns_and_head_count
     assert generated.shape[0] == 2  # the key/value caches of the kept heads
 
 
-def test_t5_predicted_flops_of_head_removal_equal_the_recount(t5_found) -> None:
-    model, x, groups = t5_found
-    one = {key: value[:1] for key, value in x.items()}
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_t5_predicted_flops_of_head_removal_equal_the_recount(attention) -> None:
+    """q·kᵀ and attn·v of the self- and cross-attentions scale with the heads kept in the stack."""
+    torch.manual_seed(0)
+    model, one = t5(attention).eval(), t5_batch(1)
+    groups = find_channel_groups(model, one, heads=True)
+    site = "encoder.block.0.layer.0.SelfAttention"  # 8 tokens, d_model 32: q, k, v, o and q·kᵀ, attn·v per head
+    assert count_flops(model, one).by_module[site] == 4 * 8 * 32 * 32 + HEADS * 8 * 8 * (8 + 8)
     predictor = FlopsPredictor(model, one, groups)
     for seed in range(3):
         plan = {index: keep for index, keep in random_plan(groups, seed).items() if groups[index].heads is not None or seed}
