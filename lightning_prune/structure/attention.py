@@ -20,8 +20,8 @@ forwards take the head width from the input width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -198,7 +198,7 @@ def _blocks(units: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(units * width), torch.arange(units).repeat_interleave(width)
 
 
-def head_members(model: nn.Module, site: str, order: dict[str, int]) -> Union[tuple[int, list[GroupMember]], str]:
+def _site_members(model: nn.Module, site: str, order: dict[str, int]) -> Union[tuple[int, list[GroupMember]], str]:
     """The number of heads (key/value heads under grouped-query attention) of the attention module ``site``
     and the members of its head group (q/k/v ``"out"``, the output projection ``"in"``), or why its heads
     are not prunable (a sentence)."""
@@ -236,7 +236,7 @@ def head_groups(model: nn.Module, order: dict[str, int]) -> Iterator[tuple[str, 
         if layout is not None:
             tied.setdefault(layout.tied(name) if layout.tied else name, []).append(name)
     for sites in tied.values():
-        found = {site: head_members(model, site, order) for site in sites}
+        found = {site: _site_members(model, site, order) for site in sites}
         reasons = [f"{site!r}: {heads}" if len(sites) > 1 else heads for site, heads in found.items() if isinstance(heads, str)]
         sizes = {heads[0] for heads in found.values() if not isinstance(heads, str)}
         if len(sizes) > 1:
