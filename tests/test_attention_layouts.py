@@ -27,9 +27,9 @@ HEADS, HEAD_DIM, BUCKETS = 4, 8, 8
 
 
 def t5(attention: str = "sdpa") -> nn.Module:
-    config = transformers.T5Config(attn_implementation=attention, vocab_size=100, d_model=32, d_kv=HEAD_DIM, d_ff=64, num_layers=2, num_decoder_layers=2,
-                                   num_heads=HEADS, relative_attention_num_buckets=BUCKETS, decoder_start_token_id=0,
-                                   pad_token_id=0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=HEAD_DIM, d_ff=64, num_layers=2, num_heads=HEADS,
+                                   relative_attention_num_buckets=BUCKETS, decoder_start_token_id=0, pad_token_id=0,
+                                   attn_implementation=attention)
     return transformers.T5ForConditionalGeneration(config)
 
 
@@ -125,8 +125,9 @@ def test_t5_structure_record_restores_the_pruned_model(t5_found) -> None:
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(call(fresh, x), call(pruned, x))
-    assert [a.n_heads for a in fresh.modules() if isinstance(a, type(pruned.encoder.block[0].layer[0].SelfAttention))] == [
-        a.n_heads for a in pruned.modules() if isinstance(a, type(pruned.encoder.block[0].layer[0].SelfAttention))
+    attention = type(pruned.encoder.block[0].layer[0].SelfAttention)
+    assert [a.n_heads for a in fresh.modules() if isinstance(a, attention)] == [
+        a.n_heads for a in pruned.modules() if isinstance(a, attention)
     ]
     assert structure_record(fresh) == record
 

@@ -198,10 +198,14 @@ def _blocks(units: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(units * width), torch.arange(units).repeat_interleave(width)
 
 
-def _site_members(model: nn.Module, site: str, order: dict[str, int]) -> Union[tuple[int, list[GroupMember]], str]:
+_Heads = Union[tuple[int, list[GroupMember]], str]
+"""A head group's size and members, or why the heads are not pruned (a sentence)."""
+
+
+def _site_members(model: nn.Module, site: str, order: dict[str, int]) -> _Heads:
     """The number of heads (key/value heads under grouped-query attention) of the attention module ``site``
-    and the members of its head group (q/k/v ``"out"``, the output projection ``"in"``), or why its heads
-    are not prunable (a sentence)."""
+    and the members of its head group (q/k/v ``"out"``, the output projection ``"in"``, per-head tables
+    ``"table"``), or why its heads are not prunable (a sentence)."""
     module = model.get_submodule(site)
     layout = head_layout(module)
     geometry = layout.refusal(module) or _geometry(module, layout)
@@ -224,7 +228,7 @@ def _site_members(model: nn.Module, site: str, order: dict[str, int]) -> Union[t
     return geometry.units, sorted(members, key=lambda member: (member.order, member.kind))
 
 
-def head_groups(model: nn.Module, order: dict[str, int]) -> Iterator[tuple[str, Union[tuple[int, list[GroupMember]], str]]]:
+def head_groups(model: nn.Module, order: dict[str, int]) -> Iterator[tuple[str, _Heads]]:
     """Per head group of ``model``: the name of its (first) attention module and the group's size and members
     (those of every module sharing the heads, :attr:`HeadLayout.tied`), or why the heads are not pruned;
     ``order``: module name -> position in ``named_modules()``."""
@@ -237,7 +241,8 @@ def head_groups(model: nn.Module, order: dict[str, int]) -> Iterator[tuple[str, 
             tied.setdefault(layout.tied(name) if layout.tied else name, []).append(name)
     for sites in tied.values():
         found = {site: _site_members(model, site, order) for site in sites}
-        reasons = [f"{site!r}: {heads}" if len(sites) > 1 else heads for site, heads in found.items() if isinstance(heads, str)]
+        reasons = [f"{site!r}: {heads}" if len(sites) > 1 else heads
+                   for site, heads in found.items() if isinstance(heads, str)]
         sizes = {heads[0] for heads in found.values() if not isinstance(heads, str)}
         if len(sizes) > 1:
             reasons.append(f"the modules sharing their heads ({sites}) have different head counts {sorted(sizes)}")
