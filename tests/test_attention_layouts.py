@@ -287,3 +287,28 @@ def test_magnitude_masks_on_timm_swin_heads_compute_what_removing_them_does(swin
     heads = [block.attn for block in swin_blocks(model)]
     assert any(attention.num_heads < dense for attention, dense in zip(heads, (2, 2, 4)))
     assert all(attention.relative_position_bias_table.shape[1] == attention.num_heads for attention in heads)
+
+
+def test_autoprune_switches_off_t5_heads_of_a_whole_stack_in_a_keyword_forward_fit(trainer_factory, tmp_path) -> None:
+    """One switch per head of a stack gates the head's q/k/v rows in every layer; ``physical=True`` removes the
+    switched-off heads (their bias columns with them) and a checkpoint of the pruned T5 loads into a dense one."""
+    from lightning_prune import AutoPruneCallback, load_from_checkpoint
+    from test_huggingface import KeywordModule, loader
+
+    torch.manual_seed(0)
+    module = KeywordModule(t5())
+    pruning = AutoPruneCallback(granularity="channel", target_sparsity=0.5, physical=True,
+                                aux_dataloader=loader(classes=False, n=2), verbose=False)
+    trainer = trainer_factory([pruning], max_epochs=2)
+    trainer.fit(module, loader(classes=False))
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    assert [group.size for group in pruning.figures.groups if group.heads is not None] == [HEADS] * 3
+    counts = [[attention.n_heads for attention in t5_attentions(module.model, stack, path)] for stack, path in T5_SITES]
+    assert all(len(set(stack)) == 1 for stack in counts) and min(min(stack) for stack in counts) < HEADS
+    bias = module.model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    assert bias.weight.shape == (BUCKETS, counts[0][0])
+    module.eval()
+    loaded = load_from_checkpoint(KeywordModule, tmp_path / "pruned.ckpt", model=t5()).eval()
+    batch = t5_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).logits, module.model(**batch).logits)
