@@ -16,7 +16,8 @@ One module per job, all public names re-exported here:
   :func:`output_tensors`), their bounded expansion (:data:`MAX_GROUP_ITEMS`, :data:`MAX_NODE_VISITS`) and the
   consistency checks every group's members pass.
 - ``attention``: head groups (:data:`HEAD_LAYOUTS`, :class:`HeadLayout`: where an attention module type holds
-  its q/k/v and output projections and its head counts; :func:`sync_head_counts`).
+  its q/k/v and output projections, its per-head tables and its head counts, and which modules share their heads;
+  :func:`sync_head_counts`; :data:`UNPRUNABLE_HEADS`: types whose heads are refused, with the reason).
 - ``discovery``: :func:`find_channel_groups` (every group also checked by numbers: physical removal computes
   what the masks compute) and :func:`refused_channel_groups` (:class:`RefusedGroup`: each left-out group's
   reason).
@@ -31,7 +32,7 @@ One module per job, all public names re-exported here:
 """
 
 from lightning_prune.modes import eval_mode, training_mode
-from lightning_prune.structure.attention import HEAD_LAYOUTS, HeadLayout, sync_head_counts
+from lightning_prune.structure.attention import HEAD_LAYOUTS, UNPRUNABLE_HEADS, HeadLayout, sync_head_counts
 from lightning_prune.structure.discovery import RefusedGroup, find_channel_groups, refused_channel_groups
 from lightning_prune.structure.groups import (
     MAX_GROUP_ITEMS,
@@ -64,6 +65,7 @@ from lightning_prune.structure.removal import apply_plan, slice_members
 __all__ = [
     "HEAD_LAYOUTS",
     "HeadLayout",
+    "UNPRUNABLE_HEADS",
     "slice_members",
     "sync_head_counts",
     "MAX_GROUP_ITEMS",

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from lightning_prune.checks import check_example_input, check_module, check_patterns
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
-from lightning_prune.structure.attention import attention_sites, head_members
+from lightning_prune.structure.attention import head_groups
 from lightning_prune.structure.groups import (
     ChannelGroup,
     GroupMember,
@@ -149,12 +149,12 @@ _Found = tuple[str, int, list[GroupMember], Optional[str]]
 
 
 def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_Found], list[RefusedGroup]]:
-    """A candidate per covered attention module whose q/k/v projections are all outside ``ignored``: its heads."""
+    """A candidate per head group (one covered attention module, or those sharing their heads) whose q/k/v
+    projections are all outside ``ignored``: its heads."""
     order = {name: position for position, name in enumerate(dict(model.named_modules()))}
     found: list[_Found] = []
     refused: list[RefusedGroup] = []
-    for site, _, _ in attention_sites(model):
-        heads = head_members(model, site, order)
+    for site, heads in head_groups(model, order):
         if isinstance(heads, str):
             refused.append(RefusedGroup(site, 0, f"the heads of {site!r} are not pruned: {heads}"))
             continue
@@ -225,7 +225,8 @@ def find_channel_groups(
 
     With ``heads=True``, each attention module of a covered type (:data:`~lightning_prune.structure.HEAD_LAYOUTS`)
     adds one group whose channels are its heads (``ChannelGroup.heads`` names the module; under grouped-query
-    attention a channel is a key/value head with its query heads), and its q/k/v outputs form no other group.
+    attention a channel is a key/value head with its query heads; T5's layers of one stack share one group), and
+    its q/k/v outputs form no other group.
     IterativeMagnitude's and AutoPruneCallback's channel modes ask for them.
 
     Every group is checked on a copy of ``model``: removing about half of its channels physically computes
@@ -253,5 +254,6 @@ def refused_channel_groups(
     """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
     (coupled to the output, an unsupported member type, an inconsistent channel mapping, a group expansion
     that does not terminate, or a physical removal that does not compute what the masks compute); with
-    ``heads=True`` also the covered attention modules whose heads are not groups (size 0), with the reason."""
+    ``heads=True`` also the attention modules whose heads are not groups (size 0), with the reason (a covered type
+    refused, or one of :data:`~lightning_prune.structure.UNPRUNABLE_HEADS` such as ``nn.MultiheadAttention``)."""
     return _discover(model, example_input, ignored_layers, heads)[1]

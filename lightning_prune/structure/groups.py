@@ -45,7 +45,7 @@ from lightning_prune.modes import eval_mode
 from lightning_prune.structure.tracing import dependency_graph
 from lightning_prune.targets import linear_features, linear_types
 
-MemberKind = Literal["out", "in", "channel"]
+MemberKind = Literal["out", "in", "channel", "table"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +56,8 @@ class GroupMember:
         module: module name, relative to the model the groups were found on.
         kind: ``"out"``: a Conv/Linear whose output channels (weight dim 0, bias) carry the group
             (a depthwise conv is ``"out"``); ``"in"``: a Conv/Linear whose input channels (weight
-            dim 1) carry it; ``"channel"``: a per-channel module (BatchNorm; pooling, activations).
+            dim 1) carry it; ``"channel"``: a per-channel module (BatchNorm; pooling, activations); ``"table"``:
+            a per-head table of an attention module (its own parameters' last dimension).
         positions: ``LongTensor``, indices along that dimension of the module that belong to the group (a
             grouped conv's input channels: columns of its weight, the in-group index shared by its conv groups).
         channels: ``LongTensor`` of the same length: the group channel behind each position (behind
@@ -92,8 +93,9 @@ class ChannelGroup:
         layers: names of the Conv/Linear modules whose output channels these are, in model order.
         members: every named module the group touches, in model order.
         heads: for a group of attention heads (:mod:`~lightning_prune.structure.attention`), the attention
-            module's name: channel ``c`` is its head ``c`` (key/value head ``c`` with its query heads under
-            grouped-query attention); ``None`` for a group of channels.
+            module's name (the first of those sharing their heads, T5's layers of one stack): channel ``c`` is its
+            head ``c`` (key/value head ``c`` with its query heads under grouped-query attention); ``None`` for a
+            group of channels.
     """
 
     index: int

@@ -58,6 +58,8 @@ def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str
         return [("weight", _weight_dim(module, "in"))]
     if member.kind == "out":
         return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if module.bias is not None else [])
+    if member.kind == "table":
+        return [(name, parameter.dim() - 1) for name, parameter in module.named_parameters(recurse=False)]
     return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_prune.structure.attention import sync_head_counts
+from lightning_prune.structure.attention import resize_head_tables, sync_head_counts
 from lightning_prune.targets import transposed_linear_types
 
 StructureRecord = dict[str, dict[str, Any]]
@@ -114,7 +114,8 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
     strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
     weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
     already of the recorded shape are left untouched. Attention modules' head counts follow their resized
-    projections (:func:`~lightning_prune.structure.attention.sync_head_counts`)."""
+    projections (:func:`~lightning_prune.structure.attention.sync_head_counts`), and so do their per-head tables
+    (relative position biases)."""
     modules = dict(model.named_modules())
     for name, shape in record.items():
         module = modules.get(name)
@@ -125,6 +126,7 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
         if any(getattr(module, field) != shape[field] for field in _SHAPE_FIELDS[family]):
             _resize(module, shape)
     sync_head_counts(model)
+    resize_head_tables(model)
 
 
 def structure_from_state_dict(
