@@ -235,3 +235,30 @@ def test_a_functional_norm_is_refused_with_the_reason() -> None:
 def test_hidden_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="`hidden` must be True or False, got 'yes'"):
         find_channel_groups(nn.Linear(2, 2), torch.randn(1, 2), hidden="yes")
+
+
+@pytest.mark.zoo
+def test_convnext_stage_widths_through_layernorms_are_hidden_groups() -> None:
+    """ConvNeXt's LayerNorm-coupled widths (channels-first ``LayerNorm2d`` and channels-last ``LayerNorm``): one
+    hidden group per stage, removed as masked, FLOPs predicted as recounted, ``num_features`` following."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval(), torch.randn(1, 3, 64, 64)
+    groups = find_channel_groups(model, x, hidden=True)
+    hidden = [group for group in groups if group.hidden]
+    assert [group.size for group in hidden] == [40, 80, 160, 320]
+    plan = {g.index: torch.arange(0, g.size, 3) for g in groups}
+    copied, _ = masked(model, groups, plan)
+    predicted = FlopsPredictor(model, x, groups).predict(plan)
+    pruned = copy.deepcopy(model)
+    record = apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), copied(x), rtol=1e-4, atol=1e-5)
+    assert predicted == count_flops(pruned, x).total
+    assert pruned.num_features == len(plan[hidden[-1].index]) == pruned.head.norm.weight.shape[0]
+    fresh = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval()
+    restore_structure(fresh, record)
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.num_features == pruned.num_features
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))
