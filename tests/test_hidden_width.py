@@ -262,3 +262,18 @@ def test_convnext_stage_widths_through_layernorms_are_hidden_groups() -> None:
     assert fresh.num_features == pruned.num_features
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), pruned(x))
+
+
+def test_a_norm_whose_channels_are_not_where_masking_looks_is_refused_with_the_reason() -> None:
+    """A LayerNorm that permutes its channels-first input itself (not named ``...2d``): its masked form cannot
+    find the channels, so the group is refused with the reason instead of masked along the wrong dimension."""
+
+    class ChannelsFirstNorm(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    model = nn.Sequential(nn.Conv2d(3, WIDTH, 1), ChannelsFirstNorm(WIDTH), nn.Conv2d(WIDTH, 3, 1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    assert not find_channel_groups(model, x, hidden=True)
+    refused = [r for r in refused_channel_groups(model, x, hidden=True) if r.root == "0"]
+    assert len(refused) == 1 and "the masked model fails" in refused[0].reason

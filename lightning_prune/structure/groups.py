@@ -148,6 +148,12 @@ def is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and list(parameters) == ["weight"] and parameters["weight"].dim() == 1
 
 
+def norm_width(module: nn.Module) -> int:
+    """The number of channels a norm (:func:`is_norm`) normalises over."""
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if weight is not None else module.normalized_shape[-1]
+
+
 def _member_kind(module: nn.Module, is_out: bool, hidden: bool = False) -> Union[MemberKind, str]:
     """How a module carries a group's channels, or why such a group is not supported (a sentence); norms and
     embeddings only with ``hidden``."""
@@ -181,7 +187,7 @@ def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) ->
     if isinstance(module, nn.Embedding):
         return module.embedding_dim
     if is_norm(module):
-        return module.weight.shape[0] if module.weight is not None else module.normalized_shape[0]
+        return norm_width(module)
     assert channels is not None, "a traced per-channel module has a recorded output width"
     return channels
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import nn
 
-from lightning_prune.structure.groups import _out_width, is_norm
+from lightning_prune.structure.groups import _out_width, is_norm, norm_width
 
 HIDDEN_WIDTH_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "timm.models.vision_transformer.VisionTransformer": ("patch_embed.proj", ("embed_dim", "num_features", "head_hidden_size")),
@@ -22,7 +22,7 @@ state it)."""
 
 def _width(module: nn.Module) -> int:
     """A layer's output width (a norm's: its weight's length)."""
-    return module.weight.shape[0] if is_norm(module) else _out_width(module)
+    return norm_width(module) if is_norm(module) else _out_width(module)
 
 HF_MODEL_TYPES = ("bert", "vit", "gpt2", "llama")
 """Hugging Face ``config.model_type`` s whose ``config.hidden_size`` is the input embedding's width."""

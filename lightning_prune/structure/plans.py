@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm
-from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match, is_norm
+from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match, is_norm, norm_width
 from lightning_prune.structure.records import _qualified
 from lightning_prune.targets import transposed_linear_types
 
@@ -75,7 +75,7 @@ def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: Channe
     weights and biases, input slices of consuming ones, and BatchNorm weights and biases (a hidden group's:
     also embeddings' columns, loose parameters and norm weights). The masked model computes what the
     physically pruned one computes (a hidden group's norms need
-    :func:`~lightning_prune.structure.hidden.norm_masks` as well). Only affected parameters appear, each under
+    :func:`norm_masks` as well). Only affected parameters appear, each under
     its ``model.named_parameters()`` name (a tied weight once, with the slices of all its members)."""
     check_plan(groups, plan)
     modules = _check_groups_match(model, groups)
@@ -223,6 +223,9 @@ def _normalised_over(keep: torch.Tensor):  # noqa: ANN202 - a forward hook
         if inside[0]:
             return None
         dim = 1 if type(module).__name__.endswith(("2d", "3d")) else -1
+        width = norm_width(module)
+        if args[0].dim() < 2 or args[0].shape[dim] != width:
+            raise ValueError(f"{type(module).__name__}'s input {tuple(args[0].shape)} has no {width} channels in dim {dim}")
         index = keep.to(output.device)
         sliced = {name: p.index_select(0, index) for name, p in module.named_parameters(recurse=False)}
         shape = getattr(module, "normalized_shape", None)

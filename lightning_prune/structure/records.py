@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.structure.attention import sync_head_counts
-from lightning_prune.structure.groups import is_norm
+from lightning_prune.structure.groups import is_norm, norm_width
 from lightning_prune.structure.hidden import sync_hidden_widths
 from lightning_prune.targets import transposed_linear_types
 
@@ -42,11 +42,6 @@ _SHAPE_FIELDS = {
 _PARAMETER = "Parameter"
 
 
-def _norm_width(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return weight.shape[0] if weight is not None else module.normalized_shape[0]
-
-
 def _layer_family(module: nn.Module) -> Optional[str]:
     if isinstance(module, _ConvNd):
         return "conv"
@@ -65,7 +60,7 @@ def _layer_family(module: nn.Module) -> Optional[str]:
 
 def _fields(module: nn.Module, family: str) -> dict[str, Any]:
     if family == "norm":
-        return {"width": _norm_width(module)}
+        return {"width": norm_width(module)}
     return {field: getattr(module, field) for field in _SHAPE_FIELDS[family]}
 
 
