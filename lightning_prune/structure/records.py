@@ -65,11 +65,12 @@ def _fields(module: nn.Module, family: str) -> dict[str, Any]:
 
 
 def _loose_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Qualified name -> parameter, for parameters of modules outside the recorded layer families."""
+    """Qualified name -> parameter, for parameters of modules outside the recorded layer families (a
+    parametrized layer's ``parametrizations.<name>.original`` is its layer's, resized with it)."""
     return {
         _qualified(name, attribute): parameter
         for name, module in model.named_modules()
-        if _layer_family(module) is None
+        if _layer_family(module) is None and ".parametrizations." not in f".{name}."
         for attribute, parameter in module.named_parameters(recurse=False)
     }
 
