@@ -277,3 +277,24 @@ def test_a_norm_whose_channels_are_not_where_masking_looks_is_refused_with_the_r
     assert not find_channel_groups(model, x, hidden=True)
     refused = [r for r in refused_channel_groups(model, x, hidden=True) if r.root == "0"]
     assert len(refused) == 1 and "the masked model fails" in refused[0].reason
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_hidden_pruned_language_model_generates_and_llama_round_trips_through_from_pretrained(name, tmp_path) -> None:
+    """``generate`` runs on the pruned model; Llama's config states ``head_dim`` itself, so with
+    ``config.hidden_size`` following the weights, ``save_pretrained`` -> ``from_pretrained`` rebuilds it
+    (BERT, ViT and GPT-2 derive the head width from ``hidden_size``: load those through the structure record)."""
+    build, example, _ = MODELS[name]
+    torch.manual_seed(0)
+    model, x = build().eval(), example()
+    groups = find_channel_groups(model, x, hidden=True)
+    group = next(g for g in groups if g.hidden)
+    apply_plan(model, groups, {group.index: torch.arange(0, WIDTH, 2)}, x)
+    generated = model.generate(**x, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, SEQ + 2)
+    if name == "llama":
+        model.save_pretrained(tmp_path)
+        loaded = type(model).from_pretrained(tmp_path).eval()
+        assert loaded.config.hidden_size == WIDTH // 2
+        with torch.no_grad():
+            torch.testing.assert_close(call(loaded, x), call(model, x))
