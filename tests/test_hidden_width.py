@@ -298,3 +298,19 @@ def test_a_hidden_pruned_language_model_generates_and_llama_round_trips_through_
         assert loaded.config.hidden_size == WIDTH // 2
         with torch.no_grad():
             torch.testing.assert_close(call(loaded, x), call(model, x))
+
+
+def test_a_loose_parameter_with_channels_outside_its_last_dimension_is_refused_with_the_reason() -> None:
+    class Stream(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Linear(4, WIDTH), nn.Linear(WIDTH, 3)
+            self.scale = nn.Parameter(torch.rand(WIDTH, 1) + 0.5)  # channels along dim 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(x) * self.scale.T)
+
+    model, x = Stream().eval(), torch.randn(2, 4)
+    assert not find_channel_groups(model, x, hidden=True)
+    refused = [r for r in refused_channel_groups(model, x, hidden=True) if r.root == "embed"]
+    assert len(refused) == 1 and "'scale' carries channels outside its last dimension" in refused[0].reason

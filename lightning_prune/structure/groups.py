@@ -167,10 +167,10 @@ def _member_kind(module: nn.Module, is_out: bool, hidden: bool = False) -> Union
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
     if (is_norm(module) or isinstance(module, nn.Embedding)) and not hidden:
-        return f"a {type(module).__name__} (a hidden width: find_channel_groups(..., hidden=True) prunes it)"
+        return f"{type(module).__name__} carries a hidden width (find_channel_groups(..., hidden=True) prunes it)"
     if is_norm(module):
-        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
-            return f"a LayerNorm over {len(module.normalized_shape)} dimensions is not supported"
+        if len(getattr(module, "normalized_shape", (0,))) != 1:
+            return f"a {type(module).__name__} over {len(module.normalized_shape)} dimensions is not supported"
         return "channel"
     if isinstance(module, nn.Embedding):
         return "out"
