@@ -218,6 +218,7 @@ def _normalised_over(keep: torch.Tensor):  # noqa: ANN202 - a forward hook
     those channels), zeros elsewhere. The channel dimension is the last one, dim 1 for a channels-first norm
     (timm's ``LayerNorm2d``)."""
     inside = [False]
+    on_device: dict[torch.device, torch.Tensor] = {}  # ``keep`` where the activations are (copied once)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
         if inside[0]:
@@ -226,7 +227,7 @@ def _normalised_over(keep: torch.Tensor):  # noqa: ANN202 - a forward hook
         width = norm_width(module)
         if args[0].dim() < 2 or args[0].shape[dim] != width:
             raise ValueError(f"{type(module).__name__}'s input {tuple(args[0].shape)} has no {width} channels in dim {dim}")
-        index = keep.to(output.device)
+        index = on_device.setdefault(output.device, keep.to(output.device))
         sliced = {name: p.index_select(0, index) for name, p in module.named_parameters(recurse=False)}
         shape = getattr(module, "normalized_shape", None)
         inside[0] = True

@@ -169,7 +169,8 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
         if module is None or type(module).__name__ != shape.get("type"):
             found = "no such module" if module is None else type(module).__name__
             raise ValueError(f"`record` expects a {shape.get('type')} at {name!r}, the model has {found}.")
-        if _fields(module, _layer_family(module)) != {field: shape[field] for field in _SHAPE_FIELDS[_layer_family(module)]}:
+        family = _layer_family(module)
+        if _fields(module, family) != {field: shape[field] for field in _SHAPE_FIELDS[family]}:
             _resize(module, shape)
     for alias, name in tied.items():
         owner, _, attribute = alias.rpartition(".")
