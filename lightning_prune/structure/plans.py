@@ -227,7 +227,9 @@ def _normalised_over(keep: torch.Tensor):  # noqa: ANN202 - a forward hook
         width = norm_width(module)
         if args[0].dim() < 2 or args[0].shape[dim] != width:
             raise ValueError(f"{type(module).__name__}'s input {tuple(args[0].shape)} has no {width} channels in dim {dim}")
-        index = on_device.setdefault(output.device, keep.to(output.device))
+        if output.device not in on_device:
+            on_device[output.device] = keep.to(output.device)
+        index = on_device[output.device]
         sliced = {name: p.index_select(0, index) for name, p in module.named_parameters(recurse=False)}
         shape = getattr(module, "normalized_shape", None)
         inside[0] = True
