@@ -228,7 +228,7 @@ class FlopsPredictor:
         touching: dict[str, list[tuple[int, GroupMember]]] = {}
         for group in groups:
             for member in group.members:
-                if member.kind != "table":  # a per-head table is indexed, not multiplied (Swin's is on the attention)
+                if member.kind not in ("table", "parameter"):  # a per-head table is indexed and a loose parameter (a position embedding) added, neither multiplied
                     touching.setdefault(member.module, []).append((group.index, member))
         unknown = sorted(set(touching) - set(modules))
         if unknown:
