@@ -20,6 +20,7 @@ core (:class:`~lightning_prune.magnitude.MagnitudePruner`, :class:`~lightning_pr
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Mapping, Optional, Protocol, Union, runtime_checkable
 
 import torch
@@ -74,9 +75,30 @@ class _Handles:
             handle.remove()
 
 
+def _before(pruner: StepHooks, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    """The step pre-hook: ``before_step`` now, or right after the step's closure when there is one."""
+    closure: Optional[Callable[[], Any]] = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        pruner.before_step()
+        return None
+
+    def closure_then_before_step() -> Any:  # noqa: ANN401 - the closure's loss
+        loss = closure()
+        pruner.before_step()
+        return loss
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_before_step}
+    return (args[0], closure_then_before_step, *args[2:]), kwargs
+
+
+def _after(pruner: StepHooks, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    pruner.after_step()
+
+
 def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks) -> _Handles:
     """Call ``pruner.before_step()`` and ``pruner.after_step()`` around every ``optimizer.step()``; returns a handle
-    whose ``remove()`` takes both hooks off.
+    whose ``remove()`` takes both hooks off (each hook is a ``functools.partial`` whose first argument is ``pruner``).
 
     ``before_step`` runs once the gradients are complete: when ``step`` is given a closure (Lightning's automatic
     and manual optimization, LBFGS) right after the closure returns (after the backward pass and Lightning's gradient
@@ -84,23 +106,4 @@ def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks) -> _Hand
     gradient) calls neither, and the weights it leaves untouched keep their zeros; with gradient accumulation the
     hooks run at each real optimizer step only.
     """
-
-    def before(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        closure: Optional[Callable[[], Any]] = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            pruner.before_step()
-            return None
-
-        def closure_then_before_step() -> Any:  # noqa: ANN401 - the closure's loss
-            loss = closure()
-            pruner.before_step()
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_before_step}
-        return (args[0], closure_then_before_step, *args[2:]), kwargs
-
-    return _Handles(
-        optimizer.register_step_pre_hook(before),
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: pruner.after_step()),
-    )
+    return _Handles(optimizer.register_step_pre_hook(partial(_before, pruner)), optimizer.register_step_post_hook(partial(_after, pruner)))
