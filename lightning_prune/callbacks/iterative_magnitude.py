@@ -154,6 +154,7 @@ class IterativeMagnitude(pl.Callback):
         self.figures = MagnitudeFigures(self.layers, self.monitor, self.figures.dense_score)
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
+            self.last_event = -1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
