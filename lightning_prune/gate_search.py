@@ -104,7 +104,7 @@ class GateSearch:
 
         import torch
         from torch import nn
-        from lightning_prune import FlopsPredictor, GateSearch, apply_plan, count_flops, find_channel_groups
+        from lightning_prune import FlopsPredictor, GateSearch, apply_plan, find_channel_groups, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(
@@ -115,10 +115,15 @@ class GateSearch:
         x = torch.zeros(1, 3, 16, 16)
         groups = find_channel_groups(model, x)
         search = GateSearch(model, groups, lr=0.2)
-        with search.running():  # weights frozen, one gate per channel inserted
-            for step in range(20):
-                images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-                search.step(nn.functional.cross_entropy(model(images), labels))  # backward, Adam, clamp
+        search.prepare()  # weights frozen, one gate per channel inserted
+        handle = hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
+        for step in range(20):
+            images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+            search.optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            search.optimizer.step()
+        handle.remove()
+        result = search.finalize()  # gates out, every flag and buffer restored: the last gates
         found = search.search(FlopsPredictor(model, x, groups), flops_ratio=0.5)  # the last gates' plan
         apply_plan(model, groups, found.plan, x)  # channels removed: at most 50% of the dense FLOPs
 
