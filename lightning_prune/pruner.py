@@ -1,21 +1,8 @@
 """The one interface of the three framework-free cores, and the optimizer hooks that drive it in any loop.
 
-A :class:`Pruner` decides *what* to prune; *when* is a schedule's (:mod:`lightning_prune.schedules`). Every
-core (:class:`~lightning_prune.magnitude.MagnitudePruner`, :class:`~lightning_prune.auxiliary.AuxiliaryParameters`,
-:class:`~lightning_prune.gate_search.GateSearch`) runs in the same loop shape::
-
-    pruner.prepare()
-    handle = hook_optimizer(optimizer, pruner)  # before_step / after_step around every optimizer step
-    for step in range(steps):
-        target = schedule.target(step, final)  # None: no event at this step
-        if target is not None:
-            pruner.update(target)
-        loss = ...
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    handle.remove()
-    pruner.finalize()
+A :class:`Pruner` (:class:`~lightning_prune.magnitude.MagnitudePruner`,
+:class:`~lightning_prune.auxiliary.AuxiliaryParameters`, :class:`~lightning_prune.gate_search.GateSearch`) decides
+*what* to prune and is told a target; *which target when* is a schedule's (:mod:`lightning_prune.schedules`).
 """
 
 from __future__ import annotations
@@ -32,26 +19,19 @@ Target = Union[float, Mapping[str, float]]
 
 @runtime_checkable
 class StepHooks(Protocol):
-    """What :func:`hook_optimizer` calls around an optimizer step."""
+    """What :func:`hook_optimizer` calls around each optimizer step (no host synchronisation in either)."""
 
-    def before_step(self) -> None:
-        """After the gradients are complete, before the optimizer changes the weights."""
+    def before_step(self) -> None: ...
 
-    def after_step(self) -> None:
-        """After the optimizer changed the weights."""
+    def after_step(self) -> None: ...
 
 
 @runtime_checkable
 class Pruner(StepHooks, Protocol):
-    """A pruning algorithm's decisions, driven by the caller's loop (or a Lightning callback):
-
-    - :meth:`prepare`: start acting on the model (insert gates, parametrize, or nothing);
-    - :meth:`before_step`, :meth:`after_step` (:class:`StepHooks`): around every optimizer step of the model,
-      through :func:`hook_optimizer`; no host synchronisation;
-    - :meth:`update`: move to a target now (a sparsity, a fraction switched off, a mean gate);
-    - :meth:`finalize`: make the result permanent and leave the model (returns what the core produced);
-    - :meth:`state_dict`, :meth:`load_state_dict`: save and resume.
-    """
+    """:meth:`prepare` (start acting on the model), :meth:`before_step` / :meth:`after_step` around every optimizer
+    step of the model (:func:`hook_optimizer`), :meth:`update` (move to a target now), :meth:`finalize` (make the
+    result permanent and leave the model; returns what the core produced), :meth:`state_dict` /
+    :meth:`load_state_dict`."""
 
     def prepare(self) -> None: ...
 
@@ -97,13 +77,12 @@ def _after(pruner: StepHooks, optimizer: torch.optim.Optimizer, args: tuple, kwa
 
 
 def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks) -> _Handles:
-    """Call ``pruner.before_step()`` and ``pruner.after_step()`` around every ``optimizer.step()``; returns a handle
-    whose ``remove()`` takes both hooks off (each hook is a ``functools.partial`` whose first argument is ``pruner``).
+    """Call ``pruner.before_step()`` and ``pruner.after_step()`` around every ``optimizer.step()``; the handle's
+    ``remove()`` takes both hooks off (each a ``functools.partial`` whose first argument is ``pruner``).
 
-    ``before_step`` runs once the gradients are complete: when ``step`` is given a closure (Lightning's automatic
-    and manual optimization, LBFGS) right after the closure returns (after the backward pass and Lightning's gradient
-    clipping), else right before ``step``. A step that does not run (a ``GradScaler`` step skipped for an inf/NaN
-    gradient) calls neither, and the weights it leaves untouched keep their zeros; with gradient accumulation the
-    hooks run at each real optimizer step only.
+    ``before_step`` runs once the gradients are complete: right before the step, or, when ``step`` is given a
+    closure (Lightning's automatic and manual optimization, LBFGS), right after the closure returns (after the
+    backward pass and Lightning's gradient clipping). A step that does not run (a ``GradScaler`` step skipped for an
+    inf/NaN gradient) calls neither, and with gradient accumulation both run at each real optimizer step only.
     """
     return _Handles(optimizer.register_step_pre_hook(partial(_before, pruner)), optimizer.register_step_post_hook(partial(_after, pruner)))
