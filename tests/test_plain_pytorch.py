@@ -57,6 +57,8 @@ def test_every_core_is_a_pruner() -> None:
              GateSearch(_convnet(), find_channel_groups(_convnet(), torch.zeros(1, 3, 8, 8)))]
     assert all(isinstance(core, Pruner) for core in cores)
     assert not isinstance(model, Pruner)
+    with pytest.raises(ValueError, match="`target` .* got 1.5"):
+        cores[2].update(1.5)  # a mean gate above 1
 
 
 def test_the_pages_one_loop_drives_each_core_to_its_target() -> None:

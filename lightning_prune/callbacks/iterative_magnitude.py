@@ -165,7 +165,7 @@ class IterativeMagnitude(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The schedule checked against ``max_steps`` too (the epoch length is known now, before any step); the
         example input (the first training batch is loaded now): dense FLOPs, channel groups; how decisions reach
-        every rank (the process group exists by now)."""
+        every rank (the process group exists by now); the masks' hooks on every optimizer (``hook_optimizer``)."""
         args.check_schedule_fits(self.arguments, args.schedule_limit(self.arguments, trainer), self.schedule.last_event)
         self._broadcast = distributed_broadcast()
         self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
@@ -177,6 +177,10 @@ class IterativeMagnitude(pl.Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unhook()  # the user's optimizers are left without the masks' hooks
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         if self.rewind == time and self.pruner.rewind_state is None:  # lottery ticket at epoch (step) k
