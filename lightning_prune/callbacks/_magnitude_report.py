@@ -17,6 +17,7 @@ from lightning_prune.criteria import ChannelNorm, Granularity
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.loggers import log_pruning_event
 from lightning_prune.magnitude import ChannelMagnitude, MagnitudePruner
+from lightning_prune.pruner import Target
 from lightning_prune.report import SparsityReport, nonzero_flops, pruning_summary, sparsity_report
 
 
@@ -72,10 +73,10 @@ class MagnitudeFigures:
         """Element pruning: the MACs per sample a sparse kernel would run, skipping the zero weights."""
         return nonzero_flops(self.dense_flops, report) if self.dense_flops is not None and self.predictor is None else None
 
-    def log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: MagnitudePruner, fraction: float) -> None:
+    def log_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: MagnitudePruner, target: Target) -> None:
         report = sparsity_report(pl_module, self.layers)
         flops, sparse = self.pruned_flops(pruner), self.sparse_flops(report)
-        extra = {"target_sparsity": pruner.target_sparsity(fraction)}
+        extra = {"target_sparsity": pruner.target_sparsity(target)}
         if sparse is not None:
             extra["sparse_flops_ratio"] = sparse / self.dense_flops.total
         log_pruning_event(trainer, report=report, flops_ratio=None if flops is None else flops / self.dense_flops.total,

@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
+from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, PullController, Ste
 from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
 from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
 from lightning_prune.callbacks._held_out import HeldOutBatches
@@ -19,6 +19,8 @@ from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks._strategy import prepare_module
 from lightning_prune.criteria import Granularity
 from lightning_prune.masks import MaskSet
+from lightning_prune.pruner import hook_optimizer
+from lightning_prune.schedules import LearningWindow
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state, reshape_on_load
@@ -217,7 +219,7 @@ class AutoPruneCallback(pl.Callback):
         selection = f"`parameters`={self.parameters!r} with `exclude`={self.exclude!r}"
         self.figures = AutoPruneFigures(trainer, pl_module, self.layers, self.granularity, self.example_input_fn, selection)
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.figures.groups, self.ste, self.ste_slope, self.init)
-        self.aux.attach()
+        self.aux.prepare()
         self._gated_shapes = structure_record(pl_module)
         self.controller = None if self.target_sparsity is None else PullController(self.target_sparsity, self.reg)
 
@@ -231,29 +233,28 @@ class AutoPruneCallback(pl.Callback):
         if self.masks is None:
             self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
-            self._hooks += [optimizer.register_step_pre_hook(self._before_step), optimizer.register_step_post_hook(self._after_step)]
+            self._hooks.append(hook_optimizer(optimizer, self))
         self._trainer, self.figures.checked_step = trainer, trainer.global_step
 
     def _learning(self) -> bool:
         trainer = self._trainer
         return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
-    def _before_step(self, *_: Any) -> None:
-        if self.masks is None and self._learning():
-            self.aux.freeze()
+    def before_step(self) -> None:
+        """Before each optimizer step of ``W`` (:func:`~lightning_prune.pruner.hook_optimizer`): while ``M`` learns,
+        ``W`` saved; in the fine-tune phase, no gradient (so no momentum or Adam moment) at a masked weight."""
+        if self.masks is not None:
+            self.masks.apply_to_grads()
+        elif self._learning():
+            self.aux.before_step()
 
-    def _after_step(self, *_: Any) -> None:
+    def after_step(self) -> None:
+        """After it: the switched-off weights' values back (or the masked zeros), and one auxiliary step due."""
         if self.masks is not None:
             self.masks.apply_to_weights()
         elif self._learning():
-            self.aux.restore_frozen()
+            self.aux.after_step()
             self._stepped = True
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Fine-tune phase: no gradient (so no momentum or Adam moment) at a masked weight."""
-        if self.masks is not None:
-            self.masks.apply_to_grads()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -270,7 +271,7 @@ class AutoPruneCallback(pl.Callback):
         :class:`MaskSet` (two fused multiplies per step), the gating ``W ⊙ h(M)`` leaves the model with the switched-off
         weights zeroed, and so does the optimizers' state there. ``M`` stays, detached, for the figures and the plan."""
         masks = self.aux.parameter_masks() if masks is None else masks
-        self.aux.detach()
+        self.aux.finalize()
         self.masks = MaskSet(self.aux.model)
         self.masks.update(masks)
         self.masks.apply_to_optimizer_state(optimizers)
@@ -366,7 +367,7 @@ class AutoPruneCallback(pl.Callback):
             handle.remove()
         self._hooks, self._trainer = [], None
         if self.aux is not None:
-            self.aux.detach()
+            self.aux.finalize()
         self.aux, self.masks = None, None
 
     @override
@@ -383,7 +384,7 @@ class AutoPruneCallback(pl.Callback):
             return
         self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
         if structure_record(pl_module) != self._gated_shapes:
-            self.aux.detach(permanent=False)
+            self.aux.finalize(permanent=False)
             self._gate(trainer, pl_module)
 
     @override

@@ -60,8 +60,8 @@ class GatePruningFromScratch(pl.Callback):
        ``configure_optimizers`` (their LR schedulers are set aside). Each gate step is an ordinary Lightning
        training step of the module's own ``training_step`` (automatic, or manual optimization stepping
        ``self.optimizers()``): gradient accumulation, clipping, precision and every other callback apply. The
-       penalty's gradient is added to the gates' (``on_before_optimizer_step``, Torch-Pruning's
-       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step.
+       penalty's gradient is added to the gates' once the step's gradients are complete (Torch-Pruning's
+       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step (``hook_optimizer``).
     2. **Selection** (``select="best_val"``): after each of Lightning's validations during the gate epochs
        (``val_check_interval``, ``check_val_every_n_epoch``), ``trainer.callback_metrics[monitor]`` (averaged
        over processes) feeds the snapshot rule; ``monitor`` names the logged key (default: the first key the
@@ -276,12 +276,6 @@ class GatePruningFromScratch(pl.Callback):
         if self._phase is not None:
             check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))  # max_steps: the epoch length is known now
             self._started = time.perf_counter()
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        """The penalty's gradient joins the task loss's, once per optimizer step (after AMP's unscale)."""
-        if self._phase is not None and optimizer is self._phase.search.optimizer:
-            self._phase.search.regularize()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
