@@ -8,8 +8,9 @@ on which 0.05 diverged on one seed of the dense run):
 
 - dense: plain training on the whole training split;
 - dense (W's half): plain training on the half of the training split W sees with the paper's 1:1 split;
-- AutoPrune target, W on the whole split: ``AutoPruneCallback(target_sparsity=target)`` without a held-out split,
-  so W trains on the whole training split and each step of M uses the training batch W just stepped on;
+- AutoPrune target, W on the whole split: ``AutoPruneCallback(target_sparsity=target)`` (its defaults: ``aux_lr``
+  5e-3 with a target) without a held-out split, so W trains on the whole training split and each step of M uses the
+  training batch W just stepped on;
 - AutoPrune target, 1:1 split: the same with the paper's split (W learns on one half of the training split,
   M on the other);
 - AutoPrune paper_defaults: ``paper_defaults=True`` alone (µ fixed at 5e-2, no target), with the 1:1 split;

@@ -52,6 +52,14 @@ def test_a_run_that_pruned_gives_no_low_sparsity_warning(trainer_factory, recwar
     assert not [w for w in recwarn if "switched off only" in str(w.message)]
 
 
+def test_a_target_lowers_the_default_aux_lr_only_where_left_unset():
+    # with a target the controller sets the pull; a lower rate of M averages the loss signal over more batches
+    assert AutoPruneCallback(target_sparsity=0.9).aux_lr == 5e-3
+    assert AutoPruneCallback().aux_lr == 1.5e-2  # no target: the paper's rate, the pull µ fixed
+    assert AutoPruneCallback(target_sparsity=0.9, aux_lr=0.02).aux_lr == 0.02
+    assert AutoPruneCallback(target_sparsity=0.9, paper_defaults=True).aux_lr == 1.5e-2  # the paper's numbers stay
+
+
 @pytest.mark.parametrize("value", [1.5, 0.0, 1.0, -0.1, {}, "0.9", True, float("nan")])
 def test_bad_target_is_a_value_error_naming_the_argument(value):
     with pytest.raises(ValueError, match=r"`target_sparsity` must be None or a number in \(0, 1\)"):

@@ -18,6 +18,11 @@ from lightning_prune.schedules import LearningWindow
 
 CALIBRATED = {"aux_lr": 1.5e-2, "reg": 1.25}
 """The defaults calibrated on the digits data (``reg`` relative to the normalised loss signal)."""
+TARGET_AUX_LR = 5e-3
+"""``aux_lr``'s calibrated default with ``target_sparsity`` (without ``paper_defaults``): the controller sets the pull, so
+the learning rate only sets how many steps ``m`` takes to travel from ``init`` to 0, and so over how many held-out
+batches the noisy loss signal is averaged before a weight switches off. A third of 1.5e-2 (three times as many):
+LeNet-300-100 at 50x on MNIST-5k, 30 epochs, seeds 0-2, 92.80 -> 93.51 (dense 94.40)."""
 PAPER = {"aux_lr": 1.5e-2, "reg": 5e-2}
 """The paper's numbers for all its models: auxiliary learning rate 1.5e-2, µ = 5e-2 (no normalisation)."""
 
@@ -51,16 +56,17 @@ class Rates(NamedTuple):
     normalize: bool
 
 
-def resolve_rates(paper_defaults: bool, aux_lr: Optional[float], reg: Optional[float]) -> Rates:
-    """``aux_lr``/``reg`` left at ``None`` take the calibrated defaults, or the paper's with ``paper_defaults``
-    (which also turns the loss-signal normalisation off). With ``paper_defaults=True`` an explicit value
-    other than the paper's is refused, naming both arguments (as Lightning refuses contradicting arguments)."""
+def resolve_rates(paper_defaults: bool, aux_lr: Optional[float], reg: Optional[float], target: Optional[float] = None) -> Rates:
+    """``aux_lr``/``reg`` left at ``None`` take the calibrated defaults (``aux_lr``: :data:`TARGET_AUX_LR` with a
+    ``target`` sparsity), or the paper's with ``paper_defaults`` (which also turns the loss-signal normalisation off).
+    With ``paper_defaults=True`` an explicit value other than the paper's is refused, naming both arguments (as
+    Lightning refuses contradicting arguments)."""
     check_flags(paper_defaults=paper_defaults)
     chosen = {"aux_lr": aux_lr, "reg": reg}
     for name, value in chosen.items():
         if value is not None:
             check_range(name, value, 0.0, math.inf, low_open=name == "aux_lr")
-    defaults = PAPER if paper_defaults else CALIBRATED
+    defaults = PAPER if paper_defaults else CALIBRATED if target is None else {**CALIBRATED, "aux_lr": TARGET_AUX_LR}
     if paper_defaults:
         for name, value in chosen.items():
             if value is not None and value != PAPER[name]:
@@ -90,7 +96,8 @@ def check_target(value: Any) -> None:
 
 def check_arguments(a: Mapping[str, Any]) -> Rates:
     """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
-    rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"])
+    check_target(a["target_sparsity"])
+    rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"], a["target_sparsity"])
     if a["init"] is not None:
         check_range("init", a["init"], 0.0, math.inf, low_open=True)
     check_range("ste_slope", a["ste_slope"], 0.0, math.inf)
@@ -104,7 +111,6 @@ def check_arguments(a: Mapping[str, Any]) -> Rates:
     check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch) -> model input")
     check_patterns("parameters", a["parameters"])
     check_patterns("exclude", a["exclude"])
-    check_target(a["target_sparsity"])
     if a["physical"] and a["granularity"] != "channel":
         raise ValueError(f"`physical=True` removes channels: it needs `granularity='channel'`, got {a['granularity']!r}.")
     return rates

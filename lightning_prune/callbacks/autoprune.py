@@ -76,7 +76,9 @@ class AutoPruneCallback(pl.Callback):
         trainer.fit(ImageClassifier("lenet300100"), DigitsDataModule(aux_fraction=0.5))  # 1:1 held-out split
 
     Args:
-        aux_lr: learning rate of ``M``. ``None``: 1.5e-2, the paper's (with either set of defaults).
+        aux_lr: learning rate of ``M``. ``None``: 1.5e-2, the paper's; with ``target_sparsity`` (and without
+            ``paper_defaults``) 5e-3: the controller sets the pull, and a lower rate averages the loss signal over
+            more held-out batches before a weight switches off (LeNet-300-100 at 50x on MNIST-5k: +0.7 points).
         reg: coefficient µ of the regulariser R(M) = Σ h(M), relative to the normalised loss signal.
             ``None``: the calibrated 1.25, or the paper's 5e-2 with ``paper_defaults``.
         paper_defaults: use the paper's numbers for comparison: µ = 5e-2, auxiliary learning rate 1.5e-2 and
