@@ -45,7 +45,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.report import Section, Suite, merge_section, one_thread, table
+from benchmarks.report import Section, Suite, machine, merge_section, one_thread, table
 from lightning_prune import GatePruningFromScratch, IterativeMagnitude
 from lightning_prune.flops import count_flops
 from lightning_prune.structure import sync_head_counts
@@ -365,7 +365,11 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     missed = [r for r in rows if r["method"] != "dense" and (r["flops_ratio"] is None or r["flops_ratio"] > TARGET + 1e-9)]
     notes = [f"Target {TARGET} of the dense FLOPs; a row above it (or without a model) did not reach it: "
              + (", ".join(f"{r['model']} / {r['method']}" for r in missed) or "none") + ".",
-             f"Sizes: width {size.width}, {size.layers} layers, {size.batches} batches of 8, {size.epochs} fine-tune epochs."]
+             f"Sizes: width {size.width}, {size.layers} layers, {size.batches} batches of 8, {size.epochs} fine-tune epochs.",
+             "The dense row's latency ratio (its fine-tuned copy against the dense model, the same shapes) shows the "
+             "timing noise of the machine.",
+             "Machine: {cpu}, {cores} cores, 1-min load average {load_average_1min} at the end; torch {torch}; commit "
+             "{git_commit}; {date}.".format(**machine())]
     return Section(f"Transformers at {TARGET} of the FLOPs: heads and widths vs Torch-Pruning", body,
                    data={"target": TARGET, "size": size.__dict__, "rows": rows}, notes=notes)
 
