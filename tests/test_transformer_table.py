@@ -375,7 +375,7 @@ def outcome(name: str, prop: str) -> str:
     return CHECK
 
 
-def _one_line(text: str, limit: int = 240) -> str:
+def _one_line(text: str, limit: int = 400) -> str:
     """The first line, without the traced op numbers that differ from run to run, pipes escaped."""
     line = " ".join(text.strip().splitlines()[0].split()).replace("|", "\\|")
     line = re.sub(r"(_[A-Za-z]+Op)_\d+", r"\1", line)
