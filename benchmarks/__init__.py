@@ -37,4 +37,5 @@ EXPERIMENTS: list[str] = [
     "benchmarks.structured_quality",
     "benchmarks.time_to_structure",
     "benchmarks.real_speedup",
+    "benchmarks.transformers",
 ]

@@ -197,3 +197,24 @@ def test_merge_section_adds_a_scripts_section_to_results_md_but_not_to_the_docs_
     assert render_docs(results) == render_docs(suite)
     with pytest.raises(ValueError, match="`section.command` must name the command"):
         merge_section(Section("No command", "x"), tmp_path)
+
+
+@pytest.mark.zoo
+@pytest.mark.filterwarnings("ignore")
+def test_transformer_benchmark_reaches_the_target_by_bisection_and_torch_pruning_removes_whole_heads(tmp_path) -> None:
+    """``benchmarks/transformers.py`` on a one-layer BERT: Torch-Pruning's head-and-width pruning removes whole heads
+    and the head counts follow the weights; with IterativeMagnitude's bisected sparsity, fvcore's recount of the model
+    its fit leaves meets the FLOPs target."""
+    from benchmarks import transformers as bench
+
+    spec, size = bench.SPECS["bert"], bench.Size(width=32, layers=1, batches=1, epochs=1, gate_epochs=1, steps=3, grid=3, repeats=1)
+    torch.manual_seed(0)
+    dense = spec.build(size.width, size.layers).eval()
+    pruned = bench.torch_pruned(spec, dense, 0.5)
+    attention = pruned.bert.encoder.layer[0].attention.self
+    assert attention.query.out_features == 8 * attention.num_attention_heads < 32  # heads of 8 went whole
+    assert pruned(**spec.inputs(2)).logits.shape == (2, bench.CLASSES)
+    methods = {"IterativeMagnitude channel": bench.magnitude}
+    [row] = bench.measure("bert", size, tmp_path, methods)
+    assert row["flops_ratio"] <= bench.TARGET and row["note"].startswith("sparsity")
+    assert row["loss"] > 0 and row["latency_ratio"] > 0
