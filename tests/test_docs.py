@@ -23,7 +23,7 @@ COMMANDS = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -c constraints.txt -e . "
     "&& lightning-prune fit --config examples/configs/digits_magnitude.yaml",
     "python3 -m venv .venv-test && . .venv-test/bin/activate && pip install torch==2.13.0 && pip install -c constraints.txt "
-    '-e ".[test]" && python -m pytest -q',
+    '-e ".[test]" && python -m pytest -q -n auto --dist loadfile',
 )
 TABLES = runpy.run_path(str(ROOT / "docs" / "argument_tables.py"))
 
