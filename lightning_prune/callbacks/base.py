@@ -119,8 +119,10 @@ class PruningCallback(pl.Callback):
         changed = {key: value for key, value in saved.items() if key in self.arguments and plain(self.arguments[key]) != value}
         consequence = self._changed_consequence()
         if changed and consequence:
-            pairs = ", ".join(f"{key}: {value!r} -> {plain(self.arguments[key])!r}" for key, value in sorted(changed.items()))
-            rank_zero_warn(f"{type(self).__qualname__}: resumed with changed arguments ({pairs}); {consequence}.")
+            saved_values = ", ".join(f"{key}={value!r}" for key, value in sorted(changed.items()))
+            now = ", ".join(f"{key}={plain(self.arguments[key])!r}" for key in sorted(changed))
+            rank_zero_warn(f"{type(self).__qualname__}: resumed with changed arguments: the checkpoint's {saved_values}, now "
+                           f"{now}; {consequence}.")
 
     def _core_state(self) -> dict[str, Any]:
         """What the core and the callback's progress need to resume."""
