@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-from lightning_prune.callbacks._shared import Limit, check_fits, check_flags, check_range
+from lightning_prune.callbacks._checks import Limit, check_fits, check_flags, check_range
 from lightning_prune.choices import check_choice
 from lightning_prune.gate_search import Init, Mode, Select
 from lightning_prune.gates import GatePosition, GateSites

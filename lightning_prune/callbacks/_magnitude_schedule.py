@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeFloat, restricted_number_type
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_prune.callbacks._checks import Fraction, Limit, check_fits, check_flags, check_keys, check_range, epoch_limit
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.callbacks._strategy import class_names, stepping_batches
-from lightning_prune.callbacks._shared import Fraction, Limit, check_fits, check_flags, check_keys, check_range, epoch_limit
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
@@ -103,7 +103,7 @@ def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
 
 
 def schedule_limit(a: Mapping[str, Any], trainer: pl.Trainer) -> Optional[Limit]:
-    """The Trainer's end in the schedule's unit: epochs (:func:`~lightning_prune.callbacks._shared.epoch_limit`), or
+    """The Trainer's end in the schedule's unit: epochs (:func:`~lightning_prune.callbacks._checks.epoch_limit`), or
     with ``interval="step"`` optimizer steps (``max_steps``, else ``max_epochs`` × steps per epoch); ``None``: none."""
     if a["interval"] == "epoch" or trainer.fast_dev_run:
         return epoch_limit(trainer)

@@ -12,10 +12,10 @@ from typing_extensions import override
 
 from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
 from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
+from lightning_prune.callbacks._checks import epoch_limit
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_loss_source, module_loss
-from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Granularity
 from lightning_prune.masks import MaskSet

@@ -19,11 +19,11 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_prune.callbacks._checks import epoch_limit
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
 from lightning_prune.callbacks._gate_phase import GatePhase, averaging_callbacks, check_fit
 from lightning_prune.callbacks._module_io import ExampleInputFn, check_function
-from lightning_prune.callbacks._shared import epoch_limit
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.gate_search import GatePruned, Init, Mode, Select
 from lightning_prune.gates import GATE_PARAMETER, GatePhaseResult, GatePosition, GateSites

@@ -14,10 +14,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune.callbacks import _magnitude_schedule as timing
+from lightning_prune.callbacks._checks import Fraction
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.callbacks._magnitude_schedule import LayerCap, PerLayer, Sensitivity
 from lightning_prune.callbacks._module_io import ExampleInputFn
-from lightning_prune.callbacks._shared import Fraction
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.magnitude import Broadcast, ChannelMagnitude, MagnitudePruner, distributed_broadcast
