@@ -1,5 +1,5 @@
 """The callbacks' argument checks (ranges, flags, per-layer keys) and the one rule of their schedules: they must fit
-the Trainer's limits (:func:`epoch_limit`, :func:`check_fits`)."""
+the Trainer's limits (:func:`epoch_limit`, :func:`stepping_batches`, :func:`check_fits`)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,26 @@ def check_fits(callback: str, name: str, value: Any, needed: int, limit: Optiona
             f"{callback}: `{name}`={value!r} needs {needed} {unit}s of training ({why}), but the Trainer's {limit.name} "
             f"allows {limit.value}: the schedule cannot complete. Lower `{name}` or raise the Trainer's limit."
         )
+
+
+def class_names(obj: Any) -> set[str]:
+    """The names of ``obj``'s class and its bases (matches under both Lightning namespaces)."""
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
+def stepping_batches(trainer: pl.Trainer) -> float:
+    """``trainer.estimated_stepping_batches`` taken at ``setup`` without losing a resumable training loader's place.
+
+    Before the fit loop has loaded the training data, the estimate makes Lightning load it, and the checkpoint
+    restored after ``setup`` never hands that loader its saved state (Lightning issue #20550): a mid-epoch resume
+    would start the epoch's batches over. So a loader built here for the estimate is dropped again (private
+    ``fit_loop`` attributes), and the fit loop builds it after the restore.
+    """
+    fit_loop = trainer.fit_loop
+    built = fit_loop._combined_loader is not None
+    steps = trainer.estimated_stepping_batches
+    if not built and fit_loop._combined_loader is not None:
+        if fit_loop._data_fetcher is not None:
+            fit_loop._data_fetcher.teardown()
+        fit_loop._combined_loader, fit_loop._data_fetcher = None, None
+    return steps

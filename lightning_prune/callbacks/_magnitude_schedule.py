@@ -13,9 +13,10 @@ import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeFloat, restricted_number_type
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_prune.callbacks._checks import Fraction, Limit, check_fits, check_flags, check_keys, check_range, epoch_limit
+from lightning_prune.callbacks._checks import (
+    Fraction, Limit, check_fits, check_flags, check_keys, check_range, class_names, epoch_limit, stepping_batches,
+)
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._strategy import class_names, stepping_batches
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope

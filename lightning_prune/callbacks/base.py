@@ -2,8 +2,8 @@
 
 - one checkpoint ``state_key`` policy: the class name, plus ``name`` where a callback takes one (several
   instances in one Trainer); state saved under another key of the same class is adopted when it is the only one;
-- the checks at ``setup``: the strategy and the module (:func:`~lightning_prune.callbacks._strategy.prepare_module`)
-  and no second callback under the same key; other stages only make the module reshape itself on load;
+- the checks at ``setup``: the strategy and the module (:func:`prepare_module`) and no second callback under the
+  same key; other stages only make the module reshape itself on load;
 - ``state_dict`` = {``arguments``: the validated configuration, the core's state}, and one warning on resume
   when an argument changed;
 - the structure record of a physically pruned model, kept in every later checkpoint.
@@ -21,12 +21,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.callbacks._strategy import prepare_module
+from lightning_prune.callbacks._checks import class_names
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
-from lightning_prune.training_state import reshape_on_load
+from lightning_prune.training_state import reshape_on_load, reshapes_on_load
 
 _NOT_SAVED = frozenset({"example_input_fn", "loss_fn", "aux_dataloader", "verbose"})
 """Arguments that do not decide the result, or are functions and data: not kept in checkpoints."""
+
+SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"})
+"""Strategy class names (of either Lightning namespace) that shard parameters across ranks."""
 
 
 def plain(value: Any) -> Any:
@@ -39,6 +42,52 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def prepare_module(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: str, physical: bool) -> None:
+    """Refuse set-ups the callback cannot serve, before any weight changes, then make ``pl_module``
+    reshape itself to a pruned ``state_dict`` on load (:func:`~lightning_prune.training_state.reshape_on_load`).
+
+    Refused with a ``MisconfigurationException``:
+
+    - a sharded strategy (FSDP, DeepSpeed, model parallel): each rank holds a shard of every weight,
+      while masks, scores and channel plans need whole tensors (as Lightning's own
+      ``StochasticWeightAveraging`` refuses them);
+    - a ``torch.compile``-d LightningModule or submodule: the callbacks trace the model and change
+      its weights, parametrisations or shapes under the compiled graph; prune the uncompiled module
+      and compile afterwards;
+    - physical pruning (``callback`` removes channels) under a spawn/fork-based strategy
+      (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) when the user's module does not reshape itself on
+      load: there the main process copies rank 0's pruned weights into its own dense module, which no
+      callback hook reaches, and the whole run would be lost at that last step.
+
+    Works with the Trainers of both ``pytorch_lightning`` and ``lightning.pytorch`` (class names are compared).
+    """
+    strategy = trainer.strategy
+    if class_names(strategy) & SHARDED_STRATEGIES:
+        raise MisconfigurationException(
+            f"{callback} does not support sharded models: `strategy`={type(strategy).__name__} splits every weight "
+            "across ranks, while pruning decides on whole tensors. Use `strategy='ddp'` (or a single device)."
+        )
+    compiled = getattr(pl_module, "_compiler_ctx", None) is not None or any(
+        type(module).__name__ == "OptimizedModule" for module in pl_module.modules()
+    )
+    if compiled:
+        raise MisconfigurationException(
+            f"{callback} cannot prune a `torch.compile`d model ({type(pl_module).__name__} or one of its submodules "
+            "is compiled): pass the uncompiled LightningModule and network to `trainer.fit`, and compile the pruned "
+            "model after fit."
+        )
+    launcher = strategy.launcher
+    spawned = launcher is not None and "_MultiProcessingLauncher" in class_names(launcher)
+    if physical and spawned and not reshapes_on_load(pl_module):
+        raise MisconfigurationException(
+            f"{callback} removes channels physically, and under `strategy`={type(strategy).__name__} (processes "
+            "started by spawn/fork) the main process then loads rank 0's pruned weights into its own dense "
+            f"{type(pl_module).__name__}, which fails. Call `lightning_prune.reshape_on_load(model)` before "
+            "`trainer.fit(model)`, or use `strategy='ddp'`."
+        )
+    reshape_on_load(pl_module)
 
 
 class PruningCallback(pl.Callback):
