@@ -154,9 +154,8 @@ class AutoPruneCallback(PruningCallback):
         verbose: bool = True,
         target_sparsity: Optional[float] = None,
     ) -> None:
-        rates = check_arguments(locals())
         super().__init__(locals())
-        self.aux_lr, self.reg, self.normalize = rates
+        self.aux_lr, self.reg, self.normalize = check_arguments(self.arguments)
         self.init = resolve_init(paper_defaults, init)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
