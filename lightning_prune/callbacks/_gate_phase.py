@@ -4,8 +4,8 @@
 :class:`GatePhase` is the gate phase while it runs inside the fit: built at ``setup`` (the model widened by any
 expansion, its weights frozen, the gates inserted and registered on the LightningModule, all before the strategy
 wraps it), it swaps the gate optimizer in for the user's (:meth:`GatePhase.start`), and leaves the model either
-pruned (:meth:`GatePhase.prune`) or as it was (:meth:`GatePhase.abort`). Also here: the checks at ``setup`` and the
-channel expansion (:class:`Expansion`).
+pruned (:meth:`GatePhase.prune`) or as it was (:meth:`GatePhase.abort`). Also here: the channel expansion
+(:class:`Expansion`).
 """
 
 from __future__ import annotations
@@ -20,44 +20,6 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.gate_search import GatePruned, GatePruning, GateSearch, Init
 from lightning_prune.gates import FrozenNetwork, GatePhaseResult, gate_scores
-
-
-def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, budget_training: bool, expansion: float, gate_epochs: int) -> None:
-    """What ``setup`` refuses before a gate phase: a budget without a finite ``max_epochs`` or after
-    StochasticWeightAveraging fixed its schedule, an average that would start inside the gate epochs, and an
-    expansion the module cannot make."""
-    if budget_training and (trainer.max_epochs is None or trainer.max_epochs < 1):
-        raise ValueError(
-            f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
-        )
-    if budget_training and trainer.max_steps not in (None, -1):
-        rank_zero_warn(
-            f"`budget_training=True` trains for gate_epochs + round((max_epochs - gate_epochs) / flops_ratio) epochs, but "
-            f"`max_steps`={trainer.max_steps} may end training first: the pruned network would get less than its budget."
-        )
-    if budget_training and averaging_callbacks(trainer):
-        raise MisconfigurationException(
-            "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
-            "set the Trainer's `max_epochs` to the budget yourself, or drop one of the two."
-        )
-    for swa in averaging_callbacks(trainer):
-        start = swa._swa_epoch_start
-        first = max((int(trainer.max_epochs * start) if isinstance(start, float) else int(start)) - 1, 0)  # as SWA counts it
-        if first < gate_epochs:
-            raise MisconfigurationException(
-                f"StochasticWeightAveraging would start averaging at epoch {first}, inside the {gate_epochs} gate epochs of "
-                "GatePruningFromScratch (the gate epochs are the fit's first epochs, and the weights there are the random "
-                f"ones the gates learn on): set its `swa_epoch_start` to at least {gate_epochs + 1}."
-            )
-    if expansion != 1 and not (callable(getattr(pl_module, "set_width", None)) and hasattr(pl_module, "width")):
-        raise ValueError(
-            f"`expansion`={expansion} needs a LightningModule that can rebuild itself wider: define a `width` "
-            f"attribute and `set_width(width: float)` (as `ImageClassifier` does); {type(pl_module).__name__} has not."
-        )
-
-
-def averaging_callbacks(trainer: pl.Trainer) -> list[pl.callbacks.StochasticWeightAveraging]:
-    return [callback for callback in trainer.callbacks if isinstance(callback, pl.callbacks.StochasticWeightAveraging)]
 
 
 class Expansion:

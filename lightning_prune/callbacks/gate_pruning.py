@@ -4,7 +4,7 @@ pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch"
 Hook wiring only: the decisions are :class:`~lightning_prune.gate_search.GatePruning` (groups, gated groups,
 target check, threshold, removal, initialisation) and :class:`~lightning_prune.gate_search.GateSearch`
 (objective, penalty gradient, selection); the running gate phase (gates in, weights frozen, the gate optimizer
-swapped in, the way back), the expansion, the setup checks and the report are ``callbacks/_gate_phase.py``.
+swapped in, the way back) and the expansion are ``callbacks/_gate_phase.py``, the checks ``callbacks/_gate_checks.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing_extensions import override
 
 from lightning_prune.callbacks._checks import epoch_limit
 from lightning_prune.callbacks._figures import Figures
-from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
-from lightning_prune.callbacks._gate_phase import GatePhase, averaging_callbacks, check_fit
+from lightning_prune.callbacks._gate_checks import averaging_callbacks, check_arguments, check_fit, check_gate_phase_fits
+from lightning_prune.callbacks._gate_phase import GatePhase
 from lightning_prune.callbacks._module_io import ExampleInputFn, check_function
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.gate_search import GatePruned, Init, Mode, Select
