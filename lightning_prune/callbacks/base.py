@@ -25,8 +25,9 @@ from lightning_prune.callbacks._checks import class_names
 from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.training_state import reshape_on_load, reshapes_on_load
 
-_NOT_SAVED = frozenset({"example_input_fn", "loss_fn", "aux_dataloader", "verbose"})
-"""Arguments that do not decide the result, or are functions and data: not kept in checkpoints."""
+_NOT_SAVED = frozenset({"example_input_fn", "loss_fn", "aux_dataloader", "verbose", "name"})
+"""Arguments that do not decide the result (``name`` is the key the state is saved under), or are functions and
+data: not kept in checkpoints."""
 
 SHARDED_STRATEGIES = frozenset({"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"})
 """Strategy class names (of either Lightning namespace) that shard parameters across ranks."""
