@@ -483,7 +483,7 @@ class AuxiliaryParameters:
         granularity: ``"element"`` or ``"channel"``.
         groups: channel granularity: the coupled channel groups to gate (one ``M`` entry per channel,
             keyed by the group's root layer); every out-layer of a group (weight and bias) and every
-            BatchNorm in it is gated, so the gated model computes what the physically pruned one does.
+            BatchNorm in it is gated (a head's q/k/v rows, not its position-bias column), so the gated model computes what the physically pruned one does.
             At least one channel of every group stays on (see :meth:`step`).
         ste: the straight-through estimator of h (:func:`ste_derivative`).
         slope: the leaky-ReLU estimator's slope for m ≤ 0.
@@ -528,7 +528,7 @@ class AuxiliaryParameters:
                 shapes[group.root] = (group.size,)
                 for member in group.members:
                     module = model.get_submodule(member.module)
-                    if member.kind == "in" or next(module.parameters(recurse=False), None) is None:
+                    if member.kind in ("in", "table") or next(module.parameters(recurse=False), None) is None:
                         continue
                     for parameter, tensor in module.named_parameters(recurse=False):
                         if tensor is not None:

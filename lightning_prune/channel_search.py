@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from lightning_prune.flops import FlopsPredictor
@@ -33,6 +34,7 @@ def search_threshold(
     predictor: FlopsPredictor,
     min_channels: int = 1,
     round_to: Optional[int] = None,
+    fill: bool = False,
 ) -> ThresholdSearch:
     """The lowest global threshold whose plan meets a FLOPs budget (Pruning from Scratch, Sec. 3.3).
 
@@ -43,6 +45,11 @@ def search_threshold(
     over the sorted distinct finite scores finds the smallest ``t`` with ``FLOPs(t) <= flops_ratio * dense``
     in ``log2(#channels)`` predictions, every one of them on the rounded counts: the plan lands at or below
     the target and as close as the global threshold (and the rounding) allows.
+
+    With ``fill``, the channels below the threshold are then admitted in descending score order while the
+    budget holds; a group whose next channel does not fit takes no more (its cost only grows as others are
+    admitted). Where the units differ in cost (whole attention heads ranked with single channels) the
+    threshold's last step can be a whole head; the fill spends what it leaves on the next-ranked units that fit.
 
     Raises:
         ValueError: ``flops_ratio`` outside (0, 1]; ``round_to`` not a positive integer; scores that do not
@@ -92,5 +99,43 @@ def search_threshold(
             low = middle + 1
     threshold = threshold_at(high)
     plan = plan_from_scores(scores, threshold, min_channels, round_to)
+    if fill:
+        plan = _filled(scores, plan, flat, group_of, threshold, budget, predictor, round_to)
     flops = predictor.predict(plan)
     return ThresholdSearch(plan=plan, flops=flops, ratio=flops / predictor.dense, threshold=threshold)
+
+
+def _filled(
+    scores: Sequence[torch.Tensor],
+    plan: ChannelPlan,
+    flat: torch.Tensor,
+    group_of: torch.Tensor,
+    threshold: float,
+    budget: float,
+    predictor: FlopsPredictor,
+    round_to: Optional[int],
+) -> ChannelPlan:
+    """``plan`` grown by the channels scored below ``threshold``, in descending score order, while the
+    predicted FLOPs stay within ``budget`` (see :func:`search_threshold`'s ``fill``). Each group closes once, and
+    every admitted channel spends part of what the threshold left, so this makes few predictions."""
+    sizes = predictor.sizes
+    counts = np.array([len(plan[index]) for index in range(len(scores))], dtype=np.int64)
+    step = round_to or 1
+    open_groups = set(np.flatnonzero(counts < sizes).tolist())
+    for group in group_of[torch.argsort(flat, descending=True, stable=True)[int((flat >= threshold).sum()) :]].tolist():
+        if not open_groups:
+            break
+        if group not in open_groups:
+            continue
+        grown = counts.copy()
+        grown[group] = min(counts[group] + step, sizes[group])
+        if predictor.predict_counts(grown) > budget:
+            open_groups.discard(group)  # its next channel only costs more as other groups grow
+            continue
+        counts = grown
+        if counts[group] == sizes[group]:
+            open_groups.discard(group)
+    return {
+        index: torch.argsort(score.detach().float().cpu(), descending=True, stable=True)[: int(counts[index])].sort().values
+        for index, score in enumerate(scores)
+    }

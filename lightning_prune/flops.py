@@ -228,7 +228,8 @@ class FlopsPredictor:
         touching: dict[str, list[tuple[int, GroupMember]]] = {}
         for group in groups:
             for member in group.members:
-                touching.setdefault(member.module, []).append((group.index, member))
+                if member.kind not in ("table", "parameter"):  # a per-head table is indexed and a loose parameter (a position embedding) added, neither multiplied
+                    touching.setdefault(member.module, []).append((group.index, member))
         unknown = sorted(set(touching) - set(modules))
         if unknown:
             raise ValueError(f"`groups` were found on another module: {unknown[:3]} are not in `model`.")

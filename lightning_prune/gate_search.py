@@ -17,10 +17,11 @@ buffer and mode afterwards.
 snapshot is kept when the gates are sparse enough (fraction of non-zero gates ``<= r``) and the value
 is better than the best so far (``mode``: ``"min"`` or ``"max"``); with no kept snapshot, the last gates.
 
-**Threshold**: :meth:`GateSearch.search` ranks channels by their selected gate (ties by the gate's
-mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
+**Threshold**: :meth:`GateSearch.search` ranks channels and attention heads by their selected gate (ties by the
+gate's mean over the phase, :func:`~lightning_prune.gates.gate_scores`) and binary-searches one global
 threshold for the largest structure within a FLOPs budget (:func:`~lightning_prune.channel_search.search_threshold`;
-with ``round_to``, each group's count a multiple of it).
+with ``round_to``, each group's count a multiple of it); the budget a whole head leaves at the threshold's last step
+goes to the next-ranked units that fit (its ``fill``).
 
 **Around it** (:class:`GatePruning`): the groups that get gates (``sites``: the authors' ``"inner"``
 placement or ``"all"``), the refusal of an unreachable target before any weight changes, the FLOPs target
@@ -299,7 +300,7 @@ class GateSearch:
         each group's count a multiple of ``round_to`` or the whole group (``scores``:
         :func:`~lightning_prune.gates.gate_scores` of :meth:`result`, e.g. broadcast from rank 0)."""
         scores = scores if scores is not None else gate_scores(self.result(), self.groups)
-        return search_threshold(scores, flops_ratio, predictor, round_to=round_to)
+        return search_threshold(scores, flops_ratio, predictor, round_to=round_to, fill=True)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -440,7 +441,9 @@ class GatePruning:
         flops_ratio: FLOPs of the pruned model / FLOPs of the dense (unexpanded) model, in (0, 1].
         position: where the gates multiply (``"bn"``, ``"conv"``, ``"bn_weight"``; ``GatePruningFromScratch``'s ``gate_position``);
             ``"bn"`` on a model where no gated group has a BatchNorm gates the layer outputs (``"conv"``), with
-            :attr:`warning` saying so.
+            :attr:`warning` saying so. Attention heads (``find_channel_groups(..., heads=True)``) get one gate per
+            head at every position, on the heads' context before the output projection
+            (:func:`~lightning_prune.gates.gate_sites`), ranked with the channel gates by the one threshold.
         sites: which channel groups get gates (``"all"`` or ``"inner"``; ``GatePruningFromScratch``'s ``gate_sites``).
         round_to: keep each group's channel count a multiple of this, or the whole group (``None``: any count).
     """
@@ -458,9 +461,10 @@ class GatePruning:
         round_to: Optional[int] = None,
     ) -> None:
         self.model, self.example_input, self.dense_flops = model, example_input, dense.total
-        self.groups = find_channel_groups(model, example_input)
+        self.groups = find_channel_groups(model, example_input, heads=True)
         self.gated = gated_groups(model, self.groups, example_input, sites)
-        fallback = position == "bn" and not gate_sites(model, self.gated, "bn") and bool(gate_sites(model, self.gated, "conv"))
+        channels = [group for group in self.gated if group.heads is None]  # heads are gated per head at any position
+        fallback = position == "bn" and not gate_sites(model, channels, "bn") and bool(gate_sites(model, channels, "conv"))
         position = "conv" if fallback else position  # no BatchNorm to gate after (a transformer, an MLP): the layer outputs
         self.flops_ratio, self.position, self.round_to = flops_ratio, position, round_to
         self.predictor = FlopsPredictor(model, example_input, self.groups, None if expanded else dense)
@@ -486,7 +490,7 @@ class GatePruning:
         ``result`` (e.g. broadcast from rank 0)."""
         scores = scores if scores is not None else gate_scores(result, self.groups)
         target = min(1.0, self.flops_ratio * self.dense_flops / self.predictor.dense)
-        found = search_threshold(scores, target, self.predictor, round_to=self.round_to)
+        found = search_threshold(scores, target, self.predictor, round_to=self.round_to, fill=True)
         parameter = next(self.model.parameters())
         device = parameter.device
         apply_plan(self.model, self.groups, found.plan, model_input(self.example_input).like(parameter))

@@ -16,6 +16,10 @@ Three gate positions:
 - ``"bn_weight"`` (network-slimming style): the gate *is* the BatchNorm scale,
   ``y = λ · x̂ + β``; the shift β is not gated.
 
+A group of attention heads (``find_channel_groups(..., heads=True)``) gets one gate per head (per key/value head
+under grouped-query attention) at every position: a forward pre-hook on the attention's output projection multiplies
+each head's ``head_dim`` slice of its input, the attention's context, by the head's gate (:func:`gate_sites`).
+
 Which groups get gates (``sites``, :func:`gated_groups`): ``"all"`` gates every coupled group;
 ``"inner"`` is the authors' placement (their ``gate.py``): on a residual net only the channels inside a
 block (bn1 of a CIFAR basic block, bn1 and bn2 of a bottleneck, MobileNetV2's expansion channels), never
@@ -42,7 +46,7 @@ from torch.nn.utils import parametrize
 from lightning_prune.choices import check_choice
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure import ChannelGroup, GroupMember
 from lightning_prune.targets import linear_features, linear_types
 
 GATE_PARAMETER = "pruning_gates"
@@ -61,20 +65,32 @@ def _is_layer(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class GateSite:
-    """Output ``channels`` of ``module`` are gated by channels ``group_channels`` of gate ``group``."""
+    """Output ``channels`` of ``module`` (with ``input``: its input features) are gated by channels
+    ``group_channels`` of gate ``group``."""
 
     module: str
     group: int
     channels: tuple[int, ...]
     group_channels: tuple[int, ...]
+    input: bool = False
+
+
+def _site(member: GroupMember, group: ChannelGroup, input: bool = False) -> GateSite:
+    return GateSite(member.module, group.index, tuple(member.positions.tolist()), tuple(member.channels.tolist()), input)
 
 
 def gate_sites(model: nn.Module, groups: Sequence[ChannelGroup], position: GatePosition = "bn") -> list[GateSite]:
     """Every module output a group's gate multiplies at ``position``: the group's affine BatchNorms
-    (``"bn"``, ``"bn_weight"``) or its Conv/Linear layers' outputs (``"conv"``). A group without such a
-    module gets no gate (it keeps all its channels)."""
+    (``"bn"``, ``"bn_weight"``) or its Conv/Linear layers' outputs (``"conv"``). A group of attention heads
+    (``ChannelGroup.heads``) is gated at any position on the input of its output projection: each head's
+    ``head_dim`` slice of the attention's context (its query heads' slices under grouped-query attention) is
+    multiplied by the head's gate, so a head gated to 0 contributes exactly what a removed head does. A group
+    without such a module gets no gate (it keeps all its channels)."""
     sites = []
     for group in groups:
+        if group.heads is not None:
+            sites.extend(_site(member, group, input=True) for member in group.members if member.kind == "in")
+            continue
         for member in group.members:
             module = model.get_submodule(member.module)
             if position == "conv":
@@ -82,7 +98,7 @@ def gate_sites(model: nn.Module, groups: Sequence[ChannelGroup], position: GateP
             else:
                 gated = member.kind == "channel" and isinstance(module, _BATCHNORMS) and module.affine
             if gated:
-                sites.append(GateSite(member.module, group.index, tuple(member.positions.tolist()), tuple(member.channels.tolist())))
+                sites.append(_site(member, group))
     return sites
 
 
@@ -154,15 +170,17 @@ def inner_groups(model: nn.Module, groups: Sequence[ChannelGroup], example_input
     resnet50 bn1 and bn2 of each bottleneck, mobilenetv2 the expansion channels plus the stem and the last
     conv (their ImageNet script gates every ConvBNReLU too), VGG every conv-BN-ReLU
     (``tests/test_gate_sites.py``). A group leaving the network (DenseNet's concatenations) is read by several
-    layers and left out as well.
+    layers and left out as well. A group of attention heads is inner: a head's output goes only into the output
+    projection of its residual branch.
     """
-    candidates = [g for g in groups if len(_layers(model, g, "out")) == 1 and len(_layers(model, g, "in")) <= 1]
+    candidates = [g for g in groups if g.heads is None and len(_layers(model, g, "out")) == 1 and len(_layers(model, g, "in")) <= 1]
     checked = {
         g.index: [m.module for m in g.members if isinstance(model.get_submodule(m.module), _BATCHNORMS)] or _layers(model, g, "out")
         for g in candidates
     }
     activated = _feeds_activation(model, example_input, {name for names in checked.values() for name in names})
-    return [g for g in candidates if all(activated.get(name, False) for name in checked[g.index])]
+    inner = {g.index for g in candidates if all(activated.get(name, False) for name in checked[g.index])}
+    return [g for g in groups if g.index in inner or g.heads is not None]
 
 
 def gated_groups(
@@ -225,7 +243,8 @@ class ChannelGates:
     steps, clamps, reduces across processes and reads one tensor.
 
     ``attach()`` inserts them (forward hooks for ``"bn"``/``"conv"``, a parametrization of the
-    BatchNorm weight for ``"bn_weight"``), ``remove()`` takes them out again. Gate values are
+    BatchNorm weight for ``"bn_weight"``, forward pre-hooks on the output projections for heads),
+    ``remove()`` takes them out again. Gate values are
     cast to each gated output's dtype (``bf16-true`` models keep float32 gates).
 
     Args:
@@ -261,10 +280,11 @@ class ChannelGates:
         return cls(model, gate_sites(model, groups, position), {group.index: group.size for group in groups}, position)
 
     # ------------------------------------------------------------------ insertion
-    def by_module(self) -> dict[str, list[GateSite]]:
-        modules: dict[str, list[GateSite]] = {}
+    def by_module(self) -> dict[tuple[str, bool], list[GateSite]]:
+        """``(module, input)`` -> the sites gating that module's output (``input=False``) or input features."""
+        modules: dict[tuple[str, bool], list[GateSite]] = {}
         for site in self.sites:
-            modules.setdefault(site.module, []).append(site)
+            modules.setdefault((site.module, site.input), []).append(site)
         return modules
 
     @property
@@ -280,15 +300,18 @@ class ChannelGates:
         register :attr:`parameter` on the model as :data:`GATE_PARAMETER`."""
         if self.attached:
             return
-        for name, sites in self.by_module().items():
+        for (name, input), sites in self.by_module().items():
             module = self.model.get_submodule(name)
-            multiplier = _Multiplier(self.parameter, self.offsets, sites, _out_channels(module))
-            if self.position == "bn_weight":
+            channels = linear_features(module)[0] if input else _out_channels(module)
+            multiplier = _Multiplier(self.parameter, self.offsets, sites, channels)
+            if input:  # the heads' context, before the output projection
+                self._handles.append(module.register_forward_pre_hook(_scale_input(multiplier, channels)))
+            elif self.position == "bn_weight":
                 order = list(module._parameters)
                 parametrize.register_parametrization(module, "weight", _GatedScale(multiplier), unsafe=True)
                 self._parametrized.append((module, order))
             else:
-                self._handles.append(module.register_forward_hook(_scale_output(multiplier, _out_channels(module))))
+                self._handles.append(module.register_forward_hook(_scale_output(multiplier, channels)))
         if register:
             self.model.register_parameter(GATE_PARAMETER, self.parameter)
 
@@ -374,6 +397,18 @@ def _scale_output(multiplier: _Multiplier, channels: int):  # noqa: ANN202 - a f
         if isinstance(module, linear_types()):  # channels last
             return output * factor
         return output * factor.view(1, -1, *([1] * (output.dim() - 2)))
+
+    return hook
+
+
+def _scale_input(multiplier: _Multiplier, channels: int):  # noqa: ANN202 - a forward pre-hook
+    """Multiply the input features (last dimension, as a Linear or ``Conv1D`` reads them) by the gates."""
+    ones = [torch.ones(channels, device=multiplier.parameter.device)]
+
+    def hook(module: nn.Module, inputs: tuple) -> tuple:
+        if ones[0].device != inputs[0].device:  # the model moved after the gates were attached: follow once
+            ones[0] = ones[0].to(inputs[0].device)
+        return (inputs[0] * multiplier(ones[0]).to(inputs[0].dtype), *inputs[1:])
 
     return hook
 

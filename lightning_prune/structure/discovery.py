@@ -1,8 +1,9 @@
-"""Channel-group discovery: torch-pruning's groups (:mod:`~lightning_prune.structure.groups`) and, if asked,
-one group of heads per covered attention module (:mod:`~lightning_prune.structure.attention`), each checked
-for a consistent channel mapping and then by numbers: removing about half of every group's channels
-physically from a copy of the model must compute what masking them (:func:`channel_masks`) computes. A
-group that fails a check is refused, and :func:`refused_channel_groups` says why.
+"""Channel-group discovery: torch-pruning's groups (:mod:`~lightning_prune.structure.groups`; if asked, also
+hidden groups through norms, embeddings and loose parameters) and, if asked, one group of heads per covered
+attention module (:mod:`~lightning_prune.structure.attention`), each checked for a consistent channel mapping
+and then by numbers: removing about half of every group's channels physically from a copy of the model must
+compute what masking them (:func:`channel_masks`, with :func:`norm_masks` for hidden groups) computes. A group
+that fails a check is refused, and :func:`refused_channel_groups` says why.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from torch.func import functional_call
 from lightning_prune.checks import check_example_input, check_module, check_patterns
 from lightning_prune.inputs import ExampleInput, model_input, output_tensors
 from lightning_prune.modes import eval_mode
-from lightning_prune.structure.attention import attention_sites, head_members
+from lightning_prune.structure.attention import head_groups
 from lightning_prune.structure.groups import (
     ChannelGroup,
     GroupMember,
     _Graph,
+    is_norm,
 )
-from lightning_prune.structure.plans import ChannelPlan, channel_masks
+from lightning_prune.structure.plans import ChannelPlan, channel_masks, norm_masks
 from lightning_prune.structure.removal import remove_channels
 
 
@@ -64,10 +66,16 @@ def _outputs(model: nn.Module, example_input: ExampleInput, parameters: Optional
 def _masked_outputs(
     model: nn.Module, example_input: ExampleInput, groups: Sequence[ChannelGroup], plan: ChannelPlan
 ) -> list[torch.Tensor]:
-    """The outputs of ``model`` with the channels ``plan`` drops masked (``model`` itself is not changed)."""
+    """The outputs of ``model`` with the channels ``plan`` drops masked, norms of hidden groups over the kept
+    channels (``model`` itself is not changed)."""
     parameters = dict(model.named_parameters())
     masked = {name: parameters[name] * mask for name, mask in channel_masks(model, groups, plan).items()}
-    return _outputs(model, example_input, masked)
+    handles = norm_masks(model, groups, plan)
+    try:
+        return _outputs(model, example_input, masked)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _pruning_error(
@@ -79,7 +87,10 @@ def _pruning_error(
 ) -> Optional[str]:
     """Why removing ``plan``'s channels physically (from the model ``traced`` was built on, else from a copy
     of ``model``) does not compute what masking them in ``model`` computes; ``None`` when it does."""
-    expected = _masked_outputs(model, example_input, groups, plan)
+    try:
+        expected = _masked_outputs(model, example_input, groups, plan)
+    except ValueError as error:  # a norm that cannot be masked (norm_masks)
+        return f"the masked model fails ({error})"
     if not all(bool(tensor.isfinite().all()) for tensor in expected if tensor.is_floating_point()):
         raise ValueError(
             "the model's output on `example_input` is not finite (with some channels masked), so its channel "
@@ -148,13 +159,21 @@ _Found = tuple[str, int, list[GroupMember], Optional[str]]
 """A candidate group: its root, size, members and attention module (``None`` for a channel group)."""
 
 
+def _is_hidden(members: Sequence[GroupMember], modules: dict[str, nn.Module]) -> bool:
+    """Whether a group runs through a norm, an embedding or a loose parameter (a hidden group)."""
+    return any(
+        member.kind == "parameter" or is_norm(modules[member.module]) or isinstance(modules[member.module], nn.Embedding)
+        for member in members
+    )
+
+
 def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_Found], list[RefusedGroup]]:
-    """A candidate per covered attention module whose q/k/v projections are all outside ``ignored``: its heads."""
+    """A candidate per head group (one covered attention module, or those sharing their heads) whose q/k/v
+    projections are all outside ``ignored``: its heads."""
     order = {name: position for position, name in enumerate(dict(model.named_modules()))}
     found: list[_Found] = []
     refused: list[RefusedGroup] = []
-    for site, _, _ in attention_sites(model):
-        heads = head_members(model, site, order)
+    for site, heads in head_groups(model, order):
         if isinstance(heads, str):
             refused.append(RefusedGroup(site, 0, f"the heads of {site!r} are not pruned: {heads}"))
             continue
@@ -165,33 +184,34 @@ def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_
 
 
 def _discover(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]], heads: bool
+    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]], heads: bool, hidden: bool
 ) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
     check_module("model", model)
     check_example_input("example_input", example_input)
     check_patterns("ignored_layers", ignored_layers)
-    if not isinstance(heads, bool):
-        raise ValueError(f"`heads` must be True or False, got {heads!r}.")
+    for argument, value in (("heads", heads), ("hidden", hidden)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{argument}` must be True or False, got {value!r}.")
     work = copy.deepcopy(model)  # traced, then pruned by the test plan
     ignored = _resolve(work, ignored_layers or [], "ignored_layers")
     found, refused = _head_groups(work, ignored) if heads else ([], [])
     projections = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
     traced = _Graph(work, example_input)
     for root, size, tp_group in traced.root_groups([*ignored, *projections]):  # q/k/v outputs: head groups only
-        units = tp_group if isinstance(tp_group, str) else traced.members(tp_group, size)
+        units = tp_group if isinstance(tp_group, str) else traced.members(tp_group, size, hidden)
         if isinstance(units, str):
             refused.append(RefusedGroup(root, size, units))
         else:
             found.append((root, *units, None))
     # a position claimed by two groups would be removed by either: refuse both
-    owners: dict[tuple[str, str, int], int] = {}
+    owners: dict[tuple[str, str, Optional[str], int], int] = {}
     clashing: set[int] = set()
     for number, (_, _, members, _) in enumerate(found):
         for member in members:
             if member.kind == "channel" and not member.has_parameters:
                 continue
             for position in member.positions.unique().tolist():
-                other = owners.setdefault((member.module, member.kind, position), number)
+                other = owners.setdefault((member.module, member.kind, member.parameter, position), number)
                 if other != number:
                     clashing |= {number, other}
     for number in sorted(clashing):
@@ -200,7 +220,10 @@ def _discover(
     found = [entry for number, entry in enumerate(found) if number not in clashing]
     found.sort(key=lambda entry: next(m.order for m in entry[2] if m.kind == "out"))
     candidates = [
-        ChannelGroup(index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members), site)
+        ChannelGroup(
+            index, size, tuple(m.module for m in members if m.kind == "out"), tuple(members), site,
+            hidden=site is None and _is_hidden(members, traced.modules),
+        )
         for index, (_, size, members, site) in enumerate(found)
     ]
     plan = _test_plan(candidates)
@@ -219,14 +242,29 @@ def _discover(
 
 
 def find_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None, heads: bool = False
+    model: nn.Module,
+    example_input: ExampleInput,
+    ignored_layers: Optional[Sequence[str]] = None,
+    heads: bool = False,
+    hidden: bool = False,
 ) -> list[ChannelGroup]:
     """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
 
     With ``heads=True``, each attention module of a covered type (:data:`~lightning_prune.structure.HEAD_LAYOUTS`)
     adds one group whose channels are its heads (``ChannelGroup.heads`` names the module; under grouped-query
-    attention a channel is a key/value head with its query heads), and its q/k/v outputs form no other group.
+    attention a channel is a key/value head with its query heads; T5's layers of one stack share one group), and
+    its q/k/v outputs form no other group.
     IterativeMagnitude's and AutoPruneCallback's channel modes ask for them.
+
+    With ``hidden=True``, groups may also run through norms over the channels (``LayerNorm``, ``RMSNorm``),
+    ``nn.Embedding`` s and loose ``nn.Parameter`` s (class token, position embedding): a transformer's residual
+    stream, from its embeddings through every block's input and output projections to the head, is one group
+    (``ChannelGroup.hidden``), and so is a LayerNorm-coupled width such as a ConvNeXt stage's. Its norms then
+    normalise over the channels that stay: masking it takes :func:`channel_masks` *and*
+    :func:`~lightning_prune.structure.plans.norm_masks`; after :func:`apply_plan` the model's hidden-width
+    attributes (a Hugging Face ``config.hidden_size``, timm's ``embed_dim``/``num_features``) follow the weights,
+    and a tied embedding and output layer stay tied. Attention's head width is unchanged (q/k/v lose input
+    channels only).
 
     Every group is checked on a copy of ``model``: removing about half of its channels physically computes
     what masking them computes, on ``example_input`` (groups that fail are refused:
@@ -239,19 +277,26 @@ def find_channel_groups(
         ignored_layers: names of modules whose output channels must stay; groups producing them
             are left out (their input channels may still shrink).
         heads: whether attention heads are groups too (see above).
+        hidden: whether widths through norms, embeddings and loose parameters are groups too (see above).
 
     Raises:
         ValueError: ``model``, ``example_input`` or ``ignored_layers`` are not valid; torch-pruning cannot
-            map channels through an operation of the model (named in the message); ``heads`` is not a bool.
+            map channels through an operation of the model (named in the message); ``heads`` or ``hidden`` is
+            not a bool.
     """
-    return _discover(model, example_input, ignored_layers, heads)[0]
+    return _discover(model, example_input, ignored_layers, heads, hidden)[0]
 
 
 def refused_channel_groups(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]] = None, heads: bool = False
+    model: nn.Module,
+    example_input: ExampleInput,
+    ignored_layers: Optional[Sequence[str]] = None,
+    heads: bool = False,
+    hidden: bool = False,
 ) -> list[RefusedGroup]:
     """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
     (coupled to the output, an unsupported member type, an inconsistent channel mapping, a group expansion
     that does not terminate, or a physical removal that does not compute what the masks compute); with
-    ``heads=True`` also the covered attention modules whose heads are not groups (size 0), with the reason."""
-    return _discover(model, example_input, ignored_layers, heads)[1]
+    ``heads=True`` also the attention modules whose heads are not groups (size 0), with the reason (a covered type
+    refused, or one of :data:`~lightning_prune.structure.UNPRUNABLE_HEADS` such as ``nn.MultiheadAttention``)."""
+    return _discover(model, example_input, ignored_layers, heads, hidden)[1]

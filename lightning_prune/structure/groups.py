@@ -13,6 +13,13 @@ model's output: the last layer's output units and the model's input channels are
 heads are groups of their own, built from the module's layout rather than traced
 (:mod:`~lightning_prune.structure.attention`).
 
+Hidden widths (opt-in, ``find_channel_groups(..., hidden=True)``): a group may also run through norms over the
+channel dimension (``LayerNorm`` over one dimension, ``RMSNorm``; :func:`is_norm`), ``nn.Embedding`` (its
+``embedding_dim`` is an output width) and loose ``nn.Parameter`` s whose last dimension carries the channels (a
+ViT's class token and position embedding): a transformer's residual stream. Such a group is a *hidden* group
+(``ChannelGroup.hidden``); a norm normalises over the channels that stay, so the masked model computes the pruned
+one only with :func:`~lightning_prune.structure.plans.norm_masks` in place.
+
 Grouped convs (``1 < groups``, not depthwise: ResNeXt, RegNet) are pruned as Torch-Pruning prunes them: the
 conv keeps its ``groups`` and loses the same in-group index from every conv group, so its conv groups stay
 equally wide and a ResNeXt block keeps its cardinality. A group through one therefore counts units, not single
@@ -45,7 +52,7 @@ from lightning_prune.modes import eval_mode
 from lightning_prune.structure.tracing import dependency_graph
 from lightning_prune.targets import linear_features, linear_types
 
-MemberKind = Literal["out", "in", "channel"]
+MemberKind = Literal["out", "in", "channel", "table", "parameter"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +63,10 @@ class GroupMember:
         module: module name, relative to the model the groups were found on.
         kind: ``"out"``: a Conv/Linear whose output channels (weight dim 0, bias) carry the group
             (a depthwise conv is ``"out"``); ``"in"``: a Conv/Linear whose input channels (weight
-            dim 1) carry it; ``"channel"``: a per-channel module (BatchNorm; pooling, activations).
+            dim 1) carry it (an ``nn.Embedding`` is ``"out"``: its weight's dim 1); ``"channel"``: a per-channel
+            module (BatchNorm, a norm of a hidden group; pooling, activations); ``"table"``: a per-head table of an
+            attention module (its own parameters' last dimension); ``"parameter"``: the loose ``nn.Parameter``
+            ``parameter`` of ``module``, channels along its last dimension.
         positions: ``LongTensor``, indices along that dimension of the module that belong to the group (a
             grouped conv's input channels: columns of its weight, the in-group index shared by its conv groups).
         channels: ``LongTensor`` of the same length: the group channel behind each position (behind
@@ -67,6 +77,7 @@ class GroupMember:
         order: the module's position in ``model.named_modules()``.
         has_parameters: whether the module holds parameters of its own (parameter-free members, such
             as an activation module called several times, are not checked for consistency).
+        parameter: for a ``"parameter"`` member, the parameter's name in ``module``; else ``None``.
     """
 
     module: str
@@ -76,6 +87,7 @@ class GroupMember:
     dim: int
     order: int
     has_parameters: bool = True
+    parameter: Optional[str] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,8 +104,12 @@ class ChannelGroup:
         layers: names of the Conv/Linear modules whose output channels these are, in model order.
         members: every named module the group touches, in model order.
         heads: for a group of attention heads (:mod:`~lightning_prune.structure.attention`), the attention
-            module's name: channel ``c`` is its head ``c`` (key/value head ``c`` with its query heads under
-            grouped-query attention); ``None`` for a group of channels.
+            module's name (the first of those sharing their heads, T5's layers of one stack): channel ``c`` is its
+            head ``c`` (key/value head ``c`` with its query heads under grouped-query attention); ``None`` for a
+            group of channels.
+        hidden: whether the group runs through a norm, an embedding or a loose parameter (a residual stream,
+            found with ``hidden=True``); it is removed by slicing, and masked with
+            :func:`~lightning_prune.structure.plans.norm_masks`.
     """
 
     index: int
@@ -101,6 +117,7 @@ class ChannelGroup:
     layers: tuple[str, ...]
     members: tuple[GroupMember, ...]
     heads: Optional[str] = None
+    hidden: bool = False
 
     @property
     def root(self) -> str:
@@ -123,8 +140,25 @@ def _is_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None
 
 
-def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
-    """How a module carries a group's channels, or why such a group is not supported (a sentence)."""
+def is_norm(module: nn.Module) -> bool:
+    """A norm over the channel (last) dimension a hidden group may run through: ``nn.LayerNorm`` (timm's
+    channels-first ``LayerNorm2d`` included), ``nn.RMSNorm``, or a module type named ``...RMSNorm`` (Hugging
+    Face's ``LlamaRMSNorm``: a weight over the channels, no other parameter)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    parameters = dict(module.named_parameters(recurse=False))
+    return type(module).__name__.endswith("RMSNorm") and list(parameters) == ["weight"] and parameters["weight"].dim() == 1
+
+
+def norm_width(module: nn.Module) -> int:
+    """The number of channels a norm (:func:`is_norm`) normalises over."""
+    weight = getattr(module, "weight", None)
+    return weight.shape[0] if weight is not None else module.normalized_shape[-1]
+
+
+def _member_kind(module: nn.Module, is_out: bool, hidden: bool = False) -> Union[MemberKind, str]:
+    """How a module carries a group's channels, or why such a group is not supported (a sentence); norms and
+    embeddings only with ``hidden``."""
     if isinstance(module, _ConvNd):
         depthwise = _is_depthwise(module)
         if module.groups > 1 and module.transposed:
@@ -134,6 +168,14 @@ def _member_kind(module: nn.Module, is_out: bool) -> Union[MemberKind, str]:
         return "out" if is_out else "in"
     if isinstance(module, _BatchNorm) or next(module.parameters(recurse=False), None) is None:
         return "channel"
+    if (is_norm(module) or isinstance(module, nn.Embedding)) and not hidden:
+        return f"{type(module).__name__} carries a hidden width (find_channel_groups(..., hidden=True) prunes it)"
+    if is_norm(module):
+        if len(getattr(module, "normalized_shape", (0,))) != 1:
+            return f"a {type(module).__name__} over {len(module.normalized_shape)} dimensions is not supported"
+        return "channel"
+    if isinstance(module, nn.Embedding):
+        return "out"
     return f"a {type(module).__name__} (a parametrised module of unsupported type) is not supported"
 
 
@@ -144,6 +186,10 @@ def _member_dim(module: nn.Module, kind: MemberKind, channels: Optional[int]) ->
         return linear_features(module)[kind == "out"]
     if isinstance(module, _BatchNorm):
         return module.num_features
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if is_norm(module):
+        return norm_width(module)
     assert channels is not None, "a traced per-channel module has a recorded output width"
     return channels
 
@@ -238,10 +284,10 @@ class _Graph:
                 if not producers & skipped:
                     yield name, size, tp_group
 
-    def members(self, tp_group: Any, size: int) -> Union[tuple[int, list[GroupMember]], str]:
+    def members(self, tp_group: Any, size: int, hidden: bool = False) -> Union[tuple[int, list[GroupMember]], str]:
         """The number of channels and the named members of a torch-pruning group over ``size`` root channels,
-        or why the group is not prunable here. Through a grouped conv a channel is a unit of root channels
-        (:func:`_conv_group_units`)."""
+        or why the group is not prunable here; with ``hidden``, norms, embeddings and loose parameters may be
+        members. Through a grouped conv a channel is a unit of root channels (:func:`_conv_group_units`)."""
         members = []
         for item in tp_group.items:
             node, handler = item.dep.target, item.dep.handler
@@ -249,7 +295,12 @@ class _Graph:
             if node.type == tp.ops.OPTYPE.OUTPUT or (is_out and not node.outputs):
                 return "coupled to the model's output"
             if node.type == tp.ops.OPTYPE.PARAMETER:
-                return "coupled to a loose nn.Parameter"
+                member = self._parameter_member(node, item) if hidden else "coupled to a loose nn.Parameter"
+                if isinstance(member, str):
+                    return member
+                if member is not None:
+                    members.append(member)
+                continue
             if _is_attention(node):
                 return (
                     f"its channels flow through attention ({node.name}): heads are not pruned, and "
@@ -259,7 +310,7 @@ class _Graph:
             if name is None:
                 continue  # an unnamed functional op (add, cat, flatten, ...): no weights, no FLOPs
             module = self.modules[name]
-            kind = _member_kind(module, is_out)
+            kind = _member_kind(module, is_out, hidden)
             if kind not in ("out", "in", "channel"):
                 return f"{name!r}: {kind}"
             members.append(
@@ -273,9 +324,33 @@ class _Graph:
                     has_parameters=next(module.parameters(recurse=False), None) is not None,
                 )
             )
-        members.sort(key=lambda member: (member.order, member.kind))
+        members.sort(key=lambda member: (member.order, member.kind, member.parameter or ""))
         found = _inconsistency(members) or _conv_group_units(members, self.modules, size)
         return found if isinstance(found, str) else _inconsistency(found[1]) or found
+
+    def _parameter_member(self, node: Any, item: Any) -> Union[GroupMember, str, None]:
+        """A loose parameter's member (channels along its last dimension), ``None`` for a norm's own weight
+        (its ``"channel"`` member slices it), or why it cannot be one."""
+        owner, _, attribute = self.graph._param_to_name[node.module].rpartition(".")
+        module = self.modules[owner]
+        if is_norm(module):
+            return None
+        parameter = getattr(module, attribute)
+        if getattr(node, "pruning_dim", None) != parameter.dim() - 1:
+            return f"the loose nn.Parameter {_qualified_name(owner, attribute)!r} carries channels outside its last dimension"
+        return GroupMember(
+            module=owner,
+            kind="parameter",
+            positions=torch.tensor(item.idxs, dtype=torch.long),
+            channels=torch.tensor(item.root_idxs, dtype=torch.long),
+            dim=parameter.shape[-1],
+            order=self.order[owner],
+            parameter=attribute,
+        )
+
+
+def _qualified_name(module: str, parameter: str) -> str:
+    return f"{module}.{parameter}" if module else parameter
 
 
 def _conv_group_units(
@@ -330,7 +405,7 @@ def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
     """Why a group's members do not describe a consistent channel removal, or ``None`` if they do:
     every position inside its module's dimension, no position of a (module, kind) claimed twice, as
     many positions as channels, and each channel occupying equally many positions of the member."""
-    claimed: dict[tuple[str, str], list[torch.Tensor]] = {}
+    claimed: dict[tuple[str, str, Optional[str]], list[torch.Tensor]] = {}
     for member in members:
         if member.kind == "channel" and not member.has_parameters:
             continue  # nothing to slice (an activation may well be called several times)
@@ -343,8 +418,8 @@ def _inconsistency(members: Sequence[GroupMember]) -> Optional[str]:
         counts = counts[counts > 0]
         if counts.numel() and not bool((counts == counts[0]).all()):
             return f"{where}: channels occupy unequal numbers of positions"
-        claimed.setdefault((member.module, member.kind), []).append(member.positions)
-    for (module, kind), positions in claimed.items():
+        claimed.setdefault((member.module, member.kind, member.parameter), []).append(member.positions)
+    for (module, kind, _), positions in claimed.items():
         every = torch.cat(positions)
         if every.unique().numel() != every.numel():
             return f"{module!r} ({kind} channels): a position is claimed twice (a module used twice in forward?)"
@@ -446,11 +521,19 @@ def _index_mapping_as_built() -> Iterator[None]:
         module.update_index_mapping = update
 
 
+def _out_width(module: nn.Module) -> int:
+    """A group root's output width: a Conv's ``out_channels``, a Linear's ``out_features``, an embedding's
+    ``embedding_dim``."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    return module.out_channels if isinstance(module, _ConvNd) else linear_features(module)[1]
+
+
 def _check_groups_match(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, nn.Module]:
     modules = dict(model.named_modules())
     for group in groups:
         root = modules.get(group.root)
-        width = None if root is None else (root.out_channels if isinstance(root, _ConvNd) else linear_features(root)[1])
+        width = None if root is None else _out_width(root)
         expected = sum(m.positions.numel() for m in group.members if m.module == group.root and m.kind == "out")
         if width != expected:
             raise ValueError(

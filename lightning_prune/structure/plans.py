@@ -2,7 +2,8 @@
 zeroed channels, the 0/1 masks and channel norms of groups, and the kept-channel ratios per layer.
 
 A :data:`ChannelPlan` says, per group, which channels stay. :func:`channel_masks` gives the 0/1 masks
-that make the dense model compute what :func:`~lightning_prune.structure.removal.apply_plan` leaves.
+that make the dense model compute what :func:`~lightning_prune.structure.removal.apply_plan` leaves (with
+:func:`norm_masks` in place where a hidden group runs through norms).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
+from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm
-from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match
+from lightning_prune.structure.groups import ChannelGroup, GroupMember, MemberKind, _check_groups_match, is_norm, norm_width
 from lightning_prune.structure.records import _qualified
 from lightning_prune.targets import transposed_linear_types
 
@@ -25,7 +28,10 @@ ChannelPlan = dict[int, torch.Tensor]
 
 def _weight_dim(module: nn.Module, kind: MemberKind) -> int:
     """The weight dimension holding a Conv/Linear's ``kind`` channels (a transposed conv's weight is
-    ``(in, out / groups, *kernel)``, a Hugging Face ``Conv1D``'s ``(in, out)``)."""
+    ``(in, out / groups, *kernel)``, a Hugging Face ``Conv1D``'s ``(in, out)``, an ``nn.Embedding``'s
+    ``(num_embeddings, embedding_dim)``: its output is dim 1)."""
+    if isinstance(module, nn.Embedding):
+        return 1
     transposed = module.transposed if isinstance(module, _ConvNd) else isinstance(module, transposed_linear_types())
     out_dim = 1 if transposed else 0
     return out_dim if kind == "out" else 1 - out_dim
@@ -56,19 +62,28 @@ def _sliced_parameters(member: GroupMember, module: nn.Module) -> list[tuple[str
     """(parameter name in the module, dimension) pairs that removing the member's positions slices."""
     if member.kind == "in":
         return [("weight", _weight_dim(module, "in"))]
+    if member.kind == "parameter":
+        return [(member.parameter, getattr(module, member.parameter).dim() - 1)]
     if member.kind == "out":
-        return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if module.bias is not None else [])
+        return [("weight", _weight_dim(module, "out"))] + ([("bias", 0)] if getattr(module, "bias", None) is not None else [])
+    if member.kind == "table":
+        return [(name, parameter.dim() - 1) for name, parameter in module.named_parameters(recurse=False)]
     return [(name, 0) for name, _ in module.named_parameters(recurse=False)]
 
 
 def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan) -> dict[str, torch.Tensor]:
     """0/1 masks (name as in ``model.named_parameters()`` -> mask of that parameter's shape and dtype)
     that zero exactly what :func:`apply_plan` would remove: output slices of producing Conv/Linear
-    weights and biases, input slices of consuming ones, and BatchNorm weights and biases. The masked
-    model computes what the physically pruned one computes. Only affected parameters appear."""
+    weights and biases, input slices of consuming ones, and BatchNorm weights and biases (a hidden group's:
+    also embeddings' columns, loose parameters and norm weights). The masked model computes what the
+    physically pruned one computes (a hidden group's norms need
+    :func:`norm_masks` as well). Only affected parameters appear, each under
+    its ``model.named_parameters()`` name (a tied weight once, with the slices of all its members)."""
     check_plan(groups, plan)
     modules = _check_groups_match(model, groups)
     parameters = dict(model.named_parameters())
+    canonical = {id(parameter): name for name, parameter in parameters.items()}
+    every = dict(model.named_parameters(remove_duplicate=False))
     masks: dict[str, torch.Tensor] = {}
     for group in groups:
         if group.index not in plan:
@@ -79,7 +94,7 @@ def channel_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: Channe
         for member in group.members:
             positions = member.positions[removed[member.channels]]
             for attribute, dim in _sliced_parameters(member, modules[member.module]):
-                name = _qualified(member.module, attribute)
+                name = canonical[id(every[_qualified(member.module, attribute)])]
                 mask = masks.setdefault(name, torch.ones_like(parameters[name], requires_grad=False))
                 mask.index_fill_(dim, positions.to(mask.device), 0.0)
     return masks
@@ -177,3 +192,57 @@ def channel_ratio_vector(groups: Sequence[ChannelGroup], plan: ChannelPlan) -> l
     """The channel-ratio vector (Pruning from Scratch's structure): kept / original channels per prunable
     layer in model order; :func:`layer_channel_ratios` gives the layer names alongside."""
     return list(layer_channel_ratios(groups, plan).values())
+
+
+def norm_masks(model: nn.Module, groups: Sequence[ChannelGroup], plan: ChannelPlan) -> list[RemovableHandle]:
+    """Forward hooks that make each norm of a hidden group (``ChannelGroup.hidden``) normalise over the
+    channels ``plan`` keeps only, with zeros at the removed ones, as the physically pruned norm does (a
+    LayerNorm's mean and variance, an RMSNorm's mean square are over the channels that stay, so masking its
+    input and weights alone would not do). With :func:`channel_masks` applied, the dense model computes what
+    :func:`~lightning_prune.structure.apply_plan` leaves. Remove the returned handles to end it."""
+    check_plan(groups, plan)
+    modules = _check_groups_match(model, groups)
+    handles = []
+    for group in groups:
+        if not group.hidden or group.index not in plan:
+            continue
+        removed = _removed(group, plan[group.index])
+        for member in group.members:
+            module = modules[member.module]
+            if member.kind == "channel" and is_norm(module):
+                keep = member.positions[~removed[member.channels]].sort().values
+                handles.append(module.register_forward_hook(_normalised_over(keep)))
+    return handles
+
+
+def _normalised_over(keep: torch.Tensor):  # noqa: ANN202 - a forward hook
+    """A norm's forward hook: its output recomputed on the ``keep`` channels of its input (with its weights of
+    those channels), zeros elsewhere. The channel dimension is the last one, dim 1 for a channels-first norm
+    (timm's ``LayerNorm2d``)."""
+    inside = [False]
+    on_device: dict[torch.device, torch.Tensor] = {}  # ``keep`` where the activations are (copied once)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+        if inside[0]:
+            return None
+        dim = 1 if type(module).__name__.endswith(("2d", "3d")) else -1
+        width = norm_width(module)
+        if args[0].dim() < 2 or args[0].shape[dim] != width:
+            raise ValueError(f"{type(module).__name__}'s input {tuple(args[0].shape)} has no {width} channels in dim {dim}")
+        if output.device not in on_device:
+            on_device[output.device] = keep.to(output.device)
+        index = on_device[output.device]
+        sliced = {name: p.index_select(0, index) for name, p in module.named_parameters(recurse=False)}
+        shape = getattr(module, "normalized_shape", None)
+        inside[0] = True
+        try:
+            if shape is not None:
+                module.normalized_shape = (len(keep),)
+            kept = functional_call(module, sliced, (args[0].index_select(dim, index),))
+        finally:
+            inside[0] = False
+            if shape is not None:
+                module.normalized_shape = shape
+        return torch.zeros_like(output).index_copy(dim % output.dim(), index, kept.to(output.dtype))
+
+    return hook
