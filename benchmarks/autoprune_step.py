@@ -10,7 +10,7 @@ Three steps are timed, interleaved round by round in one process (so machine loa
   the gradient of its auxiliary parameters ``M`` comes from a held-out batch);
 - autoprune: what ``AutoPruneCallback`` does per step, through its core object
   (:class:`lightning_prune.auxiliary.AuxiliaryParameters`): the gated model's training step with
-  ``freeze``/``restore_frozen`` around the optimizer step, then ``learn`` on a held-out batch.
+  ``before_step``/``after_step`` around the optimizer step, then ``learn`` on a held-out batch.
 
 With ``--baseline``, a fourth step, "baseline", is AutoPrune's step through the ``AuxiliaryParameters`` of
 that file (e.g. ``git show <commit>:lightning_prune/auxiliary.py > /tmp/old_auxiliary.py``), interleaved in
@@ -114,12 +114,15 @@ def legacy_auxiliary_step(aux: AuxiliaryParameters, model, held_out) -> None:  #
 
 def autoprune_setup(model, optimizer, core: type = AuxiliaryParameters) -> tuple[Any, Callable[[Any, Any], None]]:  # noqa: ANN001
     aux = core(model, list(select_modules(model)), "element", ste="leaky_relu", slope=0.5, init=1.0)
-    aux.attach()
+    # a core from before the Pruner protocol (``--baseline``) names its verbs attach/freeze/restore_frozen
+    verbs = ("prepare", "before_step", "after_step") if hasattr(aux, "prepare") else ("attach", "freeze", "restore_frozen")
+    prepare, before_step, after_step = (getattr(aux, verb) for verb in verbs)
+    prepare()
     aux.build_optimizer("sgd", 1.5e-2)
     flat = hasattr(aux, "learn")
     if flat:  # the callback registers these on every optimizer of the Trainer
-        optimizer.register_step_pre_hook(lambda *args: aux.freeze())
-        optimizer.register_step_post_hook(lambda *args: aux.restore_frozen())
+        optimizer.register_step_pre_hook(lambda *args: before_step())
+        optimizer.register_step_post_hook(lambda *args: after_step())
 
     def step(batch: Any, held_out: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -128,9 +131,9 @@ def autoprune_setup(model, optimizer, core: type = AuxiliaryParameters) -> tuple
             optimizer.step()
             aux.learn(lambda: F.cross_entropy(model(held_out[0]), held_out[1]), REG, **CONSISTENCY)
         else:
-            aux.freeze()
+            before_step()
             optimizer.step()
-            aux.restore_frozen()
+            after_step()
             legacy_auxiliary_step(aux, model, held_out)
 
     return aux, step

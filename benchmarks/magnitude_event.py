@@ -80,7 +80,7 @@ def channel_event_syncs() -> None:
     pruner = MagnitudePruner(model, layers, 0.5)
     pruner.channels = ChannelMagnitude(groups, list(pruner.weights), {n: p.shape for n, p in model.named_parameters()}, "l1", 0.99)
     with Ops() as ops:
-        pruner.prune(1.0)
+        pruner.update(pruner.final)
     print(f"channel event on ResNet-20 ({sum(g.size for g in groups)} channels): "
           f"{ops.ops.count('_local_scalar_dense')} host syncs, {len(ops.ops)} aten ops")
 
@@ -89,12 +89,12 @@ def step_ops() -> None:
     model = build_network("resnet50", num_classes=1000, in_channels=3, image_size=64)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     pruner = MagnitudePruner(model, layers, 0.8)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     with Ops() as ops:
-        pruner.masks.apply_to_grads()
-        pruner.masks.apply_to_weights()
+        pruner.before_step()
+        pruner.after_step()
     print(f"per-step mask path on ResNet-50 ({len(pruner.masks.masks)} masked weights): {len(ops.ops)} aten ops "
           f"({sorted(set(ops.ops))}), {ops.ops.count('_local_scalar_dense')} host syncs")
 

@@ -148,7 +148,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     medians = {batch: {name: statistics.median(values) for name, values in per.items()} for batch, per in timing.items()}
 
     element_pruned = copy.deepcopy(models["dense"])
-    MagnitudePruner(element_pruned, list(select_modules(element_pruned)), SPARSITY).prune(1.0)
+    MagnitudePruner(element_pruned, list(select_modules(element_pruned)), SPARSITY).update(SPARSITY)
     sparse_file = out_dir / f"{ARCH}_sparse{int(100 * SPARSITY)}_csr.pt"
     export = export_sparse(element_pruned, sparse_file, "csr")
     sizes = {name: saved_bytes(model) for name, model in models.items()}

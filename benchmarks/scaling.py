@@ -40,8 +40,8 @@ def timed(function: Callable[[], object]) -> float:
 def event_seconds(model: nn.Module) -> float:
     """Median time of a global magnitude event (to 90% · fraction sparsity) over ``FRACTIONS``, after one warm-up event."""
     pruner = MagnitudePruner(model, list(select_modules(model)), 0.9)
-    pruner.prune(0.5)
-    return statistics.median(timed(lambda: pruner.prune(fraction)) for fraction in FRACTIONS)
+    pruner.update(0.45)
+    return statistics.median(timed(lambda: pruner.update(0.9 * fraction)) for fraction in FRACTIONS)
 
 
 def step_seconds(width: int, batch: int, steps: int) -> dict[str, float]:
@@ -56,12 +56,12 @@ def step_seconds(width: int, batch: int, steps: int) -> dict[str, float]:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         if masked:
-            pruner.masks.apply_to_grads()
+            pruner.before_step()
         optimizer.step()
         if masked:
-            pruner.masks.apply_to_weights()
+            pruner.after_step()
 
-    event = timed(lambda: pruner.prune(1.0))
+    event = timed(lambda: pruner.update(pruner.final))
     for masked in (True, False):  # warm-up
         step(masked)
     dense, masked = [], []

@@ -17,6 +17,7 @@ from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.gate_search import GatePruning, GateSearch
 from lightning_prune.magnitude import MagnitudePruner
 from lightning_prune.masks import MaskSet
+from lightning_prune.pruner import Pruner, hook_optimizer
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import PruningSchedule
 from lightning_prune.structure import apply_plan, channel_ratio_vector, find_channel_groups
@@ -46,6 +47,7 @@ __all__ = [
     "IterativeMagnitude",
     "MagnitudePruner",
     "MaskSet",
+    "Pruner",
     "PruningSchedule",
     "apply_plan",
     "build_network",
@@ -54,6 +56,7 @@ __all__ = [
     "count_ops",
     "export_sparse",
     "find_channel_groups",
+    "hook_optimizer",
     "load_from_checkpoint",
     "load_sparse",
     "rebuild_training_state",

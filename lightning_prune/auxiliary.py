@@ -235,72 +235,6 @@ def _factored_gradient(
     return out, factor if direction else torch.ones((), device=out.device), finite
 
 
-@dataclass(frozen=True)
-class LearningWindow:
-    """When ``M`` learns: epochs ``start_epoch``..``end_epoch``; later steps fine-tune ``W`` under fixed masks.
-
-    ``end_epoch=None``: the first ``fraction`` (75%) of training — up to epoch ``int(0.75 · max_epochs) − 1``
-    (at least ``start_epoch``) and, with ``max_steps``, before global step ``max(1, int(0.75 · max_steps))``;
-    without either limit ``M`` learns until training ends. ``None`` or a negative value means no limit.
-    """
-
-    start_epoch: int = 0
-    end_epoch: Optional[int] = None
-    fraction: float = 0.75
-
-    def __post_init__(self) -> None:
-        start, end = self.start_epoch, self.end_epoch
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"`start_epoch` must be an integer >= 0, got {start!r}.")
-        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < start):
-            raise ValueError(f"`end_epoch` must be None or an integer >= `start_epoch` ({start}), got {end!r}.")
-
-    def last_epoch(self, max_epochs: Optional[int]) -> Optional[int]:
-        if self.end_epoch is not None:
-            return self.end_epoch
-        if max_epochs is None or max_epochs < 0:
-            return None
-        return max(self.start_epoch, int(self.fraction * max_epochs) - 1)
-
-    def learning(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
-        last = self.last_epoch(max_epochs)
-        by_steps = self.end_epoch is None and max_steps is not None and max_steps > 0
-        return (
-            epoch >= self.start_epoch
-            and (last is None or epoch <= last)
-            and (not by_steps or step < max(1, int(self.fraction * max_steps)))
-        )
-
-    def closed(self, epoch: int, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> bool:
-        """Whether the window is over (``M`` learnt and stops: the fine-tune phase), not merely yet to start."""
-        return epoch >= self.start_epoch and not self.learning(epoch, step, max_epochs, max_steps)
-
-    def problem(self, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[str]:
-        """Why these limits leave no fine-tuning phase (or no learning at all), else ``None``."""
-        epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
-        steps = max_steps if max_steps is not None and max_steps > 0 else None
-        last = self.last_epoch(epochs)
-        if epochs is not None and self.start_epoch >= epochs:
-            return f"`start_epoch`={self.start_epoch} is not below `max_epochs`={epochs}: M never learns"
-        if last is None and steps is None:
-            return "without `max_epochs`, `max_steps` or `end_epoch`, M learns until training ends"
-        if epochs is not None and last is not None and last >= epochs - 1 and (steps is None or self.end_epoch is not None):
-            return f"M learns up to epoch {last}, the last of `max_epochs`={epochs}"
-        return None
-
-
-    def progress(self, epoch: int, within: float, step: int, max_epochs: Optional[int], max_steps: Optional[int]) -> Optional[float]:
-        """How far the window is, from 0 at its start to 1 at its end, at the fraction ``within`` of epoch ``epoch``
-        (global step ``step``): the larger of the epoch and the step progress where both limit it; ``None``
-        without an end (see :meth:`problem`)."""
-        last = self.last_epoch(max_epochs)
-        by_steps = self.end_epoch is None and max_steps is not None and max_steps > 0
-        parts = [] if last is None else [(epoch - self.start_epoch + within) / (last - self.start_epoch + 1)]
-        if by_steps:
-            parts.append(step / max(1, int(self.fraction * max_steps)))
-        return min(1.0, max(0.0, *parts)) if parts else None
-
-
 class PullController:
     r"""Steers the pull µ (``reg``) so that the fraction of switched-off entries of ``M`` reaches ``target`` by the end
     of the learning window: AutoPrune's own mechanism, a stronger pull switches more weights off.
@@ -374,10 +308,10 @@ class PullController:
     @torch.no_grad()
     def settle(self, aux: "AuxiliaryParameters") -> None:
         """At the window's end: remember where the controller landed (:attr:`landed`, on the device), then switch off
-        exactly the target (:meth:`AuxiliaryParameters.settle`). Calling it again changes nothing."""
+        exactly the target (:meth:`AuxiliaryParameters.update`). Calling it again changes nothing."""
         if self.landed is None:
             self.landed = aux.switched_off_fraction()
-        aux.settle(self.target)
+        aux.update(self.target)
 
     def state_dict(self) -> dict[str, Any]:
         landed = None if self.landed is None else self.landed.detach().cpu().clone()
@@ -431,9 +365,9 @@ class AuxiliaryParameters:
     r"""Auxiliary tensors ``M`` for chosen weights of ``model``, their optimizer, and the parametrizations
     ``T = W ⊙ h(M)``: AutoPrune's whole algorithm without a Trainer.
 
-    One call per held-out batch, :meth:`learn` (loss → ``∂L/∂h`` → :func:`auxiliary_gradient` → one
-    optimizer step of ``M``); :meth:`freeze`/:meth:`restore_frozen` around every optimizer step of the
-    model keep the switched-off weights' values. All of ``M`` lives in one flat float32 tensor (``values``
+    A :class:`~lightning_prune.pruner.Pruner`. One call per held-out batch, :meth:`learn` (loss → ``∂L/∂h`` →
+    :func:`auxiliary_gradient` → one optimizer step of ``M``); :meth:`before_step`/:meth:`after_step` around every
+    optimizer step of the model keep the switched-off weights' values. All of ``M`` lives in one flat float32 tensor (``values``
     holds views of it), so a step is a handful of fused tensor ops without host synchronisation: the
     non-finite flag stays on the device until :meth:`take_counts`, which also counts the weights revived
     and switched off since its last call. A step writes into preallocated ``M``-sized buffers (no
@@ -443,22 +377,24 @@ class AuxiliaryParameters:
     multiply in two forwards and two backwards, the copy and ``lerp`` around the model's optimizer step,
     and 13 in :meth:`step`.
 
-    In a plain PyTorch loop: :meth:`attach` and :meth:`build_optimizer` once; :meth:`freeze` before and
-    :meth:`restore_frozen` after each optimizer step of the model; :meth:`learn` on a held-out batch after
-    it; :meth:`settle` to switch off an exact fraction; :meth:`detach` to make the masks permanent.
+    In a plain PyTorch loop: :meth:`prepare` and :meth:`build_optimizer` once; :meth:`before_step` and
+    :meth:`after_step` around each optimizer step of the model (:func:`~lightning_prune.pruner.hook_optimizer`);
+    :meth:`learn` on a held-out batch after it; :meth:`update` to switch off an exact fraction; :meth:`finalize`
+    to make the masks permanent.
 
     Example::
 
         import torch
         from torch import nn
-        from lightning_prune import AuxiliaryParameters
+        from lightning_prune import AuxiliaryParameters, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
         aux = AuxiliaryParameters(model, modules=["0", "2"])  # one entry of M per weight
-        aux.attach()  # the model computes with W * h(M) from now on
+        aux.prepare()  # the model computes with W * h(M) from now on
         aux.build_optimizer("sgd", lr=0.05)
+        handle = hook_optimizer(optimizer, aux)  # switched-off weights keep their values through each step
 
         def loss_on(x):
             return nn.functional.mse_loss(model(x), x[:, :4])
@@ -467,14 +403,13 @@ class AuxiliaryParameters:
             loss = loss_on(torch.randn(32, 16))
             optimizer.zero_grad()
             loss.backward()
-            aux.freeze()  # before the optimizer step
             optimizer.step()
-            aux.restore_frozen()  # after it: switched-off weights keep their values
             held_out = torch.randn(32, 16)
             aux.learn(lambda: loss_on(held_out), reg=2.0)  # one step of M on a held-out batch
         learned = float(aux.switched_off_fraction())  # one host read: the fraction M switched off
-        aux.settle(0.8)  # exactly 80% of the weights off (switched-on ones come back with their values)
-        aux.detach()  # W * h(M) written into W, the parametrizations removed: 80% of the weights are zero
+        aux.update(0.8)  # exactly 80% of the weights off (switched-on ones come back with their values)
+        handle.remove()
+        aux.finalize()  # W * h(M) written into W, the parametrizations removed: 80% of the weights are zero
 
     Args:
         model: the model; parameters are addressed by their names in it.
@@ -699,7 +634,7 @@ class AuxiliaryParameters:
 
     @property
     def attached(self) -> bool:
-        """Whether the parametrizations ``W ⊙ h(M)`` are on the model (between :meth:`attach` and :meth:`detach`)."""
+        """Whether the parametrizations ``W ⊙ h(M)`` are on the model (between :meth:`prepare` and :meth:`finalize`)."""
         return bool(self._handles)
 
     def original(self, target: tuple[str, str]) -> torch.Tensor:
@@ -713,12 +648,12 @@ class AuxiliaryParameters:
 
     @torch.no_grad()
     def _refresh_masks(self) -> None:
-        """Compute ``h(M)`` and the gates now (after an attach, a move or a load), not in the next forward."""
+        """Compute ``h(M)`` and the gates now (after :meth:`prepare`, a move or a load), not in the next forward."""
         for dtype in {weight.dtype for weight in self._originals}:
             self._gates(dtype)
 
-    # ------------------------------------------------------------------ attach / detach
-    def attach(self) -> None:
+    # ------------------------------------------------------------------ prepare / finalize
+    def prepare(self) -> None:
         """Register the parametrizations and the state-dict hooks on the model."""
         for module_name, parameter in self.targets:
             module = self.model.get_submodule(module_name)
@@ -736,7 +671,7 @@ class AuxiliaryParameters:
         self._refresh_masks()
 
     @torch.no_grad()
-    def detach(self, permanent: bool = True) -> None:
+    def finalize(self, permanent: bool = True) -> None:
         """Make the masks permanent: write ``W ⊙ h(M)`` into ``W`` (the same ``nn.Parameter``, so any
         optimizer keeps training it), remove the parametrizations and hooks. ``M`` leaves the model.
         ``permanent=False`` leaves ``W`` as it is (for a model reshaped under ``M``, whose gates no longer fit).
@@ -756,14 +691,14 @@ class AuxiliaryParameters:
 
     # ------------------------------------------------------------------ switched-off weights keep their values
     @torch.no_grad()
-    def freeze(self) -> None:
+    def before_step(self) -> None:
         """Copy every gated ``W`` into one preallocated buffer (call before each optimizer step of the model)."""
         if self._saved is None:
             self._saved = [torch.empty_like(weight) for weight in self._originals]
         torch._foreach_copy_(self._saved, self._originals)
 
     @torch.no_grad()
-    def restore_frozen(self) -> None:
+    def after_step(self) -> None:
         """Write the saved values back where the gate is 0, undoing weight decay and momentum there: one fused
         ``lerp(W, saved, 1 − h)`` over every gated ``W``, in place (exactly ``W`` at 1 − h = 0 and ``saved`` at
         1 − h = 1, and on CPU three times as fast as a ``where`` on a boolean mask)."""
@@ -891,12 +826,12 @@ class AuxiliaryParameters:
             self._flat.index_put_((self._groups.gather(1, where.unsqueeze(1)).squeeze(1),), torch.where(collapsed, 1e-6, top))
 
     @torch.no_grad()
-    def settle(self, fraction: float) -> None:
-        """Switch off exactly ``round(fraction · n)`` of the ``n`` entries of ``M``: those with the smallest ``m``
+    def update(self, target: float) -> None:
+        """Switch off exactly ``round(target · n)`` of the ``n`` entries of ``M``: those with the smallest ``m``
         (ties by position). An entry of that set still on gets ``m`` = 0, an entry outside it still off gets
         ``m`` = 1e-6 (its weights return with their kept values); the others keep their ``m``. Channel
         granularity then keeps one channel per group (:meth:`step`'s floor), which can leave a few more on."""
-        k = round(fraction * self._flat.numel())
+        k = round(target * self._flat.numel())
         order = torch.sort(self._flat, stable=True).indices
         off, on = order[:k], order[k:]
         self._flat[off] = self._flat[off].clamp_max(0.0)

@@ -28,17 +28,18 @@ placement or ``"all"``), the refusal of an unreachable target before any weight 
 relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
 network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
-A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.regularize`,
+A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.before_step`,
 Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and loss sums, the step count of a first
 non-finite loss and the gate mean live on the device, read once by :meth:`GateSearch.read_metrics` or
 :meth:`GateSearch.check_finite`. All gates are one flat parameter, so a step reduces its gradient across processes
-in one collective (``reduce``), Adam and the clamp touch one tensor. ``GatePruningFromScratch`` runs the same
-verbs inside Lightning's fit loop (``regularize`` before, :meth:`GateSearch.after_step` after each optimizer step).
+in one collective (``reduce``), Adam and the clamp touch one tensor. :class:`GateSearch` is a
+:class:`~lightning_prune.pruner.Pruner`: ``GatePruningFromScratch`` hooks its ``before_step`` and ``after_step`` on the
+gate optimizer inside Lightning's fit loop (:func:`~lightning_prune.pruner.hook_optimizer`).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
@@ -91,19 +92,20 @@ def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[flo
 
 
 class GateSearch:
-    """The gate phase as an object: the caller feeds task losses (:meth:`step`) and validation values
-    (:meth:`validated`), then asks for the structure (:meth:`search`). See the module docstring for
-    the objective, the selection rule and the threshold search.
+    """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): the caller feeds task losses
+    (:meth:`step`, or its own backward and ``optimizer.step()`` with :meth:`before_step` and :meth:`after_step`
+    hooked on :attr:`optimizer`) and validation values (:meth:`validated`), then asks for the structure
+    (:meth:`search`). See the module docstring for the objective, the selection rule and the threshold search.
 
-    In a plain PyTorch loop: :meth:`step` on each task loss inside :meth:`running`, :meth:`validated` with
-    each validation value, :meth:`search` for a plan within a FLOPs budget (:class:`GatePruning` wraps
-    these with the target checks, the removal and the re-initialisation).
+    In a plain PyTorch loop: :meth:`step` on each task loss between :meth:`prepare` and :meth:`finalize` (or inside
+    :meth:`running`), :meth:`validated` with each validation value, :meth:`search` for a plan within a FLOPs budget
+    (:class:`GatePruning` wraps these with the target checks, the removal and the re-initialisation).
 
     Example::
 
         import torch
         from torch import nn
-        from lightning_prune import FlopsPredictor, GateSearch, apply_plan, count_flops, find_channel_groups
+        from lightning_prune import FlopsPredictor, GateSearch, apply_plan, find_channel_groups, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(
@@ -114,10 +116,15 @@ class GateSearch:
         x = torch.zeros(1, 3, 16, 16)
         groups = find_channel_groups(model, x)
         search = GateSearch(model, groups, lr=0.2)
-        with search.running():  # weights frozen, one gate per channel inserted
-            for step in range(20):
-                images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-                search.step(nn.functional.cross_entropy(model(images), labels))  # backward, Adam, clamp
+        search.prepare()  # weights frozen, one gate per channel inserted
+        handle = hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
+        for step in range(20):
+            images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+            search.optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            search.optimizer.step()
+        handle.remove()
+        result = search.finalize()  # gates out, every flag and buffer restored: the last gates
         found = search.search(FlopsPredictor(model, x, groups), flops_ratio=0.5)  # the last gates' plan
         apply_plan(model, groups, found.plan, x)  # channels removed: at most 50% of the dense FLOPs
 
@@ -166,14 +173,42 @@ class GateSearch:
         self.best: Optional[float] = None
         self.chosen: Optional[GatePhaseResult] = None
         self.last_metric: Optional[float] = None
+        self._inserted: Optional[ExitStack] = None
 
     # ------------------------------------------------------------------ learning
+    def prepare(self) -> None:
+        """Weights frozen, training mode, gates inserted (until :meth:`finalize`)."""
+        with ExitStack() as stack:
+            stack.enter_context(frozen_network(self.model))
+            stack.enter_context(self.gates.inserted())
+            self._inserted = stack.pop_all()
+
+    def _leave(self) -> None:
+        if self._inserted is not None:
+            self._inserted.close()
+            self._inserted = None
+
+    def finalize(self) -> GatePhaseResult:
+        """The gates removed and every parameter flag, module mode and buffer restored; returns :meth:`result`."""
+        self._leave()
+        return self.result()
+
     @contextmanager
     def running(self) -> Iterator["GateSearch"]:
-        """Weights frozen, training mode, gates inserted; on leaving (also on error) the gates are
-        removed and every parameter flag, module mode and buffer restored."""
-        with frozen_network(self.model), self.gates.inserted():
+        """:meth:`prepare` on entering; on leaving (also on error) the gates removed and everything restored, as by
+        :meth:`finalize`."""
+        self.prepare()
+        try:
             yield self
+        finally:
+            self._leave()
+
+    def update(self, target: float) -> None:
+        """Steer the gates toward the mean gate ``target`` from now on: the ``r`` of the ratio term (and of the snapshot
+        rule's sparsity bound), in (0, 1]."""
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(f"`target` (the mean gate r) must be a number in (0, 1], got {target!r}.")
+        self.gate_ratio = float(target)
 
     def to(self, device: torch.device) -> "GateSearch":
         """Move the search's own tensors (running sums, step counters) to ``device``, where the gates went
@@ -192,10 +227,9 @@ class GateSearch:
         return value + self.l1 * gates.abs().sum() if self.l1 else value
 
     @torch.no_grad()
-    def regularize(self) -> torch.Tensor:
+    def before_step(self) -> None:
         r"""Add the penalty's gradient to the gates' gradient (after the task loss's backward, before the
-        optimizer step; Torch-Pruning's ``regularize()`` pattern): ``sign(Λ)·(2γ(‖Λ‖₁/C − r)/C + l1)``.
-        Returns the penalty's value (a detached 0-dim tensor on the gates' device: no host synchronisation)."""
+        optimizer step; Torch-Pruning's ``regularize()`` pattern): ``sign(Λ)·(2γ(‖Λ‖₁/C − r)/C + l1)``."""
         parameter = self.gates.parameter
         mean = parameter.abs().mean()
         gradient = parameter.sign() * (2 * self.gamma * (mean - self.gate_ratio) / parameter.numel() + self.l1)
@@ -203,7 +237,6 @@ class GateSearch:
             parameter.grad = gradient
         else:
             parameter.grad.add_(gradient)
-        return self.penalty(parameter)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -228,14 +261,16 @@ class GateSearch:
 
     def step(self, task_loss: torch.Tensor) -> None:
         """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
-        backward, gradient averaged over processes, the penalty's gradient (:meth:`regularize`), Adam, clamp
-        to [0, 1]. No host synchronisation: a non-finite loss is recorded on the device and raised by
+        backward, gradient averaged over processes, the penalty's gradient (:meth:`before_step`), Adam, clamp
+        to [0, 1] (:meth:`after_step`). No host synchronisation: a non-finite loss is recorded on the device and raised by
         :meth:`read_metrics`."""
         self.optimizer.zero_grad(set_to_none=True)
         task_loss.float().backward()
         parameter = self.gates.parameter
         parameter.grad = self.reduce(parameter.grad, "mean")
-        penalty = self.regularize()
+        self.before_step()
+        with torch.no_grad():
+            penalty = self.penalty(parameter)
         self.optimizer.step()
         self.after_step()
         self.record(task_loss, penalty)
@@ -314,6 +349,7 @@ class GateSearch:
             "last_metric": self.last_metric,
             "chosen": None if chosen is None else vars(chosen).copy(),
             "first_bad": int(self._first_bad),
+            "gate_ratio": self.gate_ratio,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,6 +361,7 @@ class GateSearch:
         self._first_bad.fill_(state.get("first_bad", -1))
         self.optimizer.load_state_dict(state["optimizer"])
         self.best, self.last_metric = state["best"], state["last_metric"]
+        self.gate_ratio = state.get("gate_ratio", self.gate_ratio)
         self.chosen = None if state["chosen"] is None else GatePhaseResult(**state["chosen"])
 
 

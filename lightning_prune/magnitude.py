@@ -1,14 +1,14 @@
-r"""Magnitude pruning without a framework: what to prune and how (the schedule, when, is
-:class:`~lightning_prune.schedules.PruningSchedule`).
+r"""Magnitude pruning without a framework: what to prune and how (when, and which target when, is
+:class:`~lightning_prune.schedules.PruningSchedule`'s: its ``target`` blends AGP's s_i into the final target).
 
-At an event with schedule fraction :math:`f` and final target :math:`s`, :class:`MagnitudePruner`
+Told a target :math:`s` (:meth:`MagnitudePruner.update`), :class:`MagnitudePruner`
 
-- ``criterion="magnitude"``, ``scope="global"``: drops the :math:`\mathrm{round}(f s N)` smallest
+- ``criterion="magnitude"``, ``scope="global"``: drops the :math:`\mathrm{round}(s N)` smallest
   :math:`|w|` over the :math:`N` pruned weights (one threshold; Han et al. 2015), each layer held to at
   most ``max_layer_sparsity`` (the per-layer floor);
-- ``scope="layer"``: each layer :math:`l` loses its :math:`\mathrm{round}(f s_l n_l)` smallest :math:`|w|`
+- ``scope="layer"``: each layer :math:`l` loses its :math:`\mathrm{round}(s_l n_l)` smallest :math:`|w|`
   (Distiller's Level pruner);
-- ``criterion="sensitivity"``: drops :math:`|w| < \lambda_l = f s_l \sigma_l`, :math:`\sigma_l` the
+- ``criterion="sensitivity"``: drops :math:`|w| < \lambda_l = s_l \sigma_l`, :math:`\sigma_l` the
   standard deviation of the dense layer, cached at the first event (Distiller's Sensitivity pruner);
 - ``granularity="channel"``: drops whole channels of coupled groups, and whole attention heads, ranked by
   their L1/L2 norm relative to their group's mean (:class:`ChannelMagnitude`).
@@ -29,7 +29,8 @@ from torch import nn
 from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.inputs import ExampleInput, model_input
 from lightning_prune.masks import MaskSet
-from lightning_prune.schedules import PruningSchedule
+from lightning_prune.pruner import Target
+from lightning_prune.schedules import check_initial_below
 from lightning_prune.structure import (
     ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, zeroed_channel_plan,
 )
@@ -100,9 +101,7 @@ def check_initial_sparsity(initial_sparsity: float, sparsity: Union[float, Mappi
     """AGP's s_i must not exceed any final sparsity s_f and is a sparsity, which the sensitivity criterion has not."""
     if initial_sparsity > 0 and criterion == "sensitivity":
         raise ValueError(f"`initial_sparsity` ({initial_sparsity}) is a sparsity: it needs `criterion`='magnitude', got 'sensitivity'.")
-    finals = list(sparsity.values()) if isinstance(sparsity, Mapping) else [sparsity]
-    if finals and initial_sparsity > min(finals):
-        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must not exceed the final `sparsity` ({sparsity!r}).")
+    check_initial_below(initial_sparsity, sparsity)
 
 
 class ChannelMagnitude:
@@ -220,32 +219,38 @@ class ChannelMagnitude:
 
 
 class MagnitudePruner:
-    """Masks a model's Conv/Linear weights by magnitude (see the module docstring for the rules).
+    """Masks a model's Conv/Linear weights by magnitude (see the module docstring for the rules); a
+    :class:`~lightning_prune.pruner.Pruner`.
 
-    In a plain PyTorch loop: :meth:`step` at every time of the schedule (it prunes at events), the masks'
-    ``apply_to_grads`` before each optimizer step and ``apply_to_weights`` after it, so zeros stay zeros.
+    In a plain PyTorch loop: :meth:`update` with each target of the schedule (it decides new masks and writes
+    zeros under them), :meth:`before_step` and :meth:`after_step` around each optimizer step
+    (:func:`~lightning_prune.pruner.hook_optimizer`), so zeros stay zeros.
 
     Example::
 
         import torch
         from torch import nn
-        from lightning_prune import MagnitudePruner, PruningSchedule
+        from lightning_prune import MagnitudePruner, PruningSchedule, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         schedule = PruningSchedule("iterative", start_epoch=10, end_epoch=30, frequency=10)  # steps 10, 20, 30
-        pruner = MagnitudePruner(model, layers=["0", "2"], sparsity=0.9, schedule=schedule)
+        pruner = MagnitudePruner(model, layers=["0", "2"], sparsity=0.9)
+        pruner.prepare()
+        handle = hook_optimizer(optimizer, pruner)  # masked gradients before each step, zeros re-written after
         for step in range(50):
-            if pruner.step(step) is not None:  # an event: new masks, the weights under them zeroed
+            target = schedule.target(step, pruner.final)  # 0.3, 0.6, 0.9 at the events, else None
+            if target is not None:
+                pruner.update(target)  # new masks, the weights under them zeroed
                 pruner.masks.apply_to_optimizer_state([optimizer])  # no momentum left there
             x = torch.randn(32, 16)
             loss = nn.functional.mse_loss(model(x), x[:, :4])
             optimizer.zero_grad()
             loss.backward()
-            pruner.masks.apply_to_grads()  # before the optimizer step
-            optimizer.step()
-            pruner.masks.apply_to_weights()  # after it: 90% of the weights are zero, and stay zero
+            optimizer.step()  # 90% of the weights are zero after the last event, and stay zero
+        handle.remove()
+        pruner.finalize()  # the masks dropped: the zeros stay
 
     Args:
         model: the model whose parameters are masked.
@@ -256,11 +261,9 @@ class MagnitudePruner:
         sensitivity: ``s`` of the sensitivity criterion: one number or ``{layer: s}``.
         max_layer_sparsity: the per-layer floor: no layer holds more than this fraction of zeros.
         channels: a :class:`ChannelMagnitude` for ``granularity="channel"``.
-        schedule: when to prune (:meth:`step`); its ``initial_sparsity`` s_i makes an event at progress f
-            ask each layer for s_i + (s_l - s_i)·f (Zhu & Gupta's AGP; per layer as Distiller's
-            AutomatedGradualPruner; layers without a target stay dense).
-        rewind_at: :meth:`step` snapshots the parameters (:meth:`remember`) at this time; the surviving
-            weights are put back to a snapshot after each event.
+
+    After :meth:`remember` (lottery ticket: at init, or at epoch k) the surviving weights are put back to that
+    snapshot after each :meth:`update`.
     """
 
     def __init__(
@@ -273,10 +276,7 @@ class MagnitudePruner:
         sensitivity: Union[float, Mapping[str, float], None] = None,
         max_layer_sparsity: float = 0.99,
         channels: Optional[ChannelMagnitude] = None,
-        schedule: Optional[PruningSchedule] = None,
-        rewind_at: Optional[int] = None,
     ) -> None:
-        check_initial_sparsity(0.0 if schedule is None else schedule.initial_sparsity, sparsity, criterion)
         self.model = model
         self.weights = unique_weights(model, layers)
         self.sparsity = sparsity
@@ -285,9 +285,6 @@ class MagnitudePruner:
         self.sensitivity = sensitivity
         self.max_layer_sparsity = max_layer_sparsity
         self.channels = channels
-        self.schedule = schedule
-        self.rewind_at = rewind_at
-        self.last_event = -1
         self.masks = MaskSet(model)
         self.sigmas: dict[str, float] = {}
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
@@ -302,44 +299,36 @@ class MagnitudePruner:
                     f"lets the layers hold at most {sum(self.max_drop.values()):,}; raise `max_layer_sparsity`."
                 )
 
-    def _per_layer(self, value: Union[float, Mapping[str, float], None], fraction: float) -> dict[str, float]:
-        """``{weight name: fraction · value of its layer}``."""
-        if isinstance(value, Mapping):
-            return {name: fraction * value.get(layer, 0.0) for name, layer in self.weights.items()}
-        return {name: fraction * float(value or 0.0) for name in self.weights}
+    @property
+    def final(self) -> Target:
+        """The final target: ``sparsity``, or ``sensitivity`` for ``criterion="sensitivity"`` (what a schedule's
+        ``target`` blends toward)."""
+        return (self.sensitivity or 0.0) if self.criterion == "sensitivity" else self.sparsity
 
-    def _blend(self, final: float, fraction: float) -> float:
-        """s_i + (s_f - s_i)·f, exactly s_f at f = 1 (and exactly f·s_f when s_i = 0)."""
-        s_i = 0.0 if self.schedule is None else self.schedule.initial_sparsity
-        return final if fraction == 1.0 else s_i + (final - s_i) * fraction
+    def _per_layer(self, target: Target) -> dict[str, float]:
+        """``{weight name: the target of its layer}`` (0 for a layer a mapping does not name)."""
+        if isinstance(target, Mapping):
+            return {name: float(target.get(layer, 0.0)) for name, layer in self.weights.items()}
+        return {name: float(target) for name in self.weights}
 
-    def _sparsity(self, fraction: float) -> dict[str, float]:
-        """``{weight name: s_i + (s_l - s_i)·fraction}`` (0 for a layer without a target)."""
-        if isinstance(self.sparsity, Mapping):
-            return {name: self._blend(self.sparsity[layer], fraction) if layer in self.sparsity else 0.0 for name, layer in self.weights.items()}
-        return {name: self._blend(float(self.sparsity), fraction) for name in self.weights}
-
-    def _global_sparsity(self, fraction: float) -> float:
-        return self._blend(float(self.sparsity), fraction)  # type: ignore[arg-type]
-
-    def target_sparsity(self, fraction: float) -> float:
-        """Fraction of zeros among the pruned weights that an event with this schedule fraction asks for."""
+    def target_sparsity(self, target: Target) -> float:
+        """Fraction of zeros among the pruned weights that ``target`` asks for (NaN for the sensitivity criterion)."""
         if self.criterion == "sensitivity":
             return float("nan")
         sizes = {name: self.model.get_parameter(name).numel() for name in self.weights}
-        targets = self._sparsity(fraction)
+        targets = self._per_layer(target)
         return sum(targets[name] * n for name, n in sizes.items()) / sum(sizes.values())
 
     @torch.no_grad()
-    def decide(self, fraction: float) -> dict[str, torch.Tensor]:
-        """Keep-masks for the schedule fraction ``fraction`` of the final target, on the weights' devices."""
+    def decide(self, target: Target) -> dict[str, torch.Tensor]:
+        """Keep-masks for ``target`` (a sparsity, or the sensitivity ``s`` of that criterion), on the weights' devices."""
         weights = {name: self.model.get_parameter(name) for name in self.weights}
         previous = {name: mask for name, mask in self.masks.masks.items() if name in weights}
         if self.criterion == "sensitivity":
             if not self.sigmas:
                 stds = torch.stack([w.detach().float().std() for w in weights.values()]).cpu().tolist()
                 self.sigmas = dict(zip(weights, stds))
-            s = self._per_layer(self.sensitivity, fraction)
+            s = self._per_layer(target)
             masks = {}
             for name, w in weights.items():
                 keep = w.detach().abs() >= s[name] * self.sigmas[name]
@@ -350,22 +339,31 @@ class MagnitudePruner:
                 masks[name] = keep
             return masks
         if self.scope == "global":
-            return global_magnitude_masks(weights, self._global_sparsity(fraction), previous, self.max_drop)
-        return layer_magnitude_masks(weights, self._sparsity(fraction), previous)
+            return global_magnitude_masks(weights, float(target), previous, self.max_drop)  # type: ignore[arg-type]
+        return layer_magnitude_masks(weights, self._per_layer(target), previous)
+
+    def prepare(self) -> None:
+        """Nothing to insert: the masks start empty, and :meth:`update` fills them."""
+
+    def before_step(self) -> None:
+        """Zero the masked weights' gradients (one fused multiply): no optimizer state builds up there."""
+        self.masks.apply_to_grads()
+
+    def after_step(self) -> None:
+        """Re-write the masked weights' zeros (one fused multiply), undoing momentum and weight decay."""
+        self.masks.apply_to_weights()
 
     @torch.no_grad()
-    def prune(self, fraction: float, broadcast: Optional[Broadcast] = None) -> None:
-        """One pruning event: decide, take rank 0's decision (``broadcast``), mask, and rewind if asked."""
+    def update(self, target: Target, broadcast: Optional[Broadcast] = None) -> None:
+        """One pruning event to ``target`` (the whole final target, or a schedule's step toward it): decide, take
+        rank 0's decision (``broadcast``), mask, and rewind to the :meth:`remember` snapshot if there is one."""
         if self.channels is not None:
-            target: Union[float, dict[str, float]] = (
-                {self.weights[name]: value for name, value in self._sparsity(fraction).items()}
-                if self.scope == "layer" else self._global_sparsity(fraction)
-            )
-            drop = broadcast_flags(self.channels.decide(self.model, target, self.plan), broadcast)
+            channel_target = {self.weights[name]: value for name, value in self._per_layer(target).items()} if self.scope == "layer" else target
+            drop = broadcast_flags(self.channels.decide(self.model, channel_target, self.plan), broadcast)
             self.plan = self.channels.plan(drop)
             masks = {name: mask != 0 for name, mask in channel_masks(self.model, self.channels.groups, self.plan).items()}
         else:
-            decided = self.decide(fraction)
+            decided = self.decide(target)
             masks = dict(zip(decided, broadcast_flags(list(decided.values()), broadcast)))
         self.masks.update(masks)
         if self.rewind_state is not None:
@@ -373,30 +371,17 @@ class MagnitudePruner:
                 parameter.copy_(self.rewind_state[name])
             self.masks.write_zeros()
 
-    def step(self, time: int, broadcast: Optional[Broadcast] = None) -> Optional[float]:
-        """At time ``time`` of :attr:`schedule` (epoch or step): snapshot for rewinding at ``rewind_at``, and
-        prune if it is an event not yet run. Returns the event's progress fraction, else ``None``."""
-        if self.schedule is None:
-            raise ValueError("`schedule` is None: `step` needs MagnitudePruner(..., schedule=PruningSchedule(...)).")
-        if self.rewind_at == time and self.rewind_state is None:
-            self.remember()
-        fraction = self.schedule.fraction(time)
-        if fraction is None or time <= self.last_event:
-            return None
-        self.prune(fraction, broadcast)
-        self.last_event = time
-        return fraction
-
-    @property
-    def schedule_complete(self) -> bool:
-        """Whether the last event of :attr:`schedule` has run."""
-        return self.last_event >= self.schedule.last_event
-
-    def remove_channels(self, example_input: ExampleInput) -> StructureRecord:
-        """Physically remove the zeroed channels (``granularity="channel"``); the record reshapes a fresh model."""
-        example = model_input(example_input).to(next(self.model.parameters()).device)
-        groups = self.channels.groups
-        return apply_plan(self.model, groups, zeroed_channel_plan(self.model, groups), example)
+    def finalize(self, example_input: Optional[ExampleInput] = None) -> Optional[StructureRecord]:
+        """Drop the masks (the zeros stay). With ``example_input`` (``granularity="channel"``), first remove the
+        zeroed channels physically and return the record that reshapes a fresh model."""
+        record = None
+        if example_input is not None:
+            if self.channels is None:
+                raise ValueError("`example_input` removes channels physically: it needs `channels` (granularity='channel').")
+            example = model_input(example_input).to(next(self.model.parameters()).device)
+            record = apply_plan(self.model, self.channels.groups, zeroed_channel_plan(self.model, self.channels.groups), example)
+        self.masks = MaskSet(self.model)
+        return record
 
     def remember(self) -> None:
         """Snapshot every parameter (on the host) for rewinding (lottery ticket: at init, or at epoch k)."""
@@ -416,12 +401,10 @@ class MagnitudePruner:
             "sigmas": dict(self.sigmas),
             "rewind_state": self.rewind_state,
             "plan": dict(self.plan),
-            "last_event": self.last_event,
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.sigmas = dict(state["sigmas"])  # type: ignore[arg-type]
         self.rewind_state = state["rewind_state"]  # type: ignore[assignment]
         self.plan = dict(state["plan"])  # type: ignore[arg-type]
-        self.last_event = int(state.get("last_event", state.get("last_event_epoch", -1)))  # type: ignore[call-overload]
         self.masks.load_state_dict(dict(state["masks"]))  # type: ignore[arg-type]

@@ -157,7 +157,7 @@ def test_an_autoprune_head_switch_turned_off_computes_the_head_removed(discovere
     aux = AuxiliaryParameters(gated, granularity="channel", groups=heads)
     for group in heads:
         aux.values[group.root].fill_(-1.0)[plan[group.index]] = 1.0
-    aux.attach()
+    aux.prepare()
     pruned = copy.deepcopy(model)
     apply_plan(pruned, groups, plan, x)
     with torch.no_grad():
@@ -334,7 +334,7 @@ def test_channel_magnitude_counts_the_zeros_of_conv1d_heads_and_columns_exactly(
     channels = ChannelMagnitude.for_model(model, x, layers, "l1", 0.99)
     assert sum(group.heads is not None for group in channels.groups) == LAYERS
     pruner = MagnitudePruner(model, layers, 0.5, channels=channels)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     weights = [model.get_submodule(layer).weight for layer in layers]
     zeros = sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
     largest = 3 * 8 * 32 + 8 * 32  # one head: its c_attn columns and c_proj rows

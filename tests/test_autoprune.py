@@ -71,7 +71,7 @@ def test_auxiliary_gradient_terms():
 # ---------------------------------------------------------------------- core: parametrization, recovery, checkpoints
 def _element_core(net: nn.Module) -> AuxiliaryParameters:
     core = AuxiliaryParameters(net, ["fc1", "fc2"], "element", ste="leaky_relu", slope=0.1, init=0.1)
-    core.attach()
+    core.prepare()
     return core
 
 
@@ -87,9 +87,9 @@ def test_switched_off_weight_keeps_its_value_and_returns_with_it():
         optimizer.zero_grad()
         net(torch.randn(8, 64)).pow(2).mean().backward()
         assert w.grad[3, 5].item() == 0.0
-        core.freeze()
+        core.before_step()
         optimizer.step()
-        core.restore_frozen()
+        core.after_step()
     assert w[3, 5].item() == value
     assert w[3, 6].item() != 0.0
     core.values["fc1"][3, 5] = 0.3  # and on again
@@ -124,7 +124,7 @@ def test_detach_makes_masks_permanent_on_the_same_parameters():
     core = _element_core(net)
     original = core.original(("fc1", "weight"))
     core.values["fc1"][0] = -1.0
-    core.detach()
+    core.finalize()
     assert not parametrize.is_parametrized(net)
     assert net.fc1.weight is original and torch.equal(net.fc1.weight[0], torch.zeros(64))
     assert set(dict(net.named_parameters())) == set(dict(LeNet300100().named_parameters()))
@@ -134,7 +134,7 @@ def test_channel_granularity_gates_whole_channels_with_their_biases():
     net = LeNet5()
     groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8))
     core = AuxiliaryParameters(net, granularity="channel", groups=groups)
-    core.attach()
+    core.prepare()
     assert {key: tuple(v.shape) for key, v in core.values.items()} == {
         group.root: (group.size,) for group in groups
     }
@@ -154,7 +154,7 @@ def test_channel_gates_are_computed_once_per_change_of_m():
     net = LeNet5()
     groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8))
     core = AuxiliaryParameters(net, granularity="channel", groups=groups)
-    core.attach()
+    core.prepare()
     x = torch.randn(2, 1, 8, 8)
     dense, unchanged = count_ops(net, x)
     assert unchanged.by_op["aten::index_select"] == 0  # computed when attached, reused since
@@ -317,7 +317,7 @@ def test_a_training_step_and_an_auxiliary_step_never_synchronise_with_the_host(g
     net = LeNet5()
     groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8)) if granularity == "channel" else ()
     core = AuxiliaryParameters(net, ["features.0", "features.3"], granularity, groups, init=0.1)
-    core.attach()
+    core.prepare()
     core.build_optimizer("adam", 0.05)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
@@ -326,9 +326,9 @@ def test_a_training_step_and_an_auxiliary_step_never_synchronise_with_the_host(g
         for _ in range(3):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(net(x), y).backward()
-            core.freeze()
+            core.before_step()
             optimizer.step()
-            core.restore_frozen()
+            core.after_step()
             core.learn(lambda: torch.nn.functional.cross_entropy(net(x), y), reg=1.0)
 
     _, count = count_ops(three_steps)
@@ -347,7 +347,7 @@ def test_a_non_finite_gradient_leaves_m_unchanged_and_is_reported():
 
 
 def test_learning_window_epochs_steps_and_what_it_warns_about():
-    from lightning_prune.auxiliary import LearningWindow
+    from lightning_prune.schedules import LearningWindow
 
     default = LearningWindow()
     assert [default.learning(epoch, 0, 8, -1) for epoch in range(8)] == [True] * 6 + [False] * 2  # epochs 0..int(6) - 1
@@ -405,7 +405,7 @@ def test_a_pruned_layer_outside_the_held_out_loss_gets_the_pull_alone():
     torch.manual_seed(0)
     net = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)})
     core = AuxiliaryParameters(net, ["used", "unused"], "element", init=1.0)
-    core.attach()
+    core.prepare()
     core.build_optimizer("sgd", 0.1)
     core.learn(lambda: net["used"](torch.randn(8, 4)).pow(2).mean(), reg=1.0, sensitivity=False)
     # no loss signal: ∂M = (0 + s·reg/2)·h̃'/s = reg/2 for switched-on entries
@@ -433,7 +433,7 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 def test_bf16_weights_gate_with_a_cast_of_h_kept_until_m_changes():
     net = LeNet300100().to(torch.bfloat16)
     core = AuxiliaryParameters(net, ["fc1"], "element", init=0.1)
-    core.attach()
+    core.prepare()
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     dense = net(x)
     core.values["fc1"][0] = -1.0

@@ -235,7 +235,7 @@ def test_one_reduce_per_auxiliary_step_of_one_signal_per_entry_of_m(granularity)
     net, layers = LeNet5(), ["features.0", "features.3", "classifier.1", "classifier.3"]
     groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8)) if granularity == "channel" else ()
     core = AuxiliaryParameters(net, layers, granularity, groups)
-    core.attach()
+    core.prepare()
     core.build_optimizer("sgd", 0.1)
     reduced = []
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))

@@ -114,7 +114,7 @@ def test_core_channel_floor_keeps_the_largest_m():
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
     groups = find_channel_groups(net, torch.zeros(1, 1, 8, 8))
     core = AuxiliaryParameters(net, granularity="channel", groups=groups, init=0.01)
-    core.attach()
+    core.prepare()
     core.build_optimizer("sgd", 1.0)
     core.values["0"].copy_(torch.tensor([0.01, 0.02, 0.5, 0.03]))
     core.step(torch.zeros(4), reg=100.0)
@@ -136,13 +136,13 @@ class Tied(nn.Module):
 def test_tied_weights_share_one_auxiliary_tensor_in_state_and_checkpoint():
     net = Tied()
     core = AuxiliaryParameters(net, ["a", "b"], init=0.5)
-    core.attach()
+    core.prepare()
     assert list(core.values) == ["a"]
     core.values["a"][0] = -1.0
     assert torch.equal(net.a.weight[0], torch.zeros(6)) and torch.equal(net.b.weight[0], torch.zeros(6))
     state = core.state_dict()
     assert list(state["values"]) == ["a"] and len(state["switched_off"]) == 1
-    core.detach()
+    core.finalize()
     assert net.a.weight is net.b.weight and torch.equal(net.a.weight[0], torch.zeros(6))
 
 

@@ -87,7 +87,7 @@ def test_resume_carries_the_controller_and_ends_as_the_uninterrupted_run(tmp_pat
 def test_a_controlled_auxiliary_step_never_synchronises_with_the_host():
     net = LeNet300100()
     core = AuxiliaryParameters(net, ["fc1", "fc2"], init=0.1)
-    core.attach()
+    core.prepare()
     core.build_optimizer("sgd", 0.05)
     controller = PullController(0.5, 1.0)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
@@ -106,11 +106,11 @@ def test_settle_switches_off_exactly_the_smallest_entries():
     net = nn.Sequential(nn.Linear(4, 5))
     core = AuxiliaryParameters(net, ["0"])
     core.values["0"].copy_(torch.arange(20.0).view(5, 4) - 5)  # 5 entries <= 0, 15 > 0
-    core.settle(0.5)
+    core.update(0.5)
     off = core.values["0"].flatten() <= 0
     assert off.sum() == 10 and off[:10].all()
     assert torch.equal(core.values["0"].flatten()[10:], torch.arange(10.0, 20.0) - 5)  # those on keep their m
-    core.settle(0.1)
+    core.update(0.1)
     off = core.values["0"].flatten() <= 0
     assert off.sum() == 2 and off[:2].all() and (core.values["0"].flatten()[2:10] == 1e-6).all()
 

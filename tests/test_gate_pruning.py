@@ -235,7 +235,7 @@ def test_resume_reshapes_before_loading_and_never_reruns_the_gate_phase(tmp_path
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the gate phase ran again")
 
-    monkeypatch.setattr(module.GateSearch, "regularize", forbidden)  # no gate step
+    monkeypatch.setattr(module.GateSearch, "before_step", forbidden)  # no gate step
     resumed_model, resumed = classifier(), GatePruningFromScratch(**options)  # a dense, unexpanded model
     trainer = trainer_factory([resumed], max_epochs=2, **LIMITS)
     trainer.fit(resumed_model, digits(), ckpt_path=str(tmp_path / "epoch=0.ckpt"))  # written after the pruning

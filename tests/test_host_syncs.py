@@ -1,6 +1,7 @@
 """No host synchronisation in the callbacks' own per-step work, counted (``lightning_prune.diagnostics.count_ops``)
-in real ``Trainer.fit`` runs: every per-step Callback hook of each pruning callback, and every hook registered on
-the Trainer's optimizers (AutoPrune's freeze/restore around each optimizer step)."""
+in real ``Trainer.fit`` runs: every per-step Callback hook of each pruning callback, every hook registered on
+the Trainer's optimizers, and the ``before_step``/``after_step`` that ``hook_optimizer`` calls around each optimizer
+step (``before_step`` runs inside the step's closure, after the backward pass)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backwa
 
 
 class PerStepCounts(pl.Callback):
-    """Counts ops and host syncs, by hook and global step, in ``callback``'s per-step hooks and in every optimizer
-    step hook (wrapped at ``on_train_start``, after the callbacks registered theirs)."""
+    """Counts ops and host syncs, by hook and global step, in ``callback``'s per-step hooks, in every optimizer
+    step hook and in the step verbs of the objects ``hook_optimizer`` hooked (wrapped at ``on_train_start``, after
+    the callbacks registered theirs)."""
 
     def __init__(self, callback: pl.Callback) -> None:
         self.calls: Counter = Counter()
@@ -51,6 +53,10 @@ class PerStepCounts(pl.Callback):
                                 ("optimizer post-step", optimizer._optimizer_step_post_hooks)):
                 for key, hook in list(hooks.items()):
                     hooks[key] = self._counted(kind, hook)
+                    for hooked in getattr(hook, "args", ())[:1]:  # hook_optimizer's partial(_before/_after, pruner)
+                        for verb in ("before_step", "after_step"):
+                            if verb not in vars(hooked):  # once per object
+                                setattr(hooked, verb, self._counted(verb, getattr(hooked, verb)))
 
 
 def cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -70,15 +76,15 @@ def held_out_batches() -> list:
 # the host: a pruning event deciding masks)
 CASES: dict[str, tuple[Callable[[], pl.Callback], Optional[str], set[tuple[str, int]]]] = {
     "magnitude-element": (lambda: IterativeMagnitude(0.8, "agp", start_epoch=0, end_epoch=1, make_permanent=False, verbose=False),
-                          "on_before_optimizer_step", set()),
+                          "before_step", set()),
     "magnitude-channel": (lambda: IterativeMagnitude(0.5, "agp", start_epoch=0, end_epoch=1, granularity="channel",
-                                                     make_permanent=False, verbose=False), "on_before_optimizer_step", set()),
+                                                     make_permanent=False, verbose=False), "before_step", set()),
     "magnitude-step-interval": (lambda: IterativeMagnitude(0.8, "agp", start_epoch=1, end_epoch=3, interval="step",
-                                                           make_permanent=False, verbose=False), "on_train_batch_end", {("on_train_batch_start", step) for step in (1, 2, 3)}),
+                                                           make_permanent=False, verbose=False), "after_step", {("on_train_batch_start", step) for step in (1, 2, 3)}),
     "autoprune-learning": (lambda: AutoPruneCallback(init=0.1, aux_lr=0.05, reg=2.0, loss_fn=cross_entropy, aux_dataloader=held_out_batches(),
                                                      end_epoch=0, verbose=False), "on_train_batch_end", set()),
     "gates-in-the-fit": (lambda: GatePruningFromScratch(flops_ratio=0.5, gate_epochs=1, gate_position="conv", verbose=False),
-                         "on_before_optimizer_step", set()),
+                         "before_step", set()),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, sparsity_report
+from lightning_prune import DigitsDataModule, ImageClassifier, IterativeMagnitude, hook_optimizer, sparsity_report
 
 from conftest import make_trainer
 
@@ -101,19 +101,28 @@ def test_sensitivity_criterion_drops_weights_below_s_sigma_of_the_dense_layer(tm
 
 
 class ZeroWatcher(pl.Callback):
-    """After the pruning callback: gradients of pruned weights are zero before every optimizer step."""
+    """After the pruning callback (its optimizer hooks come first): gradients of pruned weights are zero when the
+    optimizer reads them, in every optimizer step."""
 
     def __init__(self) -> None:
         self.steps_checked = 0
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude))
-        if not pruning.masks:
+    def on_train_start(self, trainer, pl_module):
+        self.pruning = next(cb for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude))
+        self.pl_module = pl_module
+        for optimizer in trainer.optimizers:
+            hook_optimizer(optimizer, self)
+
+    def before_step(self):
+        if not self.pruning.masks:
             return
-        for name, mask in pruning.masks.masks.items():
-            grad = pl_module.get_parameter(name).grad
+        for name, mask in self.pruning.masks.masks.items():
+            grad = self.pl_module.get_parameter(name).grad
             assert grad is not None and not grad[~mask].any(), name
         self.steps_checked += 1
+
+    def after_step(self):
+        pass
 
 
 class Langevin(torch.optim.Optimizer):

@@ -88,22 +88,25 @@ def test_initial_sparsity_zero_keeps_the_schedule_of_before():
     assert [with_s_i.fraction(t) for t in (2, 4, 8)] == pytest.approx([0.0, 1 - (1 - 1 / 3) ** 3, 1.0])
 
 
-def test_a_bare_training_loop_steps_the_pruner_and_a_restored_pruner_does_not_repeat_an_event():
+def test_a_bare_training_loop_takes_the_schedules_targets_and_a_restored_pruner_holds_the_same_masks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5))
     schedule = PruningSchedule("agp", start_epoch=10, end_epoch=40, frequency=10, initial_sparsity=0.2)
-    pruner = MagnitudePruner(model, ["0", "2"], {"0": 0.8, "2": 0.5}, scope="layer", schedule=schedule)
+    pruner = MagnitudePruner(model, ["0", "2"], {"0": 0.8, "2": 0.5}, scope="layer")
     for t in range(50):
-        fired = pruner.step(t)
-        assert (fired is not None) == (t in (10, 20, 30, 40))
+        target = schedule.target(t, pruner.final)
+        assert (target is not None) == (t in (10, 20, 30, 40))
+        if target is not None:
+            pruner.update(target)
         for layer, s_f, numel in (("0", 0.8, 1200), ("2", 0.5, 150)):
             last = min(max(t // 10 * 10, 10), 40)
             expected = 0 if t < 10 else round(zhu_gupta(last, 10, 10, 3, 0.2, s_f) * numel)
             assert int((model.get_submodule(layer).weight == 0).sum()) == expected, (t, layer)
         if t == 25:
             state = pruner.state_dict()
-    restored = MagnitudePruner(model, ["0", "2"], {"0": 0.8, "2": 0.5}, scope="layer", schedule=schedule)
+    restored = MagnitudePruner(nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5)), ["0", "2"], {"0": 0.8, "2": 0.5}, scope="layer")
     restored.load_state_dict(state)
-    assert restored.last_event == 20 and restored.step(20) is None and restored.step(30) is not None
-    with pytest.raises(ValueError, match="`schedule`"):
-        MagnitudePruner(model, ["0"], 0.5).step(0)
+    assert all(torch.equal(restored.masks.masks[name], mask) for name, mask in state["masks"].items())
+    assert int((restored.model[0].weight == 0).sum()) == round(zhu_gupta(20, 10, 10, 3, 0.2, 0.8) * 1200)
+    with pytest.raises(ValueError, match="`initial_sparsity`"):
+        schedule.target(10, {"0": 0.8, "2": 0.1})  # s_i = 0.2 above a final target

@@ -129,7 +129,7 @@ class Tied(nn.Module):
 def test_a_shared_weight_is_counted_once_and_the_target_is_exact():
     model = Tied()
     pruner = MagnitudePruner(model, ["encoder", "decoder", "head"], 0.75)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     assert list(pruner.weights) == ["encoder.weight", "head.weight"]
     assert int((model.encoder.weight == 0).sum() + (model.head.weight == 0).sum()) == round(0.75 * (256 + 64))
 
@@ -142,7 +142,7 @@ def test_layer_scope_sensitivity_and_rewind_and_state_round_trip():
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model[0].weight.add_(0.1)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     assert int((model[0].weight == 0).sum()) == 300 and int((model[2].weight == 0).sum()) == 30
     kept = model[0].weight != 0
     assert torch.equal(model[0].weight[kept], initial["0.weight"][kept])  # rewound survivors
@@ -151,7 +151,7 @@ def test_layer_scope_sensitivity_and_rewind_and_state_round_trip():
     assert all(torch.equal(fresh.masks.masks[k], m) for k, m in pruner.masks.masks.items())
     sensitive = MagnitudePruner(nn.Sequential(nn.Linear(50, 50)), ["0"], 0.0, criterion="sensitivity", sensitivity=1.0)
     w = sensitive.model[0].weight.detach().clone()
-    sensitive.prune(0.5)
+    sensitive.update(0.5)  # half of its final sensitivity 1.0
     assert torch.equal(sensitive.model[0].weight == 0, w.abs() < 0.5 * w.std())
 
 
@@ -186,7 +186,7 @@ def test_channel_pruning_takes_a_per_layer_sparsity_mapping_under_layer_scope():
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     channels = ChannelMagnitude.for_model(model, torch.zeros(1, 3, 8, 8), layers, "l1", 0.99)
     pruner = MagnitudePruner(model, layers, {layers[0]: 0.5}, scope="layer", channels=channels)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     first = model.get_submodule(layers[0]).weight
     assert (first.flatten(1).abs().sum(1) == 0).float().mean() >= 0.5  # half its output channels, as asked
     assert all(model.get_submodule(name).weight.flatten(1).abs().sum(1).all() for name in layers[2:])  # the rest untouched
@@ -196,9 +196,9 @@ def test_the_per_step_mask_path_has_no_host_sync_and_only_in_place_fused_ops():
     model = build_network("resnet20", num_classes=10, in_channels=3, image_size=8, width=0.5)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     pruner = MagnitudePruner(model, layers, 0.7)
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
-    _, count = count_ops(lambda: (pruner.masks.apply_to_grads(), pruner.masks.apply_to_weights()))
+    _, count = count_ops(lambda: (pruner.before_step(), pruner.after_step()))
     assert count.syncs == 0 and count.transfers == 0
     assert count.by_op == {"aten::_foreach_mul_": 2}  # one fused multiply each
     assert all(not p.grad[~m].any() for p, m in ((model.get_parameter(n), m) for n, m in pruner.masks.masks.items()))
@@ -211,7 +211,7 @@ def test_torchvision_mobilenet_v2_at_80_percent_keeps_every_layer_alive():
     model = torchvision.models.mobilenet_v2(num_classes=1000)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     pruner = MagnitudePruner(model, layers, 0.8)  # default max_layer_sparsity=0.99
-    pruner.prune(1.0)
+    pruner.update(pruner.final)
     sizes = {n: model.get_parameter(n).numel() for n in pruner.weights}
     zeros_per_layer = {n: int((model.get_parameter(n) == 0).sum()) for n in sizes}
     assert sum(zeros_per_layer.values()) == round(0.8 * sum(sizes.values()))

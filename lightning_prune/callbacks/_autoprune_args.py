@@ -8,12 +8,13 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
-from lightning_prune.auxiliary import AuxOptimizer, LearningWindow, Ste
+from lightning_prune.auxiliary import AuxOptimizer, Ste
 from lightning_prune.callbacks._checks import Limit, check_fits, check_flags, check_range
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity
+from lightning_prune.schedules import LearningWindow
 
 CALIBRATED = {"aux_lr": 1.5e-2, "reg": 1.25}
 """The defaults calibrated on the digits data (``reg`` relative to the normalised loss signal)."""

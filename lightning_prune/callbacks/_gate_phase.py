@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.gate_search import GatePruned, GatePruning, GateSearch, Init
 from lightning_prune.gates import FrozenNetwork, GatePhaseResult, gate_scores
+from lightning_prune.pruner import hook_optimizer
 
 
 class Expansion:
@@ -72,7 +73,8 @@ class GatePhase:
     def start(self, trainer: pl.Trainer) -> None:
         """``on_fit_start`` (the module is on its device and wrapped; optimizer states load after this): the gate
         optimizer replaces the user's, their LR schedulers are set aside (``configure_optimizers`` builds fresh
-        ones at the pruning), and each gate step ends with the clamp and the running sum."""
+        ones at the pruning), and each gate step adds the penalty's gradient (after the backward pass and AMP's unscale) and
+        ends with the clamp and the running sum."""
         strategy = trainer.strategy
         if not trainer.lightning_module.automatic_optimization and len(strategy.optimizers) > 1:
             raise MisconfigurationException(
@@ -84,7 +86,7 @@ class GatePhase:
         strategy.optimizers = [self.search.optimizer]
         strategy.lr_scheduler_configs = []
         if self._hook is None:
-            self._hook = self.search.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.search.after_step())
+            self._hook = hook_optimizer(self.search.optimizer, self.search)  # the penalty's gradient, then the clamp
 
     def close(self) -> None:
         """Gates out (their parameter unregistered), every flag, mode and buffer of the module restored."""

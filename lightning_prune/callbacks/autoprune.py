@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, LearningWindow, PullController, Ste
+from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, PullController, Ste
 from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
 from lightning_prune.callbacks._checks import epoch_limit
 from lightning_prune.callbacks._figures import Figures
@@ -19,7 +19,9 @@ from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_l
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Granularity
 from lightning_prune.masks import MaskSet
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.report import SparsityReport
+from lightning_prune.schedules import LearningWindow
 from lightning_prune.structure import StructureRecord, apply_plan, find_channel_groups, structure_record
 from lightning_prune.targets import select_modules
 from lightning_prune.training_state import rebuild_training_state
@@ -218,7 +220,7 @@ class AutoPruneCallback(PruningCallback):
                                  "group (the network's output layer is never channel-pruned).")
             self.figures.predict_with(pl_module, found)
         self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, selected, self.ste, self.ste_slope, self.init)
-        self.aux.attach()
+        self.aux.prepare()
         self._gated_shapes = structure_record(pl_module)
         self.controller = None if self.target_sparsity is None else PullController(self.target_sparsity, self.reg)
 
@@ -232,29 +234,28 @@ class AutoPruneCallback(PruningCallback):
         if self.masks is None:
             self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
-            self._hooks += [optimizer.register_step_pre_hook(self._before_step), optimizer.register_step_post_hook(self._after_step)]
+            self._hooks.append(hook_optimizer(optimizer, self))
         self._trainer, self._checked_step = trainer, trainer.global_step
 
     def _learning(self) -> bool:
         trainer = self._trainer
         return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
-    def _before_step(self, *_: Any) -> None:
-        if self.masks is None and self._learning():
-            self.aux.freeze()
+    def before_step(self) -> None:
+        """Before each optimizer step of ``W`` (:func:`~lightning_prune.pruner.hook_optimizer`): while ``M`` learns,
+        ``W`` saved; in the fine-tune phase, no gradient (so no momentum or Adam moment) at a masked weight."""
+        if self.masks is not None:
+            self.masks.apply_to_grads()
+        elif self._learning():
+            self.aux.before_step()
 
-    def _after_step(self, *_: Any) -> None:
+    def after_step(self) -> None:
+        """After it: the switched-off weights' values back (or the masked zeros), and one auxiliary step due."""
         if self.masks is not None:
             self.masks.apply_to_weights()
         elif self._learning():
-            self.aux.restore_frozen()
+            self.aux.after_step()
             self._stepped = True
-
-    @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Fine-tune phase: no gradient (so no momentum or Adam moment) at a masked weight."""
-        if self.masks is not None:
-            self.masks.apply_to_grads()
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -271,7 +272,7 @@ class AutoPruneCallback(PruningCallback):
         :class:`MaskSet` (two fused multiplies per step), the gating ``W ⊙ h(M)`` leaves the model with the switched-off
         weights zeroed, and so does the optimizers' state there. ``M`` stays, detached, for the figures and the plan."""
         masks = self.aux.parameter_masks() if masks is None else masks
-        self.aux.detach()
+        self.aux.finalize()
         self.masks = MaskSet(self.aux.model)
         self.masks.update(masks)
         self.masks.apply_to_optimizer_state(optimizers)
@@ -382,7 +383,7 @@ class AutoPruneCallback(PruningCallback):
             handle.remove()
         self._hooks, self._trainer = [], None
         if self.aux is not None:
-            self.aux.detach()
+            self.aux.finalize()
         self.aux, self.masks = None, None
 
     @override
@@ -391,7 +392,7 @@ class AutoPruneCallback(PruningCallback):
         reshaped while loading, under gates built in ``setup`` for its old shapes; they are built again for
         the new shapes before ``M``'s state loads."""
         if self.aux is not None and structure_record(pl_module) != self._gated_shapes:
-            self.aux.detach(permanent=False)
+            self.aux.finalize(permanent=False)
             self._gate(trainer, pl_module)
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 

@@ -52,8 +52,8 @@ class GatePruningFromScratch(PruningCallback):
        ``configure_optimizers`` (their LR schedulers are set aside). Each gate step is an ordinary Lightning
        training step of the module's own ``training_step`` (automatic, or manual optimization stepping
        ``self.optimizers()``): gradient accumulation, clipping, precision and every other callback apply. The
-       penalty's gradient is added to the gates' (``on_before_optimizer_step``, Torch-Pruning's
-       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step.
+       penalty's gradient is added to the gates' once the step's gradients are complete (Torch-Pruning's
+       ``regularize()``), and the gates are clamped to [0, 1] after each optimizer step (``hook_optimizer``).
     2. **Selection** (``select="best_val"``): after each of Lightning's validations during the gate epochs
        (``val_check_interval``, ``check_val_every_n_epoch``), ``trainer.callback_metrics[monitor]`` (averaged
        over processes) feeds the snapshot rule; ``monitor`` names the logged key (default: the first key the
@@ -181,7 +181,6 @@ class GatePruningFromScratch(PruningCallback):
         self._load_hook: Optional[Any] = None
         self._validated_keys: set[str] = set()
         self._started: Optional[float] = None
-        self._penalty: Optional[torch.Tensor] = None  # of the last gate step (a device tensor)
         self.figures = Figures("GatePruningFromScratch")
         self.structure = None  # this and the rest survive checkpoints
         self.plan: ChannelPlan = {}
@@ -261,28 +260,23 @@ class GatePruningFromScratch(PruningCallback):
             self._started = time.perf_counter()
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        """The penalty's gradient joins the task loss's, once per optimizer step (after AMP's unscale)."""
-        if self._phase is not None and optimizer is self._phase.search.optimizer:
-            self._penalty = self._phase.search.regularize()
-
-    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Gate metrics as 0-dim device tensors (``self.log``, no host synchronisation) and the non-finite flag; the
-        penalty is the last gate step's (the gates change only there)."""
+        """The non-finite flag of each batch's loss (on the device); the gate metrics as 0-dim device tensors
+        (``self.log``, no host synchronisation) only on the steps Lightning writes to its loggers."""
         if self._phase is None:
             return
         search = self._phase.search
-        if self._penalty is None:  # no gate step yet (gradient accumulation)
-            self._penalty = search.penalty(search.gates.parameter.detach())
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        metrics = {"gate/mean": search.gates.mean_abs().detach(), "gate/nonzero_fraction": search.gates.nonzero_fraction()}
+        task = None
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             task = loss.detach().reshape(()).float() * (trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
-            metrics.update({"gate/loss": task + self._penalty, "gate/task_loss": task})
-            search.flag_nonfinite(metrics["gate/loss"])
-        else:  # no loss returned (manual optimization): non-finite gates still count
-            search.flag_nonfinite(metrics["gate/mean"] + self._penalty)
+        search.flag_nonfinite(task if task is not None else search.gates.parameter.detach())  # no loss (manual): the gates
+        if not trainer._logger_connector.should_update_logs:  # Lightning keeps only the last step value between log steps
+            return
+        gates = search.gates.parameter.detach()
+        metrics = {"gate/mean": gates.abs().mean(), "gate/nonzero_fraction": search.gates.nonzero_fraction()}
+        if task is not None:
+            metrics.update({"gate/loss": task + search.penalty(gates), "gate/task_loss": task})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     @override

@@ -22,6 +22,7 @@ from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
 from lightning_prune.magnitude import Broadcast, ChannelMagnitude, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
 from lightning_prune.targets import select_modules
@@ -124,8 +125,8 @@ class IterativeMagnitude(PruningCallback):
         self.pruner: Optional[MagnitudePruner] = None
         self.layers: list[str] = []
         self.figures = Figures("IterativeMagnitude", monitor=monitor)
-        self._permanent_last_event = -1  # the last event run before the masks were made permanent
-        self._stepped = False
+        self.last_event = -1  # the last event run (in the schedule's unit)
+        self._hooks: list[Any] = []
         self._broadcast: Optional[Broadcast] = None
 
     @property
@@ -140,8 +141,7 @@ class IterativeMagnitude(PruningCallback):
         self.figures = Figures("IterativeMagnitude", self.layers, self.monitor, self.figures.dense_score)
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
-        self.pruner.schedule = self.schedule
-        self.pruner.rewind_at = self.rewind if isinstance(self.rewind, int) else None
+            self.last_event = -1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,7 +152,7 @@ class IterativeMagnitude(PruningCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The schedule checked against ``max_steps`` too (the epoch length is known now, before any step); the
         example input (the first training batch is loaded now): dense FLOPs, channel groups; how decisions reach
-        every rank (the process group exists by now)."""
+        every rank (the process group exists by now); the masks' hooks on every optimizer (``hook_optimizer``)."""
         timing.check_schedule_fits(self.arguments, timing.schedule_limit(self.arguments, trainer), self.schedule.last_event)
         self._broadcast = distributed_broadcast()
         channel = self.granularity == "channel"
@@ -162,19 +162,33 @@ class IterativeMagnitude(PruningCallback):
                 self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.figures.example, self.layers, self.channel_norm, self.max_layer_sparsity)
             self.figures.predict_with(pl_module, self.pruner.channels.groups)
         timing.warn_if_early_stopping(trainer, self.schedule, self.interval)
+        self._unhook()
+        self._hooks = [hook_optimizer(optimizer, self.pruner) for optimizer in trainer.optimizers]
+
+    def _unhook(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unhook()  # the user's optimizers are left without the masks' hooks
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
-        first = self.pruner.last_event < 0
-        fraction = self.pruner.step(time, self._broadcast)
-        if fraction is None:
+        if self.rewind == time and self.pruner.rewind_state is None:  # lottery ticket at epoch (step) k
+            self.pruner.remember()
+        target = self.schedule.target(time, self.pruner.final)
+        if target is None or time <= self.last_event:  # a resumed run does not repeat an event
             return
-        if first:
+        if self.last_event < 0:
             self.figures.remember_dense_score(trainer)
+        self.pruner.update(target, self._broadcast)
+        self.last_event = time
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
         for layer in self.pruner.emptied_layers():
             rank_zero_warn(f"IterativeMagnitude: every weight of {layer!r} is pruned (`max_layer_sparsity`={self.max_layer_sparsity}); the layer outputs only its bias.")
         self.figures.log(trainer, pl_module, self.pruner.plan, channel_ratios=self.pruner.channel_ratios(),
-                         extra={"target_sparsity": self.pruner.target_sparsity(fraction)})
+                         extra={"target_sparsity": self.pruner.target_sparsity(target)})
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -187,47 +201,35 @@ class IterativeMagnitude(PruningCallback):
             self._event(trainer, pl_module, trainer.global_step)
 
     @override
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.pruner is not None and self.pruner.masks:
-            self.pruner.masks.apply_to_grads()
-            self._stepped = True
-
-    @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._stepped:
-            self._stepped = False
-            self.pruner.masks.apply_to_weights()
-
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unhook()
         if self.pruner is None:
             return
         report = sparsity_report(pl_module, self.layers)
         notes = []
-        if not self.pruner.schedule_complete:
+        if self.last_event < self.schedule.last_event:
             notes.append(f"schedule incomplete: training ended before the last pruning event ({self.interval} {self.schedule.last_event}); sparsity {report.sparsity:.4f} instead of the final target")
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
         flops = self.figures.flops(self.pruner.plan)
         if self.make_permanent:
+            self.structure = self.pruner.finalize(self.figures.example if self.physical else None) or self.structure
             if self.physical:
-                self.structure = self.pruner.remove_channels(self.figures.example)
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
-            self._permanent_last_event, self.pruner = self.pruner.last_event, None
+            self.pruner = None
         if self.verbose:
             self.figures.summary(trainer, pl_module, report, flops, notes=notes, removed=self.physical)
 
     def _core_state(self) -> dict[str, Any]:
-        state = self.pruner.state_dict() if self.pruner is not None else {"last_event": self._permanent_last_event}
-        return {**state, "dense_score": self.figures.dense_score}
+        state = self.pruner.state_dict() if self.pruner is not None else {}
+        return {**state, "last_event": self.last_event, "dense_score": self.figures.dense_score}
 
     def _load_core_state(self, state: Mapping[str, Any]) -> None:
         self.figures.dense_score = state["dense_score"]
+        self.last_event = int(state.get("last_event", state.get("last_event_epoch", -1)))  # the events that ran stay done
         if self.pruner is not None and "masks" in state:
             self.pruner.load_state_dict(state)
-        elif self.pruner is not None:  # saved after the masks were made permanent: the events that ran stay done
-            self.pruner.last_event = state["last_event"]
 
     def _changed_consequence(self) -> str:
         return "the saved masks are kept and the new settings apply from the next pruning event"
