@@ -1,5 +1,5 @@
 """Argument checks of the public functions: a bad argument gets a ``ValueError`` naming it, the value and
-what is allowed, before anything is touched (the callbacks' own checks are in ``callbacks/_shared.py``)."""
+what is allowed, before anything is touched (the callbacks' own checks are in ``callbacks/_checks.py``)."""
 
 from __future__ import annotations
 

@@ -249,12 +249,15 @@ class GateSearch:
 
     @torch.no_grad()
     def record(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> None:
-        """Count one step's losses into the logging window and remember the step of a first non-finite loss
-        (on the device: raised by :meth:`check_finite`)."""
+        """Count one step's losses into the logging window (:meth:`read_metrics`) and flag a non-finite one."""
         detached = torch.stack([task_loss.detach().float() + penalty, task_loss.detach().float()])
-        finite = torch.isfinite(detached).all()
-        self._first_bad = torch.where(~finite & (self._first_bad < 0), self._step, self._first_bad)
+        self.flag_nonfinite(detached)
         self._window.add_(torch.cat([detached, detached.new_ones(1)]))
+
+    @torch.no_grad()
+    def flag_nonfinite(self, values: torch.Tensor) -> None:
+        """Remember the step of a first non-finite value in ``values`` (on the device: raised by :meth:`check_finite`)."""
+        self._first_bad = torch.where(~torch.isfinite(values).all() & (self._first_bad < 0), self._step, self._first_bad)
 
     def step(self, task_loss: torch.Tensor) -> None:
         """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):

@@ -45,7 +45,7 @@ def test_token_tagger_learns_masks_through_its_own_training_step(trainer_factory
     trainer = trainer_factory([callback, probe], max_epochs=4, limit_val_batches=0)
     trainer.fit(model, train_dataloaders=token_loader())
     assert all(math.isfinite(loss) for loss in probe.losses) and len(probe.losses) == 16
-    assert callback.figures.dense_flops and callback.figures.flop_count is not None  # per sample, from the first training batch
+    assert callback.figures.dense_flops.total > 0  # per sample, from the first training batch
     assert any(off.any() for off in probe.off.values())  # M learned: some weights switched off
     for name, off in probe.off.items():  # masks hold: switched-off weights compute as zero
         assert torch.all(probe.effective[name][off] == 0), name

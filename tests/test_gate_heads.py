@@ -86,7 +86,7 @@ def test_default_gate_fit_removes_whole_heads_and_meets_the_flops_target(name, t
     assert logger.values("prune/flops_macs") == [recount]
     heads = head_sizes(module.model, name)
     assert all(kept < total for kept, total in zip(heads, dense_heads))  # whole heads went in every layer
-    head_groups = [group for group in pruning._groups if group.heads is not None]
+    head_groups = [group for group in pruning.figures.groups if group.heads is not None]
     assert [len(pruning.plan[group.index]) for group in head_groups] == heads  # one gate per head decided them
     module.eval()
     with torch.no_grad():

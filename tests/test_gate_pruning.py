@@ -156,8 +156,8 @@ def test_select_best_val_keeps_a_sparse_enough_snapshot_and_last_keeps_the_last(
 
 def _root_rows(pruning: GatePruningFromScratch, state: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
     """The first pruned group's root conv weight, sliced from a dense state by the plan."""
-    group = next(g for g in pruning._groups if len(pruning.plan[g.index]) < g.size)
-    inputs = next((g for g in pruning._groups for m in g.members if m.module == group.root and m.kind == "in"), None)
+    group = next(g for g in pruning.figures.groups if len(pruning.plan[g.index]) < g.size)
+    inputs = next((g for g in pruning.figures.groups for m in g.members if m.module == group.root and m.kind == "in"), None)
     weight = state[f"{group.root}.weight"][pruning.plan[group.index]]
     if inputs is not None:
         weight = weight[:, pruning.plan[inputs.index]]
@@ -390,5 +390,5 @@ def test_wandb_gets_gate_metrics_and_the_structure_table(tmp_path, trainer_facto
     assert sum(row["prune/hist/gates"]["values"]) == sum(len(g) for g in pruning.gates.values())
     table = run.table_rows("prune/channel_ratios")
     expected = {r["layer"]: r["channel_ratio"] for r in table}
-    for group in pruning._groups:
+    for group in pruning.figures.groups:
         assert expected[group.root] == pytest.approx(len(pruning.plan[group.index]) / group.size)

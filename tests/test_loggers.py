@@ -173,7 +173,7 @@ def test_gate_pruning_structure_read_back_from_wandb(tmp_path, trainer_factory) 
     run = latest_run(tmp_path)
     (row,) = run.rows_with("prune/channel_ratios")
     assert row["prune/flops_ratio"] == pytest.approx(callback.reached_flops_ratio) and row["prune/flops_ratio"] <= 0.5
-    expected = layer_channel_ratios(callback._groups, callback.plan)
+    expected = layer_channel_ratios(callback.figures.groups, callback.plan)
     table = run.table_rows("prune/channel_ratios")
     assert [r["layer"] for r in table] == list(expected)
     assert [r["channel_ratio"] for r in table] == pytest.approx(list(expected.values()))

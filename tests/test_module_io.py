@@ -88,6 +88,22 @@ def test_example_input_from_the_first_training_batch_inside_fit(trainer_factory)
     assert set(batch) == {"image", "mask", "target"} and batch["image"].shape == (4, 1, 8, 8)
 
 
+def test_example_input_is_read_in_the_dtype_of_the_module_at_setup(trainer_factory) -> None:
+    """A float64 module fed float32 batches: the example input (taken in ``setup``, before Lightning converts anything)
+    is cast to the module's floating dtype, else the module could not run on it."""
+    seen = {}
+
+    class Probe(pl.Callback):
+        def setup(self, trainer, pl_module, stage) -> None:
+            seen["args"] = example_input(trainer, pl_module)
+
+    model = DictRegressor().double()
+    with pytest.raises(RuntimeError):  # the fit itself fails on float32 batches; the example was taken before
+        trainer_factory([Probe()], max_epochs=1, limit_train_batches=1).fit(model, DataLoader(_dict_batches(), batch_size=None))
+    (batch,) = seen["args"].args
+    assert batch["image"].dtype == torch.float64 and model(batch).dtype == torch.float64
+
+
 def test_training_step_loss_takes_the_dict_loss_and_silences_logging(trainer_factory) -> None:
     model = DictRegressor()
     batch = _dict_batches(1)[0]

@@ -9,8 +9,8 @@ import math
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 from lightning_prune.auxiliary import AuxOptimizer, Ste
+from lightning_prune.callbacks._checks import Limit, check_fits, check_flags, check_range
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._shared import Limit, check_fits, check_flags, check_range
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import Granularity

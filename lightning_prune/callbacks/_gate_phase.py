@@ -4,8 +4,8 @@
 :class:`GatePhase` is the gate phase while it runs inside the fit: built at ``setup`` (the model widened by any
 expansion, its weights frozen, the gates inserted and registered on the LightningModule, all before the strategy
 wraps it), it swaps the gate optimizer in for the user's (:meth:`GatePhase.start`), and leaves the model either
-pruned (:meth:`GatePhase.prune`) or as it was (:meth:`GatePhase.abort`). Also here: the checks at ``setup``, the
-channel expansion (:class:`Expansion`) and the report of the chosen structure (:func:`log_structure`).
+pruned (:meth:`GatePhase.prune`) or as it was (:meth:`GatePhase.abort`). Also here: the channel expansion
+(:class:`Expansion`).
 """
 
 from __future__ import annotations
@@ -14,65 +14,13 @@ from typing import Any, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_prune.callbacks._module_io import ExampleInputFn, example_input
-from lightning_prune.flops import count_flops
+from lightning_prune.callbacks._figures import Figures
 from lightning_prune.gate_search import GatePruned, GatePruning, GateSearch, Init
 from lightning_prune.gates import FrozenNetwork, GatePhaseResult, gate_scores
-from lightning_prune.loggers import log_pruning_event
 from lightning_prune.pruner import hook_optimizer
-from lightning_prune.report import channel_rows, pruning_summary
-from lightning_prune.structure import ChannelGroup, layer_channel_ratios
-
-
-def check_single_instance(trainer: pl.Trainer, callback: pl.Callback) -> None:
-    """One ``GatePruningFromScratch`` per Trainer: a second would search a model the first already pruned."""
-    others = [cb for cb in trainer.callbacks if isinstance(cb, type(callback)) and cb is not callback]
-    if others:
-        raise MisconfigurationException(
-            f"The Trainer has {len(others) + 1} GatePruningFromScratch callbacks; one gate phase chooses one structure, "
-            "so give it one (the second would search a model the first already pruned)."
-        )
-
-
-def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, budget_training: bool, expansion: float, gate_epochs: int) -> None:
-    """What ``setup`` refuses before a gate phase: a budget without a finite ``max_epochs`` or after
-    StochasticWeightAveraging fixed its schedule, an average that would start inside the gate epochs, and an
-    expansion the module cannot make."""
-    if budget_training and (trainer.max_epochs is None or trainer.max_epochs < 1):
-        raise ValueError(
-            f"`budget_training=True` scales the Trainer's `max_epochs`, which must be a positive number, got {trainer.max_epochs!r}."
-        )
-    if budget_training and trainer.max_steps not in (None, -1):
-        rank_zero_warn(
-            f"`budget_training=True` trains for gate_epochs + round((max_epochs - gate_epochs) / flops_ratio) epochs, but "
-            f"`max_steps`={trainer.max_steps} may end training first: the pruned network would get less than its budget."
-        )
-    if budget_training and averaging_callbacks(trainer):
-        raise MisconfigurationException(
-            "`budget_training=True` changes `max_epochs` after StochasticWeightAveraging fixed its schedule on it: "
-            "set the Trainer's `max_epochs` to the budget yourself, or drop one of the two."
-        )
-    for swa in averaging_callbacks(trainer):
-        start = swa._swa_epoch_start
-        first = max((int(trainer.max_epochs * start) if isinstance(start, float) else int(start)) - 1, 0)  # as SWA counts it
-        if first < gate_epochs:
-            raise MisconfigurationException(
-                f"StochasticWeightAveraging would start averaging at epoch {first}, inside the {gate_epochs} gate epochs of "
-                "GatePruningFromScratch (the gate epochs are the fit's first epochs, and the weights there are the random "
-                f"ones the gates learn on): set its `swa_epoch_start` to at least {gate_epochs + 1}."
-            )
-    if expansion != 1 and not (callable(getattr(pl_module, "set_width", None)) and hasattr(pl_module, "width")):
-        raise ValueError(
-            f"`expansion`={expansion} needs a LightningModule that can rebuild itself wider: define a `width` "
-            f"attribute and `set_width(width: float)` (as `ImageClassifier` does); {type(pl_module).__name__} has not."
-        )
-
-
-def averaging_callbacks(trainer: pl.Trainer) -> list[pl.callbacks.StochasticWeightAveraging]:
-    return [callback for callback in trainer.callbacks if isinstance(callback, pl.callbacks.StochasticWeightAveraging)]
 
 
 class Expansion:
@@ -99,22 +47,17 @@ class Expansion:
 class GatePhase:
     """The gate phase of one fit, from ``setup`` to the pruning at the end of the last gate epoch.
 
-    Built at ``setup``, before the strategy moves and wraps the module: the dense FLOPs are counted, the module is
-    widened (``expansion``), :class:`~lightning_prune.gate_search.GatePruning` finds the groups (refusing an
+    Built at ``setup``, before the strategy moves and wraps the module, from the dense model's ``figures`` (its example
+    input and FLOPs): the module is widened (``expansion``), :class:`~lightning_prune.gate_search.GatePruning` finds the groups (refusing an
     unreachable target before any weight changes), every weight is frozen and the gates are inserted, their flat
     parameter registered on the LightningModule (so DDP reduces its gradient and checkpoints hold it).
     """
 
-    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, example_input_fn: Optional[ExampleInputFn],
-                 expansion: float, flops_ratio: float, position: str, sites: str, round_to: Optional[int],
-                 search_options: Mapping[str, Any]) -> None:
-        x = example_input(trainer, pl_module, example_input_fn).first_sample()
-        x = x.like(next(pl_module.parameters()))  # the module is not converted to the Trainer's precision yet
-        self.dense = count_flops(pl_module, x)
-        self.dense_params = sum(p.numel() for p in pl_module.parameters())
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: Figures, *, expansion: float,
+                 flops_ratio: float, position: str, sites: str, round_to: Optional[int], search_options: Mapping[str, Any]) -> None:
         self.expansion = Expansion(pl_module, expansion)
         try:
-            self.core = GatePruning(pl_module, x, self.dense, expanded=expansion != 1, flops_ratio=flops_ratio,
+            self.core = GatePruning(pl_module, figures.example, figures.dense_flops, expanded=expansion != 1, flops_ratio=flops_ratio,
                                     position=position, sites=sites, round_to=round_to)
             if self.core.warning:
                 rank_zero_warn(self.core.warning)
@@ -177,61 +120,3 @@ class GatePhase:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.search.load_state_dict(state["search"])
         self.frozen.buffers = dict(state["buffers"])
-
-
-def log_structure(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
-    groups: list[ChannelGroup],
-    pruned: GatePruned,
-    result: GatePhaseResult,
-    *,
-    dense_flops: int,
-    dense_params: int,
-    seconds: Optional[float],
-    budget_epochs: Optional[int],
-    verbose: bool,
-) -> None:
-    """The chosen structure to the loggers (``prune/*``, the channel-ratio vector, a gate histogram) and, with
-    ``verbose``, a table of kept channels on global rank zero."""
-    params = sum(p.numel() for p in pl_module.parameters())
-    flops = round(pruned.flops_ratio * dense_flops)  # the predictor's exact count (ratio = count / dense)
-    extra = {
-        "flops_macs": float(flops),
-        "dense_flops_macs": float(dense_flops),
-        "params_ratio": params / dense_params,
-        "threshold": pruned.threshold,
-        "gate_snapshot_step": float(result.step),
-    }
-    if seconds is not None:
-        extra["gate_phase_seconds"] = seconds
-    if budget_epochs is not None:
-        extra["max_epochs"] = float(budget_epochs)
-    log_pruning_event(
-        trainer,
-        flops_ratio=pruned.flops_ratio,
-        channel_ratios=layer_channel_ratios(groups, pruned.plan),
-        histograms={"gates": torch.cat(list(result.gates.values()))},
-        extra=extra,
-    )
-    if verbose and trainer.is_global_zero:
-        snapshot = f"gate snapshot: {result.selected} at gate step {result.step}/{result.steps}"
-        facts = [snapshot + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")]
-        if budget_epochs is not None:
-            facts.append(f"budget training: max_epochs -> {budget_epochs}")
-        rank_zero_info(pruning_summary("GatePruningFromScratch structure", channels=channel_rows(groups, pruned.plan),
-                                       parameters=(dense_params, params), flops=(dense_flops, flops), facts=facts, kept="remaining"))
-
-
-def changed_arguments(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:
-    """The warning for a resume whose structure-deciding arguments differ from the checkpoint's, else ``None``."""
-    changed = {k: v for k, v in saved.items() if current.get(k, v) != v}
-    if not changed:
-        return None
-    return (
-        "GatePruningFromScratch: resuming the structure this checkpoint chose with "
-        + ", ".join(f"{k}={v!r}" for k, v in changed.items())
-        + "; the gate phase is not run again, so the current "
-        + ", ".join(f"{k}={current[k]!r}" for k in changed)
-        + " does not apply (the checkpoint's structure and training budget do). Start a new run to use them."
-    )

@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
@@ -71,18 +70,14 @@ def explicit_example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -
         candidate = provider()
     if candidate is None:
         return None
-    return model_input(_as_module_reads(trainer, pl_module, candidate))
+    return _as_module_reads(pl_module, model_input(trainer.strategy.batch_to_device(candidate, pl_module.device)))
 
 
-def _as_module_reads(trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any) -> Any:
-    """``data`` on the module's device (through its transfer hooks) with floating tensors in the dtype of the module's
-    floating parameters: Lightning's ``convert_input`` casts to the precision's dtype (``bf16-true``), but in ``setup``
-    the module is not converted yet."""
-    data = trainer.strategy.batch_to_device(data, pl_module.device)
-    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
-    if dtype is None:
-        return trainer.precision_plugin.convert_input(data)
-    return apply_to_collection(data, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+def _as_module_reads(pl_module: pl.LightningModule, inputs: ModelInput) -> ModelInput:
+    """``inputs`` with floating tensors in the dtype of the module's floating parameters: Lightning's ``convert_input``
+    casts to the precision's dtype (``bf16-true``), but in ``setup`` the module is not converted yet."""
+    parameter = next((p for p in pl_module.parameters() if p.is_floating_point()), None)
+    return inputs if parameter is None else inputs.like(parameter)
 
 
 def first_training_batch(trainer: pl.Trainer) -> Any:
@@ -103,7 +98,8 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
         batch = next(iter(loaders), None)
     if batch is None:
         raise MisconfigurationException("The training dataloader yields no batch, so no example input can be taken from it.")
-    return _as_module_reads(trainer, trainer.lightning_module, batch)
+    pl_module = trainer.lightning_module
+    return _as_module_reads(pl_module, ModelInput((trainer.strategy.batch_to_device(batch, pl_module.device),))).args[0]
 
 
 def _runs(pl_module: pl.LightningModule, inputs: ModelInput) -> Optional[BaseException]:

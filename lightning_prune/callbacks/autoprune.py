@@ -3,7 +3,7 @@ Rajasekaran, NeurIPS 2019)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
@@ -12,21 +12,22 @@ from typing_extensions import override
 
 from lightning_prune.auxiliary import AuxiliaryParameters, AuxOptimizer, PullController, Ste
 from lightning_prune.callbacks._autoprune_args import check_arguments, check_window_fits, resolve_init
-from lightning_prune.callbacks._autoprune_report import AutoPruneFigures
+from lightning_prune.callbacks._checks import epoch_limit
+from lightning_prune.callbacks._figures import Figures
 from lightning_prune.callbacks._held_out import HeldOutBatches
 from lightning_prune.callbacks._module_io import ExampleInputFn, LossFn, check_loss_source, module_loss
-from lightning_prune.callbacks._shared import epoch_limit
-from lightning_prune.callbacks._strategy import prepare_module
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Granularity
 from lightning_prune.masks import MaskSet
 from lightning_prune.pruner import hook_optimizer
+from lightning_prune.report import SparsityReport
 from lightning_prune.schedules import LearningWindow
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord, apply_plan, structure_record
+from lightning_prune.structure import StructureRecord, apply_plan, find_channel_groups, structure_record
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state, reshape_on_load
+from lightning_prune.training_state import rebuild_training_state
 
 
-class AutoPruneCallback(pl.Callback):
+class AutoPruneCallback(PruningCallback):
     r"""AutoPrune-style pruning (experimental): learn which weights to use through auxiliary parameters ``M``.
 
     A documented reconstruction of AutoPrune (Xiao, Wang, Rajasekaran, NeurIPS 2019), not the paper's
@@ -131,6 +132,8 @@ class AutoPruneCallback(pl.Callback):
             (``M`` skipped those steps).
     """
 
+    duplicate_hint = "Only one AutoPruneCallback per Trainer: two would gate the same weights twice."
+
     def __init__(
         self,
         aux_lr: Optional[float] = None,
@@ -155,11 +158,8 @@ class AutoPruneCallback(pl.Callback):
         verbose: bool = True,
         target_sparsity: Optional[float] = None,
     ) -> None:
-        super().__init__()
-        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        rates = check_arguments(arguments)
-        self.__dict__.update(arguments)
-        self.aux_lr, self.reg, self.normalize = rates
+        super().__init__(locals())
+        self.aux_lr, self.reg, self.normalize = check_arguments(self.arguments)
         self.init = resolve_init(paper_defaults, init)
         self.consistency = {"sensitivity": sensitivity, "correlation": correlation, "direction": direction}
         self.window = LearningWindow(start_epoch, end_epoch)
@@ -167,7 +167,6 @@ class AutoPruneCallback(pl.Callback):
         self.masks: Optional[MaskSet] = None
         """The fine-tune phase's masks (``M`` fixed, the gating removed), ``None`` while ``M`` learns."""
         self.controller: Optional[PullController] = None
-        self.structure: Optional[dict[str, Any]] = None
         self._hooks: list[Any] = []
         self._reset()
 
@@ -175,7 +174,8 @@ class AutoPruneCallback(pl.Callback):
         """Per-fit state (a reused instance starts clean)."""
         self.layers: list[str] = []
         self.held_out: Optional[HeldOutBatches] = None
-        self.figures: Optional[AutoPruneFigures] = None
+        self.figures: Optional[Figures] = None
+        self._checked_step = 0  # the global step up to which the core's counters were read
         self._gated_shapes: Optional[StructureRecord] = None
         self._trainer: Optional[pl.Trainer] = None
         self._stepped, self._fine_tuned, self._window_checked = False, False, False
@@ -189,17 +189,8 @@ class AutoPruneCallback(pl.Callback):
         """Where held-out batches come from: ``"argument"``, ``"module"``, ``"datamodule"`` or ``"train"``."""
         return None if self.held_out is None else self.held_out.source
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample.
-        Other stages (``validate``/``test``/``predict``, ``ckpt_path`` included): the module reshapes itself to
-        a pruned checkpoint's ``state_dict`` while it loads."""
-        if stage != "fit":
-            reshape_on_load(pl_module)
-            return
-        prepare_module(trainer, pl_module, "AutoPruneCallback", physical=self.physical)
-        if sum(isinstance(callback, AutoPruneCallback) for callback in trainer.callbacks) > 1:
-            raise MisconfigurationException("Only one AutoPruneCallback per Trainer: two would gate the same weights twice.")
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``M`` attached before the strategy wraps (DDP) or moves the model; groups and FLOPs on one sample."""
         check_window_fits(self.start_epoch, self.end_epoch, epoch_limit(trainer))
         check_loss_source("AutoPruneCallback", pl_module, self.loss_fn)
         self._finish()
@@ -217,10 +208,20 @@ class AutoPruneCallback(pl.Callback):
         self._gate(trainer, pl_module)
 
     def _gate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Channel groups and FLOPs on one sample, and ``M`` attached, for the model's current shapes."""
-        selection = f"`parameters`={self.parameters!r} with `exclude`={self.exclude!r}"
-        self.figures = AutoPruneFigures(trainer, pl_module, self.layers, self.granularity, self.example_input_fn, selection)
-        self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, self.figures.groups, self.ste, self.ste_slope, self.init)
+        """Channel groups (the groups touching ``layers``, attention heads included: a head's switch gates its q/k/v
+        rows) and FLOPs on one sample, and ``M`` attached, for the model's current shapes."""
+        channel = self.granularity == "channel"
+        self.figures = Figures("AutoPruneCallback", self.layers)
+        self.figures.measure(trainer, pl_module, self.example_input_fn, required=channel)
+        selected = []
+        if channel:
+            found = find_channel_groups(pl_module, self.figures.example, heads=True)
+            selected = [group for group in found if any(layer in self.layers for layer in group.layers)]
+            if not selected:
+                raise ValueError(f"`parameters`={self.parameters!r} with `exclude`={self.exclude!r} selects no prunable channel "
+                                 "group (the network's output layer is never channel-pruned).")
+            self.figures.predict_with(pl_module, found)
+        self.aux = AuxiliaryParameters(pl_module, self.layers, self.granularity, selected, self.ste, self.ste_slope, self.init)
         self.aux.prepare()
         self._gated_shapes = structure_record(pl_module)
         self.controller = None if self.target_sparsity is None else PullController(self.target_sparsity, self.reg)
@@ -236,7 +237,7 @@ class AutoPruneCallback(pl.Callback):
             self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
             self._hooks.append(hook_optimizer(optimizer, self))
-        self._trainer, self.figures.checked_step = trainer, trainer.global_step
+        self._trainer, self._checked_step = trainer, trainer.global_step
 
     def _learning(self) -> bool:
         trainer = self._trainer
@@ -333,7 +334,22 @@ class AutoPruneCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.aux is not None and self._trainer is not None:
             self._report_window()
-            self.figures.log(trainer, pl_module, self.aux)
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[SparsityReport, Optional[int]]:
+        """Read the core's counters once (a skipped non-finite step stops the run) and log the event: sparsity, FLOPs
+        (of the channel plan's physically pruned model; for element pruning the dense count, with what a sparse
+        kernel would run beside it), the entries revived and switched off, the histograms of ``M``."""
+        where = f"between global steps {self._checked_step} and {trainer.global_step} (epoch {trainer.current_epoch})"
+        counts, self._checked_step = self.aux.take_counts(raise_nonfinite=where), trainer.global_step
+        if counts["collapsed"]:
+            rank_zero_warn("AutoPruneCallback: every channel of a channel group would have been switched off (a constant "
+                           "output); the channel with the largest m was kept. Lower `reg` or `aux_lr` if this repeats.")
+        return self.figures.log(
+            trainer, pl_module, self.aux.plan() if self.figures.predictor is not None else None,
+            histograms={f"aux/{key}": value.detach() for key, value in self.aux.values.items()},
+            extra={"revived": float(counts["revived"]), "switched_off": float(counts["switched_off"])},
+        )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -343,11 +359,11 @@ class AutoPruneCallback(pl.Callback):
             return
         self._close_window()
         self._report_window()
-        report, flops = self.figures.log(trainer, pl_module, self.aux)
+        report, flops = self._log(trainer, pl_module)
         plan = self.aux.plan() if self.physical else None
         self._finish()
         if plan is not None:
-            self.structure = apply_plan(pl_module, self.figures.all_groups, plan, self.figures.example)
+            self.structure = apply_plan(pl_module, self.figures.groups, plan, self.figures.example)
             rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
         notes = [] if self._fine_tuned else ["training ended before the fine-tuning phase (no step under fixed masks)"]
         if notes:
@@ -356,7 +372,7 @@ class AutoPruneCallback(pl.Callback):
             notes.append(f"target_sparsity {self.target_sparsity:.2%}: the controller of µ switched off {self.landed:.2%} of the "
                          f"{self.granularity}s, the final correction {self.switched_off:.2%}")
         if self.verbose:
-            self.figures.summary(trainer, report, flops, notes, removed=self.physical)
+            self.figures.summary(trainer, pl_module, report, flops, notes=notes, removed=self.physical)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -373,25 +389,16 @@ class AutoPruneCallback(pl.Callback):
         self.aux, self.masks = None, None
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.structure is not None:
-            checkpoint[STRUCTURE_KEY] = self.structure
-
-    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resuming from a checkpoint of a physically pruned model (e.g. one saved after fit): the model was
         reshaped while loading, under gates built in ``setup`` for its old shapes; they are built again for
-        the new shapes before ``M``'s state loads, and the structure record goes into later checkpoints."""
-        if self.aux is None:  # not fitting
-            return
-        self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
-        if structure_record(pl_module) != self._gated_shapes:
+        the new shapes before ``M``'s state loads."""
+        if self.aux is not None and structure_record(pl_module) != self._gated_shapes:
             self.aux.finalize(permanent=False)
             self._gate(trainer, pl_module)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Under the class name alone: a changed argument cannot hide the state, a mismatch is refused on load."""
+    def _core_state(self) -> dict[str, Any]:
         state = {"aux": None if self.aux is None else self.aux.state_dict()}
         state["masks"] = None if self.masks is None else self.masks.state_dict()  # the fine-tune phase's
         state["held_out"] = None if self.held_out is None else self.held_out.state_dict()
@@ -399,15 +406,18 @@ class AutoPruneCallback(pl.Callback):
             state["controller"] = self.controller.state_dict()
         return state
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it)."""
-        if self.aux is not None and state_dict.get("aux") is not None:
-            self.aux.load_state_dict(state_dict["aux"])
-        if self.aux is not None and state_dict.get("masks") is not None:  # saved in the fine-tune phase: it goes on
+    def _load_core_state(self, state: Mapping[str, Any]) -> None:
+        """Loaded into the core at once (``M`` exists since ``setup``; ``fit`` restores callbacks after it); a mismatch
+        of ``granularity`` or layers is refused."""
+        if self.aux is not None and state.get("aux") is not None:
+            self.aux.load_state_dict(state["aux"])
+        if self.aux is not None and state.get("masks") is not None:  # saved in the fine-tune phase: it goes on
             self._window_checked = self._fine_tuned = True
-            self._fix_masks((), state_dict["masks"])  # the optimizers, restored later, hold zeros there already
-        if self.held_out is not None and state_dict.get("held_out") is not None:
-            self.held_out.load_state_dict(state_dict["held_out"])  # where a mid-epoch resume goes on drawing
-        if self.controller is not None and state_dict.get("controller") is not None:
-            self.controller.load_state_dict(state_dict["controller"])
+            self._fix_masks((), state["masks"])  # the optimizers, restored later, hold zeros there already
+        if self.held_out is not None and state.get("held_out") is not None:
+            self.held_out.load_state_dict(state["held_out"])  # where a mid-epoch resume goes on drawing
+        if self.controller is not None and state.get("controller") is not None:
+            self.controller.load_state_dict(state["controller"])
+
+    def _changed_consequence(self) -> str:
+        return "the checkpoint's auxiliary parameters (or fixed masks) are kept and the new settings apply from here on"

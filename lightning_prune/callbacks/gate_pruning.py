@@ -4,7 +4,7 @@ pruned network from scratch, in one ``fit`` (Wang et al., "Pruning from Scratch"
 Hook wiring only: the decisions are :class:`~lightning_prune.gate_search.GatePruning` (groups, gated groups,
 target check, threshold, removal, initialisation) and :class:`~lightning_prune.gate_search.GateSearch`
 (objective, penalty gradient, selection); the running gate phase (gates in, weights frozen, the gate optimizer
-swapped in, the way back), the expansion, the setup checks and the report are ``callbacks/_gate_phase.py``.
+swapped in, the way back) and the expansion are ``callbacks/_gate_phase.py``, the checks ``callbacks/_gate_checks.py``.
 """
 
 from __future__ import annotations
@@ -19,34 +19,26 @@ from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_prune.callbacks._gate_args import check_arguments, check_gate_phase_fits
-from lightning_prune.callbacks._gate_phase import (
-    GatePhase,
-    averaging_callbacks,
-    changed_arguments,
-    check_fit,
-    check_single_instance,
-    log_structure,
-)
+from lightning_prune.callbacks._checks import epoch_limit
+from lightning_prune.callbacks._figures import Figures
+from lightning_prune.callbacks._gate_checks import averaging_callbacks, check_arguments, check_fit, check_gate_phase_fits
+from lightning_prune.callbacks._gate_phase import GatePhase
 from lightning_prune.callbacks._module_io import ExampleInputFn, check_function
-from lightning_prune.callbacks._shared import epoch_limit
-from lightning_prune.callbacks._strategy import prepare_module
-from lightning_prune.gate_search import Init, Mode, Select
-from lightning_prune.gates import GATE_PARAMETER, GatePosition, GateSites
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.gate_search import GatePruned, Init, Mode, Select
+from lightning_prune.gates import GATE_PARAMETER, GatePhaseResult, GatePosition, GateSites
 from lightning_prune.loggers import log_metrics
-from lightning_prune.structure import STRUCTURE_KEY, ChannelGroup, ChannelPlan, structure_record
-from lightning_prune.training_state import rebuild_training_state, reshape_on_load, reshape_to_state_dict
+from lightning_prune.report import channel_rows
+from lightning_prune.structure import ChannelPlan, layer_channel_ratios, structure_record
+from lightning_prune.training_state import rebuild_training_state, reshape_to_state_dict
 
-_ARGUMENTS = ("flops_ratio", "gate_ratio", "gamma", "l1", "gate_epochs", "gate_lr", "gate_position", "gate_sites",
-              "round_to", "select", "monitor", "mode", "init", "budget_training", "expansion")
-"""The arguments that decide the structure and its training budget (kept in checkpoints)."""
-_STATE = ("pruned", "snapshot", "threshold", "reached_flops_ratio", "budget_epochs", "gate_seconds", "seed", "monitor_key")
-"""What survives a checkpoint besides the plan, the gates and a running gate phase."""
+_STATE = ("snapshot", "threshold", "reached_flops_ratio", "budget_epochs", "gate_seconds", "seed", "monitor_key")
+"""What survives a checkpoint besides the arguments, the plan, the gates and a running gate phase."""
 _NO_KEY = ""
 """``monitor_key`` when the first validation logged no key ending in ``loss``: nothing to select on."""
 
 
-class GatePruningFromScratch(pl.Callback):
+class GatePruningFromScratch(PruningCallback):
     r"""Pruning from Scratch: find a channel structure on the random initialisation, then train it.
 
     The first ``gate_epochs`` epochs of the ``fit`` are the gate phase; the pruned network trains for the rest:
@@ -153,6 +145,10 @@ class GatePruningFromScratch(pl.Callback):
         NonFiniteGateLoss: the gate loss became NaN or infinite; the model is left as it was.
     """
 
+    physical = True
+    duplicate_hint = ("one gate phase chooses one structure, so give it one (the second would search a model the first "
+                      "already pruned).")
+
     def __init__(
         self,
         flops_ratio: float = 0.5,
@@ -173,25 +169,20 @@ class GatePruningFromScratch(pl.Callback):
         example_input_fn: Optional[ExampleInputFn] = None,
         verbose: bool = True,
     ) -> None:
-        super().__init__()
-        given = dict(locals())
-        arguments = {name: given[name] for name in (*_ARGUMENTS, "verbose")}
-        check_arguments(arguments)
+        check_arguments(locals())
         check_function("example_input_fn", example_input_fn, 1, "example_input_fn(batch) -> model input")
-        for name in _ARGUMENTS:
-            setattr(self, name, arguments[name])
-        self.example_input_fn, self.verbose = example_input_fn, verbose
+        super().__init__(locals())
         self._reset()
 
     def _reset(self) -> None:
         """A fresh state: nothing chosen yet (also when the instance is reused on another model)."""
-        self._groups: list[ChannelGroup] = []
         self._model: Optional[weakref.ref] = None  # the module this instance pruned
         self._phase: Optional[GatePhase] = None  # the running gate phase
         self._load_hook: Optional[Any] = None
         self._validated_keys: set[str] = set()
         self._started: Optional[float] = None
-        self.pruned = False  # this and the rest survive checkpoints
+        self.figures = Figures("GatePruningFromScratch")
+        self.structure = None  # this and the rest survive checkpoints
         self.plan: ChannelPlan = {}
         self.gates: dict[int, torch.Tensor] = {}
         self.snapshot: dict[str, Any] = {}
@@ -203,35 +194,26 @@ class GatePruningFromScratch(pl.Callback):
         self.monitor_key: Optional[str] = None  # the key the snapshot rule reads (`monitor`, or found at the first validation)
 
     @property
-    def state_key(self) -> str:
-        """The class name alone (one instance per Trainer; Lightning refuses a second at ``Trainer(...)``, ``setup``
-        one appended later): a resume with changed arguments still finds the chosen structure's state, and
-        :meth:`load_state_dict` warns about the arguments that no longer apply."""
-        return type(self).__qualname__
+    def pruned(self) -> bool:
+        """Whether the structure is chosen (by this fit, or by the checkpoint it resumed)."""
+        return self.structure is not None
 
     def _gate_epochs(self, trainer: pl.Trainer) -> int:
         return 1 if trainer.fast_dev_run else self.gate_epochs
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """``fit``: the checks, then (unless this instance already pruned this module) the gate phase's model:
-        widened, frozen and gated before the strategy wraps it. Other stages: the module reshapes itself to a
-        pruned checkpoint while it loads."""
-        if stage != "fit":
-            reshape_on_load(pl_module)
-            return
-        prepare_module(trainer, pl_module, "GatePruningFromScratch", physical=True)
-        check_single_instance(trainer, self)
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Unless this instance already pruned this module: the gate phase's model, widened, frozen and gated before
+        the strategy wraps it."""
         if self.pruned and (self._model is None or self._model() is not pl_module):
             self._reset()  # reused for another model: search afresh (a checkpoint's structure still restores)
         if self.pruned:
             return
         check_fit(trainer, pl_module, self.budget_training, self.expansion, self._gate_epochs(trainer))
         check_gate_phase_fits(self.gate_epochs, epoch_limit(trainer))
+        self.figures.measure(trainer, pl_module, self.example_input_fn, required=True)
         options = dict(lr=self.gate_lr, gamma=self.gamma, gate_ratio=self.gate_ratio, l1=self.l1, mode=self.mode)
-        self._phase = GatePhase(trainer, pl_module, example_input_fn=self.example_input_fn, expansion=self.expansion,
-                                flops_ratio=self.flops_ratio, position=self.gate_position, sites=self.gate_sites,
-                                round_to=self.round_to, search_options=options)
+        self._phase = GatePhase(trainer, pl_module, self.figures, expansion=self.expansion, flops_ratio=self.flops_ratio,
+                                position=self.gate_position, sites=self.gate_sites, round_to=self.round_to, search_options=options)
         self.seed = int(trainer.strategy.broadcast(int(torch.randint(2**62, ())), src=0))
         self.monitor_key = self.monitor
         if self.budget_training:  # the gate epochs, then the pruned network's epochs scaled by 1 / flops_ratio
@@ -256,7 +238,7 @@ class GatePruningFromScratch(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resuming (``fit(ckpt_path=...)``): a checkpoint that holds a structure means it was chosen: no gate phase;
         one written during the gate phase continues it (the module loaded its gates)."""
-        self.pruned = self.pruned or STRUCTURE_KEY in checkpoint
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
         if not self.pruned and self._phase is None and self._model is not None:
             raise MisconfigurationException(
                 "GatePruningFromScratch: the checkpoint to resume holds neither gates nor a pruned structure (it was not "
@@ -279,20 +261,22 @@ class GatePruningFromScratch(pl.Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Gate metrics as 0-dim device tensors (``self.log``, no host synchronisation)."""
+        """The non-finite flag of each batch's loss (on the device); the gate metrics as 0-dim device tensors
+        (``self.log``, no host synchronisation) only on the steps Lightning writes to its loggers."""
         if self._phase is None:
             return
         search = self._phase.search
-        gates = search.gates.parameter.detach()
-        penalty = search.penalty(gates)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        metrics = {"gate/mean": gates.abs().mean(), "gate/nonzero_fraction": search.gates.nonzero_fraction()}
+        task = None
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             task = loss.detach().reshape(()).float() * (trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1)
-            search.record(task, penalty)
-            metrics.update({"gate/loss": task + penalty, "gate/task_loss": task})
-        else:
-            search.record(gates.sum(), penalty)  # no loss returned (manual optimization): non-finite gates still count
+        search.flag_nonfinite(task if task is not None else search.gates.parameter.detach())  # no loss (manual): the gates
+        if not trainer._logger_connector.should_update_logs:  # Lightning keeps only the last step value between log steps
+            return
+        gates = search.gates.parameter.detach()
+        metrics = {"gate/mean": gates.abs().mean(), "gate/nonzero_fraction": search.gates.nonzero_fraction()}
+        if task is not None:
+            metrics.update({"gate/loss": task + search.penalty(gates), "gate/task_loss": task})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     @override
@@ -342,14 +326,35 @@ class GatePruningFromScratch(pl.Callback):
             rank_zero_warn("GatePruningFromScratch: no validation ran during the gate epochs, so the last gates are kept.")
         result, pruned = phase.prune(trainer, self.init, self.seed)
         self.gate_seconds = None if self._started is None else time.perf_counter() - self._started
-        self.pruned, self._groups, self.plan, self.gates = True, phase.core.groups, pruned.plan, pruned.gates
+        self.structure, self.plan, self.gates = structure_record(pl_module), pruned.plan, pruned.gates
+        self.figures.groups = phase.core.groups  # the plan's group indices are positions in it
         self.threshold, self.reached_flops_ratio = pruned.threshold, pruned.flops_ratio
         self.snapshot = dict(monitor=self.monitor, selected=result.selected, step=result.step, steps=result.steps, metric=result.metric)
         for callback in averaging_callbacks(trainer):
             callback.setup(trainer, pl_module, "fit")  # its average model: a copy of the pruned network
         rebuild_training_state(trainer, fresh=True)  # Lightning stepped this epoch's epoch-interval schedulers already
-        log_structure(trainer, pl_module, phase.core.groups, pruned, result, dense_flops=phase.dense.total,
-                      dense_params=phase.dense_params, seconds=self.gate_seconds, budget_epochs=self.budget_epochs, verbose=self.verbose)
+        self._report(trainer, pl_module, result, pruned)
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: GatePhaseResult, pruned: GatePruned) -> None:
+        """The chosen structure to the loggers (``prune/*``, the channel-ratio vector, a gate histogram) and, with
+        ``verbose``, the table of kept channels."""
+        groups, dense = self.figures.groups, self.figures.dense_flops.total
+        flops = round(pruned.flops_ratio * dense)  # the predictor's exact count (ratio = count / dense)
+        extra = {"dense_flops_macs": float(dense), "threshold": pruned.threshold, "gate_snapshot_step": float(result.step),
+                 "params_ratio": sum(p.numel() for p in pl_module.parameters()) / self.figures.dense_parameters}
+        if self.gate_seconds is not None:
+            extra["gate_phase_seconds"] = self.gate_seconds
+        if self.budget_epochs is not None:
+            extra["max_epochs"] = float(self.budget_epochs)
+        self.figures.log(trainer, pl_module, flops=flops, channel_ratios=layer_channel_ratios(groups, pruned.plan),
+                         histograms={"gates": torch.cat(list(result.gates.values()))}, extra=extra)
+        if self.verbose:
+            snapshot = f"gate snapshot: {result.selected} at gate step {result.step}/{result.steps}"
+            facts = [snapshot + (f" (monitored {result.metric:.4f})" if result.metric is not None else "")]
+            if self.budget_epochs is not None:
+                facts.append(f"budget training: max_epochs -> {self.budget_epochs}")
+            self.figures.summary(trainer, pl_module, None, flops, removed=True, facts=facts,
+                                 channels=channel_rows(groups, pruned.plan), kept="remaining")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -372,26 +377,21 @@ class GatePruningFromScratch(pl.Callback):
             self._load_hook.remove()
             self._load_hook = None
 
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.pruned:
-            checkpoint[STRUCTURE_KEY] = structure_record(pl_module)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
+    def _core_state(self) -> dict[str, Any]:
         plan, gates = {i: keep.tolist() for i, keep in self.plan.items()}, {i: gate.clone() for i, gate in self.gates.items()}
-        arguments = {name: getattr(self, name) for name in _ARGUMENTS}
         phase = None if self._phase is None else self._phase.state_dict()
-        return {**{name: getattr(self, name) for name in _STATE}, "plan": plan, "gates": gates, "arguments": arguments, "phase": phase}
+        return {**{name: getattr(self, name) for name in _STATE}, "plan": plan, "gates": gates, "phase": phase}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_core_state(self, state: Mapping[str, Any]) -> None:
         for name in _STATE:
-            setattr(self, name, state_dict.get(name))
-        self.plan = {int(index): torch.tensor(keep, dtype=torch.long) for index, keep in state_dict["plan"].items()}
-        self.gates = {int(index): gate for index, gate in state_dict["gates"].items()}
-        if self._phase is not None and state_dict.get("phase") is not None:
-            self._phase.load_state_dict(state_dict["phase"])
-        warning = changed_arguments(state_dict.get("arguments", {}), {name: getattr(self, name) for name in _ARGUMENTS})
-        if self.pruned and warning:
-            rank_zero_warn(warning)
+            setattr(self, name, state.get(name))
+        self.plan = {int(index): torch.tensor(keep, dtype=torch.long) for index, keep in state["plan"].items()}
+        self.gates = {int(index): gate for index, gate in state["gates"].items()}
+        if self._phase is not None and state.get("phase") is not None:
+            self._phase.load_state_dict(state["phase"])
+
+    def _changed_consequence(self) -> Optional[str]:
+        if not self.pruned:
+            return None
+        return ("the gate phase is not run again, so the current values do not apply (the checkpoint's structure and "
+                "training budget do). Start a new run to use them")

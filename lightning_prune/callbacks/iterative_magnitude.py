@@ -6,31 +6,30 @@ Hook wiring only: the decisions are :class:`~lightning_prune.magnitude.Magnitude
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_prune.callbacks import _magnitude_args as args
-from lightning_prune.callbacks._magnitude_args import LayerCap, PerLayer, Sensitivity
-from lightning_prune.callbacks._magnitude_report import MagnitudeFigures
+from lightning_prune.callbacks import _magnitude_schedule as timing
+from lightning_prune.callbacks._checks import Fraction
+from lightning_prune.callbacks._figures import Figures
+from lightning_prune.callbacks._magnitude_schedule import LayerCap, PerLayer, Sensitivity
 from lightning_prune.callbacks._module_io import ExampleInputFn
-from lightning_prune.callbacks._shared import Fraction, check_unique_keys
-from lightning_prune.callbacks._strategy import prepare_module
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
-from lightning_prune.magnitude import Broadcast, MagnitudePruner, distributed_broadcast
+from lightning_prune.magnitude import Broadcast, ChannelMagnitude, MagnitudePruner, distributed_broadcast
 from lightning_prune.masks import MaskSet
 from lightning_prune.pruner import hook_optimizer
 from lightning_prune.report import sparsity_report
 from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
-from lightning_prune.structure import STRUCTURE_KEY, StructureRecord
 from lightning_prune.targets import select_modules
-from lightning_prune.training_state import rebuild_training_state, reshape_on_load
+from lightning_prune.training_state import rebuild_training_state
 
 
-class IterativeMagnitude(pl.Callback):
+class IterativeMagnitude(PruningCallback):
     r"""Prune Conv/Linear weights by magnitude on a one-shot, iterative or AGP schedule.
 
     At each pruning event the weights with the lowest importance are masked so that the pruned
@@ -93,6 +92,8 @@ class IterativeMagnitude(pl.Callback):
             ``name`` it was saved with).
     """
 
+    duplicate_hint = "give each a distinct `name=` (e.g. `IterativeMagnitude(..., name=\"encoder\")`), which keeps their checkpoint states apart."
+
     def __init__(
         self,
         sparsity: PerLayer = 0.5,
@@ -118,40 +119,26 @@ class IterativeMagnitude(pl.Callback):
         name: Optional[str] = None,
         verbose: bool = True,
     ) -> None:
-        super().__init__()
-        self.arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        args.check_arguments(self.arguments)
-        self.__dict__.update(self.arguments)
+        timing.check_arguments(locals())
+        super().__init__(locals())
         self.schedule: Optional[PruningSchedule] = None
         self.pruner: Optional[MagnitudePruner] = None
         self.layers: list[str] = []
-        self.figures = MagnitudeFigures(self.layers, monitor)
-        self.structure: Optional[StructureRecord] = None
+        self.figures = Figures("IterativeMagnitude", monitor=monitor)
         self.last_event = -1  # the last event run (in the schedule's unit)
         self._hooks: list[Any] = []
         self._broadcast: Optional[Broadcast] = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name) if self.name else type(self).__qualname__
 
     @property
     def masks(self) -> Optional[MaskSet]:
         """The masks being enforced (``None`` before the first event and once made permanent)."""
         return self.pruner.masks if self.pruner is not None and self.pruner.masks else None
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Other stages than ``fit``: the module reshapes itself to a pruned checkpoint while it loads."""
-        if stage != "fit":
-            reshape_on_load(pl_module)
-            return
-        prepare_module(trainer, pl_module, "IterativeMagnitude", physical=self.physical)
-        check_unique_keys(trainer, self, "give each a distinct `name=` (e.g. `IterativeMagnitude(..., name=\"encoder\")`), which keeps their checkpoint states apart.")
+    def _setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.layers = list(select_modules(pl_module, self.parameters, self.exclude))
-        args.check_layer_keys(self.arguments, self.layers)
-        self.schedule = args.resolve_schedule(self.arguments, trainer)
-        self.figures = MagnitudeFigures(self.layers, self.monitor, self.figures.dense_score)
+        timing.check_layer_keys(self.arguments, self.layers)
+        self.schedule = timing.resolve_schedule(self.arguments, trainer)
+        self.figures = Figures("IterativeMagnitude", self.layers, self.monitor, self.figures.dense_score)
         if self.pruner is None or self.pruner.model is not pl_module:
             self.pruner = MagnitudePruner(pl_module, self.layers, self.sparsity, self.scope, self.criterion, self.sensitivity, self.max_layer_sparsity)
             self.last_event = -1
@@ -166,10 +153,15 @@ class IterativeMagnitude(pl.Callback):
         """The schedule checked against ``max_steps`` too (the epoch length is known now, before any step); the
         example input (the first training batch is loaded now): dense FLOPs, channel groups; how decisions reach
         every rank (the process group exists by now); the masks' hooks on every optimizer (``hook_optimizer``)."""
-        args.check_schedule_fits(self.arguments, args.schedule_limit(self.arguments, trainer), self.schedule.last_event)
+        timing.check_schedule_fits(self.arguments, timing.schedule_limit(self.arguments, trainer), self.schedule.last_event)
         self._broadcast = distributed_broadcast()
-        self.figures.measure_dense(trainer, pl_module, self.pruner, self.granularity, self.channel_norm, self.example_input_fn)
-        args.warn_if_early_stopping(trainer, self.schedule, self.interval)
+        channel = self.granularity == "channel"
+        self.figures.measure(trainer, pl_module, self.example_input_fn, required=channel)
+        if channel:
+            if self.pruner.channels is None:  # unless it has them from an earlier fit
+                self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.figures.example, self.layers, self.channel_norm, self.max_layer_sparsity)
+            self.figures.predict_with(pl_module, self.pruner.channels.groups)
+        timing.warn_if_early_stopping(trainer, self.schedule, self.interval)
         self._unhook()
         self._hooks = [hook_optimizer(optimizer, self.pruner) for optimizer in trainer.optimizers]
 
@@ -195,7 +187,8 @@ class IterativeMagnitude(pl.Callback):
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
         for layer in self.pruner.emptied_layers():
             rank_zero_warn(f"IterativeMagnitude: every weight of {layer!r} is pruned (`max_layer_sparsity`={self.max_layer_sparsity}); the layer outputs only its bias.")
-        self.figures.log_event(trainer, pl_module, self.pruner, target)
+        self.figures.log(trainer, pl_module, self.pruner.plan, channel_ratios=self.pruner.channel_ratios(),
+                         extra={"target_sparsity": self.pruner.target_sparsity(target)})
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -219,40 +212,24 @@ class IterativeMagnitude(pl.Callback):
             rank_zero_warn(f"IterativeMagnitude: {notes[-1]}.")
         if not self.masks:
             return
-        flops = self.figures.pruned_flops(self.pruner)
+        flops = self.figures.flops(self.pruner.plan)
         if self.make_permanent:
             self.structure = self.pruner.finalize(self.figures.example if self.physical else None) or self.structure
             if self.physical:
                 rebuild_training_state(trainer)  # optimizer state of the new shapes in later checkpoints
             self.pruner = None
         if self.verbose:
-            self.figures.summary(trainer, pl_module, report, flops, notes, removed=self.physical)
+            self.figures.summary(trainer, pl_module, report, flops, notes=notes, removed=self.physical)
 
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.structure is not None:
-            checkpoint[STRUCTURE_KEY] = self.structure
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Adopt IterativeMagnitude state saved under another key when it is the only one (else the resume is refused).
-        A resumed fit carries the checkpoint's structure record into its own checkpoints."""
-        if trainer.state.fn == "fit":
-            self.structure = checkpoint.get(STRUCTURE_KEY, self.structure)
-        state = args.state_under_other_key(checkpoint, self.state_key, {cb.state_key for cb in trainer.callbacks if isinstance(cb, IterativeMagnitude)})
-        if state is not None:
-            self.load_state_dict(state)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
+    def _core_state(self) -> dict[str, Any]:
         state = self.pruner.state_dict() if self.pruner is not None else {}
-        arguments = {k: args.plain(v) for k, v in self.arguments.items() if k != "example_input_fn"}
-        return {**state, "last_event": self.last_event, "dense_score": self.figures.dense_score, "arguments": arguments}
+        return {**state, "last_event": self.last_event, "dense_score": self.figures.dense_score}
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.figures.dense_score = state_dict["dense_score"]
-        args.warn_if_changed(state_dict.get("arguments", {}), self.arguments)
-        self.last_event = int(state_dict.get("last_event", state_dict.get("last_event_epoch", -1)))  # the events that ran stay done
-        if self.pruner is not None and "masks" in state_dict:
-            self.pruner.load_state_dict(state_dict)
+    def _load_core_state(self, state: Mapping[str, Any]) -> None:
+        self.figures.dense_score = state["dense_score"]
+        self.last_event = int(state.get("last_event", state.get("last_event_epoch", -1)))  # the events that ran stay done
+        if self.pruner is not None and "masks" in state:
+            self.pruner.load_state_dict(state)
+
+    def _changed_consequence(self) -> str:
+        return "the saved masks are kept and the new settings apply from the next pruning event"

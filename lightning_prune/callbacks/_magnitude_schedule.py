@@ -1,5 +1,5 @@
-"""``IterativeMagnitude``'s arguments: construction-time checks (type, range, combination), the schedule they
-give on a Trainer, and their form in checkpoints.
+"""``IterativeMagnitude``'s schedule: the construction-time checks of its arguments (type, range, combination) and
+the schedule they give on a Trainer (resolved against its limits, refused where it cannot complete).
 
 Each error is a ``ValueError`` naming the argument, the value and what is allowed, raised before any weight changes.
 """
@@ -12,11 +12,11 @@ from typing import Any, Collection, Mapping, Optional, Union
 import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeFloat, restricted_number_type
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from lightning_prune.callbacks._checks import (
+    Fraction, Limit, check_fits, check_flags, check_keys, check_range, class_names, epoch_limit, stepping_batches,
+)
 from lightning_prune.callbacks._module_io import check_function
-from lightning_prune.callbacks._strategy import class_names, stepping_batches
-from lightning_prune.callbacks._shared import Fraction, Limit, check_fits, check_flags, check_keys, check_range, epoch_limit
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
@@ -104,7 +104,7 @@ def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
 
 
 def schedule_limit(a: Mapping[str, Any], trainer: pl.Trainer) -> Optional[Limit]:
-    """The Trainer's end in the schedule's unit: epochs (:func:`~lightning_prune.callbacks._shared.epoch_limit`), or
+    """The Trainer's end in the schedule's unit: epochs (:func:`~lightning_prune.callbacks._checks.epoch_limit`), or
     with ``interval="step"`` optimizer steps (``max_steps``, else ``max_epochs`` × steps per epoch); ``None``: none."""
     if a["interval"] == "epoch" or trainer.fast_dev_run:
         return epoch_limit(trainer)
@@ -149,35 +149,3 @@ def warn_if_early_stopping(trainer: pl.Trainer, schedule: PruningSchedule, unit:
     """Warn when EarlyStopping may end training before the last event (the Trainer's own limits are refused)."""
     if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):
         rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")
-
-
-def state_under_other_key(checkpoint: Mapping[str, Any], own_key: str, keys: set[str]) -> Optional[dict[str, Any]]:
-    """IterativeMagnitude state saved under another key (an older version's key, or another `name`) to adopt when
-    the checkpoint holds none under ``own_key`` and exactly one not claimed by ``keys``; refused when ambiguous."""
-    states = checkpoint.get("callbacks", {})
-    others = [key for key in states if isinstance(key, str) and key.startswith("IterativeMagnitude") and key not in keys]
-    if own_key in states or not others:
-        return None
-    if len(others) > 1:
-        raise MisconfigurationException(f"The checkpoint holds IterativeMagnitude state under {others}, none under this callback's key {own_key!r}: pass the `name` it was saved with.")
-    rank_zero_warn(f"IterativeMagnitude: resuming the state saved under {others[0]!r} (masks and schedule progress kept).")
-    return states[others[0]]
-
-
-def plain(value: Any) -> Any:
-    """Built-in types only (parse-time types such as ``NonNegativeInt`` are subclasses), so checkpoints load anywhere."""
-    for kind in (bool, int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, Mapping):
-        return {plain(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def warn_if_changed(saved: Mapping[str, Any], arguments: Mapping[str, Any]) -> None:
-    """Warn on resume about arguments that differ from those saved in the checkpoint."""
-    changed = sorted(k for k, v in saved.items() if plain(arguments.get(k)) != v)
-    if changed:
-        rank_zero_warn(f"IterativeMagnitude: resumed with changed arguments {changed}; the saved masks are kept and the new settings apply from the next pruning event.")

@@ -1,5 +1,5 @@
-"""What the callbacks' hooks share: argument checks, the Trainer's epoch limit their schedules must fit
-(:func:`epoch_limit`, :func:`check_fits`) and the FLOPs count used for reports."""
+"""The callbacks' argument checks (ranges, flags, per-layer keys) and the one rule of their schedules: they must fit
+the Trainer's limits (:func:`epoch_limit`, :func:`stepping_batches`, :func:`check_fits`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ from typing import Any, Collection, Mapping, NamedTuple, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import restricted_number_type
-from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-
-from lightning_prune.flops import FlopCount, count_flops
-from lightning_prune.structure import ExampleInput
 
 Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)], join="and")
 """A float in [0, 1): as a type hint, LightningCLI rejects an out-of-range YAML value at parse time."""
@@ -90,25 +86,24 @@ def check_fits(callback: str, name: str, value: Any, needed: int, limit: Optiona
         )
 
 
-def check_unique_keys(trainer: pl.Trainer, callback: pl.Callback, hint: str) -> None:
-    """No other callback of the Trainer saves its checkpoint state under ``callback``'s key (Lightning checks this
-    only for the callbacks given to ``Trainer(...)``; one appended later or from ``configure_callbacks`` would
-    overwrite the other's state in every checkpoint)."""
-    same = [other for other in trainer.callbacks if other is not callback and getattr(other, "state_key", None) == callback.state_key]
-    if same:
-        raise MisconfigurationException(
-            f"The Trainer holds {len(same) + 1} {type(callback).__name__} callbacks with the checkpoint key "
-            f"{callback.state_key!r}: {hint}"
-        )
+def class_names(obj: Any) -> set[str]:
+    """The names of ``obj``'s class and its bases (matches under both Lightning namespaces)."""
+    return {cls.__name__ for cls in type(obj).__mro__}
 
 
-def optional_flop_count(pl_module: pl.LightningModule, example: Optional[ExampleInput]) -> Optional[FlopCount]:
-    """fvcore's count for reports, or ``None`` when there is no example input or fvcore cannot trace the
-    model: element pruning does not need FLOPs, so a tracing failure warns instead of stopping the run."""
-    if example is None:
-        return None
-    try:
-        return count_flops(pl_module, example)
-    except Exception as error:  # noqa: BLE001 - any tracing failure only costs the FLOPs figures
-        rank_zero_warn(f"FLOPs are not reported: fvcore could not trace the model on its example input ({error}).")
-        return None
+def stepping_batches(trainer: pl.Trainer) -> float:
+    """``trainer.estimated_stepping_batches`` taken at ``setup`` without losing a resumable training loader's place.
+
+    Before the fit loop has loaded the training data, the estimate makes Lightning load it, and the checkpoint
+    restored after ``setup`` never hands that loader its saved state (Lightning issue #20550): a mid-epoch resume
+    would start the epoch's batches over. So a loader built here for the estimate is dropped again (private
+    ``fit_loop`` attributes), and the fit loop builds it after the restore.
+    """
+    fit_loop = trainer.fit_loop
+    built = fit_loop._combined_loader is not None
+    steps = trainer.estimated_stepping_batches
+    if not built and fit_loop._combined_loader is not None:
+        if fit_loop._data_fetcher is not None:
+            fit_loop._data_fetcher.teardown()
+        fit_loop._combined_loader, fit_loop._data_fetcher = None, None
+    return steps
