@@ -76,13 +76,16 @@ def _after(pruner: StepHooks, optimizer: torch.optim.Optimizer, args: tuple, kwa
     pruner.after_step()
 
 
-def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks) -> _Handles:
+def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks, *, before_step: bool = True) -> _Handles:
     """Call ``pruner.before_step()`` and ``pruner.after_step()`` around every ``optimizer.step()``; the handle's
-    ``remove()`` takes both hooks off (each a ``functools.partial`` whose first argument is ``pruner``).
+    ``remove()`` takes the hooks off (each a ``functools.partial`` whose first argument is ``pruner``).
 
     ``before_step`` runs once the gradients are complete: right before the step, or, when ``step`` is given a
-    closure (Lightning's automatic and manual optimization, LBFGS), right after the closure returns (after the
-    backward pass and Lightning's gradient clipping). A step that does not run (a ``GradScaler`` step skipped for an
-    inf/NaN gradient) calls neither, and with gradient accumulation both run at each real optimizer step only.
+    closure (LBFGS, a loop of your own), right after the closure returns. A step that does not run (a ``GradScaler``
+    step skipped for an inf/NaN gradient) calls neither, and with gradient accumulation both run at each real
+    optimizer step only. ``before_step=False`` hooks ``after_step`` alone: the callbacks call ``before_step`` from
+    Lightning's ``on_before_optimizer_step``, which runs before Lightning clips the gradients (inside Lightning the
+    step's closure ends with the clipping), so the clipping norm sees masked gradients and the gates' penalty.
     """
-    return _Handles(optimizer.register_step_pre_hook(partial(_before, pruner)), optimizer.register_step_post_hook(partial(_after, pruner)))
+    after = optimizer.register_step_post_hook(partial(_after, pruner))
+    return _Handles(optimizer.register_step_pre_hook(partial(_before, pruner)), after) if before_step else _Handles(after)

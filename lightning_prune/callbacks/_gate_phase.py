@@ -73,8 +73,8 @@ class GatePhase:
     def start(self, trainer: pl.Trainer) -> None:
         """``on_fit_start`` (the module is on its device and wrapped; optimizer states load after this): the gate
         optimizer replaces the user's, their LR schedulers are set aside (``configure_optimizers`` builds fresh
-        ones at the pruning), and each gate step adds the penalty's gradient (after the backward pass and AMP's unscale) and
-        ends with the clamp and the running sum."""
+        ones at the pruning), and each gate step ends with the clamp and the running sum (the callback adds the penalty's
+        gradient in ``on_before_optimizer_step``)."""
         strategy = trainer.strategy
         if not trainer.lightning_module.automatic_optimization and len(strategy.optimizers) > 1:
             raise MisconfigurationException(
@@ -86,7 +86,7 @@ class GatePhase:
         strategy.optimizers = [self.search.optimizer]
         strategy.lr_scheduler_configs = []
         if self._hook is None:
-            self._hook = hook_optimizer(self.search.optimizer, self.search)  # the penalty's gradient, then the clamp
+            self._hook = hook_optimizer(self.search.optimizer, self.search, before_step=False)  # the clamp after each step
 
     def close(self) -> None:
         """Gates out (their parameter unregistered), every flag, mode and buffer of the module restored."""

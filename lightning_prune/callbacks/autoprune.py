@@ -236,15 +236,20 @@ class AutoPruneCallback(PruningCallback):
         if self.masks is None:
             self.aux.build_optimizer(self.aux_optimizer, self.aux_lr)
         for optimizer in trainer.optimizers:
-            self._hooks.append(hook_optimizer(optimizer, self))
+            self._hooks.append(hook_optimizer(optimizer, self, before_step=False))
         self._trainer, self._checked_step = trainer, trainer.global_step
 
     def _learning(self) -> bool:
         trainer = self._trainer
         return trainer is not None and self.window.learning(trainer.current_epoch, trainer.global_step, trainer.max_epochs, trainer.max_steps)
 
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._hooks:
+            self.before_step()
+
     def before_step(self) -> None:
-        """Before each optimizer step of ``W`` (:func:`~lightning_prune.pruner.hook_optimizer`): while ``M`` learns,
+        """Before each optimizer step of ``W`` (``on_before_optimizer_step``, before Lightning clips): while ``M`` learns,
         ``W`` saved; in the fine-tune phase, no gradient (so no momentum or Adam moment) at a masked weight."""
         if self.masks is not None:
             self.masks.apply_to_grads()

@@ -260,6 +260,12 @@ class GatePruningFromScratch(PruningCallback):
             self._started = time.perf_counter()
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        """The penalty's gradient added to the gates' (after AMP's unscale, before Lightning clips the gradients)."""
+        if self._phase is not None:
+            self._phase.search.before_step()
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """The non-finite flag of each batch's loss (on the device); the gate metrics as 0-dim device tensors
         (``self.log``, no host synchronisation) only on the steps Lightning writes to its loggers."""

@@ -163,7 +163,14 @@ class IterativeMagnitude(PruningCallback):
             self.figures.predict_with(pl_module, self.pruner.channels.groups)
         timing.warn_if_early_stopping(trainer, self.schedule, self.interval)
         self._unhook()
-        self._hooks = [hook_optimizer(optimizer, self.pruner) for optimizer in trainer.optimizers]
+        self._hooks = [hook_optimizer(optimizer, self.pruner, before_step=False) for optimizer in trainer.optimizers]
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """No gradient at a masked weight, before Lightning clips the gradients (the zeros are re-written after the
+        step by the optimizer hook)."""
+        if self._hooks:
+            self.pruner.before_step()
 
     def _unhook(self) -> None:
         for handle in self._hooks:
