@@ -291,11 +291,8 @@ class KeywordTask(pl.LightningModule):
 
 
 def _callback_groups(callback: pl.Callback) -> list[ChannelGroup]:
-    if isinstance(callback, IterativeMagnitude):
-        return callback.pruner.channels.groups
-    if isinstance(callback, AutoPruneCallback):
-        return callback.figures.groups
-    return callback._groups  # GatePruningFromScratch: the groups it gated (no public name yet)
+    """The channel groups a callback's plan indexes (``callback.figures.groups`` for all three)."""
+    return callback.figures.groups
 
 
 class Units(pl.Callback):
