@@ -117,6 +117,23 @@ def test_a_mid_run_checkpoint_resumes_to_the_uninterrupted_result(tmp_path) -> N
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
 
 
+class _FailAfterFirstEvent(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            self.hooks = norm_hooks(pl_module.model)
+            raise RuntimeError("interrupted")
+
+
+def test_an_exception_leaves_no_norm_hook_on_the_users_model(trainer_factory) -> None:
+    torch.manual_seed(0)
+    module, failing = KeywordModule(bert()), _FailAfterFirstEvent()
+    pruning = IterativeMagnitude(sparsity=0.5, schedule="iterative", start_epoch=1, end_epoch=3, frequency=2,
+                                 granularity="channel", physical=True, hidden=True, monitor=None, verbose=False)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer_factory([pruning, failing], max_epochs=5).fit(module, loader(classes=True))
+    assert failing.hooks == 2 * 2 + 1 and norm_hooks(module.model) == 0
+
+
 def test_loose_parameters_count_in_the_hidden_channels_score() -> None:
     """A hidden channel is scored by all that writes it into the residual stream: the patch projection's rows and the
     class token and position embedding (loose parameters), relative to the group's mean like every group."""
