@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader
 from lightning_prune import IterativeMagnitude
 from lightning_prune.flops import count_flops
 from lightning_prune.magnitude import ChannelMagnitude
+from lightning_prune.structure.groups import is_norm
 
 transformers = pytest.importorskip("transformers")
 from test_gate_pruning import ListLogger  # noqa: E402
-from test_hidden_width import WIDTH, bert, hf_vit  # noqa: E402
+from test_hidden_width import LAYERS, WIDTH, bert, gpt2, hf_vit, llama  # noqa: E402
 from test_huggingface import KeywordModule, loader, tokens  # noqa: E402
 
 pytestmark = pytest.mark.zoo
@@ -34,16 +35,19 @@ def pixel_loader(n: int = 4) -> DataLoader:
                       batch_size=None)
 
 
-# name -> (builder, training batches, a batch for comparing outputs)
+# name -> (builder, training batches, a batch for comparing outputs, the model's norms: two a layer and one more)
 MODELS = {
     "bert": (bert, lambda: loader(classes=True), lambda: tokens(2)),
     "hf_vit": (hf_vit, pixel_loader, lambda: {"pixel_values": torch.randn(2, 3, 16, 16)}),
+    "gpt2": (gpt2, lambda: loader(classes=False), lambda: tokens(2)),
+    "llama": (llama, lambda: loader(classes=False), lambda: tokens(2)),
 }
+NORMS = 2 * LAYERS + 1
 
 
 def norm_hooks(model: nn.Module) -> int:
-    """How many forward hooks the model's LayerNorms hold."""
-    return sum(len(m._forward_hooks) for m in model.modules() if isinstance(m, nn.LayerNorm))
+    """How many forward hooks the model's LayerNorms and RMSNorms hold."""
+    return sum(len(m._forward_hooks) for m in model.modules() if is_norm(m))
 
 
 class _Snapshot(pl.Callback):
@@ -58,7 +62,7 @@ class _Snapshot(pl.Callback):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_short_fit_removes_hidden_channels_the_masked_model_computed(trainer_factory, name) -> None:
-    """The hidden width goes with the heads and MLP widths: ``config.hidden_size`` follows the embedding; the masked
+    """The hidden width goes with the heads and MLP widths (GPT-2's ``Conv1D`` and tied ``lm_head``, Llama's RMSNorms): ``config.hidden_size`` follows the embedding; the masked
     model of the last event (norms over the kept channels) gives the pruned model's outputs; the reported FLOPs ratio
     is fvcore's recount; no norm hook is left on the user's model."""
     build, batches, batch = MODELS[name]
@@ -73,7 +77,7 @@ def test_a_short_fit_removes_hidden_channels_the_masked_model_computed(trainer_f
     width = module.model.get_input_embeddings()
     width = width.embedding_dim if isinstance(width, nn.Embedding) else width.projection.out_channels
     assert module.model.config.hidden_size == width < WIDTH  # hidden channels went, the config follows
-    assert snapshot.hooks == 2 * 2 + 1 and norm_hooks(module.model) == 0  # every LayerNorm hooked while masked, none after
+    assert snapshot.hooks == NORMS and norm_hooks(module.model) == 0  # every norm hooked while masked, none after
     example = pruning.figures.example
     (reported,) = logger.values("prune/flops_ratio")
     assert reported == count_flops(module.model, example).total / count_flops(dense, example).total < 1
@@ -131,7 +135,7 @@ def test_an_exception_leaves_no_norm_hook_on_the_users_model(trainer_factory) ->
                                  granularity="channel", physical=True, hidden=True, monitor=None, verbose=False)
     with pytest.raises(RuntimeError, match="interrupted"):
         trainer_factory([pruning, failing], max_epochs=5).fit(module, loader(classes=True))
-    assert failing.hooks == 2 * 2 + 1 and norm_hooks(module.model) == 0
+    assert failing.hooks == NORMS and norm_hooks(module.model) == 0
 
 
 def test_loose_parameters_count_in_the_hidden_channels_score() -> None:
