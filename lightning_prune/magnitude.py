@@ -180,7 +180,7 @@ class ChannelMagnitude:
                     weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)  # a transposed conv's are dim 1
                 else:  # a hidden group's loose parameter: its channels on the last dimension
                     weight = module.get_parameter(member.parameter).detach().movedim(-1, 0)
-                rows = weight.flatten(1)[member.positions.to(weight.device)].float()
+                rows = weight.reshape(weight.shape[0], -1)[member.positions.to(weight.device)].float()  # a 1-d parameter too
                 values = rows.abs().sum(1) if self.norm == "l1" else rows.norm(dim=1)
                 score.index_add_(0, member.channels.to(device), values.to(device))
             scores.append(score / score.mean().clamp_min(1e-12))

@@ -163,3 +163,43 @@ def test_loose_parameters_count_in_the_hidden_channels_score() -> None:
 def test_hidden_must_be_a_bool_and_needs_physical_removal(arguments, message) -> None:
     with pytest.raises(ValueError, match=message):
         IterativeMagnitude(granularity="channel", **arguments)
+
+
+class _TensorModule(pl.LightningModule):
+    """A timm image model behind a tensor forward, with ``example_input_array``."""
+
+    def __init__(self, net: nn.Module, side: int) -> None:
+        super().__init__()
+        self.model, self.example_input_array = net, torch.randn(1, 3, side, side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize(("name", "options", "side"), [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2), 32),
+    ("convnext_atto", {}, 64),  # one hidden group per stage, through LayerNorm2d and the blocks' layer scale (1-d)
+])
+def test_timm_models_lose_hidden_width_with_their_width_attributes_following(trainer_factory, name, options, side) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(name, pretrained=False, num_classes=5, **options)
+    module, logger, snapshot = _TensorModule(net, side), ListLogger(), _Snapshot()
+    dense = copy.deepcopy(net)
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3, side, side), torch.randint(0, 5, (8,))), batch_size=4)
+    pruning = IterativeMagnitude(sparsity=0.5, schedule="one_shot", granularity="channel", physical=True, hidden=True,
+                                 monitor=None, verbose=False)
+    trainer_factory([snapshot, pruning], max_epochs=1, logger=logger).fit(module, data)
+    assert any(group.hidden for group in snapshot.groups)
+    assert net.num_features == net.get_classifier().in_features < dense.num_features
+    x = torch.randn(2, 3, side, side)
+    (reported,) = logger.values("prune/flops_ratio")
+    assert reported == count_flops(net, x[:1]).total / count_flops(dense, x[:1]).total < 1
+    with torch.no_grad():
+        torch.testing.assert_close(snapshot.model.eval()(x), net.eval()(x), rtol=1e-5, atol=1e-5)
