@@ -36,7 +36,7 @@ from lightning_prune.pruner import Target
 from lightning_prune.schedules import check_initial_below
 from lightning_prune.structure import (
     ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, norm_masks,
-    zeroed_channel_plan,
+    refused_channel_groups, zeroed_channel_plan,
 )
 from lightning_prune.structure.plans import _weight_dim
 from lightning_prune.targets import prunable_types, stored_weight
@@ -155,6 +155,12 @@ class ChannelMagnitude:
         width), whose out-layers are all among ``layers`` (tracing the model on ``example_input``)."""
         unselected = [n for n, m in model.named_modules() if isinstance(m, prunable_types()) and n not in layers]
         groups = find_channel_groups(model, example_input, ignored_layers=unselected, heads=True, hidden=hidden)
+        if hidden and not any(group.hidden for group in groups):
+            refused = refused_channel_groups(model, example_input, ignored_layers=unselected, heads=True, hidden=True)
+            raise ValueError(
+                "`hidden`=True found no hidden (residual-stream) group among the selected layers; the groups left out: "
+                + ("; ".join(f"{r.root} ({r.size} channels): {r.reason}" for r in refused) or "none")
+            )
         if not groups:
             raise ValueError(
                 f"`granularity`='channel' found no prunable channel group among the selected layers {list(layers)} "

@@ -156,6 +156,25 @@ def test_loose_parameters_count_in_the_hidden_channels_score() -> None:
     assert all(torch.equal(a, b) for g, (a, b) in enumerate(zip(before, after)) if g != index)
 
 
+def test_hidden_without_a_residual_stream_is_refused_with_the_groups_left_out() -> None:
+    """A layer norm called as a function leaves the stream out (masking could not compute the pruned model): asking
+    for the hidden width there is an error that says why, not a silent channel-only run."""
+
+    class Stream(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.mid, self.head = nn.Linear(4, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            h = h + self.mid(nn.functional.layer_norm(h, (WIDTH,)))
+            return self.head(h)
+
+    model = Stream().eval()
+    with pytest.raises(ValueError, match=r"`hidden`=True found no hidden .* embed \(32 channels\): .*does not compute what masking"):
+        ChannelMagnitude.for_model(model, torch.randn(2, 5, 4), ["embed", "mid", "head"], "l1", 0.99, hidden=True)
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (dict(hidden="yes"), "`hidden` must be True or False, got 'yes'"),
     (dict(hidden=True), "`hidden`=True removes the hidden width: it needs `physical`=True"),
