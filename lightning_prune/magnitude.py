@@ -11,7 +11,9 @@ Told a target :math:`s` (:meth:`MagnitudePruner.update`), :class:`MagnitudePrune
 - ``criterion="sensitivity"``: drops :math:`|w| < \lambda_l = s_l \sigma_l`, :math:`\sigma_l` the
   standard deviation of the dense layer, cached at the first event (Distiller's Sensitivity pruner);
 - ``granularity="channel"``: drops whole channels of coupled groups, and whole attention heads, ranked by
-  their L1/L2 norm relative to their group's mean (:class:`ChannelMagnitude`).
+  their L1/L2 norm relative to their group's mean (:class:`ChannelMagnitude`); with ``hidden=True`` also the
+  residual-stream (hidden) width, its norms normalising over the kept channels while masked
+  (:func:`~lightning_prune.structure.norm_masks`).
 
 Targets are absolute (never compounded) and weights once dropped stay dropped. Each shared (tied)
 parameter is counted once. Decisions run on the weights' device; under DDP the decision of rank 0 is
@@ -25,6 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_prune, global_magnitude_masks, layer_magnitude_masks, lowest_k_masks
 from lightning_prune.inputs import ExampleInput, model_input
@@ -32,7 +35,8 @@ from lightning_prune.masks import MaskSet
 from lightning_prune.pruner import Target
 from lightning_prune.schedules import check_initial_below
 from lightning_prune.structure import (
-    ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, zeroed_channel_plan,
+    ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, norm_masks,
+    refused_channel_groups, zeroed_channel_plan,
 )
 from lightning_prune.structure.plans import _weight_dim
 from lightning_prune.targets import prunable_types, stored_weight
@@ -110,7 +114,9 @@ class ChannelMagnitude:
     A channel's importance is the L1/L2 norm of its output weights summed over its group's out-layers,
     divided by the group's mean (layers of different fan-in compete fairly; an attention head, a channel of
     ``head_dim`` rows in each of q, k and v, is scored by the sum of its rows' norms, so heads compete with
-    channels through that ratio too). ``out_dims`` (weight name -> dimension of its output channels, 0
+    channels through that ratio too; a hidden group's channel, by its rows of every out-layer, its embedding
+    columns and its slices of loose parameters such as a class token or position embedding: all that writes it
+    into the residual stream, so the hidden width competes through the same ratio). ``out_dims`` (weight name -> dimension of its output channels, 0
     where missing) knows a Hugging Face ``Conv1D``'s or a transposed conv's weight. Removing channels only
     slices dims 0 and 1 of a Conv/Linear weight, so a weight of shape ``(R, C, *k)`` with ``r`` rows and
     ``c`` columns removed holds ``R·C·K − (R − r)(C − c)·K`` zeros: the zeros of a plan follow from
@@ -142,12 +148,19 @@ class ChannelMagnitude:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, example_input: ExampleInput, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float
+        cls, model: nn.Module, example_input: ExampleInput, layers: Sequence[str], norm: ChannelNorm, max_layer_sparsity: float,
+        hidden: bool = False,
     ) -> "ChannelMagnitude":
-        """Find the coupled channel groups, attention heads included, whose out-layers are all among ``layers``
-        (tracing the model on ``example_input``)."""
+        """Find the coupled channel groups, attention heads included (and with ``hidden`` the residual-stream
+        width), whose out-layers are all among ``layers`` (tracing the model on ``example_input``)."""
         unselected = [n for n, m in model.named_modules() if isinstance(m, prunable_types()) and n not in layers]
-        groups = find_channel_groups(model, example_input, ignored_layers=unselected, heads=True)
+        groups = find_channel_groups(model, example_input, ignored_layers=unselected, heads=True, hidden=hidden)
+        if hidden and not any(group.hidden for group in groups):
+            refused = refused_channel_groups(model, example_input, ignored_layers=unselected, heads=True, hidden=True)
+            raise ValueError(
+                "`hidden`=True found no hidden (residual-stream) group among the selected layers; the groups left out: "
+                + ("; ".join(f"{r.root} ({r.size} channels): {r.reason}" for r in refused) or "none")
+            )
         if not groups:
             raise ValueError(
                 f"`granularity`='channel' found no prunable channel group among the selected layers {list(layers)} "
@@ -166,12 +179,16 @@ class ChannelMagnitude:
         for group in self.groups:
             score = torch.zeros(group.size, device=device)
             for member in group.members:
+                if member.kind not in ("out", "parameter"):
+                    continue
+                module = model.get_submodule(member.module)
                 if member.kind == "out":
-                    module = model.get_submodule(member.module)
                     weight = module.weight.detach().movedim(_weight_dim(module, "out"), 0)  # a transposed conv's are dim 1
-                    rows = weight.flatten(1)[member.positions.to(weight.device)].float()
-                    values = rows.abs().sum(1) if self.norm == "l1" else rows.norm(dim=1)
-                    score.index_add_(0, member.channels.to(device), values.to(device))
+                else:  # a hidden group's loose parameter: its channels on the last dimension
+                    weight = module.get_parameter(member.parameter).detach().movedim(-1, 0)
+                rows = weight.reshape(weight.shape[0], -1)[member.positions.to(weight.device)].float()  # a 1-d parameter too
+                values = rows.abs().sum(1) if self.norm == "l1" else rows.norm(dim=1)
+                score.index_add_(0, member.channels.to(device), values.to(device))
             scores.append(score / score.mean().clamp_min(1e-12))
         return list(torch.cat(scores).cpu().split([g.size for g in self.groups]))
 
@@ -289,6 +306,7 @@ class MagnitudePruner:
         self.sigmas: dict[str, float] = {}
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
         self.plan: ChannelPlan = {}
+        self.norm_hooks: list[RemovableHandle] = []
         sizes = {name: model.get_parameter(name).numel() for name in self.weights}
         self.max_drop = {name: max_zeros(n, max_layer_sparsity) for name, n in sizes.items()}
         if criterion == "magnitude" and channels is None and scope == "global":
@@ -362,6 +380,7 @@ class MagnitudePruner:
             drop = broadcast_flags(self.channels.decide(self.model, channel_target, self.plan), broadcast)
             self.plan = self.channels.plan(drop)
             masks = {name: mask != 0 for name, mask in channel_masks(self.model, self.channels.groups, self.plan).items()}
+            self.hook_norms()
         else:
             decided = self.decide(target)
             masks = dict(zip(decided, broadcast_flags(list(decided.values()), broadcast)))
@@ -375,6 +394,7 @@ class MagnitudePruner:
         """Drop the masks (the zeros stay). With ``example_input`` (``granularity="channel"``), first remove the
         zeroed channels physically and return the record that reshapes a fresh model."""
         record = None
+        self.unhook_norms()
         if example_input is not None:
             if self.channels is None:
                 raise ValueError("`example_input` removes channels physically: it needs `channels` (granularity='channel').")
@@ -382,6 +402,20 @@ class MagnitudePruner:
             record = apply_plan(self.model, self.channels.groups, zeroed_channel_plan(self.model, self.channels.groups), example)
         self.masks = MaskSet(self.model)
         return record
+
+    def hook_norms(self) -> None:
+        """Make the hidden groups' norms normalise over the channels the current plan keeps
+        (:func:`~lightning_prune.structure.norm_masks`, replacing the hooks of an earlier plan), so the masked model
+        computes what the physically pruned one computes. Nothing without a hidden group or a plan."""
+        self.unhook_norms()
+        if self.channels is not None and self.plan and any(group.hidden for group in self.channels.groups):
+            self.norm_hooks = norm_masks(self.model, self.channels.groups, self.plan)
+
+    def unhook_norms(self) -> None:
+        """Remove the norm hooks of :meth:`hook_norms` (before removal, on an exception, at teardown)."""
+        for handle in self.norm_hooks:
+            handle.remove()
+        self.norm_hooks = []
 
     def remember(self) -> None:
         """Snapshot every parameter (on the host) for rewinding (lottery ticket: at init, or at epoch k)."""
@@ -408,3 +442,4 @@ class MagnitudePruner:
         self.rewind_state = state["rewind_state"]  # type: ignore[assignment]
         self.plan = dict(state["plan"])  # type: ignore[arg-type]
         self.masks.load_state_dict(dict(state["masks"]))  # type: ignore[arg-type]
+        self.hook_norms()

@@ -67,7 +67,7 @@ def check_arguments(a: Mapping[str, Any]) -> None:
     if isinstance(a["max_layer_sparsity"], bool) or not isinstance(a["max_layer_sparsity"], (int, float)):
         _fail("max_layer_sparsity", a["max_layer_sparsity"], "a number in (0, 1]")
     check_range("max_layer_sparsity", a["max_layer_sparsity"], 0.0, 1.0, low_open=True, high_open=False)
-    check_flags(**{name: a[name] for name in ("make_permanent", "physical", "verbose")})
+    check_flags(**{name: a[name] for name in ("make_permanent", "physical", "hidden", "verbose")})
     for name in ("monitor", "name"):
         if a[name] is not None and (not isinstance(a[name], str) or not a[name]):
             _fail(name, a[name], "None or a non-empty string")
@@ -94,6 +94,8 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         raise ValueError(f"`physical`=True removes channels: it needs `granularity`='channel', got {a['granularity']!r}.")
     if a["physical"] and not a["make_permanent"]:
         raise ValueError("`physical`=True needs `make_permanent`=True.")
+    if a["hidden"] and not a["physical"]:  # a norm over zeroed channels differs from the pruned norm once its hooks go
+        raise ValueError("`hidden`=True removes the hidden width: it needs `physical`=True (and `granularity`='channel'), got `physical`=False.")
 
 
 def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:

@@ -73,6 +73,9 @@ class IterativeMagnitude(PruningCallback):
         rewind: ``None``, ``"init"`` (lottery ticket) or an epoch ``k <= start_epoch``.
         make_permanent: at the end of fit drop the masks (the zeros stay).
         physical: with ``granularity="channel"``, remove the zeroed channels at the end of fit.
+        hidden: also prune the hidden (residual-stream) width of a transformer or ConvNeXt (one group through its
+            embeddings, norms and block projections), ranked with the heads and channels; needs ``physical=True``.
+            While masked, each norm normalises over the kept channels only (forward hooks), as the pruned model does.
         monitor: metric compared dense vs pruned in the final summary.
         example_input_fn: ``example_input_fn(batch)`` -> the model's input, when neither
             ``example_input_array`` nor the batch's first tensor / the whole batch is (FLOPs, channels).
@@ -114,6 +117,7 @@ class IterativeMagnitude(PruningCallback):
         rewind: Union[Literal["init"], int, None] = None,
         make_permanent: bool = True,
         physical: bool = False,
+        hidden: bool = False,
         monitor: Optional[str] = "val/acc",
         example_input_fn: Optional[ExampleInputFn] = None,
         name: Optional[str] = None,
@@ -159,8 +163,9 @@ class IterativeMagnitude(PruningCallback):
         self.figures.measure(trainer, pl_module, self.example_input_fn, required=channel)
         if channel:
             if self.pruner.channels is None:  # unless it has them from an earlier fit
-                self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.figures.example, self.layers, self.channel_norm, self.max_layer_sparsity)
+                self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.figures.example, self.layers, self.channel_norm, self.max_layer_sparsity, self.hidden)
             self.figures.predict_with(pl_module, self.pruner.channels.groups)
+            self.pruner.hook_norms()  # a resumed hidden plan's norms, before the first step
         timing.warn_if_early_stopping(trainer, self.schedule, self.interval)
         self._unhook()
         self._hooks = [hook_optimizer(optimizer, self.pruner, before_step=False) for optimizer in trainer.optimizers]
@@ -180,6 +185,12 @@ class IterativeMagnitude(PruningCallback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._unhook()  # the user's optimizers are left without the masks' hooks
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.pruner is not None:
+            self.pruner.unhook_norms()  # the user's norms normalise over all their channels again
 
     def _event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, time: int) -> None:
         if self.rewind == time and self.pruner.rewind_state is None:  # lottery ticket at epoch (step) k
