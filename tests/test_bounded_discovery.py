@@ -19,10 +19,10 @@ from test_discovery import TwoSlicesModel
 transformers = pytest.importorskip("transformers")
 
 
-def llama(layers: int, vocab: int = 100, intermediate: int = 128) -> nn.Module:
+def llama(layers: int, vocab: int = 100, intermediate: int = 128, head_dim: int = 16) -> nn.Module:
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab,
+        num_key_value_heads=2, vocab_size=vocab, head_dim=head_dim,
     )
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -74,16 +74,21 @@ def test_a_group_that_fails_the_numbers_on_the_check_model_is_refused_in_every_b
         assert "not checked by numbers on `check_model`" in reason and "'blocks.0.block2_1.0' is called 2 times" in reason
 
 
-def test_a_check_model_of_other_widths_checks_no_group_of_those_widths() -> None:
-    """Positions are compared, not only names: MLP groups of another intermediate size are refused, heads kept."""
+@pytest.mark.parametrize("widths, refused_root", [
+    (dict(intermediate=96), "model.layers.3.mlp.gate_proj"),  # MLP groups of 96 channels, not 128
+    (dict(head_dim=8), "model.layers.3.self_attn.q_proj"),  # as many heads (2 kv-head units), each narrower
+])
+def test_a_check_model_of_other_widths_checks_no_group_of_those_widths(widths, refused_root) -> None:
+    """Positions are compared, not only names and sizes: groups whose widths differ on the check model are
+    refused, the others kept."""
     x = torch.randint(0, 50, (1, 8))
     with torch.device("meta"):
         meta = llama(4)
-    check = llama(2, intermediate=96)
+    check = llama(2, **widths)
     groups = find_channel_groups(meta, x, heads=True, check_model=check)
     refused = {g.root: g.reason for g in refused_channel_groups(meta, x, heads=True, check_model=check)}
-    assert [g.heads is not None for g in groups] == [True] * 4
-    assert "no group of `check_model` removes the same positions" in refused["model.layers.3.mlp.gate_proj"]
+    assert len(groups) == 4 and refused_root.replace(".3.", ".0.") not in [g.root for g in groups]
+    assert "no group of `check_model` removes the same positions" in refused[refused_root]
 
 
 def test_meta_models_and_foreign_check_models_are_refused_naming_the_argument() -> None:
