@@ -130,9 +130,9 @@ _SEVEN_B = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_llama_7b_layout_gives_its_head_and_mlp_groups_under_a_4_gib_address_space() -> None:
-    """The 32-layer Llama-7B layout (6.7 B parameters, 27 GB in fp32) on the meta device, checked on one real
+    """The 32-layer Llama-7B layout with 8 key/value heads (5.9 B parameters, 24 GB in fp32) on the meta device, checked on one real
     bf16 layer: 32 head groups of 8 kv-head units and 32 MLP groups of 11008 channels, in a process whose address
-    space is capped at 4 GiB above what it held after its imports (one materialised 7B parameter set could not fit)."""
+    space is capped at 4 GiB above what it held after its imports (one materialised parameter set could not fit)."""
     done = subprocess.run([sys.executable, "-c", _SEVEN_B], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     seconds, groups, still_meta = done.stdout.strip().splitlines()[-3:]

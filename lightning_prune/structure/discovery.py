@@ -375,7 +375,7 @@ def find_channel_groups(
     what masking them computes, on ``example_input`` (groups that fail are refused:
     :func:`refused_channel_groups`). Discovery holds a second copy of the model while it runs.
 
-    A model too large for that (a Llama-7B layout: 27 GB in fp32) can be built on the meta device
+    A model too large for that (a Llama-7B layout: 24 to 27 GB in fp32) can be built on the meta device
     (``with torch.device("meta"):``) and passed with ``check_model``, a real model of the same layout with
     fewer blocks (the same config with 2 layers, or any ``nn.ModuleList`` of blocks shorter): ``model`` is then
     traced as it is (on meta tensors: shapes only, no copy, no weight materialised), and the numeric check runs on
