@@ -284,16 +284,16 @@ def _signature(group: ChannelGroup, rename: Callable[[str], str]) -> tuple:
 
 
 def _checked_by_structure(
-    model: nn.Module,
     check_model: nn.Module,
+    rename: Callable[[str], str],
     example_input: ExampleInput,
     candidates: Sequence[ChannelGroup],
     heads: bool,
     hidden: bool,
 ) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
-    """The ``candidates`` of ``model`` each equal, up to block indices, to a group of ``check_model`` that was
-    checked by numbers there (:func:`_discover` on ``check_model``); the others refused with the reason."""
-    rename = _block_renamer(model, check_model)
+    """The ``candidates`` each equal, up to block indices (``rename``: :func:`_block_renamer`), to a group of
+    ``check_model`` that was checked by numbers there (:func:`_discover` on ``check_model``); the others refused
+    with the reason."""
     passed, failed = _discover(check_model, example_input, None, heads, hidden)  # ignoring changes no other group
     checked = {_signature(group, rename) for group in passed}
     why = {rename(group.root): group.reason for group in failed}
@@ -325,6 +325,7 @@ def _discover(
         check_module("check_model", check_model)
         if _on_meta(check_model):
             raise ValueError("`check_model` must hold real weights (its groups are checked by numbers), not meta tensors.")
+        rename = _block_renamer(model, check_model)
     elif _on_meta(model):
         raise ValueError(
             "`model` is on the meta device, so its groups cannot be checked by numbers; pass `check_model`, a real "
@@ -341,7 +342,7 @@ def _discover(
         candidates, refused, _ = _candidates(
             model, traced_input, _resolve(model, ignored_layers or [], "ignored_layers"), heads, hidden
         )
-        groups, wrong = _checked_by_structure(model, check_model, example_input, candidates, heads, hidden)
+        groups, wrong = _checked_by_structure(check_model, rename, example_input, candidates, heads, hidden)
     return [dataclasses.replace(group, index=index) for index, group in enumerate(groups)], refused + wrong
 
 
