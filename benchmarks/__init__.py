@@ -38,4 +38,5 @@ EXPERIMENTS: list[str] = [
     "benchmarks.time_to_structure",
     "benchmarks.real_speedup",
     "benchmarks.transformers",
+    "benchmarks.bounded_discovery",
 ]

@@ -22,7 +22,7 @@ One module per job, all public names re-exported here:
   its q/k/v and output projections, its per-head tables and its head counts, and which modules share their heads;
   :func:`sync_head_counts`; :data:`UNPRUNABLE_HEADS`: types whose heads are refused, with the reason).
 - ``discovery``: :func:`find_channel_groups` (every group also checked by numbers: physical removal computes
-  what the masks compute) and :func:`refused_channel_groups` (:class:`RefusedGroup`: each left-out group's
+  what the masks compute; a model on the meta device through a smaller real ``check_model`` of its layout) and :func:`refused_channel_groups` (:class:`RefusedGroup`: each left-out group's
   reason).
 - ``plans``: plans and masks (:data:`ChannelPlan`, :func:`check_plan`, :func:`plan_from_scores`,
   :func:`zeroed_channel_plan`, :func:`channel_masks`, :func:`norm_masks`, :func:`channel_norms`, :func:`layer_channel_ratios`,

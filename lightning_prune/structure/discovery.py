@@ -3,7 +3,9 @@ hidden groups through norms, embeddings and loose parameters) and, if asked, one
 attention module (:mod:`~lightning_prune.structure.attention`), each checked for a consistent channel mapping
 and then by numbers: removing about half of every group's channels physically from a copy of the model must
 compute what masking them (:func:`channel_masks`, with :func:`norm_masks` for hidden groups) computes. A group
-that fails a check is refused, and :func:`refused_channel_groups` says why.
+that fails a check is refused, and :func:`refused_channel_groups` says why. A model on the meta device is traced
+as it is and its groups are matched, block indices aside, to groups checked by numbers on a smaller real
+``check_model`` of its layout.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -183,17 +186,16 @@ def _head_groups(model: nn.Module, ignored: Sequence[nn.Module]) -> tuple[list[_
     return found, refused
 
 
-def _discover(
-    model: nn.Module, example_input: ExampleInput, ignored_layers: Optional[Sequence[str]], heads: bool, hidden: bool
-) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
-    check_module("model", model)
-    check_example_input("example_input", example_input)
-    check_patterns("ignored_layers", ignored_layers)
-    for argument, value in (("heads", heads), ("hidden", hidden)):
-        if not isinstance(value, bool):
-            raise ValueError(f"`{argument}` must be True or False, got {value!r}.")
-    work = copy.deepcopy(model)  # traced, then pruned by the test plan
-    ignored = _resolve(work, ignored_layers or [], "ignored_layers")
+def _on_meta(model: nn.Module) -> bool:
+    """Whether any of ``model``'s parameters or buffers is on the meta device (shapes without values)."""
+    return any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers()))
+
+
+def _candidates(
+    work: nn.Module, example_input: ExampleInput, ignored: Sequence[nn.Module], heads: bool, hidden: bool
+) -> tuple[list[ChannelGroup], list[RefusedGroup], _Graph]:
+    """The groups of ``work`` (traced on ``example_input``) that pass the consistency checks, not yet checked by
+    numbers; the groups refused so far; the traced graph."""
     found, refused = _head_groups(work, ignored) if heads else ([], [])
     projections = [work.get_submodule(m.module) for _, _, members, _ in found for m in members if m.kind == "out"]
     traced = _Graph(work, example_input)
@@ -226,19 +228,122 @@ def _discover(
         )
         for index, (_, size, members, site) in enumerate(found)
     ]
+    return candidates, refused, traced
+
+
+def _checked_by_numbers(
+    model: nn.Module, example_input: ExampleInput, candidates: Sequence[ChannelGroup], traced: _Graph
+) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    """The ``candidates`` (traced on a copy of ``model``) whose physical removal computes what masking them
+    computes, and the others refused with the reason."""
     plan = _test_plan(candidates)
     error = _pruning_error(model, example_input, candidates, plan, traced) if candidates else None
     wrong = {} if error is None else _unfaithful(model, example_input, candidates, plan, candidates, error)
-    refused += [
+    refused = [
         RefusedGroup(group.root, group.size, _refusal(wrong[group.index], traced.reused(group.members)))
         for group in candidates
         if group.index in wrong
     ]
-    groups = [
-        dataclasses.replace(group, index=index)
-        for index, group in enumerate(group for group in candidates if group.index not in wrong)
+    return [group for group in candidates if group.index not in wrong], refused
+
+
+def _block_renamer(model: nn.Module, check_model: nn.Module) -> Callable[[str], str]:
+    """A function writing a module name with the block index of each ``nn.ModuleList`` that ``model`` and
+    ``check_model`` hold with different lengths as ``*`` (``model.layers.17.mlp`` -> ``model.layers.*.mlp``),
+    after checking that the two models are one layout: the same module types under the same renamed names."""
+    lists = {name: len(m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    repeated = [
+        name for name, m in check_model.named_modules()
+        if isinstance(m, nn.ModuleList) and lists.get(name, len(m)) != len(m)
     ]
-    return groups, refused
+    pattern = re.compile("|".join(rf"(?<=^{re.escape(name)}\.)\d+(?=\.|$)" for name in repeated)) if repeated else None
+
+    def rename(name: str) -> str:
+        return pattern.sub("*", name) if pattern is not None else name
+
+    def layout(network: nn.Module) -> set[tuple[str, str]]:
+        return {(rename(name), type(m).__qualname__) for name, m in network.named_modules()}
+
+    differing = sorted(layout(model) ^ layout(check_model))
+    if differing:
+        raise ValueError(
+            "`check_model` must have `model`'s layout (the same module types under the same names, blocks of an "
+            f"nn.ModuleList fewer or more); these (name, type) pairs are in one model only: {differing[:6]}."
+        )
+    return rename
+
+
+def _signature(group: ChannelGroup, rename: Callable[[str], str]) -> tuple:
+    """What a group removes, with block indices renamed (:func:`_block_renamer`): its size, heads site, whether
+    hidden, and per member its module, kind, parameter, dimension, positions and their channels."""
+    members = frozenset(
+        (rename(m.module), m.kind, m.parameter, m.dim, tuple(m.positions.tolist()), tuple(m.channels.tolist()))
+        for m in group.members
+    )
+    return group.size, group.heads and rename(group.heads), group.hidden, rename(group.root), members
+
+
+def _checked_by_structure(
+    check_model: nn.Module,
+    rename: Callable[[str], str],
+    example_input: ExampleInput,
+    candidates: Sequence[ChannelGroup],
+    heads: bool,
+    hidden: bool,
+) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    """The ``candidates`` each equal, up to block indices (``rename``: :func:`_block_renamer`), to a group of
+    ``check_model`` that was checked by numbers there (:func:`_discover` on ``check_model``); the others refused
+    with the reason."""
+    passed, failed = _discover(check_model, example_input, None, heads, hidden)  # ignoring changes no other group
+    checked = {_signature(group, rename) for group in passed}
+    why = {rename(group.root): group.reason for group in failed}
+    accepted, refused = [], []
+    for group in candidates:
+        if _signature(group, rename) in checked:
+            accepted.append(group)
+            continue
+        reason = why.get(rename(group.root), "no group of `check_model` removes the same positions of the same modules")
+        refused.append(RefusedGroup(group.root, group.size, f"not checked by numbers on `check_model`: {reason}"))
+    return accepted, refused
+
+
+def _discover(
+    model: nn.Module,
+    example_input: ExampleInput,
+    ignored_layers: Optional[Sequence[str]],
+    heads: bool,
+    hidden: bool,
+    check_model: Optional[nn.Module] = None,
+) -> tuple[list[ChannelGroup], list[RefusedGroup]]:
+    check_module("model", model)
+    check_example_input("example_input", example_input)
+    check_patterns("ignored_layers", ignored_layers)
+    for argument, value in (("heads", heads), ("hidden", hidden)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{argument}` must be True or False, got {value!r}.")
+    if check_model is not None:
+        check_module("check_model", check_model)
+        if _on_meta(check_model):
+            raise ValueError("`check_model` must hold real weights (its groups are checked by numbers), not meta tensors.")
+        rename = _block_renamer(model, check_model)
+    elif _on_meta(model):
+        raise ValueError(
+            "`model` is on the meta device, so its groups cannot be checked by numbers; pass `check_model`, a real "
+            "model of the same layout with fewer blocks (e.g. the same config with 2 layers)."
+        )
+    if check_model is None:
+        work = copy.deepcopy(model)  # traced, then pruned by the test plan
+        candidates, refused, traced = _candidates(
+            work, example_input, _resolve(work, ignored_layers or [], "ignored_layers"), heads, hidden
+        )
+        groups, wrong = _checked_by_numbers(model, example_input, candidates, traced)
+    else:  # traced as it is (nothing is removed from it), on meta tensors when its weights are
+        traced_input = model_input(example_input).to("meta") if _on_meta(model) else example_input
+        candidates, refused, _ = _candidates(
+            model, traced_input, _resolve(model, ignored_layers or [], "ignored_layers"), heads, hidden
+        )
+        groups, wrong = _checked_by_structure(check_model, rename, example_input, candidates, heads, hidden)
+    return [dataclasses.replace(group, index=index) for index, group in enumerate(groups)], refused + wrong
 
 
 def find_channel_groups(
@@ -247,6 +352,7 @@ def find_channel_groups(
     ignored_layers: Optional[Sequence[str]] = None,
     heads: bool = False,
     hidden: bool = False,
+    check_model: Optional[nn.Module] = None,
 ) -> list[ChannelGroup]:
     """The prunable coupled channel groups of ``model``, in model order (of each group's first out-layer).
 
@@ -270,6 +376,17 @@ def find_channel_groups(
     what masking them computes, on ``example_input`` (groups that fail are refused:
     :func:`refused_channel_groups`). Discovery holds a second copy of the model while it runs.
 
+    A model too large for that (a Llama-7B layout: 24 to 27 GB in fp32) can be built on the meta device
+    (``with torch.device("meta"):``) and passed with ``check_model``, a real model of the same layout with
+    fewer blocks (the same config with 2 layers, or any ``nn.ModuleList`` of blocks shorter): ``model`` is then
+    traced as it is (on meta tensors: shapes only, no copy, no weight materialised), and the numeric check runs on
+    ``check_model`` alone. A group of ``model`` is returned only if a group of ``check_model`` that passed the
+    numeric check removes exactly the same positions of the same modules, block indices aside (the same size, the
+    same widths: ``check_model`` keeps every width, and its vocabulary may be smaller); every other group is
+    refused, with the reason. What is checked by numbers is thus each kind of group once per block of
+    ``check_model``, not each block of ``model``: blocks beyond ``check_model``'s are trusted to be wired like
+    them (their module types and group positions are compared, their numbers are not).
+
     Args:
         model: the network (or a LightningModule around it; names are relative to ``model``).
         example_input: one input batch for tracing (the model is traced in eval mode, then restored). The
@@ -278,13 +395,17 @@ def find_channel_groups(
             are left out (their input channels may still shrink).
         heads: whether attention heads are groups too (see above).
         hidden: whether widths through norms, embeddings and loose parameters are groups too (see above).
+        check_model: a real model of ``model``'s layout with fewer blocks on which the groups are checked by
+            numbers instead of on a copy of ``model`` (required when ``model`` is on the meta device; see above).
+            ``example_input`` must suit both (token ids below the smaller vocabulary).
 
     Raises:
-        ValueError: ``model``, ``example_input`` or ``ignored_layers`` are not valid; torch-pruning cannot
+        ValueError: ``model``, ``example_input`` or ``ignored_layers`` are not valid; ``model`` is on the meta
+            device without ``check_model``; ``check_model`` is on the meta device or not of ``model``'s layout; torch-pruning cannot
             map channels through an operation of the model (named in the message); ``heads`` or ``hidden`` is
             not a bool.
     """
-    return _discover(model, example_input, ignored_layers, heads, hidden)[0]
+    return _discover(model, example_input, ignored_layers, heads, hidden, check_model)[0]
 
 
 def refused_channel_groups(
@@ -293,10 +414,12 @@ def refused_channel_groups(
     ignored_layers: Optional[Sequence[str]] = None,
     heads: bool = False,
     hidden: bool = False,
+    check_model: Optional[nn.Module] = None,
 ) -> list[RefusedGroup]:
     """The coupled groups :func:`find_channel_groups` leaves out, each with its root layer and the reason
     (coupled to the output, an unsupported member type, an inconsistent channel mapping, a group expansion
     that does not terminate, or a physical removal that does not compute what the masks compute); with
     ``heads=True`` also the attention modules whose heads are not groups (size 0), with the reason (a covered type
-    refused, or one of :data:`~lightning_prune.structure.UNPRUNABLE_HEADS` such as ``nn.MultiheadAttention``)."""
-    return _discover(model, example_input, ignored_layers, heads, hidden)[1]
+    refused, or one of :data:`~lightning_prune.structure.UNPRUNABLE_HEADS` such as ``nn.MultiheadAttention``); with
+    ``check_model``, also the groups no group of ``check_model`` checked by numbers matches."""
+    return _discover(model, example_input, ignored_layers, heads, hidden, check_model)[1]
