@@ -29,10 +29,9 @@ relative to the unexpanded model, the physical removal and the fresh initialisat
 network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
 
 A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.before_step`,
-Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and loss sums, the step count of a first
-non-finite loss and the gate mean live on the device, read once by :meth:`GateSearch.read_metrics` or
-:meth:`GateSearch.check_finite`. All gates are one flat parameter, so a step reduces its gradient across processes
-in one collective (``reduce``), Adam and the clamp touch one tensor. :class:`GateSearch` is a
+Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and the running sums and the step of a first
+non-finite loss live on the device, read once by :meth:`GateSearch.check_finite`. All gates are one flat parameter, so
+Adam and the clamp touch one tensor (and DDP reduces its gradient in one bucket). :class:`GateSearch` is a
 :class:`~lightning_prune.pruner.Pruner`: ``GatePruningFromScratch`` hooks its ``before_step`` and ``after_step`` on the
 gate optimizer inside Lightning's fit loop (:func:`~lightning_prune.pruner.hook_optimizer`).
 """
@@ -92,14 +91,12 @@ def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[flo
 
 
 class GateSearch:
-    """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): the caller feeds task losses
-    (:meth:`step`, or its own backward and ``optimizer.step()`` with :meth:`before_step` and :meth:`after_step`
-    hooked on :attr:`optimizer`) and validation values (:meth:`validated`), then asks for the structure
-    (:meth:`search`). See the module docstring for the objective, the selection rule and the threshold search.
-
-    In a plain PyTorch loop: :meth:`step` on each task loss between :meth:`prepare` and :meth:`finalize` (or inside
-    :meth:`running`), :meth:`validated` with each validation value, :meth:`search` for a plan within a FLOPs budget
-    (:class:`GatePruning` wraps these with the target checks, the removal and the re-initialisation).
+    """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): between :meth:`prepare` and
+    :meth:`finalize` (or inside :meth:`running`) the caller runs its own backward and ``optimizer.step()`` on
+    :attr:`optimizer` with :meth:`before_step` and :meth:`after_step` hooked on it
+    (:func:`~lightning_prune.pruner.hook_optimizer`), reports validation values (:meth:`validated`), then asks for
+    the structure (:meth:`search`; :class:`GatePruning` adds the target checks, the removal and the
+    re-initialisation). See the module docstring for the objective, the selection rule and the threshold search.
 
     Example::
 
@@ -139,8 +136,8 @@ class GateSearch:
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C (and the snapshot rule's bound on non-zero gates).
         l1: ``l_1``, the weight of the plain L1 term (0: off).
         mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
-        reduce: cross-process reduction (identity when ``None``): the gate gradient is averaged
-            (one collective per step), metric windows summed when read.
+        reduce: cross-process reduction (identity when ``None``) of the validation's sparsity and the non-finite
+            check (the gate gradient is the DDP-wrapped model's to reduce).
     """
 
     def __init__(
@@ -165,10 +162,8 @@ class GateSearch:
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr, foreach=True)
         device = self.gates.device
         self._sum = torch.zeros_like(self.gates.parameter.detach())  # Σ_steps Λ: the tie-break averages
-        # [loss sum, task-loss sum, steps] of the current logging window, and the step of the first non-finite loss
-        self._window = torch.zeros(3, device=device)
         self._step = torch.zeros((), dtype=torch.long, device=device)
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the step of a first non-finite loss
         self.steps = 0
         self.best: Optional[float] = None
         self.chosen: Optional[GatePhaseResult] = None
@@ -213,7 +208,7 @@ class GateSearch:
     def to(self, device: torch.device) -> "GateSearch":
         """Move the search's own tensors (running sums, step counters) to ``device``, where the gates went
         with the model."""
-        for name in ("_sum", "_window", "_step", "_first_bad"):
+        for name in ("_sum", "_step", "_first_bad"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -248,59 +243,17 @@ class GateSearch:
         self.steps += 1
 
     @torch.no_grad()
-    def record(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> None:
-        """Count one step's losses into the logging window (:meth:`read_metrics`) and flag a non-finite one."""
-        detached = torch.stack([task_loss.detach().float() + penalty, task_loss.detach().float()])
-        self.flag_nonfinite(detached)
-        self._window.add_(torch.cat([detached, detached.new_ones(1)]))
-
-    @torch.no_grad()
     def flag_nonfinite(self, values: torch.Tensor) -> None:
-        """Remember the step of a first non-finite value in ``values`` (on the device: raised by :meth:`check_finite`)."""
+        """Remember the step of a first non-finite value in ``values`` (e.g. each step's loss; on the device, raised by
+        :meth:`check_finite`)."""
         self._first_bad = torch.where(~torch.isfinite(values).all() & (self._first_bad < 0), self._step, self._first_bad)
 
-    def step(self, task_loss: torch.Tensor) -> None:
-        """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
-        backward, gradient averaged over processes, the penalty's gradient (:meth:`before_step`), Adam, clamp
-        to [0, 1] (:meth:`after_step`). No host synchronisation: a non-finite loss is recorded on the device and raised by
-        :meth:`read_metrics`."""
-        self.optimizer.zero_grad(set_to_none=True)
-        task_loss.float().backward()
-        parameter = self.gates.parameter
-        parameter.grad = self.reduce(parameter.grad, "mean")
-        self.before_step()
-        with torch.no_grad():
-            penalty = self.penalty(parameter)
-        self.optimizer.step()
-        self.after_step()
-        self.record(task_loss, penalty)
-
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteGateLoss` if a loss since the start was NaN or infinite (one host read)."""
+        """Raise :class:`NonFiniteGateLoss` if a value flagged since the start was NaN or infinite (one host read)."""
         bad = torch.stack([(self._first_bad >= 0).float(), self._first_bad.clamp(min=0).float()])
         processes, steps = self.reduce(bad, "sum").tolist()  # processes that saw one, and the sum of their steps
         if processes:
             raise _non_finite(int(steps / processes))
-
-    def read_metrics(self) -> dict[str, float]:
-        """The metrics of the steps since the last read (averaged over them and over processes), in one
-        host synchronisation: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction``.
-
-        Raises:
-            NonFiniteGateLoss: a loss since the start was NaN or infinite (on any process).
-        """
-        first_bad = self._first_bad.float()
-        one = torch.ones((), device=first_bad.device)
-        current = torch.stack([self.gates.mean_abs().detach(), self.gates.nonzero_fraction(), torch.where(first_bad < 0, 0.0, first_bad), one])
-        packed = self.reduce(torch.cat([self._window, current]), "sum")  # the 1 counts the processes
-        loss, task, count, mean, nonzero, bad, processes = packed.tolist()
-        self._window.zero_()
-        if bad > 0:
-            raise _non_finite(int(bad / processes))
-        metrics = {"gate/mean": mean / processes, "gate/nonzero_fraction": nonzero / processes}
-        if count:
-            metrics.update({"gate/loss": loss / count, "gate/task_loss": task / count})
-        return metrics
 
     # ------------------------------------------------------------------ selection
     def validated(self, value: float) -> bool:
@@ -445,7 +398,7 @@ class GatePruning:
 
         import torch
         from torch import nn
-        from lightning_prune import GatePruning, count_flops
+        from lightning_prune import GatePruning, count_flops, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(
@@ -458,14 +411,20 @@ class GatePruning:
         pruning = GatePruning(model, x, dense, flops_ratio=0.5)  # an unreachable target is refused here
         search = pruning.search(lr=0.2, gate_ratio=0.3, l1=0.002)
         val_images, val_labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+        handle = hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
         with search.running():  # weights frozen, gates inserted
             for step in range(30):
                 images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-                search.step(nn.functional.cross_entropy(model(images), labels))
+                search.optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                search.optimizer.step()
+                search.flag_nonfinite(loss.detach())  # on the device: no host read
                 if step % 10 == 9:  # validation: the snapshot rule keeps the best sparse-enough gates
                     with torch.no_grad():
                         search.validated(nn.functional.cross_entropy(model(val_images), val_labels).item())
-                    metrics = search.read_metrics()  # gate/loss, gate/mean, ... (one host read)
+                    search.check_finite()  # a NaN or infinite loss so far raises NonFiniteGateLoss (one host read)
+        handle.remove()
         pruned = pruning.prune(search.result())  # removed and re-initialised: at most 50% of the dense FLOPs
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # train the pruned model as any other
 
