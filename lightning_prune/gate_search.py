@@ -50,11 +50,11 @@ from lightning_prune.channel_search import ThresholdSearch, search_threshold
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.gates import (
     ChannelGates,
+    FrozenNetwork,
     GatePhaseResult,
     GatePosition,
     GateSites,
     NonFiniteGateLoss,
-    frozen_network,
     gate_scores,
     gate_sites,
     gated_groups,
@@ -174,7 +174,7 @@ class GateSearch:
     def prepare(self) -> None:
         """Weights frozen, training mode, gates inserted (until :meth:`finalize`)."""
         with ExitStack() as stack:
-            stack.enter_context(frozen_network(self.model))
+            stack.callback(FrozenNetwork(self.model).restore)
             stack.enter_context(self.gates.inserted())
             self._inserted = stack.pop_all()
 
