@@ -23,10 +23,7 @@ threshold for the largest structure within a FLOPs budget (:func:`~lightning_pru
 with ``round_to``, each group's count a multiple of it); the budget a whole head leaves at the threshold's last step
 goes to the next-ranked units that fit (its ``fill``).
 
-**Around it** (:class:`GatePruning`): the groups that get gates (``sites``: the authors' ``"inner"``
-placement or ``"all"``), the refusal of an unreachable target before any weight changes, the FLOPs target
-relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
-network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
+**Around it** (:class:`GatePruning`): the gated groups, the target's refusal, the removal and the re-initialisation.
 
 A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.before_step`,
 Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and the running sums and the step of a first
@@ -72,14 +69,6 @@ Init = Literal["random", "inherit"]
 random weights kept."""
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
-
-
-def _non_finite(step: int) -> NonFiniteGateLoss:
-    return NonFiniteGateLoss(
-        f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step {step}); the "
-        "gates were removed and the model left as it was. Check the inputs, the loss and the model's initialisation, "
-        "or lower `gate_lr`."
-    )
 
 
 def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[float], gate_ratio: float, mode: Mode = "min") -> bool:
@@ -253,7 +242,11 @@ class GateSearch:
         bad = torch.stack([(self._first_bad >= 0).float(), self._first_bad.clamp(min=0).float()])
         processes, steps = self.reduce(bad, "sum").tolist()  # processes that saw one, and the sum of their steps
         if processes:
-            raise _non_finite(int(steps / processes))
+            raise NonFiniteGateLoss(
+                f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step "
+                f"{int(steps / processes)}); the gates were removed and the model left as it was. Check the inputs, the loss "
+                "and the model's initialisation, or lower `gate_lr`."
+            )
 
     # ------------------------------------------------------------------ selection
     def validated(self, value: float) -> bool:

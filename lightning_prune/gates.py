@@ -356,14 +356,6 @@ class ChannelGates:
         flat = self.parameter.detach().cpu()
         return {group: flat[offset : offset + self.sizes[group]].clone() for group, offset in self.offsets.items()}
 
-    @torch.no_grad()
-    def load_values(self, values: Mapping[int, torch.Tensor]) -> None:
-        """Set the gates from :meth:`values` (same groups and sizes)."""
-        if sorted(values) != sorted(self.offsets) or any(len(values[g]) != self.sizes[g] for g in self.offsets):
-            raise ValueError(f"Gate values for groups {sorted(values)} do not match the gated groups {self.sizes}.")
-        for group, offset in self.offsets.items():
-            self.parameter[offset : offset + self.sizes[group]] = values[group].to(self.device)
-
 
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, linear_types()):

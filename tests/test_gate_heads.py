@@ -109,11 +109,9 @@ def test_masked_by_gates_equals_the_physically_pruned_network(name) -> None:
     for seed in range(2):
         plan = random_plan(core.groups, seed + 1)
         plan.update({group.index: torch.arange(1) if seed == 0 else torch.arange(1, units) for group in heads})  # the first head, or all others
-        values = {}
-        for index, size in search.gates.sizes.items():
-            values[index] = torch.zeros(size)
-            values[index][plan[index]] = 1.0
-        search.gates.load_values(values)
+        with torch.no_grad():
+            for index, gate in search.gates.gates.items():
+                gate.zero_()[plan[index]] = 1.0
         with torch.no_grad(), search.gates.inserted():
             masked = call(model, x)
         pruned = copy.deepcopy(model)
