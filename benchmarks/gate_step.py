@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_prune.gate_search import GateSearch
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import find_channel_groups
 
@@ -76,8 +77,14 @@ def main() -> None:
         F.cross_entropy(plain_model(x), y).backward()
         optimizer.step()
 
+    hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
+
     def gate_step() -> None:
-        search.step(F.cross_entropy(gate_model(x), y))
+        search.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(gate_model(x), y)
+        loss.backward()
+        search.optimizer.step()
+        search.flag_nonfinite(loss.detach())
 
     def timed(step) -> float:  # noqa: ANN001
         sync()
@@ -100,7 +107,7 @@ def main() -> None:
         for _ in range(args.rounds):
             plain.append(timed(plain_step))
             gate.append(timed(gate_step))
-        search.read_metrics()
+        search.check_finite()
     ratios = [g / p for g, p in zip(gate, plain)]
     # Host-to-device copies per gated forward: on "meta" (a stand-in accelerator) every copy is an aten._to_copy.
     meta_model = build_network(args.arch, 10, 3, args.image, args.width).to("meta")

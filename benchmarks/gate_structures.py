@@ -35,6 +35,7 @@ from lightning_prune.demo.data import DigitsDataModule
 from lightning_prune.channel_search import search_threshold
 from lightning_prune.flops import FlopsPredictor
 from lightning_prune.gate_search import GateSearch
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.demo.models import build_network
 from lightning_prune.structure import ChannelGroup, channel_ratio_vector, find_channel_groups
 
@@ -98,11 +99,16 @@ def main() -> None:
         loader = DigitsDataModule(batch_size=64, image_size=32, channels=3, seed=seed)
         loader.setup()
         search = GateSearch(model, groups, position="bn", mode="max")
+        hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
         with search.running():
             for _ in range(args.gate_epochs):
                 for inputs, targets in loader.train_dataloader():
-                    search.step(F.cross_entropy(model(inputs), targets))
-                search.read_metrics()
+                    search.optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(model(inputs), targets)
+                    loss.backward()
+                    search.optimizer.step()
+                    search.flag_nonfinite(loss.detach())
+                search.check_finite()
                 search.validated(accuracy(model, loader.val_dataloader()))
         gate_vectors.append(channel_ratio_vector(groups, search.search(predictor, args.flops_ratio).plan))
 

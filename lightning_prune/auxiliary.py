@@ -617,10 +617,6 @@ class AuxiliaryParameters:
         (the floor of :meth:`step` keeps at least one); a host read, for the end of an epoch."""
         return {group.index: (self.values[group.root].detach() > 0).nonzero().flatten().cpu() for group in self.groups}
 
-    def keep_masks(self) -> dict[str, torch.Tensor]:
-        """Boolean ``h(M)`` of every auxiliary tensor (``True`` = switched on)."""
-        return {key: value.detach() > 0 for key, value in self.values.items()}
-
     @torch.no_grad()
     def parameter_masks(self) -> dict[str, torch.Tensor]:
         """Boolean keep-mask of every gated parameter, shaped like it and keyed by its name in the model (one entry per

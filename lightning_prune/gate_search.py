@@ -23,16 +23,12 @@ threshold for the largest structure within a FLOPs budget (:func:`~lightning_pru
 with ``round_to``, each group's count a multiple of it); the budget a whole head leaves at the threshold's last step
 goes to the next-ranked units that fit (its ``fill``).
 
-**Around it** (:class:`GatePruning`): the groups that get gates (``sites``: the authors' ``"inner"``
-placement or ``"all"``), the refusal of an unreachable target before any weight changes, the FLOPs target
-relative to the unexpanded model, the physical removal and the fresh initialisation of the whole pruned
-network (:func:`reinitialise`, as the authors' ``train_pruned.py`` builds it anew).
+**Around it** (:class:`GatePruning`): the gated groups, the target's refusal, the removal and the re-initialisation.
 
 A step makes no host synchronisation: the penalty's gradient is added to the gates' (:meth:`GateSearch.before_step`,
-Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and loss sums, the step count of a first
-non-finite loss and the gate mean live on the device, read once by :meth:`GateSearch.read_metrics` or
-:meth:`GateSearch.check_finite`. All gates are one flat parameter, so a step reduces its gradient across processes
-in one collective (``reduce``), Adam and the clamp touch one tensor. :class:`GateSearch` is a
+Torch-Pruning's ``regularize()`` pattern, after the task loss's backward), and the running sums and the step of a first
+non-finite loss live on the device, read once by :meth:`GateSearch.check_finite`. All gates are one flat parameter, so
+Adam and the clamp touch one tensor (and DDP reduces its gradient in one bucket). :class:`GateSearch` is a
 :class:`~lightning_prune.pruner.Pruner`: ``GatePruningFromScratch`` hooks its ``before_step`` and ``after_step`` on the
 gate optimizer inside Lightning's fit loop (:func:`~lightning_prune.pruner.hook_optimizer`).
 """
@@ -51,11 +47,11 @@ from lightning_prune.channel_search import ThresholdSearch, search_threshold
 from lightning_prune.flops import FlopCount, FlopsPredictor
 from lightning_prune.gates import (
     ChannelGates,
+    FrozenNetwork,
     GatePhaseResult,
     GatePosition,
     GateSites,
     NonFiniteGateLoss,
-    frozen_network,
     gate_scores,
     gate_sites,
     gated_groups,
@@ -75,14 +71,6 @@ Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 """``reduce(tensor, op)`` with ``op`` ``"mean"`` or ``"sum"`` over processes."""
 
 
-def _non_finite(step: int) -> NonFiniteGateLoss:
-    return NonFiniteGateLoss(
-        f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step {step}); the "
-        "gates were removed and the model left as it was. Check the inputs, the loss and the model's initialisation, "
-        "or lower `gate_lr`."
-    )
-
-
 def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[float], gate_ratio: float, mode: Mode = "min") -> bool:
     """The authors' snapshot rule: sparse enough (non-zero gates ``<= gate_ratio``) and a monitored value
     better than the best so far (lower for ``mode="min"``, higher for ``"max"``)."""
@@ -92,14 +80,12 @@ def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[flo
 
 
 class GateSearch:
-    """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): the caller feeds task losses
-    (:meth:`step`, or its own backward and ``optimizer.step()`` with :meth:`before_step` and :meth:`after_step`
-    hooked on :attr:`optimizer`) and validation values (:meth:`validated`), then asks for the structure
-    (:meth:`search`). See the module docstring for the objective, the selection rule and the threshold search.
-
-    In a plain PyTorch loop: :meth:`step` on each task loss between :meth:`prepare` and :meth:`finalize` (or inside
-    :meth:`running`), :meth:`validated` with each validation value, :meth:`search` for a plan within a FLOPs budget
-    (:class:`GatePruning` wraps these with the target checks, the removal and the re-initialisation).
+    """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): between :meth:`prepare` and
+    :meth:`finalize` (or inside :meth:`running`) the caller runs its own backward and ``optimizer.step()`` on
+    :attr:`optimizer` with :meth:`before_step` and :meth:`after_step` hooked on it
+    (:func:`~lightning_prune.pruner.hook_optimizer`), reports validation values (:meth:`validated`), then asks for
+    the structure (:meth:`search`; :class:`GatePruning` adds the target checks, the removal and the
+    re-initialisation). See the module docstring for the objective, the selection rule and the threshold search.
 
     Example::
 
@@ -139,8 +125,8 @@ class GateSearch:
         gate_ratio: ``r``, the target mean gate ‖Λ‖₁/C (and the snapshot rule's bound on non-zero gates).
         l1: ``l_1``, the weight of the plain L1 term (0: off).
         mode: whether a lower (``"min"``) or higher (``"max"``) monitored value is better.
-        reduce: cross-process reduction (identity when ``None``): the gate gradient is averaged
-            (one collective per step), metric windows summed when read.
+        reduce: cross-process reduction (identity when ``None``) of the validation's sparsity and the non-finite
+            check (the gate gradient is the DDP-wrapped model's to reduce).
     """
 
     def __init__(
@@ -165,10 +151,8 @@ class GateSearch:
         self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=lr, foreach=True)
         device = self.gates.device
         self._sum = torch.zeros_like(self.gates.parameter.detach())  # Σ_steps Λ: the tie-break averages
-        # [loss sum, task-loss sum, steps] of the current logging window, and the step of the first non-finite loss
-        self._window = torch.zeros(3, device=device)
         self._step = torch.zeros((), dtype=torch.long, device=device)
-        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the step of a first non-finite loss
         self.steps = 0
         self.best: Optional[float] = None
         self.chosen: Optional[GatePhaseResult] = None
@@ -179,7 +163,7 @@ class GateSearch:
     def prepare(self) -> None:
         """Weights frozen, training mode, gates inserted (until :meth:`finalize`)."""
         with ExitStack() as stack:
-            stack.enter_context(frozen_network(self.model))
+            stack.callback(FrozenNetwork(self.model).restore)
             stack.enter_context(self.gates.inserted())
             self._inserted = stack.pop_all()
 
@@ -213,7 +197,7 @@ class GateSearch:
     def to(self, device: torch.device) -> "GateSearch":
         """Move the search's own tensors (running sums, step counters) to ``device``, where the gates went
         with the model."""
-        for name in ("_sum", "_window", "_step", "_first_bad"):
+        for name in ("_sum", "_step", "_first_bad"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -248,59 +232,21 @@ class GateSearch:
         self.steps += 1
 
     @torch.no_grad()
-    def record(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> None:
-        """Count one step's losses into the logging window (:meth:`read_metrics`) and flag a non-finite one."""
-        detached = torch.stack([task_loss.detach().float() + penalty, task_loss.detach().float()])
-        self.flag_nonfinite(detached)
-        self._window.add_(torch.cat([detached, detached.new_ones(1)]))
-
-    @torch.no_grad()
     def flag_nonfinite(self, values: torch.Tensor) -> None:
-        """Remember the step of a first non-finite value in ``values`` (on the device: raised by :meth:`check_finite`)."""
+        """Remember the step of a first non-finite value in ``values`` (e.g. each step's loss; on the device, raised by
+        :meth:`check_finite`)."""
         self._first_bad = torch.where(~torch.isfinite(values).all() & (self._first_bad < 0), self._step, self._first_bad)
 
-    def step(self, task_loss: torch.Tensor) -> None:
-        """One gate step on a task loss computed with the gates inserted (inside :meth:`running`):
-        backward, gradient averaged over processes, the penalty's gradient (:meth:`before_step`), Adam, clamp
-        to [0, 1] (:meth:`after_step`). No host synchronisation: a non-finite loss is recorded on the device and raised by
-        :meth:`read_metrics`."""
-        self.optimizer.zero_grad(set_to_none=True)
-        task_loss.float().backward()
-        parameter = self.gates.parameter
-        parameter.grad = self.reduce(parameter.grad, "mean")
-        self.before_step()
-        with torch.no_grad():
-            penalty = self.penalty(parameter)
-        self.optimizer.step()
-        self.after_step()
-        self.record(task_loss, penalty)
-
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteGateLoss` if a loss since the start was NaN or infinite (one host read)."""
+        """Raise :class:`NonFiniteGateLoss` if a value flagged since the start was NaN or infinite (one host read)."""
         bad = torch.stack([(self._first_bad >= 0).float(), self._first_bad.clamp(min=0).float()])
         processes, steps = self.reduce(bad, "sum").tolist()  # processes that saw one, and the sum of their steps
         if processes:
-            raise _non_finite(int(steps / processes))
-
-    def read_metrics(self) -> dict[str, float]:
-        """The metrics of the steps since the last read (averaged over them and over processes), in one
-        host synchronisation: ``gate/loss``, ``gate/task_loss``, ``gate/mean``, ``gate/nonzero_fraction``.
-
-        Raises:
-            NonFiniteGateLoss: a loss since the start was NaN or infinite (on any process).
-        """
-        first_bad = self._first_bad.float()
-        one = torch.ones((), device=first_bad.device)
-        current = torch.stack([self.gates.mean_abs().detach(), self.gates.nonzero_fraction(), torch.where(first_bad < 0, 0.0, first_bad), one])
-        packed = self.reduce(torch.cat([self._window, current]), "sum")  # the 1 counts the processes
-        loss, task, count, mean, nonzero, bad, processes = packed.tolist()
-        self._window.zero_()
-        if bad > 0:
-            raise _non_finite(int(bad / processes))
-        metrics = {"gate/mean": mean / processes, "gate/nonzero_fraction": nonzero / processes}
-        if count:
-            metrics.update({"gate/loss": loss / count, "gate/task_loss": task / count})
-        return metrics
+            raise NonFiniteGateLoss(
+                f"Gate phase of Pruning from Scratch: the gate loss became NaN or infinite (first at gate step "
+                f"{int(steps / processes)}); the gates were removed and the model left as it was. Check the inputs, the loss "
+                "and the model's initialisation, or lower `gate_lr`."
+            )
 
     # ------------------------------------------------------------------ selection
     def validated(self, value: float) -> bool:
@@ -445,7 +391,7 @@ class GatePruning:
 
         import torch
         from torch import nn
-        from lightning_prune import GatePruning, count_flops
+        from lightning_prune import GatePruning, count_flops, hook_optimizer
 
         torch.manual_seed(0)
         model = nn.Sequential(
@@ -458,14 +404,20 @@ class GatePruning:
         pruning = GatePruning(model, x, dense, flops_ratio=0.5)  # an unreachable target is refused here
         search = pruning.search(lr=0.2, gate_ratio=0.3, l1=0.002)
         val_images, val_labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+        handle = hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
         with search.running():  # weights frozen, gates inserted
             for step in range(30):
                 images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
-                search.step(nn.functional.cross_entropy(model(images), labels))
+                search.optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                search.optimizer.step()
+                search.flag_nonfinite(loss.detach())  # on the device: no host read
                 if step % 10 == 9:  # validation: the snapshot rule keeps the best sparse-enough gates
                     with torch.no_grad():
                         search.validated(nn.functional.cross_entropy(model(val_images), val_labels).item())
-                    metrics = search.read_metrics()  # gate/loss, gate/mean, ... (one host read)
+                    search.check_finite()  # a NaN or infinite loss so far raises NonFiniteGateLoss (one host read)
+        handle.remove()
         pruned = pruning.prune(search.result())  # removed and re-initialised: at most 50% of the dense FLOPs
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # train the pruned model as any other
 

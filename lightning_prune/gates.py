@@ -153,8 +153,6 @@ def _feeds_activation(model: nn.Module, example_input: ExampleInput, names: set[
     return {name: bool(users.get(fn)) and all(map(one_input, users[fn])) for name, fn in produced.items()}
 
 
-
-
 def inner_groups(model: nn.Module, groups: Sequence[ChannelGroup], example_input: ExampleInput) -> list[ChannelGroup]:
     """The authors' gate sites on the coupled groups: the groups whose channels go from one layer, through
     a nonlinearity, into one layer, i.e. that take no part in a residual connection:
@@ -280,13 +278,6 @@ class ChannelGates:
         return cls(model, gate_sites(model, groups, position), {group.index: group.size for group in groups}, position)
 
     # ------------------------------------------------------------------ insertion
-    def by_module(self) -> dict[tuple[str, bool], list[GateSite]]:
-        """``(module, input)`` -> the sites gating that module's output (``input=False``) or input features."""
-        modules: dict[tuple[str, bool], list[GateSite]] = {}
-        for site in self.sites:
-            modules.setdefault((site.module, site.input), []).append(site)
-        return modules
-
     @property
     def device(self) -> torch.device:
         return self.parameter.device
@@ -300,18 +291,21 @@ class ChannelGates:
         register :attr:`parameter` on the model as :data:`GATE_PARAMETER`."""
         if self.attached:
             return
-        for (name, input), sites in self.by_module().items():
+        by_module: dict[tuple[str, bool], list[GateSite]] = {}  # (module, input) -> the sites gating its output or input
+        for site in self.sites:
+            by_module.setdefault((site.module, site.input), []).append(site)
+        for (name, input), sites in by_module.items():
             module = self.model.get_submodule(name)
             channels = linear_features(module)[0] if input else _out_channels(module)
             multiplier = _Multiplier(self.parameter, self.offsets, sites, channels)
             if input:  # the heads' context, before the output projection
-                self._handles.append(module.register_forward_pre_hook(_scale_input(multiplier, channels)))
+                self._handles.append(module.register_forward_pre_hook(_scaling_hook(multiplier, channels, input=True)))
             elif self.position == "bn_weight":
                 order = list(module._parameters)
                 parametrize.register_parametrization(module, "weight", _GatedScale(multiplier), unsafe=True)
                 self._parametrized.append((module, order))
             else:
-                self._handles.append(module.register_forward_hook(_scale_output(multiplier, channels)))
+                self._handles.append(module.register_forward_hook(_scaling_hook(multiplier, channels, input=False)))
         if register:
             self.model.register_parameter(GATE_PARAMETER, self.parameter)
 
@@ -348,18 +342,10 @@ class ChannelGates:
     def num_gates(self) -> int:
         return self.parameter.numel()
 
-    def flat(self) -> torch.Tensor:
-        """All gates in one vector, groups in index order (differentiable)."""
-        return self.parameter
-
     @torch.no_grad()
     def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:
         """Project the gates onto [low, high] (done after every optimizer step)."""
         self.parameter.clamp_(low, high)
-
-    def mean_abs(self) -> torch.Tensor:
-        """‖Λ‖₁ / C over all gated channels (differentiable)."""
-        return self.parameter.abs().mean()
 
     def nonzero_fraction(self) -> torch.Tensor:
         """Fraction of gates that are not exactly zero (a 0-dim tensor on the gates' device: no host sync)."""
@@ -370,14 +356,6 @@ class ChannelGates:
         flat = self.parameter.detach().cpu()
         return {group: flat[offset : offset + self.sizes[group]].clone() for group, offset in self.offsets.items()}
 
-    @torch.no_grad()
-    def load_values(self, values: Mapping[int, torch.Tensor]) -> None:
-        """Set the gates from :meth:`values` (same groups and sizes)."""
-        if sorted(values) != sorted(self.offsets) or any(len(values[g]) != self.sizes[g] for g in self.offsets):
-            raise ValueError(f"Gate values for groups {sorted(values)} do not match the gated groups {self.sizes}.")
-        for group, offset in self.offsets.items():
-            self.parameter[offset : offset + self.sizes[group]] = values[group].to(self.device)
-
 
 def _out_channels(module: nn.Module) -> int:
     if isinstance(module, linear_types()):
@@ -387,30 +365,22 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_channels
 
 
-def _scale_output(multiplier: _Multiplier, channels: int):  # noqa: ANN202 - a forward hook
+def _scaling_hook(multiplier: _Multiplier, channels: int, input: bool):  # noqa: ANN202 - a forward (pre-)hook
+    """A forward hook multiplying the output channels by the gates, or (``input``) a forward pre-hook multiplying the
+    input features (last dimension, as a Linear or ``Conv1D`` reads them)."""
     ones = [torch.ones(channels, device=multiplier.parameter.device)]
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        if ones[0].device != output.device:  # the model moved after the gates were attached: follow once
-            ones[0] = ones[0].to(output.device)
-        factor = multiplier(ones[0]).to(output.dtype)
-        if isinstance(module, linear_types()):  # channels last
-            return output * factor
-        return output * factor.view(1, -1, *([1] * (output.dim() - 2)))
+    def scale(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        if ones[0].device != tensor.device:  # the model moved after the gates were attached: follow once
+            ones[0] = ones[0].to(tensor.device)
+        factor = multiplier(ones[0]).to(tensor.dtype)
+        if input or isinstance(module, linear_types()):  # channels last
+            return tensor * factor
+        return tensor * factor.view(1, -1, *([1] * (tensor.dim() - 2)))
 
-    return hook
-
-
-def _scale_input(multiplier: _Multiplier, channels: int):  # noqa: ANN202 - a forward pre-hook
-    """Multiply the input features (last dimension, as a Linear or ``Conv1D`` reads them) by the gates."""
-    ones = [torch.ones(channels, device=multiplier.parameter.device)]
-
-    def hook(module: nn.Module, inputs: tuple) -> tuple:
-        if ones[0].device != inputs[0].device:  # the model moved after the gates were attached: follow once
-            ones[0] = ones[0].to(inputs[0].device)
-        return (inputs[0] * multiplier(ones[0]).to(inputs[0].dtype), *inputs[1:])
-
-    return hook
+    if input:
+        return lambda module, inputs: (scale(module, inputs[0]), *inputs[1:])
+    return lambda module, inputs, output: scale(module, output)
 
 
 class NonFiniteGateLoss(RuntimeError):
@@ -439,20 +409,19 @@ class GatePhaseResult:
 
 
 class FrozenNetwork:
-    """Weights, biases and BatchNorm affine parameters frozen (optionally every module in training mode) from
+    """Weights, biases and BatchNorm affine parameters frozen and every module in training mode from
     construction until :meth:`restore`, which gives back every ``requires_grad`` flag, module mode and buffer
     (BatchNorm running statistics): the gate phase changes nothing of the model. :attr:`buffers` (copies)
     can be saved and loaded, so a resumed phase restores the buffers of the run it continues."""
 
-    def __init__(self, model: nn.Module, train: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        self.modes = [(module, module.training) for module in model.modules()] if train else []
+        self.modes = [(module, module.training) for module in model.modules()]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        if train:
-            model.train(True)
+        model.train(True)
 
     def restore(self) -> None:
         """Everything back; a buffer whose shape changed meanwhile (its module reshaped to a checkpoint about to
@@ -465,17 +434,6 @@ class FrozenNetwork:
             parameter.requires_grad_(self.flags.get(name, parameter.requires_grad))
         for module, was_training in self.modes:
             module.training = was_training
-
-
-@contextmanager
-def frozen_network(model: nn.Module) -> Iterator[nn.Module]:
-    """:class:`FrozenNetwork` for the block: weights frozen, every module in training mode, everything restored
-    on leaving (also on error)."""
-    frozen = FrozenNetwork(model)
-    try:
-        yield model
-    finally:
-        frozen.restore()
 
 
 def gate_scores(result: GatePhaseResult, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:

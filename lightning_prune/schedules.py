@@ -3,7 +3,7 @@ learning window. A core (:class:`~lightning_prune.pruner.Pruner`) is told a targ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal, Mapping, Optional
 
 from lightning_prune.choices import check_choice
@@ -87,8 +87,7 @@ class PruningSchedule:
 
     def state_dict(self) -> dict[str, object]:
         """The schedule's arguments (it holds no other state); ``PruningSchedule(**state)`` rebuilds it."""
-        return {"kind": self.kind, "start_epoch": self.start_epoch, "end_epoch": self.end_epoch, "frequency": self.frequency,
-                "initial_sparsity": self.initial_sparsity}
+        return asdict(self)
 
     @classmethod
     def before_limit(

@@ -1,4 +1,4 @@
-"""The gate search without a Trainer: the objective, a step (no host sync, one reduce), the selection rule
+"""The gate search without a Trainer: the objective, a hooked step (no host sync), the selection rule
 with `mode`, the deferred non-finite check, state_dict round trip, the threshold search's target."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from lightning_prune.flops import FlopsPredictor, count_flops
 from lightning_prune.gate_search import GateSearch, reinitialise, snapshot_is_better
 from lightning_prune.gates import NonFiniteGateLoss
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.demo.models import build_network
 from lightning_prune.diagnostics import count_ops
 from lightning_prune.structure import apply_plan, find_channel_groups
@@ -26,7 +27,17 @@ X = torch.randn(6, 3, 16, 16)
 
 def _search(arch: str = "resnet20", **kwargs) -> tuple[nn.Module, GateSearch]:
     net = build_network(arch, in_channels=3, image_size=16, width=0.25)
-    return net, GateSearch(net, find_channel_groups(net, X[:1]), **kwargs)
+    search = GateSearch(net, find_channel_groups(net, X[:1]), **kwargs)
+    hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
+    return net, search
+
+
+def _step(search: GateSearch, task_loss: torch.Tensor) -> None:
+    """One gate step of a plain loop: backward, the hooked Adam step, the loss's non-finite flag (on the device)."""
+    search.optimizer.zero_grad(set_to_none=True)
+    task_loss.backward()
+    search.optimizer.step()
+    search.flag_nonfinite(task_loss.detach())
 
 
 def _batches(n: int = 3, value: float = 1.0) -> list:
@@ -38,7 +49,7 @@ def _run(net: nn.Module, search: GateSearch, batches: list, epochs: int = 1) -> 
     with search.running():
         for _ in range(epochs):
             for x, y in batches:
-                search.step(F.cross_entropy(net(x), y))
+                _step(search, F.cross_entropy(net(x), y))
 
 
 def test_objective_is_task_loss_plus_ratio_term_plus_l1() -> None:
@@ -59,14 +70,13 @@ def test_gate_phase_trains_only_gates_clamps_them_and_restores_the_model() -> No
     assert all(p.grad is None for p in net.parameters())
     gates = search.gates.parameter.detach()
     assert gates.min() >= 0 and gates.max() <= 1 and gates.min() < 1
-    metrics = search.read_metrics()
-    assert search.steps == 6 and set(metrics) == {"gate/loss", "gate/task_loss", "gate/mean", "gate/nonzero_fraction"}
-    assert metrics["gate/mean"] == pytest.approx(float(gates.mean()))
+    search.check_finite()
+    assert search.steps == search.result().steps == 6
 
 
-def test_a_step_makes_no_host_sync_and_reduces_the_gradient_in_one_call() -> None:
+def test_a_step_makes_no_host_sync_and_no_collective() -> None:
     """On the "meta" device (a stand-in for an accelerator); the only host reads are Adam's own step counter (a
-    host tensor by design, read once per step)."""
+    host tensor by design, read once per step). The gate gradient is the (DDP-wrapped) model's to reduce."""
     calls: list[tuple[int, str]] = []
 
     def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
@@ -77,16 +87,17 @@ def test_a_step_makes_no_host_sync_and_reduces_the_gradient_in_one_call() -> Non
     groups = find_channel_groups(net, X[:1])
     net.to("meta")
     search = GateSearch(net, groups, reduce=reduce)
+    hook_optimizer(search.optimizer, search)
     x, y = X.to("meta"), torch.zeros(6, dtype=torch.long, device="meta")
 
     def three_steps() -> None:
         for _ in range(3):
-            search.step(F.cross_entropy(net(x), y))
+            _step(search, F.cross_entropy(net(x), y))
 
     with search.running():
         _, count = count_ops(three_steps)
     assert count.sync_ops == own_host_reads(search.optimizer, 3)
-    assert calls == [(search.gates.num_gates, "mean")] * 3  # every gate's gradient in one collective per step
+    assert calls == []  # no collective per step: `reduce` serves the validation and check_finite only
 
 
 def test_selection_keeps_the_best_sparse_enough_snapshot_and_mode_flips_the_choice() -> None:
@@ -98,7 +109,7 @@ def test_selection_keeps_the_best_sparse_enough_snapshot_and_mode_flips_the_choi
         net, search = _search(mode=mode, gate_ratio=0.9)
         with search.running():
             for value in (3.0, 1.0, 2.0):  # a crafted metric: lowest at the 2nd validation, highest at the 1st
-                search.step(F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
+                _step(search, F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
                 search.gates.parameter.data[:] = 0.0 if value != 2.0 else 1.0  # the 3rd is not sparse enough
                 search.validated(value)
         result = search.result()
@@ -122,8 +133,8 @@ def test_non_finite_loss_is_raised_at_the_next_read_and_the_model_is_left_as_it_
     with pytest.raises(NonFiniteGateLoss, match="Gate phase .* NaN or infinite .* step 2"):
         with search.running():
             for index, (x, y) in enumerate(_batches(3)):
-                search.step(F.cross_entropy(net(x * (float("nan") if index == 1 else 1.0)), y))
-            search.read_metrics()
+                _step(search, F.cross_entropy(net(x * (float("nan") if index == 1 else 1.0)), y))
+            search.check_finite()
     assert not search.gates.attached
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
@@ -138,9 +149,11 @@ def test_state_dict_round_trip_continues_like_an_uninterrupted_search() -> None:
     net2 = build_network("resnet20", in_channels=3, image_size=16, width=0.25)
     net2.load_state_dict(net.state_dict())
     first = GateSearch(net2, straight.groups, lr=0.05, gate_ratio=0.9)
+    hook_optimizer(first.optimizer, first)
     _run(net2, first, batches[:2])
     saved = first.state_dict()
     resumed = GateSearch(net2, straight.groups, lr=0.05, gate_ratio=0.9)
+    hook_optimizer(resumed.optimizer, resumed)
     resumed.load_state_dict(saved)
     _run(net2, resumed, batches[2:])
     resumed.validated(0.3)
@@ -175,19 +188,6 @@ def test_before_step_adds_the_penalty_gradient_autograd_would() -> None:
         F.cross_entropy(net(x), y).backward()
         search.before_step()
     assert torch.allclose(search.gates.parameter.grad, expected, rtol=1e-5, atol=1e-8)
-
-
-def test_metrics_are_read_over_the_steps_since_the_last_read() -> None:
-    net, search = _search(gate_ratio=0.9)
-    with search.running():
-        for x, y in _batches(3):
-            search.step(F.cross_entropy(net(x), y))
-        first = search.read_metrics()
-        search.step(F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
-        second = search.read_metrics()
-    assert set(first) == {"gate/loss", "gate/task_loss", "gate/mean", "gate/nonzero_fraction"} and search.steps == 4
-    assert first["gate/loss"] > first["gate/task_loss"] and second["gate/task_loss"] != first["gate/task_loss"]
-    assert not search.gates.attached and search.result().steps == 4
 
 
 @settings(max_examples=40, deadline=None)

@@ -14,6 +14,7 @@ from lightning_prune.demo.models import build_network
 from lightning_prune.flops import count_flops
 from lightning_prune.gate_search import GatePruning
 from lightning_prune.gates import gate_sites, gated_groups
+from lightning_prune.pruner import hook_optimizer
 from lightning_prune.structure import find_channel_groups
 from test_gate_pruning import LIMITS, Recorder, classifier, digits, flops
 
@@ -91,9 +92,12 @@ def test_gate_pruning_core_prunes_only_inner_groups_to_the_unexpanded_target_wit
     search = core.search(lr=0.1)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(3)]
+    hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
     with search.running():
         for images, labels in batches:
-            search.step(F.cross_entropy(model(images), labels))
+            search.optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            search.optimizer.step()
     result = search.result()
     pruned = core.prune(result)
     inner = {group.index for group in core.gated}

@@ -45,13 +45,9 @@ class Expansion:
 
 
 class GatePhase:
-    """The gate phase of one fit, from ``setup`` to the pruning at the end of the last gate epoch.
-
-    Built at ``setup``, before the strategy moves and wraps the module, from the dense model's ``figures`` (its example
-    input and FLOPs): the module is widened (``expansion``), :class:`~lightning_prune.gate_search.GatePruning` finds the groups (refusing an
-    unreachable target before any weight changes), every weight is frozen and the gates are inserted, their flat
-    parameter registered on the LightningModule (so DDP reduces its gradient and checkpoints hold it).
-    """
+    """The gate phase of one fit, from ``setup`` (module docstring; ``figures``: the dense model's example input and
+    FLOPs) to the pruning at the end of the last gate epoch. :class:`~lightning_prune.gate_search.GatePruning` refuses
+    an unreachable target before any weight changes."""
 
     def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: Figures, *, expansion: float,
                  flops_ratio: float, position: str, sites: str, round_to: Optional[int], search_options: Mapping[str, Any]) -> None:

@@ -15,10 +15,9 @@ Nothing here assumes classification, ``(x, y)`` batches or an ``example_input_ar
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -102,17 +101,6 @@ def first_training_batch(trainer: pl.Trainer) -> Any:
     return _as_module_reads(pl_module, ModelInput((trainer.strategy.batch_to_device(batch, pl_module.device),))).args[0]
 
 
-def _runs(pl_module: pl.LightningModule, inputs: ModelInput) -> Optional[BaseException]:
-    """``None`` if ``pl_module`` runs on ``inputs`` (eval mode, no grad), else the error it raised."""
-    try:
-        with torch.no_grad(), eval_mode(pl_module), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inputs.call(pl_module)
-    except Exception as error:  # noqa: BLE001 - any failure rules this candidate out
-        return error
-    return None
-
-
 def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_fn: Optional[ExampleInputFn] = None) -> ModelInput:
     """The model's input in ``batch``: ``example_input_fn(batch)`` if given (a dict it returns: keyword arguments,
     or the one positional argument where only that runs); else the first of these ``pl_module`` runs on: the
@@ -132,11 +120,14 @@ def example_from_batch(pl_module: pl.LightningModule, batch: Any, example_input_
         if isinstance(batch, Mapping):
             candidates.append(("the batch as keyword arguments", model_input(batch)))
     errors = []
-    for _, inputs in candidates:
-        error = _runs(pl_module, inputs.first_sample())
-        if error is None:
+    for _, inputs in candidates:  # the first that runs one sample (eval mode, no grad)
+        try:
+            with torch.no_grad(), eval_mode(pl_module), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                inputs.first_sample().call(pl_module)
             return inputs
-        errors.append(f"{type(error).__name__}: {error}")
+        except Exception as error:  # noqa: BLE001 - any failure rules this candidate out
+            errors.append(f"{type(error).__name__}: {error}")
     tried = ", ".join(f"{what} ({error})" for (what, _), error in zip(candidates, errors))
     raise MisconfigurationException(
         f"No example input found for {type(pl_module).__name__}: its forward fails on each of these, taken from the first "
@@ -158,17 +149,6 @@ def example_input(
     return example_from_batch(pl_module, first_training_batch(trainer), example_input_fn)
 
 
-@contextlib.contextmanager
-def _silenced_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """``self.log``/``self.log_dict`` do nothing inside: a training step run for the callback's own loss
-    (e.g. on a held-out batch, or in a hook where Lightning refuses logging) logs nothing."""
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
-
-
 def training_step_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> torch.Tensor:
     """The loss the module's own ``training_step`` returns for ``batch`` (a tensor, or ``loss`` of a dict),
     with its logging silenced. Metrics it updates see the batch too; pass a ``loss_fn`` where that matters."""
@@ -178,8 +158,12 @@ def training_step_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int
             "returns no loss to differentiate: pass `loss_fn=` (pl_module, batch) -> loss to the pruning callback."
         )
     takes_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-    with _silenced_logging(pl_module):
+    # `self.log` does nothing: a step run for the callback's own loss (a held-out batch, a hook where Lightning refuses logging)
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
         output = pl_module.training_step(batch, batch_idx) if takes_index else pl_module.training_step(batch)
+    finally:
+        del pl_module.log, pl_module.log_dict
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise MisconfigurationException(
