@@ -29,12 +29,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import multiprocessing
 import pathlib
 import statistics
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -323,7 +321,6 @@ METHODS: dict[str, Callable[..., dict[str, Any]]] = {
 def measure(name: str, size: Size, out_dir: pathlib.Path, methods: dict[str, Callable[..., dict[str, Any]]] = METHODS) -> list[dict[str, Any]]:
     """Every method on model ``name``: one row each (FLOPs ratio, latency ratio, loss, note)."""
     spec = SPECS[name]
-    torch.set_num_threads(1)  # also in a worker process
     torch.manual_seed(0)
     dense = spec.build(size.width, size.layers).eval()
     batches = synthetic_batches(spec, dense, size.batches, seed=1)
@@ -352,11 +349,7 @@ def run(suite: Suite, out_dir: pathlib.Path) -> Section:
     """Every model and method of ``suite`` in one run."""
     size = SIZES[suite]
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in SPECS:  # each model in a fresh process: measured, timm's ViT lost its head groups (in both libraries)
-        # when it ran after the Hugging Face models in one process (cause not found)
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows += pool.submit(measure, name, size, out_dir).result()
+    rows = [row for name in SPECS for row in measure(name, size, out_dir)]
     body = table(
         ["model", "method", "FLOPs ratio (fvcore)", "CPU latency ratio", "loss after fine-tune", "note"],
         [[r["model"], r["method"], _cell(r["flops_ratio"]), _cell(r["latency_ratio"], 2), _cell(r["loss"]),

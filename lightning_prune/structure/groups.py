@@ -49,7 +49,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_prune.inputs import ExampleInput, output_tensors
 from lightning_prune.modes import eval_mode
-from lightning_prune.structure.tracing import dependency_graph
+from lightning_prune.structure.tracing import dependency_graph, index_mapping_fixed
 from lightning_prune.targets import linear_features, linear_types
 
 MemberKind = Literal["out", "in", "channel", "table", "parameter"]
@@ -252,15 +252,19 @@ class _Graph:
 
     def pruning_group(self, root: nn.Module, idxs: Sequence[int]) -> Any:
         pruner = self.graph.get_pruner_of_module(root)
-        return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
+        with index_mapping_fixed():
+            return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(idxs))
 
-    def root_groups(self, ignored: Sequence[nn.Module]) -> Iterator[tuple[str, int, Union[Any, str]]]:
+    def root_groups(self, ignored: Sequence[nn.Module]) -> list[tuple[str, int, Union[Any, str]]]:
         """Per coupled group whose out-layers are all outside ``ignored``: its root (first Conv/Linear producing
         it, in model order), the root's width and torch-pruning's group over all its channels, or why the
         expansion was stopped (:func:`_bounded_groups`). As ``DependencyGraph.get_all_groups``, with one
-        group's runaway expansion refusing that group only."""
+        group's runaway expansion refusing that group only. A list, not a generator: torch-pruning is patched
+        only while the groups are expanded here, never while a caller holds a half-consumed iteration (a
+        generator left suspended, or closed out of order, would leave torch-pruning patched for the process)."""
         skipped = set(ignored) | set(self.graph.IGNORED_LAYERS_IN_TRACING)
         visited: set[nn.Module] = set()
+        found: list[tuple[str, int, Union[Any, str]]] = []
         with _bounded_groups(self.names), _index_mapping_as_built():
             for name, module in self.modules.items():
                 if not isinstance(module, (_ConvNd, *linear_types())) or module in skipped or module in visited:
@@ -273,7 +277,7 @@ class _Graph:
                     tp_group = self.pruning_group(module, range(size))
                 except _Runaway as error:
                     visited.add(module)
-                    yield name, size, str(error)
+                    found.append((name, size, str(error)))
                     continue
                 producers = {
                     item.dep.target.module
@@ -282,7 +286,8 @@ class _Graph:
                 }
                 visited |= producers
                 if not producers & skipped:
-                    yield name, size, tp_group
+                    found.append((name, size, tp_group))
+        return found
 
     def members(self, tp_group: Any, size: int, hidden: bool = False) -> Union[tuple[int, list[GroupMember]], str]:
         """The number of channels and the named members of a torch-pruning group over ``size`` root channels,

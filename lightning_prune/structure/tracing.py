@@ -9,7 +9,8 @@ groups like a ``Linear``'s.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -78,14 +79,15 @@ def dependency_graph(model: nn.Module, example_input: ExampleInput) -> tp.Depend
     pruners = {layer_type: TransposedLinearPruner() for layer_type in transposed_linear_types()}
     graph = tp.DependencyGraph()
     graph.IGNORED_LAYERS_IN_TRACING = _IdentityList()
-    return graph.build_dependency(
-        model,
-        example_inputs=model_input(example_input),
-        forward_fn=_call,
-        output_transform=_traced_outputs,
-        customized_pruners=pruners,
-        verbose=False,
-    )
+    with index_mapping_fixed():
+        return graph.build_dependency(
+            model,
+            example_inputs=model_input(example_input),
+            forward_fn=_call,
+            output_transform=_traced_outputs,
+            customized_pruners=pruners,
+            verbose=False,
+        )
 
 
 def _concat_of_unknown_widths_unmapped(update: Any) -> Any:
@@ -101,9 +103,17 @@ def _concat_of_unknown_widths_unmapped(update: Any) -> Any:
             if None not in (node.module.concat_sizes or ()):
                 raise
 
-    update_concat.lightning_prune_wrapped = True
     return update_concat
 
 
-if not getattr(index_mapping.update_concat_index_mapping, "lightning_prune_wrapped", False):
-    index_mapping.update_concat_index_mapping = _concat_of_unknown_widths_unmapped(index_mapping.update_concat_index_mapping)
+@contextlib.contextmanager
+def index_mapping_fixed() -> Iterator[None]:
+    """torch-pruning's concat index mapping with :func:`_concat_of_unknown_widths_unmapped`, for the calls of
+    this package into torch-pruning only (building a graph, expanding a group): restored on exit, so that
+    torch-pruning used directly (its ``MetaPruner``) in the same process is torch-pruning as released."""
+    update = index_mapping.update_concat_index_mapping
+    index_mapping.update_concat_index_mapping = _concat_of_unknown_widths_unmapped(update)
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = update
