@@ -225,7 +225,7 @@ def magnitude_sparsity(spec: Spec, dense: nn.Module, batches: list, steps: int, 
         pruning = IterativeMagnitude(sparsity=sparsity, schedule="one_shot", granularity="channel", monitor=None,
                                      make_permanent=False, verbose=False)
         _fit(module, batches, [pruning], 1, out_dir, limit=1)  # the event comes first, at the dense weights
-        return pruning.figures.pruned_flops(pruning.pruner) / pruning.figures.dense_flops.total
+        return pruning.figures.flops(pruning.pruner.plan) / pruning.figures.dense_flops.total
 
     low, high, best = 0.0, 0.95, (0.95, reached(0.95))
     for _ in range(steps):

@@ -87,5 +87,11 @@ def hook_optimizer(optimizer: torch.optim.Optimizer, pruner: StepHooks, *, befor
     Lightning's ``on_before_optimizer_step``, which runs before Lightning clips the gradients (inside Lightning the
     step's closure ends with the clipping), so the clipping norm sees masked gradients and the gates' penalty.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__} {optimizer!r:.80}.")
+    if not isinstance(pruner, StepHooks):
+        raise ValueError(f"`pruner` must have before_step() and after_step() (a lightning_prune.Pruner), got {type(pruner).__name__}.")
+    if not isinstance(before_step, bool):
+        raise ValueError(f"`before_step` must be True or False, got {before_step!r}.")
     after = optimizer.register_step_post_hook(partial(_after, pruner))
     return _Handles(optimizer.register_step_pre_hook(partial(_before, pruner)), after) if before_step else _Handles(after)

@@ -142,7 +142,7 @@ def test_an_autoprune_head_switch_turned_off_in_t5_computes_the_head_removed_fro
     aux = AuxiliaryParameters(gated, granularity="channel", groups=heads)
     for group in heads:
         aux.values[group.root].fill_(-1.0)[plan[group.index]] = 1.0
-    aux.attach()
+    aux.prepare()
     pruned = copy.deepcopy(model)
     apply_plan(pruned, groups, plan, x)
     with torch.no_grad():
@@ -279,10 +279,10 @@ def test_magnitude_masks_on_timm_swin_heads_compute_what_removing_them_does(swin
     layers = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != "head.fc"]
     channels = ChannelMagnitude.for_model(model, x, layers, "l1", 0.99)
     pruner = MagnitudePruner(model, layers, 0.5, channels=channels)
-    pruner.prune(1.0)
+    pruner.update(1.0)
     with torch.no_grad():
         masked = model(x)
-        pruner.remove_channels(x)
+        pruner.finalize(x)
         torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-5)
     heads = [block.attn for block in swin_blocks(model)]
     assert any(attention.num_heads < dense for attention, dense in zip(heads, (2, 2, 4)))
