@@ -14,7 +14,7 @@ from jsonargparse.typing import NonNegativeFloat, restricted_number_type
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_prune.callbacks._checks import (
-    Fraction, Limit, check_fits, check_flags, check_keys, check_range, class_names, epoch_limit, stepping_batches,
+    Fraction, Limit, check_fits, check_flags, check_range, class_names, epoch_limit, stepping_batches,
 )
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.checks import check_patterns
@@ -101,8 +101,9 @@ def check_arguments(a: Mapping[str, Any]) -> None:
 def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
     """Every key of a per-layer ``sparsity`` or ``sensitivity`` mapping must name a selected layer (at setup)."""
     for name in ("sparsity", "sensitivity"):
-        if isinstance(a[name], Mapping):
-            check_keys(name, a[name], layers)
+        unknown = sorted(set(a[name]) - set(layers)) if isinstance(a[name], Mapping) else []
+        if unknown:
+            raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(layers)}.")
 
 
 def schedule_limit(a: Mapping[str, Any], trainer: pl.Trainer) -> Optional[Limit]:
