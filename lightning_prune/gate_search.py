@@ -215,7 +215,7 @@ class GateSearch:
     def after_step(self) -> None:
         """After each optimizer step: clamp the gates to [0, 1] and count the step into the running sum (the
         tie-break averages)."""
-        self.gates.clamp_()
+        self.gates.parameter.clamp_(0.0, 1.0)
         self._sum.add_(self.gates.parameter)
         self._step.add_(1)
         self.steps += 1
