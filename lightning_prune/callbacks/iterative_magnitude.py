@@ -198,8 +198,8 @@ class IterativeMagnitude(PruningCallback):
         target = self.schedule.target(time, self.pruner.final)
         if target is None or time <= self.last_event:  # a resumed run does not repeat an event
             return
-        if self.last_event < 0:
-            self.figures.remember_dense_score(trainer)
+        if self.last_event < 0 and self.monitor in trainer.callback_metrics:  # the dense model's score, before the first event
+            self.figures.dense_score = float(trainer.callback_metrics[self.monitor])
         self.pruner.update(target, self._broadcast)
         self.last_event = time
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
