@@ -11,10 +11,10 @@ from typing import Any, Collection, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeFloat, restricted_number_type
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_prune.callbacks._checks import (
-    Fraction, Limit, check_fits, check_flags, check_range, class_names, epoch_limit, stepping_batches,
+    Fraction, Limit, check_fits, check_flags, check_range, epoch_limit, stepping_batches,
 )
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.checks import check_patterns
@@ -146,9 +146,3 @@ def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedu
     unbounded = "max_epochs" if a["interval"] == "epoch" else "max_steps"
     return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"],
                                         None if limit is None else limit.value, unbounded)
-
-
-def warn_if_early_stopping(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
-    """Warn when EarlyStopping may end training before the last event (the Trainer's own limits are refused)."""
-    if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):
-        rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")
