@@ -20,8 +20,7 @@ from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
-from lightning_prune.magnitude import check_initial_sparsity
-from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
+from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind, check_initial_below
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
@@ -60,7 +59,9 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         _fail("frequency", a["frequency"], "an integer >= 1")
     end = a["start_epoch"] + a["frequency"] if a["end_epoch"] is None else a["end_epoch"]  # None: resolved at setup
     PruningSchedule(a["schedule"], a["start_epoch"], end, a["frequency"], a["initial_sparsity"])
-    check_initial_sparsity(a["initial_sparsity"], a["sparsity"], a["criterion"])
+    if a["initial_sparsity"] > 0 and a["criterion"] == "sensitivity":  # AGP's s_i is a sparsity, which this criterion has not
+        raise ValueError(f"`initial_sparsity` ({a['initial_sparsity']}) is a sparsity: it needs `criterion`='magnitude', got 'sensitivity'.")
+    check_initial_below(a["initial_sparsity"], a["sparsity"])
     check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch)")
     for name in ("parameters", "exclude"):
         check_patterns(name, a[name])
