@@ -94,7 +94,7 @@ def main() -> None:
         sync()
         return (time.perf_counter() - started) / args.steps
 
-    with search.running():
+    with search.prepare():
         for step in (plain_step, gate_step, plain_step, gate_step):  # warm-up
             step()
         counts = {}
@@ -113,7 +113,7 @@ def main() -> None:
     meta_model = build_network(args.arch, 10, 3, args.image, args.width).to("meta")
     meta_x = x.to("meta")
     meta_search = GateSearch(meta_model, groups, position=args.position)
-    with meta_search.running(), OpCounter() as counter:
+    with meta_search.prepare(), OpCounter() as counter:
         meta_model(meta_x)
     print(
         f"{args.arch} width {args.width}, batch {args.batch}, {args.image}x{args.image}, {device}, threads {args.threads}, "

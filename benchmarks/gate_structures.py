@@ -100,7 +100,7 @@ def main() -> None:
         loader.setup()
         search = GateSearch(model, groups, position="bn", mode="max")
         hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
-        with search.running():
+        with search.prepare():
             for _ in range(args.gate_epochs):
                 for inputs, targets in loader.train_dataloader():
                     search.optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ where ``ℓ`` is the task loss of the batch (any loss: the caller computes it wi
 e.g. through the user's ``training_step``), ``C`` the number of gated channels, ``r = gate_ratio``
 (authors' code: γ = 0.5, r = 0.2 on CIFAR; the plain L1 term is an option, default 0). After every
 step the gates are clamped to [0, 1]. The network runs in training mode with every weight frozen
-(BatchNorm batch statistics, as in the authors' code); :meth:`GateSearch.running` restores every
+(BatchNorm batch statistics, as in the authors' code); :meth:`GateSearch.finalize` restores every
 buffer and mode afterwards.
 
 **Selection** (the authors' rule): at each validation the caller reports the monitored value; the
@@ -35,9 +35,9 @@ gate optimizer inside Lightning's fit loop (:func:`~lightning_prune.pruner.hook_
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def snapshot_is_better(value: float, nonzero_fraction: float, best: Optional[flo
 
 class GateSearch:
     """The gate phase as an object (a :class:`~lightning_prune.pruner.Pruner`): between :meth:`prepare` and
-    :meth:`finalize` (or inside :meth:`running`) the caller runs its own backward and ``optimizer.step()`` on
+    :meth:`finalize` (or inside ``with search.prepare():``) the caller runs its own backward and ``optimizer.step()`` on
     :attr:`optimizer` with :meth:`before_step` and :meth:`after_step` hooked on it
     (:func:`~lightning_prune.pruner.hook_optimizer`), reports validation values (:meth:`validated`), then asks for
     the structure (:meth:`search`; :class:`GatePruning` adds the target checks, the removal and the
@@ -160,32 +160,21 @@ class GateSearch:
         self._inserted: Optional[ExitStack] = None
 
     # ------------------------------------------------------------------ learning
-    def prepare(self) -> None:
-        """Weights frozen, training mode, gates inserted (until :meth:`finalize`)."""
+    def prepare(self) -> ExitStack:
+        """Weights frozen, training mode, gates inserted (until :meth:`finalize`). The returned context undoes it on
+        leaving, also on error: ``with search.prepare():``."""
         with ExitStack() as stack:
             stack.callback(FrozenNetwork(self.model).restore)
             stack.enter_context(self.gates.inserted())
             self._inserted = stack.pop_all()
-
-    def _leave(self) -> None:
-        if self._inserted is not None:
-            self._inserted.close()
-            self._inserted = None
+        return self._inserted
 
     def finalize(self) -> GatePhaseResult:
         """The gates removed and every parameter flag, module mode and buffer restored; returns :meth:`result`."""
-        self._leave()
+        if self._inserted is not None:
+            self._inserted.close()
+            self._inserted = None
         return self.result()
-
-    @contextmanager
-    def running(self) -> Iterator["GateSearch"]:
-        """:meth:`prepare` on entering; on leaving (also on error) the gates removed and everything restored, as by
-        :meth:`finalize`."""
-        self.prepare()
-        try:
-            yield self
-        finally:
-            self._leave()
 
     def update(self, target: float) -> None:
         """Steer the gates toward the mean gate ``target`` from now on: the ``r`` of the ratio term (and of the snapshot
@@ -226,7 +215,7 @@ class GateSearch:
     def after_step(self) -> None:
         """After each optimizer step: clamp the gates to [0, 1] and count the step into the running sum (the
         tie-break averages)."""
-        self.gates.clamp_()
+        self.gates.parameter.clamp_(0.0, 1.0)
         self._sum.add_(self.gates.parameter)
         self._step.add_(1)
         self.steps += 1
@@ -405,7 +394,7 @@ class GatePruning:
         search = pruning.search(lr=0.2, gate_ratio=0.3, l1=0.002)
         val_images, val_labels = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
         handle = hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
-        with search.running():  # weights frozen, gates inserted
+        with search.prepare():  # weights frozen, gates inserted
             for step in range(30):
                 images, labels = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
                 search.optimizer.zero_grad()

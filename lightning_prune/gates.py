@@ -342,11 +342,6 @@ class ChannelGates:
     def num_gates(self) -> int:
         return self.parameter.numel()
 
-    @torch.no_grad()
-    def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:
-        """Project the gates onto [low, high] (done after every optimizer step)."""
-        self.parameter.clamp_(low, high)
-
     def nonzero_fraction(self) -> torch.Tensor:
         """Fraction of gates that are not exactly zero (a 0-dim tensor on the gates' device: no host sync)."""
         return (self.parameter.detach() != 0).float().mean()

@@ -33,7 +33,6 @@ from lightning_prune.criteria import ChannelNorm, Criterion, Scope, count_to_pru
 from lightning_prune.inputs import ExampleInput, model_input
 from lightning_prune.masks import MaskSet
 from lightning_prune.pruner import Target
-from lightning_prune.schedules import check_initial_below
 from lightning_prune.structure import (
     ChannelGroup, ChannelPlan, StructureRecord, apply_plan, channel_masks, find_channel_groups, layer_channel_ratios, norm_masks,
     refused_channel_groups, zeroed_channel_plan,
@@ -99,13 +98,6 @@ def max_zeros(numel: int, max_layer_sparsity: float) -> int:
     if max_layer_sparsity >= 1.0:
         return numel
     return min(int(max_layer_sparsity * numel), numel - 1)
-
-
-def check_initial_sparsity(initial_sparsity: float, sparsity: Union[float, Mapping[str, float]], criterion: Criterion) -> None:
-    """AGP's s_i must not exceed any final sparsity s_f and is a sparsity, which the sensitivity criterion has not."""
-    if initial_sparsity > 0 and criterion == "sensitivity":
-        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) is a sparsity: it needs `criterion`='magnitude', got 'sensitivity'.")
-    check_initial_below(initial_sparsity, sparsity)
 
 
 class ChannelMagnitude:

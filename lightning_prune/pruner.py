@@ -33,7 +33,7 @@ class Pruner(StepHooks, Protocol):
     result permanent and leave the model; returns what the core produced), :meth:`state_dict` /
     :meth:`load_state_dict`."""
 
-    def prepare(self) -> None: ...
+    def prepare(self) -> object: ...  # GateSearch returns a context that undoes it
 
     def update(self, target: float) -> None: ...
 

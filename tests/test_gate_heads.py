@@ -193,7 +193,7 @@ def test_head_gates_add_no_host_synchronisation_to_a_gate_step() -> None:
         search.optimizer.step()
         search.flag_nonfinite(loss.detach())
 
-    with search.running():
+    with search.prepare():
         step(forward())  # warm-up: lazily built state
         _, plain = count_ops(lambda: search.gates.remove() or forward())
         search.gates.attach()

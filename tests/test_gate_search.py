@@ -46,7 +46,7 @@ def _batches(n: int = 3, value: float = 1.0) -> list:
 
 
 def _run(net: nn.Module, search: GateSearch, batches: list, epochs: int = 1) -> None:
-    with search.running():
+    with search.prepare():
         for _ in range(epochs):
             for x, y in batches:
                 _step(search, F.cross_entropy(net(x), y))
@@ -94,7 +94,7 @@ def test_a_step_makes_no_host_sync_and_no_collective() -> None:
         for _ in range(3):
             _step(search, F.cross_entropy(net(x), y))
 
-    with search.running():
+    with search.prepare():
         _, count = count_ops(three_steps)
     assert count.sync_ops == own_host_reads(search.optimizer, 3)
     assert calls == []  # no collective per step: `reduce` serves the validation and check_finite only
@@ -107,7 +107,7 @@ def test_selection_keeps_the_best_sparse_enough_snapshot_and_mode_flips_the_choi
     chosen: dict[str, Optional[int]] = {}
     for mode in ("min", "max"):
         net, search = _search(mode=mode, gate_ratio=0.9)
-        with search.running():
+        with search.prepare():
             for value in (3.0, 1.0, 2.0):  # a crafted metric: lowest at the 2nd validation, highest at the 1st
                 _step(search, F.cross_entropy(net(X), torch.zeros(6, dtype=torch.long)))
                 search.gates.parameter.data[:] = 0.0 if value != 2.0 else 1.0  # the 3rd is not sparse enough
@@ -131,7 +131,7 @@ def test_non_finite_loss_is_raised_at_the_next_read_and_the_model_is_left_as_it_
     net, search = _search("vgg_small")
     state = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(NonFiniteGateLoss, match="Gate phase .* NaN or infinite .* step 2"):
-        with search.running():
+        with search.prepare():
             for index, (x, y) in enumerate(_batches(3)):
                 _step(search, F.cross_entropy(net(x * (float("nan") if index == 1 else 1.0)), y))
             search.check_finite()
@@ -181,7 +181,7 @@ def test_before_step_adds_the_penalty_gradient_autograd_would() -> None:
     with torch.no_grad():
         search.gates.parameter.uniform_(0.05, 0.95)
     x, y = _batches(1)[0]
-    with search.running():
+    with search.prepare():
         search.objective(F.cross_entropy(net(x), y)).backward()
         expected = search.gates.parameter.grad.clone()
         search.gates.parameter.grad = None

@@ -93,7 +93,7 @@ def test_gate_pruning_core_prunes_only_inner_groups_to_the_unexpanded_target_wit
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)) for _ in range(3)]
     hook_optimizer(search.optimizer, search)  # the penalty's gradient before each Adam step, the clamp after
-    with search.running():
+    with search.prepare():
         for images, labels in batches:
             search.optimizer.zero_grad()
             F.cross_entropy(model(images), labels).backward()

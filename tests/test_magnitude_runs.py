@@ -210,3 +210,4 @@ def test_a_mid_epoch_resume_after_an_event_ends_with_the_weights_of_an_uninterru
     assert all(torch.equal(mask, second.masks.masks[name]) for name, mask in first.masks.masks.items())
     assert second.last_event == first.last_event == second.schedule.last_event  # the schedule is complete
     assert second.figures.dense_score == first.figures.dense_score
+    assert (first.figures.dense_score is None) == (first.interval == "step")  # epoch schedules: epoch 0 validated first

@@ -193,7 +193,7 @@ def test_gate_pruning_example_prunes_to_the_flops_ratio() -> None:
     assert flops <= 0.5 * dense.total
     assert flops == pytest.approx(pruned.flops_ratio * dense.total, abs=0.5)  # the reported ratio is the recount's
     assert ns["search"].result().selected == "best_val"  # a sparse-enough validated snapshot decided
-    assert ns["search"].steps == 30 and not ns["search"].gates.attached  # the hooked steps counted; running() restored
+    assert ns["search"].steps == 30 and not ns["search"].gates.attached  # the hooked steps counted; prepare() context restored
     assert not ns["search"].optimizer._optimizer_step_pre_hooks and not ns["search"].optimizer._optimizer_step_post_hooks
 
 

@@ -87,16 +87,12 @@ PAPER_INIT = 1e-2
 """``M``'s initial value with ``paper_defaults`` (the paper's is not known)."""
 
 
-def check_target(value: Any) -> None:
-    """``target_sparsity``: ``None`` or a number strictly between 0 and 1."""
+def check_arguments(a: Mapping[str, Any]) -> Rates:
+    """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
+    value = a["target_sparsity"]
     number = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
     if value is not None and not (number and 0.0 < value < 1.0):
         raise ValueError(f"`target_sparsity` must be None or a number in (0, 1) (the fraction to switch off), got {value!r}.")
-
-
-def check_arguments(a: Mapping[str, Any]) -> Rates:
-    """Validate the arguments of ``AutoPruneCallback.__init__`` (by name); the rates the step will use."""
-    check_target(a["target_sparsity"])
     rates = resolve_rates(a["paper_defaults"], a["aux_lr"], a["reg"], a["target_sparsity"])
     if a["init"] is not None:
         check_range("init", a["init"], 0.0, math.inf, low_open=True)

@@ -4,7 +4,7 @@ the Trainer's limits (:func:`epoch_limit`, :func:`stepping_batches`, :func:`chec
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import restricted_number_type
@@ -43,13 +43,6 @@ def check_flags(**flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-
-
-def check_keys(name: str, mapping: Mapping[str, Any], known: Collection[str]) -> None:
-    """Every key of a per-layer mapping must name a selected layer."""
-    unknown = sorted(set(mapping) - set(known))
-    if unknown:
-        raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(known)}.")
 
 
 class Limit(NamedTuple):

@@ -99,11 +99,6 @@ class Figures:
                           histograms=histograms, extra=scalars)
         return report, flops
 
-    def remember_dense_score(self, trainer: pl.Trainer) -> None:
-        """The ``monitor`` metric of the dense model (before the first pruning event)."""
-        if self.monitor in trainer.callback_metrics:
-            self.dense_score = float(trainer.callback_metrics[self.monitor])
-
     def summary(
         self,
         trainer: pl.Trainer,

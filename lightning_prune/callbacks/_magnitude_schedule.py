@@ -11,17 +11,16 @@ from typing import Any, Collection, Mapping, Optional, Union
 
 import pytorch_lightning as pl
 from jsonargparse.typing import NonNegativeFloat, restricted_number_type
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_prune.callbacks._checks import (
-    Fraction, Limit, check_fits, check_flags, check_keys, check_range, class_names, epoch_limit, stepping_batches,
+    Fraction, Limit, check_fits, check_flags, check_range, epoch_limit, stepping_batches,
 )
 from lightning_prune.callbacks._module_io import check_function
 from lightning_prune.checks import check_patterns
 from lightning_prune.choices import check_choice
 from lightning_prune.criteria import ChannelNorm, Criterion, Granularity, Scope
-from lightning_prune.magnitude import check_initial_sparsity
-from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind
+from lightning_prune.schedules import Interval, PruningSchedule, ScheduleKind, check_initial_below
 
 PerLayer = Union[Fraction, dict[str, Fraction]]
 Sensitivity = Union[NonNegativeFloat, dict[str, NonNegativeFloat]]
@@ -60,7 +59,9 @@ def check_arguments(a: Mapping[str, Any]) -> None:
         _fail("frequency", a["frequency"], "an integer >= 1")
     end = a["start_epoch"] + a["frequency"] if a["end_epoch"] is None else a["end_epoch"]  # None: resolved at setup
     PruningSchedule(a["schedule"], a["start_epoch"], end, a["frequency"], a["initial_sparsity"])
-    check_initial_sparsity(a["initial_sparsity"], a["sparsity"], a["criterion"])
+    if a["initial_sparsity"] > 0 and a["criterion"] == "sensitivity":  # AGP's s_i is a sparsity, which this criterion has not
+        raise ValueError(f"`initial_sparsity` ({a['initial_sparsity']}) is a sparsity: it needs `criterion`='magnitude', got 'sensitivity'.")
+    check_initial_below(a["initial_sparsity"], a["sparsity"])
     check_function("example_input_fn", a["example_input_fn"], 1, "example_input_fn(batch)")
     for name in ("parameters", "exclude"):
         check_patterns(name, a[name])
@@ -101,8 +102,9 @@ def check_arguments(a: Mapping[str, Any]) -> None:
 def check_layer_keys(a: Mapping[str, Any], layers: Collection[str]) -> None:
     """Every key of a per-layer ``sparsity`` or ``sensitivity`` mapping must name a selected layer (at setup)."""
     for name in ("sparsity", "sensitivity"):
-        if isinstance(a[name], Mapping):
-            check_keys(name, a[name], layers)
+        unknown = sorted(set(a[name]) - set(layers)) if isinstance(a[name], Mapping) else []
+        if unknown:
+            raise ValueError(f"`{name}` names unknown layers {unknown}; the pruned layers are {sorted(layers)}.")
 
 
 def schedule_limit(a: Mapping[str, Any], trainer: pl.Trainer) -> Optional[Limit]:
@@ -145,9 +147,3 @@ def resolve_schedule(a: Mapping[str, Any], trainer: pl.Trainer) -> PruningSchedu
     unbounded = "max_epochs" if a["interval"] == "epoch" else "max_steps"
     return PruningSchedule.before_limit(a["schedule"], a["start_epoch"], a["end_epoch"], a["frequency"], a["initial_sparsity"],
                                         None if limit is None else limit.value, unbounded)
-
-
-def warn_if_early_stopping(trainer: pl.Trainer, schedule: PruningSchedule, unit: str) -> None:
-    """Warn when EarlyStopping may end training before the last event (the Trainer's own limits are refused)."""
-    if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):
-        rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({unit} {schedule.last_event}); the summary says if it did.")

@@ -3,6 +3,7 @@ Rajasekaran, NeurIPS 2019)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Iterable, Mapping, Optional
 
 import pytorch_lightning as pl
@@ -297,7 +298,8 @@ class AutoPruneCallback(PruningCallback):
         self._stepped = False
         held_out = self.held_out.next(trainer, pl_module, batch)
         loss = lambda: module_loss(trainer, pl_module, held_out, self.loss_fn, batch_idx)  # noqa: E731
-        learn = lambda reg: self.aux.learn(loss, reg, reduce=self._reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
+        reduce = partial(trainer.strategy.reduce, reduce_op="mean")  # M's loss signal averaged: every rank holds the same M
+        learn = lambda reg: self.aux.learn(loss, reg, reduce=reduce, normalize=self.normalize, **self.consistency)  # noqa: E731
         batches = trainer.num_training_batches
         if self.controller is None:
             learn(self.reg)
@@ -330,10 +332,6 @@ class AutoPruneCallback(PruningCallback):
                 f"AutoPruneCallback: M switched off only {self.switched_off:.2%} of the {self.granularity}s by the end of "
                 "its learning window. Pass `target_sparsity` (e.g. 0.9) to reach a chosen sparsity, or raise `reg`."
             )
-
-    def _reduce(self, grad: Any) -> Any:
-        """The loss signal of ``M`` averaged over ranks, so every rank holds the same ``M``."""
-        return self._trainer.strategy.reduce(grad, reduce_op="mean")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

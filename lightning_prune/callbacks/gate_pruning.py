@@ -317,16 +317,13 @@ class GatePruningFromScratch(PruningCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Each gate epoch's end: the finiteness check (one host read); the last one's: the pruning."""
+        """Each gate epoch's end: the finiteness check (one host read). The last one's: threshold, removal and
+        re-initialisation; then the user's optimizers and schedulers, fresh, on the pruned network."""
         if self._phase is None:
             return
         self._phase.search.check_finite()
-        if trainer.current_epoch + 1 >= self._gate_epochs(trainer):
-            self._prune(trainer, pl_module)
-
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Threshold, removal and re-initialisation; then the user's optimizers and schedulers, fresh, on the pruned
-        network."""
+        if trainer.current_epoch + 1 < self._gate_epochs(trainer):
+            return
         phase, self._phase = self._phase, None
         if self.select == "best_val" and phase.search.last_metric is None and self.monitor_key != _NO_KEY:
             rank_zero_warn("GatePruningFromScratch: no validation ran during the gate epochs, so the last gates are kept.")

@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune.callbacks import _magnitude_schedule as timing
-from lightning_prune.callbacks._checks import Fraction
+from lightning_prune.callbacks._checks import Fraction, class_names
 from lightning_prune.callbacks._figures import Figures
 from lightning_prune.callbacks._magnitude_schedule import LayerCap, PerLayer, Sensitivity
 from lightning_prune.callbacks._module_io import ExampleInputFn
@@ -166,7 +166,8 @@ class IterativeMagnitude(PruningCallback):
                 self.pruner.channels = ChannelMagnitude.for_model(pl_module, self.figures.example, self.layers, self.channel_norm, self.max_layer_sparsity, self.hidden)
             self.figures.predict_with(pl_module, self.pruner.channels.groups)
             self.pruner.hook_norms()  # a resumed hidden plan's norms, before the first step
-        timing.warn_if_early_stopping(trainer, self.schedule, self.interval)
+        if any("EarlyStopping" in class_names(callback) for callback in trainer.callbacks):  # the Trainer's limits are refused
+            rank_zero_warn(f"IterativeMagnitude: EarlyStopping may end training before the last pruning event ({self.interval} {self.schedule.last_event}); the summary says if it did.")
         self._unhook()
         self._hooks = [hook_optimizer(optimizer, self.pruner, before_step=False) for optimizer in trainer.optimizers]
 
@@ -198,8 +199,8 @@ class IterativeMagnitude(PruningCallback):
         target = self.schedule.target(time, self.pruner.final)
         if target is None or time <= self.last_event:  # a resumed run does not repeat an event
             return
-        if self.last_event < 0:
-            self.figures.remember_dense_score(trainer)
+        if self.last_event < 0 and self.monitor in trainer.callback_metrics:  # the dense model's score, before the first event
+            self.figures.dense_score = float(trainer.callback_metrics[self.monitor])
         self.pruner.update(target, self._broadcast)
         self.last_event = time
         self.pruner.masks.apply_to_optimizer_state(trainer.optimizers)
