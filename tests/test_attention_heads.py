@@ -148,11 +148,18 @@ def test_an_autoprune_head_switch_turned_off_computes_the_head_removed(discovere
     """AutoPrune's auxiliary parameters over the head groups (every layout: separate and packed q/k/v, Conv1D,
     grouped-query attention): with every other head's switch off, the gated model computes what the
     model with those heads removed does."""
-    from lightning_prune.auxiliary import AuxiliaryParameters
-
     name, model, x, groups, attention, units, per_unit = discovered
     heads = [group for group in groups if group.heads is not None]
     plan = {group.index: torch.arange(layer % 2, units, 2) for layer, group in enumerate(heads)}  # every other head
+    aux = assert_head_switches_compute_the_removal(model, x, groups, heads, plan)
+    assert {index: keep.tolist() for index, keep in aux.plan().items()} == {index: keep.tolist() for index, keep in plan.items()}
+
+
+def assert_head_switches_compute_the_removal(model, x, groups, heads, plan):  # noqa: ANN001, ANN201
+    """AutoPrune's switches on ``heads``, on for the heads ``plan`` keeps and off for the rest, compute what the model
+    with the other heads removed computes; the switches' ``AuxiliaryParameters``."""
+    from lightning_prune.auxiliary import AuxiliaryParameters
+
     gated = copy.deepcopy(model)
     aux = AuxiliaryParameters(gated, granularity="channel", groups=heads)
     for group in heads:
@@ -162,7 +169,7 @@ def test_an_autoprune_head_switch_turned_off_computes_the_head_removed(discovere
     apply_plan(pruned, groups, plan, x)
     with torch.no_grad():
         torch.testing.assert_close(call(gated, x), call(pruned, x), rtol=1e-4, atol=1e-5)
-    assert {index: keep.tolist() for index, keep in aux.plan().items()} == {index: keep.tolist() for index, keep in plan.items()}
+    return aux
 
 
 def test_grouped_query_attention_removes_a_kv_head_with_its_query_heads() -> None:

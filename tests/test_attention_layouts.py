@@ -18,7 +18,7 @@ from lightning_prune.structure import (
 )
 
 transformers = pytest.importorskip("transformers")
-from test_attention_heads import call, random_plan  # noqa: E402
+from test_attention_heads import assert_head_switches_compute_the_removal, call, random_plan  # noqa: E402
 from test_huggingface import masked_copy  # noqa: E402
 
 pytestmark = pytest.mark.zoo
@@ -133,20 +133,10 @@ def test_t5_structure_record_restores_the_pruned_model(t5_found) -> None:
 
 
 def test_an_autoprune_head_switch_turned_off_in_t5_computes_the_head_removed_from_its_stack(t5_found) -> None:
-    from lightning_prune.auxiliary import AuxiliaryParameters
-
     model, x, groups = t5_found
     heads = t5_head_groups(groups)
     plan = {group.index: torch.arange(number % 2, HEADS, 2) for number, group in enumerate(heads)}
-    gated = copy.deepcopy(model)
-    aux = AuxiliaryParameters(gated, granularity="channel", groups=heads)
-    for group in heads:
-        aux.values[group.root].fill_(-1.0)[plan[group.index]] = 1.0
-    aux.prepare()
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, groups, plan, x)
-    with torch.no_grad():
-        torch.testing.assert_close(call(gated, x), call(pruned, x), rtol=1e-4, atol=1e-5)
+    assert_head_switches_compute_the_removal(model, x, groups, heads, plan)
 
 
 # ---------------------------------------------------------------- Swin

@@ -199,26 +199,27 @@ def widths_pruned(name: str) -> None:
         raise Missing(f"no width group; `{refused[0].root}` refused: {refused[0].reason}" if refused else "no width group")
 
 
-def predicted_equals_recount(name: str) -> None:
-    """The exact predictor's FLOPs of a random plan over every group equal fvcore's recount of the pruned model."""
+def _randomly_pruned(name: str) -> tuple:
+    """The model, its input, its groups, a random plan over every group and a copy pruned to that plan."""
     model, x, groups, _ = discovered(name)
     if not groups:
         raise Missing("no channel group")
     plan = _plan(groups)
     pruned = copy.deepcopy(model)
     apply_plan(pruned, groups, plan, x)
+    return model, x, groups, plan, pruned
+
+
+def predicted_equals_recount(name: str) -> None:
+    """The exact predictor's FLOPs of a random plan over every group equal fvcore's recount of the pruned model."""
+    model, x, groups, plan, pruned = _randomly_pruned(name)
     predicted, recount = FlopsPredictor(model, x, groups).predict(plan), count_flops(pruned, x).total
     assert predicted == recount, f"predicted {predicted} != recount {recount}"
 
 
 def masked_equals_pruned(name: str) -> None:
     """A random plan over every group: the masked model computes what the physically pruned one computes."""
-    model, x, groups, _ = discovered(name)
-    if not groups:
-        raise Missing("no channel group")
-    plan = _plan(groups)
-    pruned = copy.deepcopy(model)
-    apply_plan(pruned, groups, plan, x)
+    model, x, groups, plan, pruned = _randomly_pruned(name)
     with torch.no_grad():
         torch.testing.assert_close(call(pruned, x), call(masked_copy(model, groups, plan), x), rtol=1e-4, atol=1e-5)
 
