@@ -123,15 +123,21 @@ def test_one_head_group_per_attention_layer_of_its_heads(discovered) -> None:
     assert not any("attention" in refused.reason for refused in refused_channel_groups(model, x, heads=True))
 
 
+def pruned_as_masked(model, groups, plan, x):  # noqa: ANN001, ANN201
+    """A copy of ``model`` pruned physically to ``plan``, after checking it computes what the masked model does."""
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, groups, plan, x)
+    with torch.no_grad():
+        torch.testing.assert_close(call(pruned, x), call(masked_copy(model, groups, plan), x), rtol=1e-4, atol=1e-5)
+    return pruned
+
+
 def test_masked_equals_physically_pruned_and_head_counts_follow_the_weights(discovered) -> None:
     name, model, x, groups, attention, units, per_unit = discovered
     dense_counts = head_counts(attention(model, 0))
     for seed in range(2):
         plan = random_plan(groups, seed)
-        pruned = copy.deepcopy(model)
-        apply_plan(pruned, groups, plan, x)
-        with torch.no_grad():
-            torch.testing.assert_close(call(pruned, x), call(masked_copy(model, groups, plan), x), rtol=1e-4, atol=1e-5)
+        pruned = pruned_as_masked(model, groups, plan, x)
         for group in (group for group in groups if group.heads is not None):
             kept = len(plan[group.index])
             counts = head_counts(pruned.get_submodule(group.heads))
