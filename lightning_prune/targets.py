@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from fnmatch import fnmatchcase
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -86,11 +86,6 @@ def select_modules(
     if not selected:
         raise ValueError(f"`{argument}`={include!r} with `exclude`={exclude!r} leaves no module to prune.")
     return selected
-
-
-def weight_names(modules: Iterable[str]) -> list[str]:
-    """Parameter names (``<module>.weight``) of the named modules; biases are never pruned."""
-    return [f"{name}.weight" for name in modules]
 
 
 def stored_weight(module: nn.Module) -> nn.Parameter:

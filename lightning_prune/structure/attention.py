@@ -283,20 +283,3 @@ def sync_head_counts(model: nn.Module) -> None:
         ):
             for path in paths:
                 _set(module, path, value)
-
-
-def resize_head_tables(model: nn.Module) -> None:
-    """Give every per-head table (:attr:`HeadLayout.tables`) whose width is not its module's query-head count
-    a fresh zero parameter of that width, in place: a dense model reshaped to a pruned one's record, whose
-    ``state_dict`` then fills them."""
-    for _, module, layout in attention_sites(model):
-        geometry = _geometry(module, layout)
-        if isinstance(geometry, str):
-            continue
-        heads = geometry.units * geometry.group
-        for path in _tables(module, layout):
-            holder = module.get_submodule(path)
-            for name, parameter in list(holder.named_parameters(recurse=False)):
-                if parameter.shape[-1] != heads:
-                    resized = parameter.new_zeros(*parameter.shape[:-1], heads)
-                    setattr(holder, name, nn.Parameter(resized, parameter.requires_grad))

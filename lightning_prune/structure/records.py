@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_prune.structure.attention import resize_head_tables, sync_head_counts
+from lightning_prune.structure.attention import sync_head_counts
 from lightning_prune.structure.groups import is_norm, norm_width
 from lightning_prune.structure.hidden import sync_hidden_widths
 from lightning_prune.targets import transposed_linear_types
@@ -153,8 +153,8 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
     strictly. Modules are resized in place (identity, hooks and subclass kept) with freshly initialised
     weights, exactly like torch-pruning resizes them; no example input or graph is needed. Modules
     already of the recorded shape are left untouched. Attention modules' head counts follow their resized
-    projections (:func:`~lightning_prune.structure.attention.sync_head_counts`), and so do their per-head tables
-    (relative position biases); hidden-width attributes follow the embeddings
+    projections (:func:`~lightning_prune.structure.attention.sync_head_counts`; their per-head tables, relative
+    position biases, are recorded as embeddings or loose parameters); hidden-width attributes follow the embeddings
     (:func:`~lightning_prune.structure.hidden.sync_hidden_widths`), and weights tied in ``model`` (an embedding and
     its output layer) stay tied."""
     modules = dict(model.named_modules())
@@ -177,7 +177,6 @@ def restore_structure(model: nn.Module, record: StructureRecord) -> None:
         owner, _, attribute = alias.rpartition(".")
         setattr(model.get_submodule(owner), attribute, model.get_parameter(name))
     sync_head_counts(model)
-    resize_head_tables(model)
     sync_hidden_widths(model)
 
 
